@@ -1,0 +1,170 @@
+"""The command line over the same core: `python -m qlora train ...` and `python -m qlora chat ...`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import threading
+import typing
+from pathlib import Path
+
+from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults
+
+USAGE_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qlora", description="QLoRA fine-tuning and side-by-side chat.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a base model with QLoRA",
+                       description="Fine-tune with QLoRA. Order of precedence: defaults < the embedded preset "
+                                   f"(--model {EMBEDDED_MODEL}) < --config < flags.")
+    t.add_argument("--config", help="a YAML file of TrainConfig fields")
+    t.add_argument("--model", dest="base_model", help=f"Hub id, local folder, or {EMBEDDED_MODEL} (offline)")
+    t.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token (never a flag: "
+                                                           "flags end up in shell history and process lists)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "base_model":
+            t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f"TrainConfig.{f.name}")
+
+    c = sub.add_parser("chat", help="answer one prompt with the base and the fine-tuned adapter, side by side")
+    c.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
+    c.add_argument("--system", default="", help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("prompt")
+
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return _train(args) if args.command == "train" else _chat(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # DataError, ModelError and bad config values are ValueErrors
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """defaults < embedded preset < --config file < explicit flags."""
+    values: dict[str, typing.Any] = {}
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None)
+             is not None}
+    from_file = TrainConfig.from_yaml(Path(args.config)).to_dict() if args.config else {}
+    model = flags.get("base_model") or from_file.get("base_model")
+    if model == EMBEDDED_MODEL:
+        values.update(embedded_defaults())
+    if args.config:
+        file_text = Path(args.config).read_text(encoding="utf-8")
+        import yaml
+
+        values.update(yaml.safe_load(file_text) or {})  # only the fields the file sets override the preset
+    hints = typing.get_type_hints(TrainConfig)
+    for name, raw in flags.items():
+        values[name] = _convert(name, raw, hints[name])
+    return TrainConfig.from_dict(values)
+
+
+def _convert(name: str, raw: str, hint) -> typing.Any:
+    try:
+        if hint is bool:
+            if raw.lower() in ("true", "1", "yes", "on"):
+                return True
+            if raw.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if typing.get_origin(hint) is list:
+            return [x.strip() for x in raw.split(",") if x.strip()]
+        return raw
+    except ValueError:
+        kind = getattr(hint, "__name__", str(hint))
+        raise ValueError(f"--{name.replace('_', '-')}: expected {kind}, got {raw!r}") from None
+
+
+def _train(args) -> int:
+    import os
+
+    cfg = config_from_args(args)
+    token = os.environ.get(args.token_env) or None
+    from tqdm import tqdm
+
+    from .events import Failed, Finished, Log, Progress, Started, Stopped
+    from .train import train
+
+    bar = None
+    stop = threading.Event()
+
+    def show(event) -> None:
+        nonlocal bar
+        if isinstance(event, Started):
+            bar = tqdm(total=event.total_steps, desc="training", unit="step", file=sys.stderr)
+        elif isinstance(event, Progress) and bar is not None:
+            bar.update(event.step - bar.n)
+            bar.set_postfix(loss=f"{event.loss:.3f}" if event.loss is not None else "?",
+                            tok_s=f"{event.tokens_per_s:.0f}")
+        elif isinstance(event, Log) and not event.line.startswith("step "):
+            (bar.write if bar else print)(event.line, file=sys.stderr)
+        elif isinstance(event, (Finished, Stopped, Failed)) and bar is not None:
+            bar.close()
+
+    try:
+        run_dir = train(cfg, show, stop, token=token)
+    except KeyboardInterrupt:
+        raise
+    except (ValueError, OSError):
+        raise
+    except Exception as e:
+        print(f"error: training failed: {_one_line(e)}", file=sys.stderr)
+        return 1
+    print(f"adapter saved: {run_dir / 'adapter'}")
+    print(f"chat with it:  python -m qlora chat --adapter {run_dir} \"your question\"")
+    return 0
+
+
+def _chat(args) -> int:
+    from .chat import ChatEngine
+    from .config import GenerationSettings
+
+    run_dir = Path(args.adapter)
+    if run_dir.name == "adapter":
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{args.adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
+    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed, system_prompt=args.system)
+    engine = ChatEngine(cfg.base_model, cfg.quantize, cfg.precision)
+    name = engine.load_adapter(run_dir)
+    base = tuned = ""
+    for base, tuned in engine.stream_pair([], [], args.prompt, settings, name):
+        pass
+    print(f"=== base ({cfg.base_model}) ===\n{base}\n\n=== fine-tuned ({run_dir.name}) ===\n{tuned}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("qlora").addHandler(logging.StreamHandler())
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Side-by-side chat: one shared base, answers with the adapter disabled (left) and enabled (right), streamed.
+
+Both answers come from one batched generate over the shared 4-bit base: peft's mixed-adapter batches run row 0
+through the bare base ("__base__") and row 1 through the adapter, with the same prompt ids, seed and sampling.
+"""
+from __future__ import annotations
+
+import queue
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from . import runs
+from .config import GenerationSettings
+from .model import BusyError, gpu_lock, load_base, load_tokenizer, pick_precision, resolve
+from .prompts import encode, format_prompt
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+MAX_PROMPT_TOKENS = 3072
+# A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
+# nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
+MIN_NEW_TOKENS = 2
+
+
+@dataclass
+class PromptView:
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+
+
+class ChatEngine:
+    """Holds one base model and the adapters loaded onto it; loads lazily, on first use."""
+
+    def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None):
+        self.base_model, self.quantize, self.precision = base_model, quantize, precision
+        self._token = token
+        self.model = None  # a PeftModel once an adapter is attached, the bare base before
+        self.tokenizer = None
+        self.adapters: dict[str, str] = {}  # adapter name -> folder
+        self._load_lock = threading.Lock()
+
+    # --- loading ---------------------------------------------------------------------------------------
+    def _ensure_base(self):
+        with self._load_lock:
+            if self.model is None:
+                path = resolve(self.base_model)
+                self.tokenizer = load_tokenizer(path, self._token)
+                model = load_base(path, self.quantize, pick_precision(self.precision), self._token)
+                model.config.use_cache = True
+                model.eval()  # mixed-adapter batches are exact only in eval mode
+                self.model = model
+        return self.model
+
+    def load_adapter(self, adapter_dir: str | Path) -> str:
+        """Attach an adapter folder (a run folder or its adapter/ subfolder); returns its name in this engine."""
+        from peft import PeftModel
+
+        folder = Path(adapter_dir)
+        if (folder / runs.ADAPTER).is_dir():
+            folder = folder / runs.ADAPTER
+        runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
+        name = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
+        if self.adapters.get(name) == str(folder):
+            return name
+        model = self._ensure_base()
+        with self._load_lock:
+            if name in self.adapters:
+                model.delete_adapter(name)
+            if hasattr(model, "peft_config"):
+                model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            else:
+                self.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+            self.model.eval()
+            self.adapters[name] = str(folder)
+        return name
+
+    def unload(self) -> None:
+        """Free the base (training needs the memory)."""
+        from .train import free_memory
+
+        with self._load_lock:
+            self.model = None
+            self.adapters.clear()
+        free_memory()
+
+    # --- prompts ---------------------------------------------------------------------------------------
+    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
+        """The exact string and tokens both panes send. Each pane's own history is used by the caller."""
+        self._ensure_base()
+        text = format_prompt(history, user, system)
+        ids = encode(text, self.tokenizer)
+        return PromptView(text, ids, self.tokenizer.convert_ids_to_tokens(ids))
+
+    # --- generation ------------------------------------------------------------------------------------
+    def stream_pair(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]],
+                    user: str, settings: GenerationSettings, adapter: str | None,
+                    stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
+        """Yield (base answer so far, tuned answer so far) as tokens arrive.
+
+        Each pane keeps its own history (their answers differ). When both histories are equal, which is always the
+        case on the first turn, both rows share one batched pass; otherwise each row runs on its own, in turn.
+        """
+        if not gpu_lock.acquire(blocking=False):
+            raise BusyError("the GPU is busy (training or another chat is running); try again when it is done")
+        try:
+            model = self._ensure_base()
+            if adapter is None:
+                raise ValueError("pick an adapter first")
+            prompts = [encode(format_prompt(h, user, settings.system_prompt), self.tokenizer)
+                       for h in (base_history, tuned_history)]
+            for ids in prompts:
+                if len(ids) > MAX_PROMPT_TOKENS:
+                    raise ValueError(f"the conversation is {len(ids)} tokens, over the {MAX_PROMPT_TOKENS} limit; "
+                                     "clear it and start again")
+            if prompts[0] == prompts[1]:
+                yield from self._generate([prompts[0], prompts[0]], [BASE, adapter], settings, stop)
+            else:
+                base_text = ""
+                for (base_text,) in self._generate([prompts[0]], [BASE], settings, stop):
+                    yield base_text, ""
+                for (tuned_text,) in self._generate([prompts[1]], [adapter], settings, stop):
+                    yield base_text, tuned_text
+        finally:
+            gpu_lock.release()
+
+    def generate_sequential(self, user: str, settings: GenerationSettings, adapter: str) -> tuple[str, str]:
+        """Two separate generations (base, then adapter): the reference the batched pass must match."""
+        model = self._ensure_base()
+        ids = encode(format_prompt([], user, settings.system_prompt), self.tokenizer)
+        base = list(self._generate([ids], [BASE], settings, None))[-1][0]
+        tuned = list(self._generate([ids], [adapter], settings, None))[-1][0]
+        return base, tuned
+
+    def _generate(self, prompts: list[list[int]], adapter_names: list[str], settings: GenerationSettings,
+                  stop: threading.Event | None) -> Iterator[tuple[str, ...]]:
+        """Run one batched generate in a thread and yield the decoded rows as they grow. Prompts have equal length."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        model, tok = self.model, self.tokenizer
+        ids = torch.tensor(prompts, device=model.device)
+        streamer = RowStreamer(len(prompts), tok)
+        stop = stop or threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+                      min_new_tokens=min(MIN_NEW_TOKENS, settings.max_new_tokens),
+                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      stopping_criteria=StoppingCriteriaList([_Stop()]), use_cache=True)
+        if settings.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
+        if hasattr(model, "peft_config"):
+            kwargs["adapter_names"] = adapter_names
+        elif adapter_names != [BASE] * len(adapter_names):
+            raise ValueError("no adapter is loaded")
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                torch.manual_seed(settings.seed)
+                with torch.inference_mode():
+                    model.generate(**kwargs)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            for rows in streamer:
+                yield rows
+        finally:
+            stop.set()  # a consumer that stops early (client gone) stops generation too
+            thread.join()
+        if errors:
+            raise errors[0]
+
+
+class RowStreamer:
+    """A transformers streamer for a batch: decodes each row on its own and cuts it at its first EOS.
+
+    TextIteratorStreamer handles batch size 1 only; the side-by-side pass has two rows.
+    """
+
+    def __init__(self, rows: int, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.ids), -1).tolist()):
+            for t in token:
+                if self.done[row]:
+                    break
+                if t == self.tokenizer.eos_token_id:
+                    self.done[row] = True
+                else:
+                    self.ids[row].append(t)
+        self.queue.put(tuple(self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in self.ids))
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not None:
+            yield item

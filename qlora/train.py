@@ -1,0 +1,231 @@
+"""The recipe, top to bottom: data -> tokenizer -> 4-bit base -> LoRA -> SFTTrainer -> atomic save -> free memory."""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from . import runs
+from .callbacks import EventCallback, SampleCallback
+from .config import TrainConfig
+from .data import DataError, prepare, tokenize
+from .events import Event, Failed, Finished, Log, Stopped
+from .model import ModelError, load_base, load_tokenizer, lora_config, pick_precision, resolve
+from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
+
+log = logging.getLogger("qlora")
+
+
+class StopBeforeStart(Exception):
+    """Stop was pressed while the model was still loading."""
+
+
+def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop: threading.Event | None = None,
+          token: str | None = None, resume_from: str | Path | None = None) -> Path:
+    """Fine-tune cfg.base_model on cfg.dataset; returns the run folder. Emits events; raises on failure (after Failed).
+
+    `token` is a Hub token for gated models; it is passed to each call and never stored or logged.
+    """
+    stop = stop or threading.Event()
+    run_dir: Path | None = None
+    trainer = model = None
+    try:
+        # 1. Data: validated before any model is touched, so bad input costs seconds and writes nothing.
+        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows)
+        emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape} format"
+                 + (f", {data.dropped} empty rows skipped)" if data.dropped else ")")))
+
+        # 2. Tokenizer and tokens: our own encode() so guanaco's literal <s> never becomes a doubled BOS.
+        model_path = resolve(cfg.base_model)
+        tokenizer = load_tokenizer(model_path, token)
+        train_ids = tokenize(data.train, tokenizer, cfg.max_length)
+        eval_ids = tokenize(data.eval, tokenizer, cfg.max_length)
+        if stop.is_set():
+            raise StopBeforeStart()
+
+        # 3. The frozen base: 4-bit nf4, compute in bf16 where the card has it, fp16 on a T4, fp32 on the CPU.
+        precision = pick_precision(cfg.precision)
+        emit(Log(f"loading {cfg.base_model} ({cfg.quantize}, {precision})"))
+        model = load_base(model_path, cfg.quantize, precision, token)
+        if stop.is_set():
+            raise StopBeforeStart()
+
+        # 4. The run folder exists only once data and model are known good.
+        run_dir = Path(resume_from) if resume_from else runs.new_run_dir(cfg.output_dir, cfg.run_name)
+        _write_run_files(run_dir, cfg, precision)
+
+        # 5. SFTTrainer with LoRA on the frozen base.
+        trainer = build_trainer(cfg, model, tokenizer, train_ids, eval_ids, precision, run_dir)
+        events = EventCallback(_recording(emit, run_dir), stop, str(run_dir), cfg.base_model, data.source)
+        trainer.add_callback(events)
+        if cfg.sample_every:
+            trainer.add_callback(SampleCallback(emit, tokenizer, cfg.sample_every))
+        checkpoint = runs.latest_checkpoint(run_dir) if resume_from else None
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+        # 6. Save, whatever made training end; a NaN loss is a failure, not an adapter.
+        step = trainer.state.global_step
+        if events.bad_loss_step is not None:
+            raise FloatingPointError(f"the loss became NaN/inf at step {events.bad_loss_step}")
+        runs.save_adapter_atomically(run_dir, lambda tmp: trainer.model.save_pretrained(tmp))
+        metrics = final_metrics(trainer, result, tokenizer)
+        status = "stopped" if stop.is_set() and step < trainer.state.max_steps else "finished"
+        _finish(run_dir, status, step, metrics)
+        emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
+        return run_dir
+    except BaseException as e:
+        error, hint = describe_failure(e)
+        if run_dir is not None:
+            _finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
+                    trainer.state.global_step if trainer else 0, {"error": error})
+        if isinstance(e, StopBeforeStart):
+            emit(Stopped(str(run_dir or ""), 0, {}))
+            raise
+        if not isinstance(e, (DataError, ModelError, ValueError, FloatingPointError)):
+            log.error("training failed: %s", "".join(traceback.format_exception(e)))
+        emit(Failed(error, hint, str(run_dir or "")))
+        raise
+    finally:
+        del trainer, model
+        free_memory()
+
+
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path):
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=optimizer,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        fp16=precision == "fp16", bf16=precision == "bf16",  # explicit: trl turns bf16 on by default, a T4 has none
+        max_length=cfg.max_length, padding_free=cfg.padding_free,
+        logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
+        eval_strategy="steps" if eval_ids else "no", eval_steps=0.2 if eval_ids else None,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=2,
+        # padding-free batches have no padding to leave out of the count; padded ones do
+        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
+        report_to="none", disable_tqdm=True, hub_token=None, push_to_hub=False,
+    )
+    peft_model = get_peft_model(model, lora_config(cfg))
+    trainer = SFTTrainer(
+        model=peft_model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"input_ids": train_ids}),
+        eval_dataset=Dataset.from_dict({"input_ids": eval_ids}) if eval_ids else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; our events report progress instead
+    if precision != "bf16":
+        # trl 1.16 casts a 4-bit model's LoRA weights to bf16 in its constructor whatever fp16 says; fp16's grad
+        # scaler cannot unscale bf16 grads and a T4 has no fast bf16: train them in fp32, as the QLoRA recipe does.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def final_metrics(trainer, result, tokenizer) -> dict:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    m = dict(result.metrics) if result is not None else {}
+    m.update(step=trainer.state.global_step, max_steps=trainer.state.max_steps,
+             first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+             final_eval_loss=evals[-1] if evals else None, tokens_seen=trainer.state.num_input_tokens_seen)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            m["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except Exception:
+        pass
+    return m
+
+
+def describe_failure(e: BaseException) -> tuple[str, str]:
+    """(message, hint) for the user: one line, no traceback, the knob to turn where we know it."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return ("out of GPU memory", "lower batch_size or max_length, or turn gradient_checkpointing on")
+    if isinstance(e, FloatingPointError):
+        return (str(e), "lower learning_rate, or use bf16 where the card has it")
+    if isinstance(e, StopBeforeStart):
+        return ("stopped before training started", "")
+    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+        return ("disk full while saving; the previous adapter is untouched", "free disk space and train again")
+    if isinstance(e, (DataError, ModelError, ValueError)):
+        return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
+    return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
+
+
+def free_memory() -> None:
+    """Give the GPU back however the run ended: the next run and chat need it."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:
+        pass
+
+
+# --- the run folder's files ----------------------------------------------------------------------------
+def _write_run_files(run_dir: Path, cfg: TrainConfig, precision: str) -> None:
+    runs.write_text(run_dir / "config.yaml", cfg.to_yaml())
+    runs.write_json(run_dir / "prompt_format.json", {
+        "name": FORMAT_NAME, "bos": BOS, "eos": EOS, "inst": [B_INST, E_INST], "sys": [B_SYS, E_SYS],
+        "template": "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>"})
+    runs.write_json(run_dir / "versions.json", library_versions())
+    meta = runs.read_json(run_dir / "run.json")
+    meta.update(status="running", base_model=cfg.base_model, dataset=cfg.dataset, precision=precision,
+                created=meta.get("created", time.time()), pid=os.getpid(), boot=runs.boot_id())
+    runs.write_json(run_dir / "run.json", meta)
+
+
+def _finish(run_dir: Path, status: str, step: int, metrics: dict) -> None:
+    meta = runs.read_json(run_dir / "run.json")
+    meta.update(status=status, step=step, finished=time.time(), final_loss=metrics.get("final_loss"), metrics=metrics)
+    runs.write_json(run_dir / "run.json", meta)
+
+
+def _recording(emit: Callable[[Event], None], run_dir: Path) -> Callable[[Event], None]:
+    """emit, plus one metrics.jsonl line for every logged step, so history outlives the process."""
+    from dataclasses import asdict
+
+    from .events import EvalLoss, Progress
+
+    def record(event: Event) -> None:
+        if isinstance(event, (Progress, EvalLoss)):
+            runs.append_jsonl(run_dir / "metrics.jsonl", {"type": type(event).__name__, "time": time.time(),
+                                                          **asdict(event)})
+        emit(event)
+
+    return record
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
