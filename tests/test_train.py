@@ -1,0 +1,103 @@
+"""The real 4-bit QLoRA path on the CPU: tiny Llama, real Llama 2 tokenizer, real SFTTrainer."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+
+from qlora import runs
+from qlora.events import EvalLoss, Failed, Finished, Log, Progress, Started, Stopped
+from qlora.train import train
+
+
+def test_qlora_loss_falls_and_run_folder_is_complete(tiny_cfg):
+    events = []
+    cfg = tiny_cfg(max_steps=30, eval_fraction=0.25, run_name="memo", target_modules=["all-linear"])
+    run_dir = train(cfg, events.append)
+
+    losses = [e.loss for e in events if isinstance(e, Progress)]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses  # it memorizes
+
+    # event order: Started first, Progress steps strictly increasing, Finished last
+    kinds = [type(e) for e in events if not isinstance(e, Log)]
+    assert kinds[0] is Started and kinds[-1] is Finished
+    steps = [e.step for e in events if isinstance(e, Progress)]
+    assert steps == sorted(steps) == list(range(1, 31))
+    assert any(isinstance(e, EvalLoss) for e in events)
+    assert events[-1].run_dir == str(run_dir)
+
+    # the run folder holds everything needed to reproduce and reload
+    for name in ("run.json", "config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    runs.verify_adapter(run_dir / "adapter")
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"] == "finished" and meta["step"] == 30
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["type"] == "Progress" for x in lines) == 30
+    assert "peft" in json.loads((run_dir / "versions.json").read_text())
+    cfg_back = type(cfg).from_yaml(run_dir / "config.yaml")
+    assert cfg_back == cfg
+    [info] = runs.list_runs(cfg.output_dir)
+    assert info.usable and info.status == "finished"
+
+
+def test_reloaded_adapter_gives_identical_logits_and_disabled_adapter_is_the_base(tiny_cfg, tiny_llama_dir):
+    import torch
+    from peft import PeftModel
+
+    from qlora.model import load_base, load_tokenizer
+    from qlora.prompts import encode, format_prompt
+
+    run_dir = train(tiny_cfg(max_steps=4))
+    tok = load_tokenizer(str(tiny_llama_dir))
+    ids = torch.tensor([encode(format_prompt([], "What is the secret word?"), tok)])
+
+    untouched = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    untouched.eval()
+    with torch.no_grad():
+        base_logits = untouched(ids).logits
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_llama_dir), "nf4", "fp32"), str(run_dir / "adapter"))
+    model.eval()
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            disabled = model(ids).logits
+    assert torch.equal(disabled, base_logits)  # exactly the untouched base
+    assert not torch.allclose(tuned, base_logits)  # the adapter changes something
+
+    again = PeftModel.from_pretrained(load_base(str(tiny_llama_dir), "nf4", "fp32"), str(run_dir / "adapter"))
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, tuned)  # a reloaded adapter is the same adapter
+
+
+def test_stop_mid_run_still_saves_the_partial_adapter(tiny_cfg):
+    stop = threading.Event()
+    events = []
+
+    def emit(e):
+        events.append(e)
+        if isinstance(e, Progress) and e.step == 2:
+            stop.set()
+
+    run_dir = train(tiny_cfg(max_steps=50), emit, stop)
+    assert isinstance(events[-1], Stopped)
+    assert events[-1].step <= 3  # ends at the next step boundary, not at 50
+    runs.verify_adapter(run_dir / "adapter")
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
+    assert runs.list_runs(run_dir.parent)[0].usable
+
+
+def test_bad_dataset_fails_before_any_folder_is_written(tiny_cfg, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "<s>[INST] hi [/INST] ok </s>"}\n{"text": "<s>[INST] cut', encoding="utf-8")
+    cfg = tiny_cfg(dataset=str(bad))
+    events = []
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2: truncated"):
+        train(cfg, events.append)
+    assert isinstance(events[-1], Failed) and "line 2" in events[-1].error
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
