@@ -1,0 +1,33 @@
+"""JobState folds events with a pure reducer."""
+from qlora.events import EvalLoss, Failed, Finished, JobState, Log, Progress, Started, Stopped
+
+
+def _progress(step, loss=1.0):
+    return Progress(step=step, total_steps=10, loss=loss, learning_rate=1e-4, tokens_per_s=100.0,
+                    elapsed_s=step * 2.0, eta_s=(10 - step) * 2.0)
+
+
+def test_a_run_folds_into_state_without_mutating():
+    s0 = JobState()
+    s1 = s0.apply(Started(run_dir="r", total_steps=10, base_model="m", dataset="d"))
+    assert s0.status == "idle" and s1.status == "running" and s1.active
+    s2 = s1.apply(_progress(1, 2.0)).apply(_progress(2, 1.5)).apply(EvalLoss(2, 1.7)).apply(Log("hello"))
+    assert s2.step == 2 and s2.fraction == 0.2 and s2.losses == ((1, 2.0), (2, 1.5)) and s2.eval_losses == ((2, 1.7),)
+    assert s2.logs[-1] == "hello" and "step 2/10" in s2.summary()
+    done = s2.apply(Finished("r", {"final_loss": 1.5}))
+    assert done.status == "finished" and not done.active and done.metrics["final_loss"] == 1.5
+
+
+def test_failed_keeps_last_progress_and_stopped_has_step():
+    s = JobState().apply(Started("r", 10, "m", "d")).apply(_progress(3))
+    failed = s.apply(Failed("out of GPU memory", "lower batch_size"))
+    assert failed.status == "failed" and failed.step == 3 and "lower batch_size" in failed.summary()
+    stopped = s.apply(Stopped("r", 3, {}))
+    assert stopped.status == "stopped" and stopped.step == 3
+
+
+def test_log_tail_is_bounded():
+    s = JobState()
+    for i in range(500):
+        s = s.apply(Log(str(i)))
+    assert len(s.logs) == 200 and s.logs[-1] == "499"
