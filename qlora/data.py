@@ -256,7 +256,9 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> list[dict[st
         ds = datasets.load_dataset(dataset_id, split=split, token=token or None)
     except hub_errors.GatedRepoError:
         raise DataError(f"{dataset_id}: gated dataset: accept its terms on the Hub and give a token") from None
-    except (hub_errors.RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError):
+    except (hub_errors.RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        if "a gated dataset" in str(e):  # datasets wraps GatedRepoError into DatasetNotFoundError("... is a gated dataset ...")
+            raise DataError(f"{dataset_id}: gated dataset: accept its terms on the Hub and give a token") from None
         raise DataError(f"{dataset_id}: no such dataset on the Hub (or it is private: give a token)") from None
     except (ConnectionError, OSError) as e:
         raise DataError(f"{dataset_id}: cannot reach the Hub ({type(e).__name__}); use a local file or the sample") from None
