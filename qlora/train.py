@@ -95,14 +95,23 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         free_memory()
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path):
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
+                  plan: "speed.Plan | None" = None):
+    """SFTTrainer for the recipe; `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
     import torch
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    from . import speed
+
     on_gpu = torch.cuda.is_available()
+    if plan is None:
+        plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
+    padding_free = cfg.padding_free if plan.padding_free is None else plan.padding_free
+    checkpointing = cfg.gradient_checkpointing if plan.checkpoint_layers < 0 else plan.checkpoint_layers > 0
+    speed.before_peft(model, plan)
     optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
@@ -112,15 +121,18 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=optimizer,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         fp16=precision == "fp16", bf16=precision == "bf16",  # explicit: trl turns bf16 on by default, a T4 has none
-        max_length=cfg.max_length, padding_free=cfg.padding_free,
+        max_length=cfg.max_length, padding_free=padding_free,
         logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         eval_strategy="steps" if eval_ids else "no", eval_steps=0.2 if eval_ids else None,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=2,
         # padding-free batches have no padding to leave out of the count; padded ones do
-        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
         report_to="none", disable_tqdm=True, hub_token=None, push_to_hub=False,
+        # the Trainer's default replaces a NaN/inf step loss by the window's mean in the logs, which would hide it
+        # from EventCallback's NaN check: report the real loss
+        logging_nan_inf_filter=False,
     )
     peft_model = get_peft_model(model, lora_config(cfg))
     trainer = SFTTrainer(
@@ -135,6 +147,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    speed.after_trainer(trainer, plan)
+    trainer.speed_plan = plan  # read by the benchmark and the run folder
     return trainer
 
 
