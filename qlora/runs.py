@@ -208,6 +208,11 @@ def _stat_start(pid: int) -> str | None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest Trainer checkpoint of a run, if it saved any."""
-    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    """The newest complete Trainer checkpoint of a run, if it saved any.
+
+    Trainer checkpoints are not atomic; trainer_state.json is written last, so a folder without it is one whose
+    write was cut short (the process was killed mid-save) and resuming from it would fail.
+    """
+    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
