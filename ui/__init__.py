@@ -1,0 +1,1 @@
+"""The Gradio app's parts: preflight checks, Hub push and zip, rendering of job state, and the two tabs."""

@@ -1,0 +1,191 @@
+"""The Chat tab: one prompt, two streaming panes (base left, fine-tuned right) over one shared base in memory."""
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+import gradio as gr
+
+from qlora import runs
+from qlora.config import GenerationSettings, TrainConfig
+from qlora.model import BusyError, ModelError, gpu_lock
+from qlora.prompts import encode, format_prompt
+
+from . import hub, render
+from .context import AppContext
+
+log = logging.getLogger("qlora.app")
+
+MAX_MESSAGE = 4000  # characters; the core also caps the prompt in tokens
+
+
+def pairs(messages: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
+    """Chatbot messages -> (user, assistant) pairs for format_prompt; an unanswered last user turn is left out."""
+    out, user = [], None
+    for m in messages or []:
+        text = _text(m.get("content"))
+        if m.get("role") == "user":
+            user = text
+        elif m.get("role") == "assistant" and user is not None:
+            out.append((user, text))
+            user = None
+    return out
+
+
+def _text(content: Any) -> str:
+    """Gradio 6 hands message content over as a list of blocks ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, list):
+        return "".join(_text(c) for c in content)
+    return ""
+
+
+def _run_model(info: runs.RunInfo) -> tuple[str, str]:
+    """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
+    try:
+        cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+        return cfg.base_model, cfg.quantize
+    except (OSError, ValueError):
+        return info.base_model, "nf4"
+
+
+def _busy(ctx: AppContext) -> str:
+    s = ctx.jobs.state()
+    if s.active:
+        return f"⏳ Training holds the GPU ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
+    return "⏳ The GPU is busy with another chat; try again in a moment."
+
+
+def prompt_text(tokenizer, base_hist, tuned_hist, message: str, system: str) -> str:
+    """The exact string and tokens each pane sends (the same string on the first turn)."""
+    out = []
+    views = [("both panes", base_hist)] if pairs(base_hist) == pairs(tuned_hist) else [
+        ("base pane", base_hist), ("fine-tuned pane", tuned_hist)]
+    for who, hist in views:
+        text = format_prompt(pairs(hist), message, system)
+        ids = encode(text, tokenizer)
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        out.append(f"### {who}: {len(ids)} tokens\n{text}\n\n### token ids\n{ids}\n\n### tokens\n{tokens}")
+    return "\n\n".join(out)
+
+
+def make_handlers(ctx: AppContext):
+    def send(message: str, base_hist: list, tuned_hist: list, adapter: str, temperature: float, top_p: float,
+             max_new_tokens: int, seed: int, system_prompt: str, request: gr.Request = None):
+        """Stream both answers: yields (base pane, tuned pane, prompt box, status, exact prompt)."""
+        base_hist, tuned_hist = list(base_hist or []), list(tuned_hist or [])
+        message = (message or "").strip()
+        if not message:
+            yield base_hist, tuned_hist, "", "Type a message first.", gr.skip()
+            return
+        try:
+            if len(message) > MAX_MESSAGE:
+                raise ValueError(f"the message is {len(message)} characters; at most {MAX_MESSAGE}")
+            settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                          top_p=float(top_p), seed=int(seed), system_prompt=system_prompt or "")
+            info = hub.usable_run(ctx.runs_root, adapter)
+        except (TypeError, ValueError) as e:
+            yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
+            return
+        if ctx.jobs.state().active or not gpu_lock.acquire(blocking=False):
+            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
+            return
+        try:  # load under the lock, so a training run cannot start while the base is loading
+            engine = ctx.engines.get(*_run_model(info))
+            name = engine.load_adapter(info.path)
+        except (ModelError, OSError, ValueError) as e:
+            yield base_hist, tuned_hist, message, f"❌ {html.escape(hub.redact(str(e)))}", gr.skip()
+            return
+        finally:
+            gpu_lock.release()
+        stop = ctx.chat_stop(request.session_hash if request else "")
+        stop.clear()
+        shown = prompt_text(engine.tokenizer, base_hist, tuned_hist, message, settings.system_prompt)
+        turn = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        base_new, tuned_new = base_hist + [dict(m) for m in turn], tuned_hist + [dict(m) for m in turn]
+        yield base_new, tuned_new, "", "generating…", shown
+        try:
+            for base_text, tuned_text in engine.stream_pair(pairs(base_hist), pairs(tuned_hist), message, settings,
+                                                            name, stop):
+                base_new[-1]["content"], tuned_new[-1]["content"] = base_text, tuned_text
+                yield base_new, tuned_new, "", "generating…", gr.skip()
+        except BusyError:
+            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
+            return
+        except ValueError as e:  # the conversation outgrew the prompt limit
+            yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
+            return
+        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", gr.skip()
+
+    def stop_chat(request: gr.Request = None) -> str:
+        ctx.chat_stop(request.session_hash if request else "").set()
+        return "stopped"
+
+    def show_prompt(message: str, base_hist: list, tuned_hist: list, adapter: str, system_prompt: str) -> str:
+        """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
+        try:
+            info = hub.usable_run(ctx.runs_root, adapter)
+            tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
+            return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
+                               system_prompt or "")
+        except (ValueError, ModelError, OSError) as e:
+            return f"cannot show the prompt: {e}"
+
+    return dict(send=send, stop_chat=stop_chat, show_prompt=show_prompt,
+                refresh=lambda current=None: adapter_dropdown(ctx.runs_root, current))
+
+
+def adapter_dropdown(runs_root, current: str | None = None):
+    """The usable runs as a dropdown update, keeping `current` selected if it is still there."""
+    choices = render.adapter_choices(runs_root)
+    names = [v for _, v in choices]
+    return gr.Dropdown(choices=choices, value=current if current in names else (names[0] if names else None))
+
+
+def build(ctx: AppContext) -> dict[str, Any]:
+    h = make_handlers(ctx)
+    c: dict[str, Any] = {}
+    choices = render.adapter_choices(ctx.runs_root)
+    with gr.Row():
+        c["adapter"] = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Adapter (finished or "
+                                   "stopped run)", allow_custom_value=False, scale=4, elem_id="adapter-pick")
+        refresh_btn = gr.Button("Refresh", scale=1)
+    with gr.Row():
+        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+        top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+        max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
+    system = gr.Textbox("", label="System prompt (optional)", max_length=4000, lines=1)
+    gr.Markdown("Both panes get the same prompt string, seed and sampling settings; the only difference is the "
+                "adapter. They share one base model in memory.")
+    with gr.Row():
+        base_pane = gr.Chatbot(label="Base model", height=380, elem_id="base-pane")
+        tuned_pane = gr.Chatbot(label="Fine-tuned (base + adapter)", height=380, elem_id="tuned-pane")
+    message = gr.Textbox("", label="Message", placeholder="Ask both models…", max_length=MAX_MESSAGE, lines=2,
+                         elem_id="chat-message")
+    with gr.Row():
+        send_btn = gr.Button("Send", variant="primary", elem_id="send-btn")
+        stop_btn = gr.Button("Stop generation", variant="stop")
+        clear_btn = gr.Button("Clear")
+    status = gr.Markdown(elem_id="chat-status")
+    with gr.Accordion("Show prompt: the exact string and tokens sent", open=False):
+        show_btn = gr.Button("Show the prompt for the message above")
+        prompt_box = gr.Code(label="Prompt", language=None, lines=8, elem_id="prompt-view")
+
+    inputs = [message, base_pane, tuned_pane, c["adapter"], temperature, top_p, max_new, seed, system]
+    outputs = [base_pane, tuned_pane, message, status, prompt_box]
+    # Chat shares the "gpu" queue with itself (one answer at a time); during training it answers "busy" at once.
+    send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="gpu", concurrency_limit=1)
+    submit_evt = message.submit(h["send"], inputs, outputs, api_visibility="private", concurrency_id="gpu",
+                                concurrency_limit=1)
+    stop_btn.click(h["stop_chat"], None, status, api_name="stop_chat", queue=False, cancels=[send_evt, submit_evt])
+    clear_btn.click(lambda: ([], [], "", "", ""), None, [base_pane, tuned_pane, message, status, prompt_box],
+                    api_name="clear_chat", queue=False)
+    show_btn.click(h["show_prompt"], [message, base_pane, tuned_pane, c["adapter"], system], prompt_box,
+                   api_name="show_prompt")
+    refresh_btn.click(h["refresh"], c["adapter"], c["adapter"], api_name="adapters", queue=False)
+    return c

@@ -1,0 +1,128 @@
+"""Getting an adapter out: a zip to download, a push to the Hub. Tokens are passed per call and never kept or shown.
+
+No gradio here. Every message that leaves this module goes through `redact`, so a token that an exception happened
+to echo never reaches the page or the log.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+from qlora import runs
+from qlora.config import is_hub_id
+
+# What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
+ZIP_FILES = ("config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl", "run.json")
+PUSH_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
+                 "prompt_format.json", "versions.json"]
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+class PushError(RuntimeError):
+    """A push that did not happen; the message is safe to show."""
+
+
+def redact(text: str, token: str | None = None) -> str:
+    if token:
+        text = text.replace(token, "***")
+    return _TOKEN_LIKE.sub("hf_***", text)
+
+
+def usable_run(runs_root: str | Path, name: str) -> runs.RunInfo:
+    """The run called `name` under runs_root, if its adapter is usable; names never escape the folder."""
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,100}", name) or ".." in name:
+        raise ValueError("pick a run from the list")
+    for info in runs.list_runs(runs_root):
+        if info.name == name:
+            if not info.usable:
+                raise ValueError(f"run {name} has no usable adapter (status: {info.status})")
+            return info
+    raise ValueError(f"no run called {name}")
+
+
+def zip_run(info: runs.RunInfo) -> Path:
+    """A zip of the adapter plus its config, prompt format, versions, metrics and a model card, in a temp folder."""
+    out_dir = Path(tempfile.mkdtemp(prefix="qlora-zip-"))
+    target = out_dir / f"{info.name}-adapter.zip"
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name in runs.ADAPTER_FILES:
+            z.write(info.adapter_dir / name, f"{info.name}/{name}")
+        for name in ZIP_FILES:
+            if (info.path / name).is_file():
+                z.write(info.path / name, f"{info.name}/{name}")
+        z.writestr(f"{info.name}/README.md", model_card(info))
+    return target
+
+
+def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
+    meta = runs.read_json(info.path / "run.json")
+    metrics = meta.get("metrics") or {}
+    loss = metrics.get("final_loss")
+    lines = [
+        "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora, llama-2-format]", "---",
+        f"# {repo_id or info.name}", "",
+        f"A LoRA adapter for `{info.base_model}`, trained on `{info.dataset}` ({info.status} at step {info.step}).",
+        f"Final train loss: {loss:.4f}." if isinstance(loss, (int, float)) else "",
+        "", "Prompts use the Llama 2 chat format: `<s>[INST] {user} [/INST]` (see prompt_format.json).",
+        "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
+        f"base = AutoModelForCausalLM.from_pretrained({info.base_model!r})",
+        f"model = PeftModel.from_pretrained(base, {repo_id or 'path/to/this/folder'!r})", "```",
+        "", "The training config is in config.yaml; library versions in versions.json.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:
+    """Create (or reuse) a model repo and upload the adapter; returns its URL. PushError says what went wrong."""
+    repo_id = (repo_id or "").strip()
+    if len(repo_id) > 96 or not is_hub_id(repo_id) or "/" not in repo_id:
+        raise PushError("repo id: give owner/name, letters, digits, '-', '_', '.' only (e.g. alice/llama2-guanaco)")
+    if not token:
+        raise PushError("pushing needs a Hub token with write access: paste one in the token field, "
+                        "or set the HF_TOKEN secret of the Space")
+    from huggingface_hub import HfApi
+
+    staging = Path(tempfile.mkdtemp(prefix="qlora-push-"))
+    try:
+        for name in runs.ADAPTER_FILES:
+            shutil.copy2(info.adapter_dir / name, staging / name)
+        for name in ("config.yaml", "prompt_format.json", "versions.json"):
+            if (info.path / name).is_file():
+                shutil.copy2(info.path / name, staging / name)
+        (staging / "README.md").write_text(model_card(info, repo_id), encoding="utf-8")
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(staging), allow_patterns=PUSH_PATTERNS,
+                          commit_message=f"adapter from run {info.name} ({time.strftime('%Y-%m-%d %H:%M')})")
+    except PushError:
+        raise
+    except Exception as e:
+        raise PushError(explain_push_error(e, token)) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return f"https://huggingface.co/{repo_id}"
+
+
+def explain_push_error(e: BaseException, token: str | None) -> str:
+    """One readable line per way a push fails; the local adapter is always kept."""
+    from huggingface_hub import errors as hub_errors
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    kept = "; the adapter is kept here, try again"
+    if isinstance(e, hub_errors.OfflineModeIsEnabled):
+        return "cannot push: this server runs offline (HF_HUB_OFFLINE is set)" + kept
+    if status == 401:
+        return "the Hub refused the token (401): it is invalid or expired"
+    if status == 403:
+        return "the token cannot write there (403): it needs write permission for that namespace"
+    if status == 409:
+        return "the Hub reported a conflict (409) for this repo" + kept
+    if "secret" in str(e).lower() and "valid" in str(e).lower():
+        return "the Hub rejected the upload because it saw a secret in the files; nothing was published"
+    if status is not None:
+        return f"the Hub answered {status}" + kept
+    return redact(f"cannot reach the Hub ({type(e).__name__})" + kept, token)

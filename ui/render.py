@@ -1,0 +1,138 @@
+"""JobState and run folders -> what the page shows: progress bar HTML, loss table, log tail, samples, runs table.
+
+Pure functions, no gradio: everything a user sees is escaped here, since model output and file names are not ours.
+"""
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from qlora import runs
+from qlora.events import JobState
+
+LOG_TAIL = 25
+RUN_COLUMNS = ["run", "status", "base model", "dataset", "step", "final loss", "eval loss", "tokens/s", "created"]
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_html(s: JobState) -> str:
+    """A bar with step/total, elapsed, ETA and tokens/s; colour says the status."""
+    pct = 100 * s.fraction
+    colour = {"failed": "#d9534f", "stopped": "#f0ad4e", "stopping": "#f0ad4e", "finished": "#5cb85c"}.get(
+        s.status, "#3b82f6")
+    steps = f"step {s.step}/{s.total_steps}" if s.total_steps else ("loading model and data…" if s.active else "")
+    figures = " · ".join(x for x in (
+        steps, f"{pct:.0f}%" if s.total_steps else "", f"elapsed {clock(s.elapsed_s)}" if s.started_at else "",
+        f"ETA {clock(s.eta_s)}" if s.active and s.total_steps else "",
+        f"{s.tokens_per_s:,.0f} tokens/s" if s.tokens_per_s else "") if x)
+    return (f'<div id="job-progress" data-status="{html.escape(s.status)}" data-step="{s.step}" '
+            f'data-total="{s.total_steps}">'
+            f'<div style="display:flex;justify-content:space-between;font-size:0.9em">'
+            f'<b>{html.escape(s.status)}</b><span>{html.escape(figures)}</span></div>'
+            f'<div style="background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden">'
+            f'<div class="bar" style="width:{pct:.1f}%;background:{colour};height:100%"></div></div></div>')
+
+
+def status_markdown(s: JobState) -> str:
+    if s.status == "idle":
+        return "No run yet. Check the form, then **Start**."
+    text = html.escape(s.summary())
+    if s.status == "stopped":
+        text += " — the partial adapter is saved and listed in the **Chat** tab."
+    elif s.status == "finished":
+        text += " — pick it in the **Chat** tab."
+    return text
+
+
+def loss_frame(s: JobState):
+    import pandas as pd
+
+    rows = [(step, loss, "train") for step, loss in s.losses] + [(step, loss, "eval") for step, loss in s.eval_losses]
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def log_tail(s: JobState) -> str:
+    return "\n".join(s.logs[-LOG_TAIL:])
+
+
+def samples_markdown(s: JobState) -> str:
+    """The newest answer per fixed prompt: base vs the adapter as it is at that step."""
+    if not s.samples:
+        return "_Sample answers appear here every N steps when \"sample every\" is above 0._"
+    latest = {}
+    for sample in s.samples:
+        latest[sample.prompt] = sample
+    out = []
+    for sample in latest.values():
+        out.append(f"**{_md(sample.prompt)}** (step {sample.step})\n\n"
+                   f"| base | fine-tuned |\n|---|---|\n| {_md(sample.base)} | {_md(sample.tuned)} |")
+    return "\n\n".join(out)
+
+
+def _md(text: str) -> str:
+    """Escape for a markdown table cell: HTML, pipes and newlines."""
+    return html.escape(text or "∅").replace("|", "\\|").replace("\n", "<br>")
+
+
+def runs_frame(runs_root: str | Path):
+    import pandas as pd
+
+    rows = []
+    for info in runs.list_runs(runs_root):
+        meta = runs.read_json(info.path / "run.json")
+        m = meta.get("metrics") or {}
+        rows.append([info.name, info.status + ("" if info.usable or info.status not in runs.USABLE else " (no adapter)"),
+                     info.base_model, Path(info.dataset).name if "/" in info.dataset and Path(info.dataset).suffix
+                     else info.dataset, info.step, _num(info.final_loss), _num(m.get("final_eval_loss")),
+                     _num(_tokens_per_s(info.path)), time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created))])
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def _tokens_per_s(run_dir: Path) -> float | None:
+    last = None
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("type") == "Progress":
+                    last = rec.get("tokens_per_s")
+    except (OSError, ValueError):
+        return None
+    return last
+
+
+def run_losses(run_dir: Path):
+    """A past run's loss curve from its metrics.jsonl."""
+    import pandas as pd
+
+    rows = []
+    try:
+        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("type") == "Progress" and rec.get("loss") is not None:
+                    rows.append((rec["step"], rec["loss"], "train"))
+                elif rec.get("type") == "EvalLoss":
+                    rows.append((rec["step"], rec["loss"], "eval"))
+    except (OSError, ValueError):
+        pass
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _num(v) -> float | None:
+    return round(float(v), 4) if isinstance(v, (int, float)) else None
+
+
+def adapter_choices(runs_root: str | Path) -> list[tuple[str, str]]:
+    """(label, run name) for every run whose adapter can be loaded, newest first."""
+    return [(f"{r.name} — {r.status} at step {r.step} ({r.base_model})", r.name)
+            for r in runs.list_runs(runs_root) if r.usable]
