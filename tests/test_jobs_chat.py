@@ -1,0 +1,115 @@
+"""The background job manager and side-by-side chat, on the real 4-bit path with a tiny Llama."""
+import threading
+
+import pytest
+
+from qlora.chat import ChatEngine
+from qlora.config import GenerationSettings
+from qlora.jobs import JobManager
+from qlora.model import BusyError, gpu_lock
+
+
+def test_job_runs_in_background_refuses_a_second_start_and_stops(tiny_cfg):
+    jobs = JobManager()
+    jobs.start(tiny_cfg(max_steps=200))
+    with pytest.raises(BusyError, match="a run is already active"):
+        jobs.start(tiny_cfg())
+    # wait until it is really training, then stop from "another page"
+    for _ in range(600):
+        if jobs.state().step >= 2:
+            break
+        threading.Event().wait(0.1)
+    jobs.stop()
+    state = jobs.wait(120)
+    assert state.status == "stopped" and 2 <= state.step < 200, state.summary()
+    assert state.losses and state.run_dir
+    assert not gpu_lock.locked()  # released however the run ended
+    # and a new run can start afterwards
+    jobs.start(tiny_cfg(max_steps=2))
+    assert jobs.wait(120).status == "finished"
+
+
+def test_failure_in_the_thread_is_shown_not_swallowed(tiny_cfg, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    jobs = JobManager()
+    jobs.start(tiny_cfg(dataset=str(bad)))
+    state = jobs.wait(60)
+    assert state.status == "failed" and "bad.csv: no usable column" in state.error
+    assert not gpu_lock.locked()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_llama_dir, tmp_path_factory):
+    import json
+
+    from qlora.config import TrainConfig
+    from qlora.train import train
+
+    from conftest import MEMO_ROWS
+
+    data = tmp_path_factory.mktemp("data") / "memo.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in MEMO_ROWS))
+    cfg = TrainConfig(base_model=str(tiny_llama_dir), dataset=str(data), output_dir=str(data.parent / "runs"),
+                      max_steps=20, max_length=64, learning_rate=1e-2, lr_scheduler="constant", warmup_ratio=0.0,
+                      gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0,
+                      target_modules=["all-linear"])
+    return train(cfg)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return ChatEngine(str(tiny_llama_dir), quantize="nf4", precision="fp32")
+
+
+def test_batched_side_by_side_equals_two_sequential_generations(engine, trained_run):
+    name = engine.load_adapter(trained_run)
+    settings = GenerationSettings(temperature=0, max_new_tokens=12)
+    updates = list(engine.stream_pair([], [], "What is the secret word?", settings, name))
+    assert len(updates) > 2  # streamed token by token, not all at once
+    base, tuned = updates[-1]
+    assert (base, tuned) == engine.generate_sequential("What is the secret word?", settings, name)
+    assert base != tuned
+    assert "banana" in tuned  # the adapter learned the memorization set; the base did not
+    assert "banana" not in base
+
+
+def test_sampling_is_reproducible_with_the_same_seed(engine, trained_run):
+    name = engine.load_adapter(trained_run)
+    s = GenerationSettings(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=8)
+    a = list(engine.stream_pair([], [], "Who guards the gate?", s, name))[-1]
+    b = list(engine.stream_pair([], [], "Who guards the gate?", s, name))[-1]
+    assert a == b
+
+
+def test_multi_turn_with_system_prompt_and_prompt_view(engine, trained_run):
+    name = engine.load_adapter(trained_run)
+    s = GenerationSettings(temperature=0, max_new_tokens=6, system_prompt="Be brief.")
+    base1, tuned1 = list(engine.stream_pair([], [], "Who guards the gate?", s, name))[-1]
+    # each pane continues its own conversation
+    last = list(engine.stream_pair([("Who guards the gate?", base1)], [("Who guards the gate?", tuned1)],
+                                   "And the sky?", s, name))[-1]
+    assert len(last) == 2
+    view = engine.prompt([("Who guards the gate?", tuned1)], "And the sky?", "Be brief.")
+    assert view.text.startswith("<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWho guards the gate? [/INST]")
+    assert view.text.endswith("<s>[INST] And the sky? [/INST]")
+    assert view.token_ids[0] == engine.tokenizer.bos_token_id and len(view.tokens) == len(view.token_ids)
+
+
+def test_chat_says_busy_while_the_gpu_is_taken(engine, trained_run):
+    name = engine.load_adapter(trained_run)
+    with gpu_lock:
+        with pytest.raises(BusyError, match="busy"):
+            next(engine.stream_pair([], [], "hi", GenerationSettings(), name))
+
+
+def test_stop_generation(engine, trained_run):
+    name = engine.load_adapter(trained_run)
+    stop = threading.Event()
+    stream = engine.stream_pair([], [], "Tell me a story", GenerationSettings(temperature=0, max_new_tokens=200),
+                                name, stop)
+    first = next(stream)
+    stop.set()
+    rest = list(stream)
+    assert len(rest) < 20 and not gpu_lock.locked()
+    assert first is not None
