@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -330,14 +331,19 @@ def test_out_of_range_hyperparameters_are_refused_naming_the_field(field, value,
 
 # === Faults ================================================================================================
 class RaiseAt(TrainerCallback):
-    """Raises `error` at the end of step `step`, inside the real training loop."""
+    """Raises error_type(*args) at the end of step `step`, inside the real training loop.
 
-    def __init__(self, step: int, error: BaseException):
-        self.step, self.error = step, error
+    The exception is made when raised (not held here), so this callback keeps no traceback, and no model, alive.
+    """
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def __init__(self, step: int, error_type: type[BaseException], *args):
+        self.step, self.error_type, self.args = step, error_type, args
+        self.model = lambda: None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
-            raise self.error
+            self.model = weakref.ref(model)  # to check that the failed run's model is freed afterwards
+            raise self.error_type(*self.args)
 
 
 def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains(tiny_cfg, runs_root, earlier_run,
@@ -345,10 +351,13 @@ def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains
     import torch
 
     jobs = JobManager()
-    inject(monkeypatch, RaiseAt(2, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
+    oom = RaiseAt(2, torch.cuda.OutOfMemoryError, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    inject(monkeypatch, oom)
     jobs.start(tiny_cfg(output_dir=str(runs_root), max_steps=6, batch_size=4, run_name="big"))
     state = jobs.wait(120)
     assert state.status == "failed" and state.error == "out of GPU memory"
+    # the model is gone once the job has ended (on a GPU: its memory is back), without anyone calling gc here
+    assert oom.model() is None
     assert "lower batch_size or max_length" in state.hint
     assert not gpu_lock.locked()  # the device is free again
     failed = runs_root / "big"
@@ -364,6 +373,38 @@ def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains
     state = jobs.wait(120)
     assert state.status == "finished", state.error
     assert {r.name: r for r in runs.list_runs(runs_root)}["small"].usable
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(tiny_cfg, tmp_path):
+    """The GPU twin: a real OOM under a memory cap, not an injected one."""
+    import torch
+
+    long = tmp_path / "long.jsonl"
+    answer = "All work and no play makes Jack a dull boy. " * 400  # ~4,400 tokens a row
+    long.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "output": answer}) + "\n" for i in range(32)),
+                    encoding="utf-8")
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # a 2 GiB card: the big run's logits alone (16 x 4096 x 32000 values, upcast to fp32 for the loss) need 8 GiB
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2 * 2**30) / total))
+    try:
+        jobs = JobManager()
+        jobs.start(tiny_cfg(dataset=str(long), batch_size=16, max_length=4096, max_steps=3, run_name="huge"))
+        state = jobs.wait(600)
+        assert state.status == "failed" and state.error == "out of GPU memory", state.error
+        assert "lower batch_size or max_length" in state.hint
+        assert not gpu_lock.locked()
+        assert torch.cuda.memory_allocated() <= baseline + 2**20  # every tensor of the failed run is freed
+        assert not {r.name: r for r in runs.list_runs(tmp_path / "runs")}["huge"].usable
+
+        jobs.start(tiny_cfg(dataset=str(long), batch_size=1, max_length=256, max_steps=2, run_name="small"))
+        state = jobs.wait(600)
+        assert state.status == "finished", state.error
+        assert {r.name: r for r in runs.list_runs(tmp_path / "runs")}["small"].usable
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
@@ -397,7 +438,7 @@ def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_roo
 
 def test_an_exception_in_the_training_thread_is_shown_not_swallowed(tiny_cfg, runs_root, earlier_run, monkeypatch,
                                                                     caplog):
-    inject(monkeypatch, RaiseAt(1, KeyError("input_ids")))
+    inject(monkeypatch, RaiseAt(1, KeyError, "input_ids"))
     jobs = JobManager()
     jobs.start(tiny_cfg(output_dir=str(runs_root), max_steps=5, run_name="boom"))
     state = jobs.wait(120)
@@ -669,7 +710,7 @@ def test_a_token_never_reaches_logs_files_args_metrics_or_events(tiny_cfg, tmp_p
     run_dir = train(tiny_cfg(max_steps=2, save_steps=1, run_name="tok"), events.append, token=CANARY)
     assert list((run_dir / "checkpoints").rglob("training_args.bin"))
     # a failing run (the error path formats messages and logs a traceback)
-    inject(monkeypatch, RaiseAt(1, RuntimeError("boom")))
+    inject(monkeypatch, RaiseAt(1, RuntimeError, "boom"))
     with pytest.raises(RuntimeError):
         train(tiny_cfg(max_steps=3, run_name="tokfail"), events.append, token=CANARY)
     monkeypatch.undo()
