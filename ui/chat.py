@@ -87,11 +87,14 @@ def make_handlers(ctx: AppContext):
                 raise ValueError(f"the message is {len(message)} characters; at most {MAX_MESSAGE}")
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p), seed=int(seed), system_prompt=system_prompt or "")
+            if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
+                yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
+                return
             info = hub.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
-        if ctx.jobs.state().active or not gpu_lock.acquire(blocking=False):
+        if not gpu_lock.acquire(blocking=False):
             yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
             return
         try:  # load under the lock, so a training run cannot start while the base is loading
@@ -112,14 +115,14 @@ def make_handlers(ctx: AppContext):
             for base_text, tuned_text in engine.stream_pair(pairs(base_hist), pairs(tuned_hist), message, settings,
                                                             name, stop):
                 base_new[-1]["content"], tuned_new[-1]["content"] = base_text, tuned_text
-                yield base_new, tuned_new, "", "generating…", gr.skip()
+                yield base_new, tuned_new, "", "generating…", shown
         except BusyError:
             yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
             return
         except ValueError as e:  # the conversation outgrew the prompt limit
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
-        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", gr.skip()
+        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", shown
 
     def stop_chat(request: gr.Request = None) -> str:
         ctx.chat_stop(request.session_hash if request else "").set()
@@ -151,8 +154,9 @@ def build(ctx: AppContext) -> dict[str, Any]:
     c: dict[str, Any] = {}
     choices = render.adapter_choices(ctx.runs_root)
     with gr.Row():
+        # Custom values allowed: the list changes as runs end, and the handler checks the name against the disk.
         c["adapter"] = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Adapter (finished or "
-                                   "stopped run)", allow_custom_value=False, scale=4, elem_id="adapter-pick")
+                                   "stopped run)", allow_custom_value=True, scale=4, elem_id="adapter-pick")
         refresh_btn = gr.Button("Refresh", scale=1)
     with gr.Row():
         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")

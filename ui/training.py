@@ -269,9 +269,9 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
         c["samples"] = gr.Markdown(render.samples_markdown(ctx.jobs.state()), elem_id="samples")
     with gr.Accordion("Past runs", open=True):
         c["runs"] = gr.Dataframe(render.runs_frame(ctx.runs_root), interactive=False, wrap=True, max_height=300)
-        with gr.Row():
+        with gr.Row():  # custom values: the list changes as runs end; handlers check the name against the disk
             c["run_pick"] = gr.Dropdown(render.adapter_choices(ctx.runs_root), label="Run (finished or stopped)",
-                                        allow_custom_value=False, scale=2)
+                                        allow_custom_value=True, scale=2)
             download_btn = gr.Button("Download adapter (.zip)")
             refresh_btn = gr.Button("Refresh list")
         zip_file = gr.File(label="Adapter zip", interactive=False, height=70)
