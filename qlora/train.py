@@ -32,6 +32,10 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     `token` is a Hub token for gated models; it is passed to each call and never stored or logged.
     """
     stop = stop or threading.Event()
+    dist = _distributed()  # under `accelerate launch`: one process per GPU, each with its own 4-bit base
+    main = dist.is_main_process
+    if not main:
+        emit = _silent  # only rank 0 reports, writes the run folder and saves
     run_dir: Path | None = None
     trainer = model = None
     try:
@@ -56,12 +60,13 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
             raise StopBeforeStart()
 
         # 4. The run folder exists only once data and model are known good.
-        run_dir = Path(resume_from) if resume_from else runs.new_run_dir(cfg.output_dir, cfg.run_name)
-        _write_run_files(run_dir, cfg, precision)
+        run_dir = _shared_run_dir(cfg, resume_from, dist)
+        if main:
+            _write_run_files(run_dir, cfg, precision)
 
         # 5. SFTTrainer with LoRA on the frozen base.
         trainer = build_trainer(cfg, model, tokenizer, train_ids, eval_ids, precision, run_dir)
-        events = EventCallback(_recording(emit, run_dir), stop, str(run_dir), cfg.base_model, data.source)
+        events = EventCallback(_recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model, data.source)
         trainer.add_callback(events)
         if cfg.sample_every:
             trainer.add_callback(SampleCallback(emit, tokenizer, cfg.sample_every))
@@ -72,15 +77,18 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         step = trainer.state.global_step
         if events.bad_loss_step is not None:
             raise FloatingPointError(f"the loss became NaN/inf at step {events.bad_loss_step}")
-        runs.save_adapter_atomically(run_dir, lambda tmp: trainer.model.save_pretrained(tmp))
+        if main:
+            runs.save_adapter_atomically(run_dir, lambda tmp: trainer.model.save_pretrained(tmp))
+        dist.wait_for_everyone()
         metrics = final_metrics(trainer, result, tokenizer)
         status = "stopped" if stop.is_set() and step < trainer.state.max_steps else "finished"
-        _finish(run_dir, status, step, metrics)
+        if main:
+            _finish(run_dir, status, step, metrics)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:
         error, hint = describe_failure(e)
-        if run_dir is not None:
+        if run_dir is not None and main:
             _finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
                     trainer.state.global_step if trainer else 0, {"error": error})
         if isinstance(e, StopBeforeStart):
@@ -93,6 +101,30 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     finally:
         del trainer, model
         free_memory()
+
+
+def _distributed():
+    """accelerate's view of the launch: a single process unless started by `accelerate launch`."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes talk over gloo
+
+
+def _silent(event: Event) -> None:
+    pass
+
+
+def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
+    """Rank 0 creates the run folder; every rank learns its path (the Trainer's output_dir must agree)."""
+    if resume_from:
+        return Path(resume_from)
+    name = [str(runs.new_run_dir(cfg.output_dir, cfg.run_name)) if dist.is_main_process else None]
+    if dist.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(name)
+    return Path(name[0])
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
@@ -123,13 +155,15 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         gradient_checkpointing=checkpointing,
         fp16=precision == "fp16", bf16=precision == "bf16",  # explicit: trl turns bf16 on by default, a T4 has none
-        max_length=cfg.max_length, padding_free=padding_free,
+        # rows come pre-truncated (data.tokenize); trl refuses max_length with padding_free, which needs none
+        max_length=None if padding_free else cfg.max_length, padding_free=padding_free,
         logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         eval_strategy="steps" if eval_ids else "no", eval_steps=0.2 if eval_ids else None,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=2,
         # padding-free batches have no padding to leave out of the count; padded ones do
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
         report_to="none", disable_tqdm=True, hub_token=None, push_to_hub=False,
+        use_cpu=not on_gpu,  # without it, several CPU processes (gloo) would each train alone
         # the Trainer's default replaces a NaN/inf step loss by the window's mean in the logs, which would hide it
         # from EventCallback's NaN check: report the real loss
         logging_nan_inf_filter=False,
