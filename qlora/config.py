@@ -52,6 +52,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32; auto picks bf16 where the card has it, fp16 otherwise
     # the fast path (see bench/README.md): padding-free batches of pre-truncated rows
     padding_free: bool = False
+    # auto: qlora/speed.py picks fused kernels, flash attention and how many layers checkpoint from the card;
+    # off: the recipe exactly as configured (the reference the benchmark compares against)
+    speed: str = "auto"
     # data
     eval_fraction: float = 0.0
     max_rows: int = 0  # 0: all rows
@@ -94,6 +97,7 @@ class TrainConfig:
              "max_steps", "must be -1 (use epochs) or from 1 to 1000000")
         need(_is_int(self.max_length) and 16 <= self.max_length <= 32768, "max_length", "must be an integer from 16 to 32768")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32")
+        need(self.speed in ("auto", "off"), "speed", "must be auto or off")
         need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
         need(_is_int(self.max_rows) and self.max_rows >= 0, "max_rows", "must be >= 0")
         need(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "must be an integer from 0 to 2**32-1")

@@ -1,0 +1,142 @@
+"""Shared benchmark pieces: the 7B-shaped random model, the real guanaco tokens, a step timer, the card's name."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data does not travel to the GPU machine: a copy in .data/ (ignored) does
+DATA_DIRS = [Path(os.environ["QLORA_SHARED_DATA"])] if os.environ.get("QLORA_SHARED_DATA") else []
+DATA_DIRS += [ROOT / ".data", ROOT.parent / "shared" / "data"]
+LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+T4_GIB = 15.0
+
+
+def data_dir() -> Path:
+    for d in DATA_DIRS:
+        if (d / "guanaco-llama2-1k.parquet").exists():
+            return d
+    raise SystemExit(f"guanaco-llama2-1k.parquet not found in {', '.join(map(str, DATA_DIRS))}")
+
+
+def build_random_model(path: Path, shape: dict | None = None) -> Path:
+    """A Llama with random weights (the 7B shape by default) saved as fp16 safetensors with the real tokenizer.
+
+    Built on the GPU where there is one (about 20 s for 7B); its speed and memory are those of the real model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora.model import load_tokenizer
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**(shape or LLAMA_7B))).to(dtype)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok = load_tokenizer(str(data_dir() / "llama2-tokenizer"))
+    tok.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    tmp.rename(path)
+    return path
+
+
+def guanaco_ids(tokenizer, max_length: int = 1024) -> list[list[int]]:
+    """The 1000 guanaco rows as the product tokenizes them (no doubled BOS), truncated to max_length."""
+    from qlora.data import prepare, tokenize
+
+    return tokenize(prepare(str(data_dir() / "guanaco-llama2-1k.parquet")).train, tokenizer, max_length)
+
+
+def card() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"name": "cpu", "memory_gib": None}
+    p = torch.cuda.get_device_properties(0)
+    return {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}"}
+
+
+def versions() -> dict:
+    from qlora.train import library_versions
+
+    v = library_versions()
+    try:
+        from importlib.metadata import version
+
+        v["liger-kernel"] = version("liger-kernel")
+    except Exception:
+        v["liger-kernel"] = "not installed"
+    return v
+
+
+def cap_memory(gib: float) -> None:
+    """Emulate a smaller card: this process may allocate at most `gib` on the GPU."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+
+
+class StepMeter:
+    """Per-step wall time (synchronized) and non-padding tokens, counted at the model's input."""
+
+    def __init__(self, model):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self._pending = 0
+        self._last = None
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        # padded batches carry a mask of real tokens; padding-free ones hold real tokens only
+        self._pending += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Cb(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                meter._sync()
+                meter._last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                meter._sync()
+                now = time.perf_counter()
+                meter.times.append(now - meter._last)
+                meter.tokens.append(meter._pending)
+                meter._pending, meter._last = 0, now
+
+        return _Cb()
+
+    def _sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")

@@ -1,0 +1,278 @@
+"""Training benchmark: the seed stack vs the project's own path, same recipe, data and order, each arm in its own process.
+
+    python -m bench.train_bench                      # H100 mode and T4 mode, seed vs project, writes bench/results/
+    python -m bench.train_bench --modes h100 --arms seed,project,project:liger=0 --steps 40
+
+Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compute, fp32 LoRA weights, gradient
+checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
+picks for the card. `project:key=value,...` overrides that plan (liger, causal, pf, ckpt, lora32) to measure one lever.
+Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
+`card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import T4_GIB, StepMeter, build_random_model, card, cap_memory, guanaco_ids, versions, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --- one arm, in this process ----------------------------------------------------------------------------
+def recipe(steps: int, out_dir: str):
+    """The reference recipe (DESIGN.md) as a TrainConfig, cut to `steps` steps."""
+    from qlora.config import TrainConfig
+
+    return TrainConfig(base_model="(bench)", dataset="(bench)", output_dir=out_dir, max_steps=steps,
+                       logging_steps=1, seed=42)
+
+
+def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
+    import torch
+
+    from qlora import speed
+    from qlora.model import load_base, load_tokenizer, pick_precision
+
+    if mode == "t4":
+        cap_memory(T4_GIB)
+    cuda = torch.cuda.is_available()
+    tok = load_tokenizer(model_dir)
+    ids = guanaco_ids(tok)
+    cfg = recipe(steps, str(out.parent / "runs"))
+    t0 = time.perf_counter()
+    name, _, overrides = arm.partition(":")
+    if name == "seed":
+        precision = "fp16" if cuda else "fp32"  # the seed computes in fp16 on every card
+        model = load_base(model_dir, "nf4", precision)
+        trainer = seed_trainer(cfg, model, tok, ids, precision, out.parent / "runs" / "seed")
+        plan = None
+    else:
+        precision = pick_precision("auto")
+        model = load_base(model_dir, "nf4", precision)
+        plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
+        for item in filter(None, overrides.split(",")):
+            key, _, value = item.partition("=")
+            field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
+                     "lora32": "lora_fp32"}[key]
+            setattr(plan, field, int(value) if field == "checkpoint_layers" else value == "1")
+            plan.notes.append(f"override {field}={getattr(plan, field)}")
+        if plan.padding_free:
+            plan.causal_attention = False  # packed rows need their block mask
+        from qlora.train import build_trainer
+
+        trainer = build_trainer(cfg, model, tok, ids, [], precision, out.parent / "runs" / arm.replace(":", "_"),
+                                plan=plan)
+    meter = StepMeter(trainer.model)
+    trainer.add_callback(meter.callback())
+    profile = Profile(int(os.environ.get("BENCH_PROFILE_STEP", "0")) if arm == os.environ.get("BENCH_PROFILE_ARM")
+                      else 0)
+    if profile.at and cuda:
+        trainer.add_callback(profile.callback())
+    setup_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return dict(arm=arm, mode=mode, precision=precision, plan=plan.to_dict() if plan else None, setup_s=setup_s,
+                step_s=meter.times, step_tokens=meter.tokens, loss=losses,
+                peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None, profile=profile.table)
+
+
+class Profile:
+    """torch.profiler over 3 steps from step `at`: where the time goes (kernels by CUDA time, CPU total)."""
+
+    def __init__(self, at: int):
+        self.at, self.prof, self.table = at, None, None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == outer.at:
+                    import torch
+
+                    outer.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                    torch.profiler.ProfilerActivity.CUDA])
+                    outer.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if outer.prof is not None and state.global_step == outer.at + 3:
+                    import torch
+
+                    torch.cuda.synchronize()
+                    outer.prof.__exit__(None, None, None)
+                    ka = outer.prof.key_averages()
+                    busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                               for e in ka) / 1e6
+                    outer.table = (f"GPU busy {busy:.3f} s over 3 steps\n" +
+                                   ka.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=55))
+                    outer.prof = None
+
+        return _Cb()
+
+
+def seed_trainer(cfg, model, tok, ids, precision, run_dir):
+    """The seed stack, built directly: trl's SFTTrainer with a peft LoraConfig and the recipe's arguments."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(run_dir), per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        optim="paged_adamw_32bit" if cuda else "adamw_torch", max_steps=cfg.max_steps,
+        train_sampling_strategy="group_by_length", gradient_checkpointing=True,
+        fp16=precision == "fp16", bf16=False, max_length=cfg.max_length, logging_steps=1, seed=cfg.seed,
+        data_seed=cfg.seed, save_strategy="no", report_to="none", disable_tqdm=True)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
+                         train_dataset=Dataset.from_dict({"input_ids": ids}))
+    trainer.remove_callback(PrinterCallback)
+    for p in trainer.model.parameters():  # fp32 trainable weights (trl casts them to bf16; fp16's scaler needs fp32)
+        if p.requires_grad:
+            p.data = p.data.float()
+    return trainer
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+def summarize(r: dict, warmup: int, epoch_tokens: int) -> dict:
+    t, n = r["step_s"][warmup:], r["step_tokens"][warmup:]
+    tps = sum(n) / sum(t) if t and sum(t) > 0 else 0.0
+    return dict(tokens_per_s=round(tps, 1), s_per_step=round(sum(t) / max(1, len(t)), 4),
+                epoch_s_est=round(epoch_tokens / tps, 1) if tps else None,
+                peak_allocated_gib=r["peak_allocated_gib"] and round(r["peak_allocated_gib"], 2),
+                peak_reserved_gib=r["peak_reserved_gib"] and round(r["peak_reserved_gib"], 2),
+                final_loss=r["loss"][-1] if r["loss"] else None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/llama7b-random", help="model folder; built (7B shape) if missing")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model instead (a CPU smoke test)")
+    ap.add_argument("--arms", default="seed,project")
+    ap.add_argument("--modes", default="h100,t4")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default="", help="file name suffix")
+    ap.add_argument("--arm-timeout", type=int, default=420)
+    ap.add_argument("--run-arm", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="h100", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.run_arm:  # child process
+        result = run_arm(a.run_arm, a.model, a.steps, a.mode, Path(a.json))
+        write_json(Path(a.json), result)
+        return 0
+
+    from bench.common import LLAMA_7B
+
+    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4) if a.tiny else None
+    t0 = time.perf_counter()
+    model_dir = build_random_model(Path(a.model), shape)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
+    from qlora.model import load_tokenizer
+
+    epoch_tokens = sum(map(len, guanaco_ids(load_tokenizer(str(model_dir)))))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for mode in a.modes.split(","):
+        for arm in a.arms.split(","):
+            env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+            env.pop("QLORA_GPU_MEMORY_GIB", None)
+            env.pop("QLORA_NO_BF16", None)
+            if mode in ("h100", "t4"):
+                env["QLORA_GPU_MEMORY_GIB"] = str(T4_GIB)  # the project plans for a T4's memory
+            if mode == "t4":
+                env["QLORA_NO_BF16"] = "1"
+            tmp = out / f".arm-{mode}-{arm.replace(':', '_').replace(',', '_').replace('=', '')}.json"
+            cmd = [sys.executable, "-m", "bench.train_bench", "--run-arm", arm, "--mode", mode, "--model",
+                   str(model_dir), "--steps", str(a.steps), "--json", str(tmp)]
+            print(f"== {mode} {arm}", flush=True)
+            t1 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, env=env, timeout=a.arm_timeout, capture_output=True, text=True)
+                err = None if proc.returncode == 0 else proc.stderr[-3000:]
+            except subprocess.TimeoutExpired:
+                err = f"timed out after {a.arm_timeout} s"
+            if err:
+                print(f"   FAILED: {err}", flush=True)
+                results.append(dict(arm=arm, mode=mode, error=err))
+                continue
+            r = json.loads(tmp.read_text())
+            tmp.unlink()
+            r.update(summarize(r, a.warmup, epoch_tokens), wall_s=round(time.perf_counter() - t1, 1))
+            print(f"   {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.3f} s/step, peak {r['peak_allocated_gib']} GiB"
+                  f" alloc / {r['peak_reserved_gib']} reserved, loss {r['final_loss']}, wall {r['wall_s']} s"
+                  f"{', plan: ' + '; '.join(r['plan']['notes']) if r.get('plan') else ''}", flush=True)
+            if r.get("profile"):
+                print(r["profile"][-6000:], flush=True)
+            results.append(r)
+    report = dict(card=card(), versions=versions(), steps=a.steps, warmup=a.warmup, epoch_tokens=epoch_tokens,
+                  command="python -m bench.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), arms=results)
+    report["speedup"] = speedups(results)
+    name = f"train{'-' + a.tag if a.tag else ''}"
+    write_json(out / f"{name}.json", report)
+    (out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    return 0
+
+
+def speedups(results: list[dict]) -> dict:
+    """tokens/s of each arm over the seed's in the same mode, and how close its loss curve is to the seed's."""
+    out = {}
+    seeds = {r["mode"]: r for r in results if r["arm"] == "seed" and "error" not in r}
+    for r in results:
+        s = seeds.get(r["mode"])
+        if "error" in r or s is None or r is s or not s["tokens_per_s"]:
+            continue
+        n = min(len(r["loss"]), len(s["loss"]))
+        diffs = [abs(x - y) for x, y in zip(r["loss"][:n], s["loss"][:n])]
+        out[f"{r['mode']}:{r['arm']}"] = dict(
+            x=round(r["tokens_per_s"] / s["tokens_per_s"], 2),
+            loss_max_abs_diff=round(max(diffs), 4) if diffs else None,
+            loss_mean_abs_diff=round(sum(diffs) / n, 4) if n else None)
+    return out
+
+
+def markdown(report: dict) -> str:
+    c = report["card"]
+    lines = [f"Card: {c['name']} ({c.get('memory_gib')} GiB); {report['steps']} steps, timing after "
+             f"{report['warmup']} warm-up steps; {report['when']}; `{report['command']}`", "",
+             "| mode | arm | tokens/s | x seed | s/step | epoch s (est.) | peak alloc GiB | peak reserved GiB | "
+             "final loss | max abs loss diff vs seed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["arms"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['arm']} | failed: {r['error'].splitlines()[-1][:80]} |")
+            continue
+        s = report["speedup"].get(f"{r['mode']}:{r['arm']}", {})
+        lines.append(f"| {r['mode']} | {r['arm']} | {r['tokens_per_s']:.0f} | {s.get('x', '1.00')} | "
+                     f"{r['s_per_step']:.3f} | {r['epoch_s_est']} | {r['peak_allocated_gib']} | "
+                     f"{r['peak_reserved_gib']} | {r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
+    plans = {f"{r['mode']}:{r['arm']}": "; ".join(r["plan"]["notes"]) for r in report["arms"] if r.get("plan")}
+    lines += ["", "Plans:"] + [f"- {k}: {v}" for k, v in plans.items()]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The fast training path: settings picked from the card and the model's shape, applied around SFTTrainer."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+GIB = 2**30
+CAUSAL_ATTENTION = "qlora_causal"  # registered below: sdpa with is_causal and no mask (flash kernel)
+
+# Activation bytes kept for backward, per token and decoder layer, in units of hidden (h) and intermediate (i) widths
+# at 2 bytes an element. Counted from what each op saves (README: "memory model"); checked against the H100 run.
+#   stock HF: each RMSNorm keeps an fp32 copy of its input (4h+2h), sdpa keeps q, k, v, out (8h), every LoRA target
+#   keeps its dropout mask and dropped input (3 x in_features), SiLU*up keeps gate, silu(gate) and up (6i);
+#   frozen 4-bit matmuls keep nothing (bitsandbytes saves only the packed weight).
+#   liger: RMSNorm keeps its bf16 input (2h), SwiGLU keeps gate and up (4i).
+STOCK = dict(norm_h=12, attn_h=8, mlp_i=6)
+LIGER = dict(norm_h=4, attn_h=8, mlp_i=4)
+WORKSPACE_GIB = 1.0  # allocator slack, the fused LM head's chunks, cuBLAS workspaces
+HEADROOM = 0.90  # plan to at most this share of the budget: allocator fragmentation varies by batch
+
+
+@dataclass
+class Arch:
+    """The parts of a model's shape that set its training memory."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    params: int  # all parameters of the base model
+
+    @classmethod
+    def of(cls, config) -> "Arch":
+        c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        heads, kv = c.get("num_attention_heads", 1), c.get("num_key_value_heads") or c.get("num_attention_heads", 1)
+        attn = h * h * 2 + 2 * h * (h // heads) * kv
+        per_layer = attn + 3 * h * i
+        embed = v * h * (1 if c.get("tie_word_embeddings") else 2)
+        return cls(layers=n, hidden=h, intermediate=i, vocab=v, params=n * per_layer + embed)
+
+
+@dataclass
+class Plan:
+    """How one run trains. `off()` is the reference recipe exactly as configured."""
+
+    precision: str  # bf16 | fp16 | fp32
+    checkpoint_layers: int = -1  # decoder layers that recompute in backward; -1: as the config says (all or none)
+    liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel), fewer kernels and less memory
+    causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
+    padding_free: bool | None = None  # None: as the config says
+    lora_fp32: bool | None = None  # None: fp32 unless bf16 (fp16's grad scaler needs fp32 master weights)
+    estimated_peak_gib: float | None = None
+    budget_gib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def off(cls, precision: str) -> "Plan":
+        return cls(precision=precision, notes=["speed=off: the recipe as configured"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- card ------------------------------------------------------------------------------------------------
+def memory_budget_gib() -> float | None:
+    """What this process may use on the GPU: QLORA_GPU_MEMORY_GIB (a T4's 15 when emulating one), else the card."""
+    import torch
+
+    if os.environ.get("QLORA_GPU_MEMORY_GIB"):
+        return float(os.environ["QLORA_GPU_MEMORY_GIB"])
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+# --- memory model ----------------------------------------------------------------------------------------
+def activation_bytes_per_token(arch: Arch, cfg, liger: bool) -> float:
+    """Bytes one token keeps for backward in one decoder layer that does not recompute."""
+    k = LIGER if liger else STOCK
+    h, i = arch.hidden, arch.intermediate
+    total = (k["norm_h"] + k["attn_h"]) * h + k["mlp_i"] * i
+    if cfg.lora_dropout > 0:  # a dropped copy of the input (2 bytes) and its mask (1 byte) per LoRA target
+        widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": i}
+        targets = widths if cfg.target_modules == ["all-linear"] else {t: widths.get(t, h) for t in cfg.target_modules}
+        total += 3 * sum(targets.values())
+    return total
+
+
+def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quantized: bool = True,
+                      lora_fp32: bool = True) -> float:
+    """Peak GPU memory of one run: weights, LoRA state, activations of the longest batch, workspace."""
+    weight_bytes = arch.params * (0.5 + 4 / 64) if quantized else arch.params * 2  # nf4 + fp32 absmax per 64
+    weight_bytes += arch.vocab * arch.hidden * 2 * 2 * (1 if quantized else 0)  # embeddings and head stay 16-bit
+    lora_params = arch.layers * cfg.lora_r * 2 * arch.hidden * (7 if cfg.target_modules == ["all-linear"]
+                                                               else len(cfg.target_modules))
+    lora_bytes = lora_params * ((4 if lora_fp32 else 2) * 2 + 8)  # weights, grads, two Adam states in fp32
+    tokens = cfg.batch_size * cfg.max_length  # group_by_length runs the longest batch first; rows are pre-truncated
+    per_layer = activation_bytes_per_token(arch, cfg, liger) * tokens
+    kept = arch.layers - checkpoint_layers
+    acts = kept * per_layer + checkpoint_layers * 2 * arch.hidden * tokens
+    if checkpoint_layers:
+        acts += per_layer  # one layer's activations exist again while it recomputes
+    return (weight_bytes + lora_bytes + acts) / GIB + WORKSPACE_GIB
+
+
+# --- the plan --------------------------------------------------------------------------------------------
+def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None, cuda: bool | None = None,
+         liger: bool | None = None) -> Plan:
+    """The fast settings for this card: precision as picked, fused kernels where there is Triton, flash attention
+    on right-padded batches, and gradient checkpointing on only as many layers as the memory budget needs."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if getattr(cfg, "speed", "auto") == "off" or not cuda or arch is None:
+        return Plan.off(precision)  # the CPU path (the embedded model, tests) keeps the recipe as configured
+    if budget_gib is None:
+        budget_gib = memory_budget_gib()
+    liger = liger_available() if liger is None else liger
+    lora_fp32 = precision != "bf16"
+    p = Plan(precision=precision, liger=liger, causal_attention=not cfg.padding_free, lora_fp32=lora_fp32,
+             padding_free=cfg.padding_free, budget_gib=budget_gib)
+    p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
+    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else "no liger-kernel: stock RMSNorm/SwiGLU/RoPE")
+    if p.causal_attention:
+        p.notes.append("right-padded batches: sdpa is_causal without a mask (flash kernel)")
+    quantized = cfg.quantize == "nf4"
+    if not cfg.gradient_checkpointing:
+        p.checkpoint_layers = 0
+        p.notes.append("gradient checkpointing off (config)")
+    else:
+        # the fewest recomputing layers whose estimate fits the budget; all of them if none does
+        limit = (budget_gib or 0) * HEADROOM
+        p.checkpoint_layers = arch.layers
+        for k in range(arch.layers + 1):
+            if estimate_peak_gib(arch, cfg, k, liger, quantized, lora_fp32) <= limit:
+                p.checkpoint_layers = k
+                break
+        p.notes.append(f"gradient checkpointing on {p.checkpoint_layers} of {arch.layers} layers "
+                       f"(budget {budget_gib:.1f} GiB)")
+    p.estimated_peak_gib = round(estimate_peak_gib(arch, cfg, p.checkpoint_layers, liger, quantized, lora_fp32), 2)
+    return p
+
+
+# --- applying it -----------------------------------------------------------------------------------------
+def register_causal_attention() -> None:
+    """sdpa with is_causal=True and no mask. Exact for right-padded batches: a real token only ever looks left, at
+    real tokens, and padded positions carry label -100. Never for left padding, packed rows or a KV cache."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+        kwargs.pop("is_causal", None)
+        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+    def no_mask(*args, **kwargs):
+        return None
+
+    AttentionInterface.register(CAUSAL_ATTENTION, causal_sdpa)
+    AttentionMaskInterface.register(CAUSAL_ATTENTION, no_mask)
+
+
+def before_peft(model, p: Plan) -> None:
+    """Patches on the bare base model: fused kernels, the attention kernel."""
+    if p.liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # the LM head stays trl's fused one (chunked log-probs), so liger's fused cross entropy is left out
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    if p.causal_attention:
+        register_causal_attention()
+        model.config._attn_implementation = CAUSAL_ATTENTION
+        for sub in model.modules():  # sub-configs of the text model read the same attribute
+            if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
+                sub.config._attn_implementation = CAUSAL_ATTENTION
+
+
+def after_trainer(trainer, p: Plan) -> None:
+    """Dtype of the trainable weights, and which layers recompute once the Trainer has turned checkpointing on."""
+    if p.lora_fp32 is not None:
+        import torch
+
+        dtype = torch.float32 if p.lora_fp32 else torch.bfloat16
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+    if p.checkpoint_layers > 0:
+        trainer.add_callback(_checkpoint_some_layers(p.checkpoint_layers))
+
+
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _checkpoint_some_layers(k: int):
+    from transformers import TrainerCallback
+
+    class CheckpointSomeLayers(TrainerCallback):
+        """Trainer turns checkpointing on for every layer before on_train_begin; keep it on the first k only."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for index, layer in enumerate(decoder_layers(model)):
+                layer.gradient_checkpointing = index < k
+
+    return CheckpointSomeLayers()
