@@ -282,6 +282,102 @@ def test_twenty_chat_clients_at_once_are_all_answered(server):
     server["outputs"] += [repr(r) for r in results]
 
 
+def test_a_100k_row_upload_does_not_freeze_the_page(server, tmp_path):
+    """Previewing a 100k-row file runs in a worker: status polls and other endpoints keep answering meanwhile."""
+    from gradio_client import Client, handle_file
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as f:
+        for i in range(100_000):
+            f.write(json.dumps({"instruction": f"What is {i} plus one?", "output": f"It is {i + 1}."}) + "\n")
+    client = Client(server["url"] + "/", verbose=False)
+    poller = Client(server["url"] + "/", verbose=False)
+    job = client.submit(**tiny_run(server, upload=handle_file(str(big))), api_name="/preview")
+    slowest, polls = 0.0, 0
+    while not job.done():
+        t0 = time.perf_counter()
+        poller.predict(api_name="/job_status")
+        slowest, polls = max(slowest, time.perf_counter() - t0), polls + 1
+        time.sleep(0.05)
+    table, note = job.result(timeout=120)
+    assert "big.jsonl" in note and "alpaca format" in note and len(table["data"]) == 5, note
+    assert polls >= 1 and slowest < 2.0, (polls, slowest)
+
+
+APP_PROCESS = r"""
+import sys
+sys.argv = ["app.py", "--port", sys.argv[1], "--runs-dir", sys.argv[2]]
+import app
+sys.exit(app.main())
+"""
+
+
+def test_the_app_killed_mid_run_shows_the_run_interrupted_and_it_resumes_from_its_checkpoint(server, tmp_path):
+    """A real app process is killed (a Space restart) while training; a new app shows the run as interrupted,
+    and the CLI resumes it from its last complete checkpoint (the app itself has no resume button)."""
+    import signal
+    import subprocess
+    import sys
+
+    import app
+    from gradio_client import Client
+
+    from qlora import runs
+
+    runs_root = tmp_path / "runs"
+    port = free_port()
+    script = tmp_path / "run_app.py"
+    script.write_text(APP_PROCESS, encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), QLORA_ADMIN_PASSWORD=ADMIN, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(runs_root)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, "the app did not come up"
+                time.sleep(0.5)
+        said = client.predict(**tiny_run(server, max_steps=400, save_steps=1, run_name="restarted"),
+                              api_name="/start")
+        assert said.startswith("▶️ Started"), said
+        wait_status(client, lambda s: s["step"] >= 3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    run_dir = runs_root / "restarted"
+    demo = app.build_demo(runs_root=runs_root, admin_password=ADMIN)  # the app after its restart
+    try:
+        kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
+        demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+        page = c_get(f"http://127.0.0.1:{kwargs['server_port']}/config")
+        assert "restarted" in page and "interrupted" in page
+        adapters = Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False).predict(api_name="/adapters")
+        assert "restarted" not in json.dumps(adapters)  # not offered in Chat: it has no finished adapter
+    finally:
+        demo.close()
+    [info] = runs.list_runs(runs_root)
+    assert info.status == "interrupted" and not info.usable
+    checkpoint = runs.latest_checkpoint(run_dir)
+    done = int(checkpoint.name.split("-")[1])
+    assert done >= 2
+
+    # resume with the CLI, two more steps than the checkpoint holds
+    out = subprocess.run([sys.executable, "-m", "qlora", "train", "--config", str(run_dir / "config.yaml"),
+                          "--resume-from", str(run_dir), "--max-steps", str(done + 2), "--save-steps", "0"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [info] = runs.list_runs(runs_root)
+    assert info.status == "finished" and info.usable and info.step == done + 2
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["type"] == "Progress"]
+    assert steps[-2:] == [done + 1, done + 2]  # it went on from the checkpoint, not from step 1
+
+
 # === Remote code and pickles through the app ===============================================================
 def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server, tmp_path):
     import pickle
