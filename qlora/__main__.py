@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import threading
 import typing
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--model", dest="base_model", help=f"Hub id, local folder, or {EMBEDDED_MODEL} (offline)")
     t.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token (never a flag: "
                                                            "flags end up in shell history and process lists)")
+    t.add_argument("--resume-from", help="a run folder whose last checkpoint to resume (runs saved with --save-steps)")
+    t.add_argument("--events-jsonl", help=argparse.SUPPRESS)  # used by qlora.launch to relay events
+    t.add_argument("--stop-file", help=argparse.SUPPRESS)  # qlora.launch creates it to ask every rank to stop
     for f in dataclasses.fields(TrainConfig):
         if f.name != "base_model":
             t.add_argument("--" + f.name.replace("_", "-"), dest=f.name, help=f"TrainConfig.{f.name}")
@@ -96,14 +100,25 @@ def _train(args) -> int:
     token = os.environ.get(args.token_env) or None
     from tqdm import tqdm
 
-    from .events import Failed, Finished, Log, Progress, Started, Stopped
+    from .events import Failed, Finished, Log, Progress, Started, Stopped, to_record
     from .train import train
 
     bar = None
     stop = threading.Event()
+    events_out = open(args.events_jsonl, "a", encoding="utf-8") if args.events_jsonl else None
+    if args.stop_file:
+        def watch() -> None:
+            while not stop.wait(0.5):
+                if Path(args.stop_file).exists():
+                    stop.set()
+
+        threading.Thread(target=watch, daemon=True).start()
 
     def show(event) -> None:
         nonlocal bar
+        if events_out is not None:
+            events_out.write(json.dumps(to_record(event), default=str) + "\n")
+            events_out.flush()
         if isinstance(event, Started):
             bar = tqdm(total=event.total_steps, desc="training", unit="step", file=sys.stderr)
         elif isinstance(event, Progress) and bar is not None:
@@ -116,7 +131,7 @@ def _train(args) -> int:
             bar.close()
 
     try:
-        run_dir = train(cfg, show, stop, token=token)
+        run_dir = train(cfg, show, stop, token=token, resume_from=args.resume_from)
     except KeyboardInterrupt:
         raise
     except (ValueError, OSError):

@@ -23,6 +23,7 @@ class EventCallback(TrainerCallback):
         self.run_dir, self.base_model, self.dataset = run_dir, base_model, dataset
         self.t0 = time.perf_counter()
         self.tokens0 = 0
+        self.stop_requested = False
         self.bad_loss_step: int | None = None  # set when the loss went NaN/inf; train() reports it as a failure
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -32,7 +33,8 @@ class EventCallback(TrainerCallback):
                           dataset=self.dataset))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stop.is_set():
+        if _any_rank(self.stop.is_set()):
+            self.stop_requested = True  # on any rank: the others may not have seen the flag yet
             control.should_training_stop = True
 
     on_substep_end = on_step_end  # with gradient accumulation, stop inside a long step too
@@ -91,6 +93,20 @@ def greedy_answer(model, tokenizer, user: str, max_new_tokens: int) -> str:
     finally:
         if was_training:
             model.train()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True if any process saw the flag: data-parallel ranks must stop at the same step or they deadlock."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _fmt(v) -> str:

@@ -146,3 +146,16 @@ class JobState:
             return r(self, status="failed", error=event.error, hint=event.hint,
                      run_dir=event.run_dir or self.run_dir, eta_s=None)
         raise TypeError(f"unknown event {event!r}")
+
+
+_EVENT_TYPES = {cls.__name__: cls for cls in (Started, Progress, EvalLoss, Log, Sample, Finished, Stopped, Failed)}
+
+
+def to_record(event: Event) -> dict[str, Any]:
+    """A JSON-ready dict: how events cross a process boundary (accelerate launch) or land in a file."""
+    return {"type": type(event).__name__, **dataclasses.asdict(event)}
+
+
+def from_record(record: dict[str, Any]) -> Event:
+    fields = {k: v for k, v in record.items() if k != "type"}
+    return _EVENT_TYPES[record["type"]](**fields)

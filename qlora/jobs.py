@@ -72,12 +72,21 @@ class JobManager:
 
     def _run(self, cfg: TrainConfig, token: str | None, resume_from, stop: threading.Event) -> None:
         try:
-            train_fn = self._train_fn
-            if train_fn is None:
-                from .train import train as train_fn  # heavy imports only when a run really starts
+            train_fn = self._train_fn or default_train_fn()
             train_fn(cfg, self._emit, stop, token=token, resume_from=resume_from)
         except BaseException as e:  # train() has emitted Failed/Stopped already; make sure the state says so
             if self.state().active:
                 self._emit(Failed(f"{type(e).__name__}: {str(e)[:300]}"))
         finally:
             gpu_lock.release()
+
+
+def default_train_fn() -> Callable:
+    """train() in this process on one GPU or the CPU; data parallel over every GPU through accelerate when several."""
+    from .launch import gpu_count, launched_train
+
+    if gpu_count() > 1:
+        return launched_train(gpu_count())
+    from .train import train  # heavy imports only when a run really starts
+
+    return train

@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
             runs.save_adapter_atomically(run_dir, lambda tmp: trainer.model.save_pretrained(tmp))
         dist.wait_for_everyone()
         metrics = final_metrics(trainer, result, tokenizer)
-        status = "stopped" if stop.is_set() and step < trainer.state.max_steps else "finished"
+        status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
         if main:
             _finish(run_dir, status, step, metrics)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))

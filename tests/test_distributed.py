@@ -59,3 +59,27 @@ def test_two_processes_shard_rows_average_loss_and_only_rank0_writes(tiny_llama_
         mean = (per_rank[0][step] + per_rank[1][step]) / 2
         assert abs(loss - mean) < 1e-4 * max(1, abs(mean)), (step, loss, per_rank[0][step], per_rank[1][step])
     assert per_rank[0][1] != per_rank[1][1]  # different rows, different losses: the mean is a real average
+
+
+def test_job_manager_runs_several_processes_and_stops_them_together(tiny_cfg):
+    """The app's path on a multi-GPU host: JobManager -> accelerate launch -> events relayed -> Stop reaches all ranks."""
+    import threading
+
+    from qlora.jobs import JobManager
+    from qlora.launch import launched_train
+
+    jobs = JobManager(train_fn=launched_train(2))
+    jobs.start(tiny_cfg(max_steps=400, optimizer="adamw_torch"))
+    for _ in range(1200):
+        if jobs.state().step >= 2 or not jobs.state().active:
+            break
+        threading.Event().wait(0.1)
+    assert jobs.state().status == "running", jobs.state().summary()
+    jobs.stop()
+    state = jobs.wait(300)
+    assert state.status == "stopped", state.summary()
+    assert 2 <= state.step < 400 and state.losses
+    from qlora import runs
+
+    [info] = runs.list_runs(os.path.dirname(state.run_dir))
+    assert info.usable and info.status == "stopped"
