@@ -127,6 +127,7 @@ def test_file_routes_refuse_paths_outside_the_allowed_folders(server):
 
 def test_api_refuses_a_file_path_that_was_not_uploaded(server):
     """A script sends /start a FileData that points at a server file: Gradio refuses it before our handler runs."""
+    before = sorted(p.name for p in server["runs_root"].iterdir())
     with http() as c:
         params = c.get(server["url"] + "/gradio_api/info").json()["named_endpoints"]["/start"]["parameters"]
         data = {p["parameter_name"]: p.get("parameter_default") for p in params}
@@ -140,7 +141,7 @@ def test_api_refuses_a_file_path_that_was_not_uploaded(server):
             assert result.startswith("event: error"), result  # show_error=False: no detail for the caller
             assert "root:" not in result and "Started" not in result
     assert not server["demo"].ctx.jobs.state().active
-    assert sorted(p.name for p in server["runs_root"].iterdir()) == ["earlier"]
+    assert sorted(p.name for p in server["runs_root"].iterdir()) == before
 
 
 def test_uploads_over_the_size_limit_or_with_traversal_names_are_refused(server):
