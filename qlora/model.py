@@ -142,6 +142,10 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
+    # With use_safetensors=True, a Hub repo that has only .bin weights makes transformers ask the safetensors-convert
+    # Space to open a conversion PR, sending it the caller's token, and then load the weights from that PR branch.
+    # Neither is wanted here: refuse the repo instead (its message comes from _explain).
+    os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
     kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=token or None)
     if quantize == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
