@@ -205,17 +205,42 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path):
 
 
 FAKE_HUB = r"""
-import http.server, json, os, sys, threading
+import hashlib, http.server, json, os, sys, threading
+
+CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "vocab_size": 32000}).encode()
+SHA = "0" * 40
+requests = []
 
 class Hub(http.server.BaseHTTPRequestHandler):
-    # The real Hub's answers: 401 + X-Error-Code GatedRepo for a gated repo without a token, 404 RepoNotFound otherwise.
-    def answer(self):
-        code, err = (401, "GatedRepo") if "gated" in self.path else (404, "RepoNotFound")
+    # The real Hub's answers: 401 + X-Error-Code GatedRepo for a gated repo without a token, 404 RepoNotFound for a
+    # repo that does not exist; "owner/bin-only" exists with a config.json and only pickled .bin weights.
+    def send(self, code, body=b"", **headers):
         self.send_response(code)
-        self.send_header("X-Error-Code", err)
-        self.send_header("Content-Length", "0")
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def answer(self):
+        requests.append(f"{self.command} {self.path}")
+        if "bin-only" in self.path:
+            if self.path.startswith("/api/models/owner/bin-only") and self.path.count("/") == 4:
+                info = {"id": "owner/bin-only", "sha": SHA, "private": False,
+                        "siblings": [{"rfilename": "config.json"}, {"rfilename": "pytorch_model.bin"}]}
+                return self.send(200, json.dumps(info).encode(), Content_Type="application/json")
+            if self.path.endswith("/config.json"):
+                return self.send(200, CONFIG, X_Repo_Commit=SHA, ETag=f'"{hashlib.sha1(CONFIG).hexdigest()}"')
+            return self.send(404, X_Error_Code="EntryNotFound")
+        if "gated" in self.path:
+            return self.send(401, X_Error_Code="GatedRepo")
+        return self.send(404, X_Error_Code="RepoNotFound")
+
     do_GET = do_HEAD = answer
+
     def log_message(self, *args):
         pass
 
@@ -223,25 +248,27 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 os.environ.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0",
                   HF_HOME=sys.argv[1])
+os.environ.pop("DISABLE_SAFETENSORS_CONVERSION", None)
 from qlora.data import DataError, prepare
 from qlora.model import ModelError, load_base, load_tokenizer, resolve
 out = {}
-for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model"):
+for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model", "owner/bin-only"):
     for what, call in (("tokenizer", lambda: load_tokenizer(resolve(name))),
-                       ("model", lambda: load_base(resolve(name), "nf4", "fp32")),
+                       ("model", lambda: load_base(resolve(name), "nf4", "fp32", token=sys.argv[2])),
                        ("dataset", lambda: prepare(name))):
         try:
             call()
             out[f"{name} {what}"] = "LOADED"
         except (ModelError, DataError) as e:
             out[f"{name} {what}"] = str(e)
+out["requests"] = requests
 print("RESULT " + json.dumps(out))
 """
 
 
-def test_hub_ids_that_do_not_exist_or_are_gated_get_clear_messages(tmp_path):
+def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_messages(tmp_path):
     """The real huggingface_hub/transformers/datasets calls against a local server that answers like the Hub."""
-    proc = run_script(tmp_path, FAKE_HUB, str(tmp_path / "hf-home"))
+    proc = run_script(tmp_path, FAKE_HUB, str(tmp_path / "hf-home"), CANARY)
     out, _ = proc.communicate(timeout=120)
     line = [x for x in out.splitlines() if x.startswith("RESULT ")]
     assert line, out
@@ -254,6 +281,12 @@ def test_hub_ids_that_do_not_exist_or_are_gated_get_clear_messages(tmp_path):
     assert got["nobody-xyz/does-not-exist dataset"].startswith("nobody-xyz/does-not-exist: no such dataset on the Hub")
     assert got["meta-llama/gated-model dataset"] == \
         "meta-llama/gated-model: gated dataset: accept its terms on the Hub and give a token"
+    assert got["owner/bin-only model"] == \
+        "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
+    bin_only = [r for r in got["requests"] if "bin-only" in r]
+    assert not [r for r in bin_only if r.endswith(".bin")]  # the pickle is never downloaded
+    # transformers' auto-conversion (which sends the token to a conversion Space and loads a PR branch) never starts
+    assert not [r for r in bin_only if "/commits/" in r or "/discussions" in r], bin_only
 
 
 def test_no_hub_access_says_so():
