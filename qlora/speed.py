@@ -8,14 +8,15 @@ GIB = 2**30
 CAUSAL_ATTENTION = "qlora_causal"  # registered below: sdpa with is_causal and no mask (flash kernel)
 
 # Activation bytes kept for backward, per token and decoder layer, in units of hidden (h) and intermediate (i) widths
-# at 2 bytes an element. Counted from what each op saves (README: "memory model"); checked against the H100 run.
-#   stock HF: each RMSNorm keeps an fp32 copy of its input (4h+2h), sdpa keeps q, k, v, out (8h), every LoRA target
-#   keeps its dropout mask and dropped input (3 x in_features), SiLU*up keeps gate, silu(gate) and up (6i);
+# at 2 bytes an element. Counted from what each op saves, then fitted to the H100 run (bench/README.md: 0.58 GiB
+# stock and 0.42 GiB liger per layer at 4 x 1024 tokens, i.e. about 148 and 109 KB a token):
+#   stock HF: the two RMSNorms keep fp32 and 16-bit copies of their input (~8h), sdpa keeps q, k, v, out (8h), every
+#   LoRA target keeps its dropout mask and dropped input (3 x in_features), SiLU*up keeps gate, silu(gate), up (6i);
 #   frozen 4-bit matmuls keep nothing (bitsandbytes saves only the packed weight).
-#   liger: RMSNorm keeps its bf16 input (2h), SwiGLU keeps gate and up (4i).
-STOCK = dict(norm_h=12, attn_h=8, mlp_i=6)
+#   liger: RMSNorm keeps its 16-bit input (2h each), SwiGLU keeps gate and up (4i).
+STOCK = dict(norm_h=8, attn_h=8, mlp_i=6)
 LIGER = dict(norm_h=4, attn_h=8, mlp_i=4)
-WORKSPACE_GIB = 1.0  # allocator slack, the fused LM head's chunks, cuBLAS workspaces
+WORKSPACE_GIB = 0.5  # the fused LM head's chunks, cuBLAS workspaces (the estimate ran 1-1.5 GiB high at 1.0)
 HEADROOM = 0.90  # plan to at most this share of the budget: allocator fragmentation varies by batch
 
 
@@ -46,7 +47,8 @@ class Plan:
 
     precision: str  # bf16 | fp16 | fp32
     checkpoint_layers: int = -1  # decoder layers that recompute in backward; -1: as the config says (all or none)
-    liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel), fewer kernels and less memory
+    liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel): less memory, but slower here
+    compile: bool = False  # torch.compile each decoder layer (measured lever, off by default)
     causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
     padding_free: bool | None = None  # None: as the config says
     lora_fp32: bool | None = None  # None: fp32 unless bf16 (fp16's grad scaler needs fp32 master weights)
@@ -112,9 +114,12 @@ def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quan
 
 # --- the plan --------------------------------------------------------------------------------------------
 def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None, cuda: bool | None = None,
-         liger: bool | None = None) -> Plan:
-    """The fast settings for this card: precision as picked, fused kernels where there is Triton, flash attention
-    on right-padded batches, and gradient checkpointing on only as many layers as the memory budget needs."""
+         liger: bool = False) -> Plan:
+    """The fast settings for this card: precision as picked (bf16 LoRA weights where the card has bf16), flash
+    attention on right-padded batches, and gradient checkpointing on only as many layers as the memory budget needs.
+
+    liger-kernel is off by default: on the H100 its Triton launches cost more CPU time than its kernels save, and
+    this job is bound by the CPU issuing kernels (bench/README.md), so it made the step slower."""
     if cuda is None:
         import torch
 
@@ -123,14 +128,14 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         return Plan.off(precision)  # the CPU path (the embedded model, tests) keeps the recipe as configured
     if budget_gib is None:
         budget_gib = memory_budget_gib()
-    liger = liger_available() if liger is None else liger
+    liger = liger and liger_available()
     lora_fp32 = precision != "bf16"
     p = Plan(precision=precision, liger=liger, causal_attention=not cfg.padding_free, lora_fp32=lora_fp32,
              padding_free=cfg.padding_free, budget_gib=budget_gib)
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
     p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else "no liger-kernel: stock RMSNorm/SwiGLU/RoPE")
     if p.causal_attention:
-        p.notes.append("right-padded batches: sdpa is_causal without a mask (flash kernel)")
+        p.notes.append("right-padded batches: sdpa is_causal without a mask, flash kernel (not cuDNN)")
     quantized = cfg.quantize == "nf4"
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0
@@ -176,6 +181,11 @@ def before_peft(model, p: Plan) -> None:
         # the LM head stays trl's fused one (chunked log-probs), so liger's fused cross entropy is left out
         _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     if p.causal_attention:
+        import torch
+
+        # cuDNN's attention builds a graph for each new sequence length: ~2 ms of CPU per backward call measured on
+        # the H100, where this job waits on the CPU. Flash has no such set-up.
+        torch.backends.cuda.enable_cudnn_sdp(False)
         register_causal_attention()
         model.config._attn_implementation = CAUSAL_ATTENTION
         for sub in model.modules():  # sub-configs of the text model read the same attribute
@@ -194,6 +204,12 @@ def after_trainer(trainer, p: Plan) -> None:
                 param.data = param.data.to(dtype)
     if p.checkpoint_layers > 0:
         trainer.add_callback(_checkpoint_some_layers(p.checkpoint_layers))
+    if p.compile:
+        import torch
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        for layer in decoder_layers(trainer.model):  # one code object for all layers; shapes vary: dynamic
+            layer.compile(dynamic=True)
 
 
 def decoder_layers(model) -> list:

@@ -72,7 +72,7 @@ def test_causal_attention_matches_masked_attention_on_right_padded_rows(tiny_lla
 # --- the plan --------------------------------------------------------------------------------------------
 def plan_for(budget, precision="bf16", **cfg_overrides):
     cfg = TrainConfig(**cfg_overrides)
-    return speed.plan(cfg, speed.Arch.of(LLAMA_7B), precision, budget_gib=budget, cuda=True, liger=True)
+    return speed.plan(cfg, speed.Arch.of(LLAMA_7B), precision, budget_gib=budget, cuda=True)
 
 
 def test_a_card_without_bf16_trains_fp16_with_fp32_lora_weights():
@@ -83,18 +83,18 @@ def test_a_card_without_bf16_trains_fp16_with_fp32_lora_weights():
 def test_a_bf16_card_keeps_lora_weights_in_bf16_and_uses_flash_on_padded_batches():
     p = plan_for(80)
     assert p.precision == "bf16" and p.lora_fp32 is False
-    assert p.causal_attention and p.liger
+    assert p.causal_attention and not p.liger  # liger measured slower on the H100 (CPU-bound): off by default
 
 
 def test_checkpointing_is_never_dropped_where_the_estimate_does_not_fit():
-    for budget in (8, 15, 24, 40, 80):
+    for budget in (6, 8, 15, 24, 40, 80):
         p = plan_for(budget)
         assert p.checkpoint_layers == 32 or p.estimated_peak_gib <= budget * speed.HEADROOM
         if p.checkpoint_layers > 0:  # one layer fewer would not have fit
             cfg = TrainConfig()
-            fewer = speed.estimate_peak_gib(speed.Arch.of(LLAMA_7B), cfg, p.checkpoint_layers - 1, True)
+            fewer = speed.estimate_peak_gib(speed.Arch.of(LLAMA_7B), cfg, p.checkpoint_layers - 1, False)
             assert fewer > budget * speed.HEADROOM
-    assert plan_for(8).checkpoint_layers == 32  # nothing fits: everything recomputes
+    assert plan_for(6).checkpoint_layers == 32  # nothing fits: everything recomputes
     assert plan_for(80).checkpoint_layers == 0  # an H100 needs none for the reference batch
     assert 0 < plan_for(15).checkpoint_layers < 32  # a T4's memory needs some
     assert plan_for(15, max_length=2048).checkpoint_layers > plan_for(15).checkpoint_layers
