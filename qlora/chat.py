@@ -143,6 +143,7 @@ class ChatEngine:
         model, tok = self.model, self.tokenizer
         ids = torch.tensor(prompts, device=model.device)
         streamer = RowStreamer(len(prompts), tok)
+        self.last_streamer = streamer  # its token ids per row: the benchmark counts and compares them
         stop = stop or threading.Event()
 
         class _Stop(StoppingCriteria):

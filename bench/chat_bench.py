@@ -1,0 +1,154 @@
+"""Side-by-side chat benchmark: one batched 2-row pass (base + adapter) vs two sequential generations, greedy.
+
+    python -m bench.chat_bench                 # 7B-shaped random 4-bit base, random r=64 q/v adapter, 128 new tokens
+
+Reports time to first token and tokens/s per pane, the combined speedup, and whether the outputs are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.common import build_random_model, card, versions, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
+           "Explain how a transformer language model works, in three sentences."]
+
+
+def random_adapter(model_dir: Path, run_dir: Path, r: int = 64, seed: int = 1) -> Path:
+    """A LoRA adapter on q_proj/v_proj with random A and non-zero B (so it changes the answers), in a run folder."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, n = cfg["hidden_size"], cfg["num_hidden_layers"]
+    folder = run_dir / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=r, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+               base_model_name_or_path=str(model_dir)).save_pretrained(folder)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(n):
+        for m in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{i}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(r, h, generator=g) / h**0.5).half()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(h, r, generator=g) * 0.02).half()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return run_dir
+
+
+def timed(rows_iter, engine, t0):
+    """Consume a generation; (time to first yield, end time, token ids per row)."""
+    first = None
+    for _ in rows_iter:
+        if first is None:
+            first = time.perf_counter() - t0
+    return first, time.perf_counter() - t0, [list(r) for r in engine.last_streamer.ids]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/llama7b-random")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke test)")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from bench.common import LLAMA_7B
+    from qlora.chat import BASE, ChatEngine
+    from qlora.config import GenerationSettings
+    from qlora.prompts import encode, format_prompt
+
+    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4) if a.tiny else None
+    model_dir = build_random_model(Path(a.model), shape)
+    run_dir = random_adapter(model_dir, Path(a.out) / ".chat-run")
+    engine = ChatEngine(str(model_dir), "nf4", "auto")
+    t0 = time.perf_counter()
+    name = engine.load_adapter(run_dir)
+    load_s = time.perf_counter() - t0
+    settings = GenerationSettings(max_new_tokens=a.new_tokens, temperature=0.0)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    # warm-up: kernels, allocator, both code paths
+    warm = GenerationSettings(max_new_tokens=8, temperature=0.0)
+    for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):
+        pass
+    engine.generate_sequential(PROMPTS[0], warm, name)
+
+    rows = []
+    for prompt in PROMPTS:
+        ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
+        sync()
+        t = time.perf_counter()
+        b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
+        seq = []
+        for adapter in (BASE, name):
+            sync()
+            t = time.perf_counter()
+            first, end, got = timed(engine._generate([ids], [adapter], settings, None), engine, t)
+            seq.append((first, end, got[0]))
+        s_wall = seq[0][1] + seq[1][1]
+        n_b = [len(x) for x in b_ids]
+        n_s = [len(s[2]) for s in seq]
+        rows.append(dict(
+            prompt=prompt, prompt_tokens=len(ids),
+            batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
+                         tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
+                         combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
+            sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
+                            ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
+                            wall_s=round(s_wall, 3), tokens=n_s,
+                            tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
+                            combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
+            identical=[b_ids[0] == seq[0][2], b_ids[1] == seq[1][2]],
+            first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2])) if x != y), None)
+                              for i in range(2)],
+            adapter_changes_answer=b_ids[0] != b_ids[1]))
+        r = rows[-1]
+        print(f"{prompt[:40]!r}: batched {r['batched']['combined_tokens_per_s']} tok/s combined, "
+              f"TTFT {r['batched']['ttft_s']} s; sequential {r['sequential']['combined_tokens_per_s']} tok/s, "
+              f"TTFT {r['sequential']['ttft_s']}; identical {r['identical']}", flush=True)
+    b = sum(sum(r["batched"]["tokens"]) for r in rows) / sum(r["batched"]["wall_s"] for r in rows)
+    s = sum(sum(r["sequential"]["tokens"]) for r in rows) / sum(r["sequential"]["wall_s"] for r in rows)
+    report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, adapter_load_s=round(load_s, 2),
+                  precision=str(engine.model.dtype) if engine.model is not None else None,
+                  command="python -m bench.chat_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), prompts=rows,
+                  combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
+                  speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows))
+    name_ = f"chat{'-' + a.tag if a.tag else ''}"
+    write_json(Path(a.out) / f"{name_}.json", report)
+    md = markdown(report)
+    (Path(a.out) / f"{name_}.md").write_text(md, encoding="utf-8")
+    print(md)
+    return 0
+
+
+def markdown(rep: dict) -> str:
+    c = rep["card"]
+    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`", "",
+             f"Combined tokens/s: batched {rep['combined_tokens_per_s']['batched']}, sequential "
+             f"{rep['combined_tokens_per_s']['sequential']}: **{rep['speedup']}x**; outputs identical: "
+             f"{rep['all_identical']}", "",
+             "| prompt | batched TTFT s | batched tok/s per pane | sequential TTFT s (own; from click) | "
+             "sequential tok/s per pane | identical (base, tuned) | adapter changes answer |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rep["prompts"]:
+        b, s = r["batched"], r["sequential"]
+        lines.append(f"| {r['prompt'][:30]} | {b['ttft_s']} | {b['tokens_per_s_per_pane']} | {s['ttft_s']}; "
+                     f"{s['ttft_from_click_s']} | {s['tokens_per_s_per_pane']} | {r['identical']} | "
+                     f"{r['adapter_changes_answer']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
