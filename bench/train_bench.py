@@ -115,7 +115,8 @@ class Profile:
                     busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
                                for e in ka) / 1e6
                     outer.table = (f"GPU busy {busy:.3f} s over 3 steps\n" +
-                                   ka.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=55))
+                                   ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50) +
+                                   ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
                     outer.prof = None
 
         return _Cb()
