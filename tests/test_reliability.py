@@ -423,7 +423,7 @@ def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(ti
     # a 2 GiB card: the big run's logits alone (16 x 4096 x 32000 values, upcast to fp32 for the loss) need 8 GiB
     torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2 * 2**30) / total))
     try:
-        jobs = JobManager()
+        jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
         jobs.start(tiny_cfg(dataset=str(long), batch_size=16, max_length=4096, max_steps=3, run_name="huge"))
         state = jobs.wait(600)
         assert state.status == "failed" and state.error == "out of GPU memory", state.error
