@@ -144,6 +144,17 @@ def test_api_refuses_a_file_path_that_was_not_uploaded(server):
     assert sorted(p.name for p in server["runs_root"].iterdir()) == before
 
 
+def test_run_names_sent_to_the_api_never_escape_the_runs_folder(server):
+    client = server["client"]
+    for name in ("../earlier", "../../etc/passwd", "/etc/passwd", "earlier/../../x", "..", "x" * 500):
+        out = client.predict("hi", [], [], name, 0.0, 0.9, 3, 0, "", api_name="/chat")
+        assert "pick a run from the list" in out[3] or "no run called" in out[3], (name, out[3])
+        path, note = client.predict(name, ADMIN, api_name="/download")
+        assert path is None and note.startswith("❌"), (name, note)
+        said = client.predict(name, "alice/adapter", True, "", ADMIN, api_name="/push")
+        assert said.startswith("❌"), (name, said)
+
+
 def test_uploads_over_the_size_limit_or_with_traversal_names_are_refused(server):
     import app
 
