@@ -417,6 +417,10 @@ def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(ti
     answer = "All work and no play makes Jack a dull boy. " * 400  # ~4,400 tokens a row
     long.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "output": answer}) + "\n" for i in range(32)),
                     encoding="utf-8")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
+        x = torch.ones(64, 64, device="cuda", dtype=dtype)
+        (x @ x).sum().item()
+    del x
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_allocated()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -429,7 +433,8 @@ def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(ti
         assert state.status == "failed" and state.error == "out of GPU memory", state.error
         assert "lower batch_size or max_length" in state.hint
         assert not gpu_lock.locked()
-        assert torch.cuda.memory_allocated() <= baseline + 2**20  # every tensor of the failed run is freed
+        # the failed run needed over 4 GiB: all of it is back (the slack covers library workspaces, not a run)
+        assert torch.cuda.memory_allocated() <= baseline + 64 * 2**20, (baseline, torch.cuda.memory_allocated())
         assert not {r.name: r for r in runs.list_runs(tmp_path / "runs")}["huge"].usable
 
         jobs.start(tiny_cfg(dataset=str(long), batch_size=1, max_length=256, max_steps=2, run_name="small"))
