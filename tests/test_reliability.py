@@ -29,7 +29,7 @@ import qlora.train
 from qlora import runs
 from qlora.config import TrainConfig
 from qlora.data import MAX_FILE_BYTES, DataError, prepare, tokenize
-from qlora.events import Failed, Finished, Log, Progress
+from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
 from qlora.model import BusyError, ModelError, gpu_lock, load_base, load_tokenizer, resolve
 from qlora.train import train
@@ -132,13 +132,12 @@ BAD_FILES = {
     "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: row 2: column 'text' must be a string, got int"),
     "nulls.jsonl": (b'{"text": null}\n{"text": null}\n', r"nulls\.jsonl: all 2 rows are empty"),
     "empty_strings.jsonl": (b'{"text": ""}\n{"text": "   "}\n', r"empty_strings\.jsonl: all 2 rows are empty"),
-    "alpaca_numbers.csv": (b"instruction,output\nq,a\n", None),  # a good CSV: used below as the control
     "list.jsonl": (b'["not", "an", "object"]\n', r"list\.jsonl: line 1: expected a JSON object per line, got list"),
     "data.txt": (b"hello", r"data\.txt: unsupported file type \.txt"),
 }
 
 
-@pytest.mark.parametrize("name", [n for n, (_, m) in BAD_FILES.items() if m])
+@pytest.mark.parametrize("name", list(BAD_FILES))
 def test_bad_dataset_is_refused_with_a_message_naming_file_and_line_and_nothing_is_written(name, tmp_path, tiny_cfg):
     content, message = BAD_FILES[name]
     path = tmp_path / name
@@ -163,10 +162,14 @@ def test_null_and_empty_rows_are_dropped_and_counted(tmp_path):
     assert all(t.startswith("<s>") and t.endswith("</s>") for t in data.train)
 
 
-def test_a_good_csv_next_to_the_bad_ones_loads(tmp_path):
-    path = tmp_path / "alpaca_numbers.csv"
-    path.write_bytes(BAD_FILES["alpaca_numbers.csv"][0])
-    data = prepare(str(path))
+def test_a_good_file_with_a_bom_crlf_and_a_csv_load(tmp_path):
+    """The control for the cases above: what real editors write is accepted."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes("\ufeff".encode() + b'{"text": "[INST] a [/INST] b"}\r\n{"text": "[INST] c [/INST] d"}\r\n')
+    assert len(prepare(str(bom)).train) == 2
+    table = tmp_path / "alpaca.csv"
+    table.write_bytes(b"instruction,output\nq,a\n")
+    data = prepare(str(table))
     assert data.shape == "alpaca" and len(data.train) == 1
 
 
