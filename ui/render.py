@@ -13,6 +13,7 @@ from qlora import runs
 from qlora.events import JobState
 
 LOG_TAIL = 25
+LOSS_COLOURS = {"train": "#3b82f6", "eval": "#f97316"}  # fixed, so the legend holds even before the first point
 RUN_COLUMNS = ["run", "status", "base model", "dataset", "step", "final loss", "eval loss", "tokens/s", "created"]
 
 
@@ -54,10 +55,23 @@ def status_markdown(s: JobState) -> str:
 
 
 def loss_frame(s: JobState):
+    rows = [(step, loss, "train") for step, loss in s.losses] + [(step, loss, "eval") for step, loss in s.eval_losses]
+    return _loss_table(rows)
+
+
+def _loss_table(rows: list[tuple[int, float, str]]):
+    """Typed columns, and both series present from the first frame.
+
+    gradio 6.31's plot fixes its colour domain from the first value it draws, so a series that shows up later is
+    drawn without a colour (invisible). One empty (NaN, not drawn) point per series keeps the domain complete.
+    """
     import pandas as pd
 
-    rows = [(step, loss, "train") for step, loss in s.losses] + [(step, loss, "eval") for step, loss in s.eval_losses]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    first = min((r[0] for r in rows), default=1)
+    rows = [(first, float("nan"), name) for name in LOSS_COLOURS] + list(rows)
+    return pd.DataFrame({"step": pd.Series([r[0] for r in rows], dtype="int64"),
+                         "loss": pd.Series([r[1] for r in rows], dtype="float64"),
+                         "series": pd.Series([r[2] for r in rows], dtype="category")})
 
 
 def log_tail(s: JobState) -> str:
@@ -80,7 +94,7 @@ def samples_markdown(s: JobState) -> str:
 
 def _md(text: str) -> str:
     """Escape for a markdown table cell: HTML, pipes and newlines."""
-    return html.escape(text or "∅").replace("|", "\\|").replace("\n", "<br>")
+    return html.escape(text or "(empty: the model ended its answer at once)").replace("|", "\\|").replace("\n", "<br>")
 
 
 def runs_frame(runs_root: str | Path):
@@ -112,8 +126,6 @@ def _tokens_per_s(run_dir: Path) -> float | None:
 
 def run_losses(run_dir: Path):
     """A past run's loss curve from its metrics.jsonl."""
-    import pandas as pd
-
     rows = []
     try:
         with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
@@ -125,7 +137,7 @@ def run_losses(run_dir: Path):
                     rows.append((rec["step"], rec["loss"], "eval"))
     except (OSError, ValueError):
         pass
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return _loss_table(rows)
 
 
 def _num(v) -> float | None:

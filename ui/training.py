@@ -201,7 +201,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                                  label="Hub dataset id", max_length=MAX_TEXT)
             form["upload"] = gr.File(label="Upload (.jsonl, .json, .csv, .parquet: text, messages or "
                                            "instruction/output rows)", file_types=list(SUFFIXES), type="filepath",
-                                     height=90)
+                                     height=130)
         with gr.Column(scale=2):
             token = gr.Textbox("", label="HF token (optional)", type="password", max_length=200,
                                info="for gated models and pushing; falls back to the HF_TOKEN secret; never stored")
@@ -261,7 +261,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     c["status"] = gr.Markdown(render.status_markdown(ctx.jobs.state()), elem_id="job-status")
     with gr.Row():
         c["plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
-                                title="Loss", height=260, elem_id="loss-plot", scale=3)
+                                color_map=render.LOSS_COLOURS, title="Loss", height=260, elem_id="loss-plot", scale=3)
         with gr.Column(scale=2):
             c["logs"] = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False,
                                    autoscroll=True)
@@ -274,14 +274,17 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                         allow_custom_value=True, scale=2)
             download_btn = gr.Button("Download adapter (.zip)")
             refresh_btn = gr.Button("Refresh list")
-        zip_file = gr.File(label="Adapter zip", interactive=False, height=70)
         with gr.Row():
-            repo = gr.Textbox("", label="Push to Hub repo (owner/name)", max_length=MAX_TEXT, scale=2)
-            private = gr.Checkbox(True, label="Private repo")
-            push_btn = gr.Button("Push to Hub")
+            zip_file = gr.File(label="Adapter zip", interactive=False, height=120, scale=1)
+            with gr.Column(scale=2):
+                repo = gr.Textbox("", label="Push to Hub repo (owner/name)", max_length=MAX_TEXT)
+                with gr.Row():
+                    private = gr.Checkbox(True, label="Private repo")
+                    push_btn = gr.Button("Push to Hub")
         c["run_message"] = gr.Markdown()
         c["run_plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
-                                    title="Loss of the picked run", height=220)
+                                    color_map=render.LOSS_COLOURS, title="Loss of the picked run",
+                                    height=220)
 
     # Events. Every handler checks the admin password itself: the API runs the same code as the buttons.
     protected = dict(admin_password=admin, hf_token=token, **form)
