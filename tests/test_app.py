@@ -157,6 +157,30 @@ def test_chat_streams_two_answers_with_the_same_prompt(server):
     assert "What is the capital of France?" in shown and "Be brief." in shown and "<<SYS>>" in shown
 
 
+def test_stop_generation_ends_a_long_answer_early_and_clear_empties_the_panes(server):
+    client = server["client"]
+    job = client.submit("Tell me a long story about a dragon.", [], [], server["run"], 0.8, 0.95, 400, 1, "",
+                        api_name="/chat")
+    t0 = time.monotonic()
+    while job.status().code.name not in ("PROCESSING", "ITERATING") or not job.outputs():
+        assert time.monotonic() - t0 < 60, job.status()
+        time.sleep(0.2)
+    assert client.predict(api_name="/stop_chat") == "stopped"  # same client, same session: its own answer stops
+    base, tuned, *_ = job.result(timeout=60)
+    words = len(base[-1]["content"][0]["text"].split()) + len(tuned[-1]["content"][0]["text"].split())
+    assert words < 2 * 300, words  # far short of 400 tokens each
+    cleared = client.predict(api_name="/clear_chat")
+    assert cleared[0] == [] and cleared[1] == []
+
+
+def test_past_runs_are_listed_from_disk_with_their_metrics(server):
+    from ui import render
+
+    table = render.runs_frame(server["runs_root"])
+    row = table[table["run"] == server["run"]].iloc[0]
+    assert row["status"] == "stopped" and row["step"] >= 2 and row["final loss"] > 0 and row["tokens/s"] > 0
+
+
 def test_download_zip_holds_the_adapter(server):
     path, note = server["client"].predict(server["run"], api_name="/download")
     names = zipfile.ZipFile(path).namelist()
@@ -201,6 +225,21 @@ def test_preview_shows_rows_as_the_trainer_sees_them(server):
     text, tokens, flags = rows[0]
     assert text.startswith("<s>[INST]") and text.rstrip().endswith("</s>") and tokens > 5
     assert any("truncated to 64" in r[2] for r in rows) or all(r[2] == "ok" for r in rows)
+
+
+def test_an_uploaded_file_is_previewed(server, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"instruction": "Say hi", "output": "Hi!"}\n{"instruction": "", "output": "x"}\n')
+    table, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(path)),
+                                           api_name="/preview")
+    assert "mine.jsonl" in note and "alpaca" in note and "1 empty rows skipped" in note
+    assert table["data"][0][0].startswith("<s>[INST] Say hi [/INST] Hi! </s>")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "no known column"}\n')
+    _, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(bad)), api_name="/preview")
+    assert note.startswith("❌") and "question" in note  # names the columns it found
 
 
 def test_preflight_reads_well_and_refuses_what_cannot_work(server):
@@ -257,8 +296,13 @@ def test_with_an_admin_password_only_the_admin_trains_but_anyone_chats(tmp_path)
         demo.close()
 
 
-def test_launch_settings_keep_a_shared_app_safe():
+def test_launch_settings_keep_a_shared_app_safe(server):
+    import httpx
+
     import app
+
+    config = httpx.get(server["client"].src.rstrip("/") + "/config").json()
+    assert config["run_history"] is False  # the browser keeps no inputs (token, password) in localStorage
 
     kw = app.launch_kwargs(None, None, share=True)
     assert kw["run_history"] is False and kw["show_error"] is False and kw["ssr_mode"] is False
