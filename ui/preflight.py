@@ -25,15 +25,15 @@ class Preflight:
     reasons: list[str] = field(default_factory=list)  # why a run cannot work; empty when ok
 
     def good(self, text: str) -> None:
-        self.lines.append(f"✅ {text}")
+        self.lines.append(f"✓ {text}")
 
     def note(self, text: str) -> None:
-        self.lines.append(f"⚠️ {text}")
+        self.lines.append(f"⚠ {text}")
 
     def refuse(self, text: str) -> None:
         self.ok = False
         self.reasons.append(text)
-        self.lines.append(f"❌ {text}")
+        self.lines.append(f"✗ {text}")
 
     def markdown(self) -> str:
         head = "**Preflight: ready to start.**" if self.ok else "**Preflight: this run cannot start.**"

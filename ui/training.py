@@ -256,7 +256,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Accordion("Dataset preview", open=False) as preview_box:
         preview_note = gr.Markdown()
         preview_table = gr.Dataframe(headers=["text", "tokens", "flags"], interactive=False, wrap=True,
-                                     max_height=400)
+                                     max_height=400, column_widths=["76%", "8%", "16%"])
     c["progress"] = gr.HTML(render.progress_html(ctx.jobs.state()), elem_id="progress")
     c["status"] = gr.Markdown(render.status_markdown(ctx.jobs.state()), elem_id="job-status")
     with gr.Row():
