@@ -59,7 +59,7 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
         for item in filter(None, overrides.split(",")):
             key, _, value = item.partition("=")
             field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
-                     "lora32": "lora_fp32", "compile": "compile"}[key]
+                     "lora32": "lora_fp32", "compile": "compile", "lean": "lean"}[key]
             setattr(plan, field, int(value) if field == "checkpoint_layers" else value == "1")
             plan.notes.append(f"override {field}={getattr(plan, field)}")
         if plan.padding_free:

@@ -16,6 +16,9 @@ CAUSAL_ATTENTION = "qlora_causal"  # registered below: sdpa with is_causal and n
 #   liger: RMSNorm keeps its 16-bit input (2h each), SwiGLU keeps gate and up (4i).
 STOCK = dict(norm_h=8, attn_h=8, mlp_i=6)
 LIGER = dict(norm_h=4, attn_h=8, mlp_i=4)
+#   lean (below, plain torch): each RMSNorm keeps its 16-bit input and one fp32 scale a token (2h), SiLU*up keeps
+#   gate and up and recomputes silu in backward (4i). Same memory as liger without Triton's per-launch CPU cost.
+LEAN = dict(norm_h=4, attn_h=8, mlp_i=4)
 WORKSPACE_GIB = 0.5  # the fused LM head's chunks, cuBLAS workspaces (the estimate ran 1-1.5 GiB high at 1.0)
 HEADROOM = 0.90  # plan to at most this share of the budget: allocator fragmentation varies by batch
 
@@ -48,6 +51,7 @@ class Plan:
     precision: str  # bf16 | fp16 | fp32
     checkpoint_layers: int = -1  # decoder layers that recompute in backward; -1: as the config says (all or none)
     liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel): less memory, but slower here
+    lean: bool = False  # RMSNorm and SiLU*up that keep only their 16-bit inputs for backward (less memory)
     compile: bool = False  # torch.compile each decoder layer (measured lever, off by default)
     causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
     padding_free: bool | None = None  # None: as the config says
@@ -84,7 +88,7 @@ def liger_available() -> bool:
 
 # --- memory model ----------------------------------------------------------------------------------------
 def activation_bytes_per_token(arch: Arch, cfg, liger: bool) -> float:
-    """Bytes one token keeps for backward in one decoder layer that does not recompute."""
+    """Bytes one token keeps for backward in one decoder layer that does not recompute (liger: or lean)."""
     k = LIGER if liger else STOCK
     h, i = arch.hidden, arch.intermediate
     total = (k["norm_h"] + k["attn_h"]) * h + k["mlp_i"] * i
@@ -130,10 +134,10 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         budget_gib = memory_budget_gib()
     liger = liger and liger_available()
     lora_fp32 = precision != "bf16"
-    p = Plan(precision=precision, liger=liger, causal_attention=not cfg.padding_free, lora_fp32=lora_fp32,
-             padding_free=cfg.padding_free, budget_gib=budget_gib)
+    p = Plan(precision=precision, liger=liger, lean=not liger, causal_attention=not cfg.padding_free,
+             lora_fp32=lora_fp32, padding_free=cfg.padding_free, budget_gib=budget_gib)
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
-    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else "no liger-kernel: stock RMSNorm/SwiGLU/RoPE")
+    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else "lean RMSNorm and SiLU*up (keep 16-bit inputs)")
     if p.causal_attention:
         p.notes.append("right-padded batches: sdpa is_causal without a mask, flash kernel (not cuDNN)")
     quantized = cfg.quantize == "nf4"
@@ -145,12 +149,13 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         limit = (budget_gib or 0) * HEADROOM
         p.checkpoint_layers = arch.layers
         for k in range(arch.layers + 1):
-            if estimate_peak_gib(arch, cfg, k, liger, quantized, lora_fp32) <= limit:
+            if estimate_peak_gib(arch, cfg, k, liger or p.lean, quantized, lora_fp32) <= limit:
                 p.checkpoint_layers = k
                 break
         p.notes.append(f"gradient checkpointing on {p.checkpoint_layers} of {arch.layers} layers "
                        f"(budget {budget_gib:.1f} GiB)")
-    p.estimated_peak_gib = round(estimate_peak_gib(arch, cfg, p.checkpoint_layers, liger, quantized, lora_fp32), 2)
+    p.estimated_peak_gib = round(estimate_peak_gib(arch, cfg, p.checkpoint_layers, liger or p.lean, quantized,
+                                                   lora_fp32), 2)
     return p
 
 
@@ -180,6 +185,8 @@ def before_peft(model, p: Plan) -> None:
 
         # the LM head stays trl's fused one (chunked log-probs), so liger's fused cross entropy is left out
         _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    elif p.lean:
+        use_lean_activations(model)
     if p.causal_attention:
         import torch
 
@@ -229,3 +236,96 @@ def _checkpoint_some_layers(k: int):
                 layer.gradient_checkpointing = index < k
 
     return CheckpointSomeLayers()
+
+
+# --- lean activations ------------------------------------------------------------------------------------
+def use_lean_activations(model) -> int:
+    """Give every Llama-style RMSNorm and SiLU MLP of `model` a forward that keeps only 16-bit inputs for backward.
+
+    Same forward arithmetic as transformers' modules; returns how many modules were switched."""
+    import types
+
+    count = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
+            module.forward = types.MethodType(_lean_rmsnorm_forward, module)
+            count += 1
+        elif (kind.endswith("MLP") and hasattr(module, "gate_proj") and hasattr(module, "up_proj")
+              and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")):
+            module.forward = types.MethodType(_lean_mlp_forward, module)
+            count += 1
+    return count
+
+
+def _lean_rmsnorm_forward(self, hidden_states):
+    return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _lean_mlp_forward(self, x):
+    return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _functions():
+    import torch
+
+    class RMSNorm(torch.autograd.Function):
+        """weight * (x * rsqrt(mean(x^2) + eps)) in fp32, cast back: keeps x (16-bit) and rstd (fp32, one a token)
+        where autograd would keep an fp32 copy of x and the 16-bit normalized x."""
+
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            xf = x.to(torch.float32)
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return weight * (xf * rstd).to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight, rstd = ctx.saved_tensors
+            xhat = x.to(torch.float32) * rstd
+            gxhat = (grad * weight).to(torch.float32)
+            gx = rstd * (gxhat - xhat * (gxhat * xhat).mean(-1, keepdim=True))
+            gw = None
+            if ctx.needs_input_grad[1]:
+                gw = (grad * xhat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            return gx.to(x.dtype), gw, None
+
+    class SiluMul(torch.autograd.Function):
+        """silu(gate) * up: keeps gate and up, recomputes silu in backward (autograd also keeps silu(gate))."""
+
+        @staticmethod
+        def forward(ctx, gate, up):
+            ctx.save_for_backward(gate, up)
+            return torch.nn.functional.silu(gate) * up
+
+        @staticmethod
+        def backward(ctx, grad):
+            gate, up = ctx.saved_tensors
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+            grad_up = grad * torch.nn.functional.silu(gate)
+            return grad_gate, grad_up
+
+    return RMSNorm, SiluMul
+
+
+class _Lazy:
+    """The autograd functions are built on first use: importing this module must not import torch."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def apply(self, *args):
+        return _functions_cached()[self.index].apply(*args)
+
+
+_CACHE: list = []
+
+
+def _functions_cached():
+    if not _CACHE:
+        _CACHE.extend(_functions())
+    return _CACHE
+
+
+_RMSNorm, _SiluMul = _Lazy(0), _Lazy(1)

@@ -113,3 +113,26 @@ def test_the_7b_estimate_is_in_the_range_measured_on_the_h100():
     assert 6.6e9 < arch.params < 6.8e9
     # the seed recipe (all layers recompute, stock kernels) peaked at 5.9 GiB allocated
     assert 4.5 < speed.estimate_peak_gib(arch, TrainConfig(), 32, liger=False) < 8
+
+
+def test_lean_activations_give_the_stock_loss_and_gradients(tiny_llama_dir):
+    """The lean RMSNorm and SiLU*up keep less for backward and compute the same function and gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def loss_and_grads(lean: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        if lean:
+            assert speed.use_lean_activations(model) == 7  # 2 layers x 2 norms + the final norm, 2 MLPs
+        torch.manual_seed(0)
+        ids = torch.randint(3, 32000, (2, 16))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = loss_and_grads(False)
+    loss, got = loss_and_grads(True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert got.keys() == ref.keys() and any("norm" in n for n in got)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
