@@ -122,6 +122,11 @@ def make_handlers(ctx: AppContext):
         except ValueError as e:  # the conversation outgrew the prompt limit
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
+        except Exception as e:  # out of memory, a broken adapter: say so in the page, keep the trace in the log
+            log.exception("chat generation failed")
+            yield base_hist, tuned_hist, message, f"❌ generation failed ({type(e).__name__}); see the server log", \
+                gr.skip()
+            return
         yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", shown
 
     def stop_chat(request: gr.Request = None) -> str:
