@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -46,8 +47,12 @@ def usable_run(runs_root: str | Path, name: str) -> runs.RunInfo:
 
 def zip_run(info: runs.RunInfo) -> Path:
     """A zip of the adapter plus its config, prompt format, versions, metrics and a model card, in a temp folder."""
-    out_dir = Path(tempfile.mkdtemp(prefix="qlora-zip-"))
-    target = out_dir / f"{info.name}-adapter.zip"
+    out_dir = Path(tempfile.gettempdir()) / "qlora-zips"
+    out_dir.mkdir(exist_ok=True)
+    for old in out_dir.glob("*.zip"):  # Gradio serves its own copy; ours need not outlive an hour
+        if time.time() - old.stat().st_mtime > 3600:
+            old.unlink(missing_ok=True)
+    target = out_dir / f"{info.name}-adapter-{uuid.uuid4().hex[:6]}.zip"
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for name in runs.ADAPTER_FILES:
             z.write(info.adapter_dir / name, f"{info.name}/{name}")
