@@ -297,6 +297,16 @@ def test_with_an_admin_password_only_the_admin_trains_but_anyone_chats(tmp_path)
         demo.close()
 
 
+def test_the_admin_password_comes_from_the_environment(tmp_path, monkeypatch):
+    import app
+
+    monkeypatch.setenv("QLORA_ADMIN_PASSWORD", "from-env")
+    ctx = app.build_demo(runs_root=tmp_path).ctx
+    assert ctx.locked and ctx.is_admin("from-env") and not ctx.is_admin("from-env ") and not ctx.is_admin(None)
+    monkeypatch.delenv("QLORA_ADMIN_PASSWORD")
+    assert not app.build_demo(runs_root=tmp_path).ctx.locked
+
+
 def test_launch_settings_keep_a_shared_app_safe(server):
     import httpx
 
