@@ -52,7 +52,7 @@ class Plan:
     checkpoint_layers: int = -1  # decoder layers that recompute in backward; -1: as the config says (all or none)
     liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel): less memory, but slower here
     lean: bool = False  # RMSNorm and SiLU*up that keep only their 16-bit inputs for backward (less memory)
-    compile: bool = False  # torch.compile each decoder layer (measured lever, off by default)
+    compile: bool = False  # RMSNorm, SiLU*up and RoPE as torch.compile'd kernels (fewer launches; eager if it fails)
     causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
     padding_free: bool | None = None  # None: as the config says
     lora_fp32: bool | None = None  # None: fp32 unless bf16 (fp16's grad scaler needs fp32 master weights)
@@ -134,10 +134,12 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         budget_gib = memory_budget_gib()
     liger = liger and liger_available()
     lora_fp32 = precision != "bf16"
-    p = Plan(precision=precision, liger=liger, lean=not liger, causal_attention=not cfg.padding_free,
-             lora_fp32=lora_fp32, padding_free=cfg.padding_free, budget_gib=budget_gib)
+    p = Plan(precision=precision, liger=liger, lean=not liger, compile=not liger,
+             causal_attention=not cfg.padding_free, lora_fp32=lora_fp32, padding_free=cfg.padding_free,
+             budget_gib=budget_gib)
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
-    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else "lean RMSNorm and SiLU*up (keep 16-bit inputs)")
+    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else
+                   "lean RMSNorm and SiLU*up (keep 16-bit inputs)" + (", compiled with RoPE" if p.compile else ""))
     if p.causal_attention:
         p.notes.append("right-padded batches: sdpa is_causal without a mask, flash kernel (not cuDNN)")
     quantized = cfg.quantize == "nf4"
@@ -186,7 +188,11 @@ def before_peft(model, p: Plan) -> None:
         # the LM head stays trl's fused one (chunked log-probs), so liger's fused cross entropy is left out
         _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
     elif p.lean:
-        use_lean_activations(model)
+        compiled = p.compile and compiled_kernels_work()
+        if p.compile and not compiled:
+            p.notes.append("torch.compile unavailable here: eager lean kernels")
+            p.compile = False
+        use_lean_activations(model, compiled)
     if p.causal_attention:
         import torch
 
@@ -211,12 +217,6 @@ def after_trainer(trainer, p: Plan) -> None:
                 param.data = param.data.to(dtype)
     if p.checkpoint_layers > 0:
         trainer.add_callback(_checkpoint_some_layers(p.checkpoint_layers))
-    if p.compile:
-        import torch
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        for layer in decoder_layers(trainer.model):  # one code object for all layers; shapes vary: dynamic
-            layer.compile(dynamic=True)
 
 
 def decoder_layers(model) -> list:
@@ -239,22 +239,30 @@ def _checkpoint_some_layers(k: int):
 
 
 # --- lean activations ------------------------------------------------------------------------------------
-def use_lean_activations(model) -> int:
+def use_lean_activations(model, compiled: bool = False) -> int:
     """Give every Llama-style RMSNorm and SiLU MLP of `model` a forward that keeps only 16-bit inputs for backward.
 
-    Same forward arithmetic as transformers' modules; returns how many modules were switched."""
+    Same forward arithmetic as transformers' modules; returns how many modules were switched. `compiled`: the same
+    math as torch.compile'd functions (one or two fused kernels instead of 6-10 launches each; the compiler's
+    partitioner also keeps only the 16-bit inputs), and RoPE too."""
     import types
 
+    norm_fn, mlp_fn = (_compiled_norm_forward, _compiled_mlp_forward) if compiled else (_lean_rmsnorm_forward,
+                                                                                      _lean_mlp_forward)
     count = 0
     for module in model.modules():
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
-            module.forward = types.MethodType(_lean_rmsnorm_forward, module)
+            module.forward = types.MethodType(norm_fn, module)
             count += 1
         elif (kind.endswith("MLP") and hasattr(module, "gate_proj") and hasattr(module, "up_proj")
               and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")):
-            module.forward = types.MethodType(_lean_mlp_forward, module)
+            module.forward = types.MethodType(mlp_fn, module)
             count += 1
+    if compiled and getattr(model.config, "model_type", "") == "llama":
+        from transformers.models.llama import modeling_llama
+
+        modeling_llama.apply_rotary_pos_emb = _compiled()["rope"]
     return count
 
 
@@ -264,6 +272,62 @@ def _lean_rmsnorm_forward(self, hidden_states):
 
 def _lean_mlp_forward(self, x):
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _compiled_norm_forward(self, hidden_states):
+    return _compiled()["norm"](hidden_states, self.weight, self.variance_epsilon)
+
+
+def _compiled_mlp_forward(self, x):
+    return self.down_proj(_compiled()["silu_mul"](self.gate_proj(x), self.up_proj(x)))
+
+
+_COMPILED: dict = {}
+
+
+def _compiled() -> dict:
+    """transformers' RMSNorm, SiLU*up and RoPE math, each compiled once for all shapes (dynamic)."""
+    if not _COMPILED:
+        import torch
+
+        def norm(x, weight, eps: float):
+            xf = x.to(torch.float32)
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            return weight * xf.to(x.dtype)
+
+        def silu_mul(gate, up):
+            return torch.nn.functional.silu(gate) * up
+
+        def rotate_half(x):
+            half = x.shape[-1] // 2
+            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+        def rope(q, k, cos, sin, unsqueeze_dim=1):
+            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+        _COMPILED.update({name: torch.compile(fn, dynamic=True) for name, fn in
+                          (("norm", norm), ("silu_mul", silu_mul), ("rope", rope))})
+    return _COMPILED
+
+
+def compiled_kernels_work() -> bool:
+    """Compile and run the kernels once, forward and backward, on small tensors: a machine without a working
+    compiler toolchain falls back to the eager lean path instead of failing mid-training."""
+    try:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        k = _compiled()
+        x = torch.randn(2, 8, 64, device=device, requires_grad=True)
+        w = torch.ones(64, device=device)
+        q = torch.randn(2, 4, 8, 16, device=device, requires_grad=True)
+        cos, sin = torch.randn(2, 8, 16, device=device), torch.randn(2, 8, 16, device=device)
+        out = k["norm"](x, w, 1e-5).sum() + k["silu_mul"](x, x).sum() + sum(t.sum() for t in k["rope"](q, q, cos, sin))
+        out.backward()
+        return bool(torch.isfinite(x.grad).all())
+    except Exception:
+        return False
 
 
 def _functions():
