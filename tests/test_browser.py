@@ -87,20 +87,27 @@ def run_the_loop(app_url, page):
     page.goto(app_url)
     page.wait_for_selector("#start-btn", timeout=60_000)
     page.get_by_text("Hyperparameters").click()
-    for label, value in (("Max steps (-1: use epochs)", "4"), ("Max length (tokens)", "64"), ("Batch size", "2"),
-                         ("Sample answers every N steps (0: off)", "2"), ("Eval fraction", "0.1")):
+    fields = (("Max steps (-1: use epochs)", "4"), ("Max length (tokens)", "64"), ("Batch size", "2"),
+              ("Sample answers every N steps (0: off)", "4"), ("Eval fraction", "0.1"))
+    page.get_by_label(fields[-1][0], exact=True).wait_for(state="visible")
+    page.wait_for_timeout(500)  # the accordion mounts its fields as it opens; typing earlier can be lost
+    for label, value in fields:
         box = page.get_by_label(label, exact=True)
         box.fill(value)
         box.press("Tab")
+    for label, value in fields:
+        assert float(page.get_by_label(label, exact=True).input_value()) == float(value), label
     page.click("#start-btn")
     page.wait_for_function("document.querySelector('#train-message').innerText.includes('Started')",
                            timeout=60_000)
 
     # The bar moves: step 1, then a later step with a wider bar.
     page.wait_for_function(f"+{BAR}.step >= 1", timeout=180_000)
-    width1 = page.eval_on_selector("#job-progress .bar", "e => e.getBoundingClientRect().width")
+    step1, width1 = page.eval_on_selector(
+        "#job-progress", "e => [+e.dataset.step, e.querySelector('.bar').getBoundingClientRect().width]")
+    assert 1 <= step1 < 4 and page.get_attribute("#job-progress", "data-total") == "4", step1  # the form's steps
     page.reload()  # the job lives on the server: a reloaded page re-attaches to it
-    page.wait_for_function(f"+{BAR}.step >= 2", timeout=180_000)
+    page.wait_for_function(f"+{BAR}.step > {step1}", timeout=180_000)
     width2 = page.eval_on_selector("#job-progress .bar", "e => e.getBoundingClientRect().width")
     assert width2 > width1 > 0
     assert "tokens/s" in page.inner_text("#job-progress")
@@ -119,6 +126,9 @@ def run_the_loop(app_url, page):
     # Chat: the finished run is already picked; one message fills both panes.
     page.get_by_role("tab", name="Chat").click()
     page.wait_for_function("document.querySelector('#adapter-pick input').value.startsWith('run-')", timeout=30_000)
+    max_new = page.locator("#max-new-tokens input[type=number]")
+    max_new.fill("32")
+    max_new.press("Tab")
     page.fill("#chat-message textarea", "What is the capital of France?")
     page.click("#send-btn")
     page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('done')", timeout=180_000)

@@ -166,7 +166,7 @@ def build(ctx: AppContext) -> dict[str, Any]:
     with gr.Row():
         temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
         top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
-        max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+        max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
         seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
     system = gr.Textbox("", label="System prompt (optional)", max_length=4000, lines=1)
     gr.Markdown("Both panes get the same prompt string, seed and sampling settings; the only difference is the "
