@@ -87,8 +87,11 @@ def greedy_answer(model, tokenizer, user: str, max_new_tokens: int) -> str:
     try:
         ids = torch.tensor([encode(format_prompt([], user), tokenizer)], device=model.device)
         with torch.no_grad():
+            # min_new_tokens as in chat.MIN_NEW_TOKENS: a base that never saw the Llama 2 format (the embedded
+            # SmolLM2) ends at once under greedy decoding, and an empty sample shows nothing.
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+                                 min_new_tokens=min(2, max_new_tokens), do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     finally:
         if was_training:
