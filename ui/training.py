@@ -167,6 +167,8 @@ def make_handlers(ctx: AppContext):
         return {"status": s.status, "summary": s.summary(), "step": s.step, "total_steps": s.total_steps,
                 "run": Path(s.run_dir).name if s.run_dir else "", "losses": [list(x) for x in s.losses],
                 "eval_losses": [list(x) for x in s.eval_losses], "samples": len(s.samples),
+                "latest_samples": [{"step": x.step, "prompt": x.prompt, "base": x.base, "tuned": x.tuned}
+                                   for x in s.samples[-2:]],
                 "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:])}
 
     def run_curve(run: str):
