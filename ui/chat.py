@@ -103,6 +103,11 @@ def make_handlers(ctx: AppContext):
         except (ModelError, OSError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(hub.redact(str(e)))}", gr.skip()
             return
+        except Exception as e:  # e.g. an adapter that does not fit this base
+            log.exception("loading the adapter failed")
+            yield base_hist, tuned_hist, message, f"❌ cannot load the adapter ({type(e).__name__}); see the server " \
+                "log", gr.skip()
+            return
         finally:
             gpu_lock.release()
         stop = ctx.chat_stop(request.session_hash if request else "")

@@ -33,7 +33,8 @@ def form_defaults(cuda: bool) -> dict[str, Any]:
     values = TrainConfig().to_dict()
     if not cuda:
         values.update(embedded_defaults())
-    values.update(eval_fraction=0.1 if not cuda else 0.05, sample_every=10 if not cuda else 50)
+    # a held-out slice for the eval curve, and sample answers a few times a run (each costs a few generations)
+    values.update(eval_fraction=0.1 if not cuda else 0.05, sample_every=15 if not cuda else 50)
     return values
 
 
