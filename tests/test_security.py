@@ -504,3 +504,16 @@ def test_gradio_is_pinned_to_a_release_past_the_published_advisories():
     assert as_tuple(version("gradio_client")) >= (2, 6, 0)
     # starlette: multipart and Range DoS fixes (CVE-2025-54121 in 0.47.2, CVE-2025-62727 in 0.49.1)
     assert as_tuple(starlette.__version__) >= (0, 49, 1)
+
+
+def test_the_owners_token_stands_in_only_behind_the_admin_password(monkeypatch, tmp_path):
+    """On an open app, a visitor must not push with (or download gated models through) the Space owner's secret."""
+    from qlora.jobs import JobManager
+    from ui.context import AppContext
+
+    monkeypatch.setenv("HF_TOKEN", "hf_OwnersSecretOwnersSecretOwnersSecret12")
+    open_app = AppContext(jobs=JobManager(), runs_root=tmp_path)
+    assert open_app.token("") is None
+    assert open_app.token(" hf_visitor ") == "hf_visitor"
+    locked = AppContext(jobs=JobManager(), runs_root=tmp_path, admin_password="pw")
+    assert locked.token("") == "hf_OwnersSecretOwnersSecretOwnersSecret12"

@@ -75,8 +75,12 @@ class AppContext:
         return hmac.compare_digest((given or "").encode("utf-8"), self.admin_password.encode("utf-8"))
 
     def token(self, given: str | None) -> str | None:
-        """The visitor's token if given, else the Space secret. Passed per call; never stored, logged or shown."""
-        return (given or "").strip() or os.environ.get("HF_TOKEN") or None
+        """The visitor's token if given, else the Space secret. Passed per call; never stored, logged or shown.
+
+        The owner's secret stands in only behind the admin password: on an open app any visitor would otherwise
+        push to (or download gated models with) the owner's account.
+        """
+        return (given or "").strip() or (os.environ.get("HF_TOKEN") if self.locked else None) or None
 
     def chat_stop(self, session: str) -> threading.Event:
         if len(self.chat_stops) > 1000:  # sessions come and go; never let this grow without bound

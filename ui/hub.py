@@ -88,7 +88,7 @@ def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool 
         raise PushError("repo id: give owner/name, letters, digits, '-', '_', '.' only (e.g. alice/llama2-guanaco)")
     if not token:
         raise PushError("pushing needs a Hub token with write access: paste one in the token field, "
-                        "or set the HF_TOKEN secret of the Space")
+                        "or set the HF_TOKEN secret of the Space together with an admin password")
     from huggingface_hub import HfApi
 
     staging = Path(tempfile.mkdtemp(prefix="qlora-push-"))

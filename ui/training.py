@@ -207,7 +207,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                      height=130)
         with gr.Column(scale=2):
             token = gr.Textbox("", label="HF token (optional)", type="password", max_length=200,
-                               info="for gated models and pushing; falls back to the HF_TOKEN secret; never stored")
+                               info="for gated models and pushing; behind the admin password, falls back to the HF_TOKEN secret; never stored")
             form["run_name"] = gr.Textbox("", label="Run name (optional)", max_length=100, placeholder="run-<date>-<time>")
     with gr.Accordion("Hyperparameters (start from the reference recipe)", open=False):
         with gr.Row():
