@@ -134,7 +134,9 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         budget_gib = memory_budget_gib()
     liger = liger and liger_available()
     lora_fp32 = precision != "bf16"
-    p = Plan(precision=precision, liger=liger, lean=not liger, compile=not liger,
+    # compile stays off: measured on the H100 it gave nothing (4173 vs 4185 tokens/s); the lean eager path keeps
+    # the same memory savings without compile time or a compiler toolchain on the Space
+    p = Plan(precision=precision, liger=liger, lean=not liger, compile=False,
              causal_attention=not cfg.padding_free, lora_fp32=lora_fp32, padding_free=cfg.padding_free,
              budget_gib=budget_gib)
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
