@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from qlora import runs
 from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
@@ -178,8 +179,32 @@ def make_handlers(ctx: AppContext):
         except ValueError:
             return render.loss_frame(JobState())
 
+    def resume(run: str = "", admin_password: str = "", hf_token: str = "") -> str:
+        """Continue an interrupted run (the app or the machine restarted) from its last checkpoint."""
+        if not ctx.is_admin(admin_password):
+            return LOCKED
+        info = next((r for r in runs.list_runs(ctx.runs_root) if r.name == str(run or "")), None)
+        if info is None or info.status != "interrupted":
+            return "❌ pick an interrupted run: only a run whose process died can be resumed"
+        if runs.latest_checkpoint(info.path) is None:
+            return (f"❌ {html.escape(info.name)} saved no checkpoint to resume from: set 'Checkpoint every N steps' "
+                    "before training")
+        try:
+            cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+            ctx.jobs.start(cfg, token=ctx.token(hf_token), resume_from=info.path)
+        except ValueError as e:
+            return f"❌ {html.escape(str(e))}"
+        except BusyError as e:
+            return f"⏳ Busy: {html.escape(str(e))}"
+        ctx.engines.unload_all()
+        return f"▶️ Resuming {html.escape(info.name)} from its last checkpoint. Progress shows below."
+
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
-                job_status=job_status)
+                job_status=job_status, resume=resume)
+
+
+def resumable_choices(runs_root: Path) -> list[str]:
+    return [r.name for r in runs.list_runs(runs_root) if r.status == "interrupted" and runs.latest_checkpoint(r.path)]
 
 
 # --- layout ---------------------------------------------------------------------------------------------
@@ -284,6 +309,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                 with gr.Row():
                     private = gr.Checkbox(True, label="Private repo")
                     push_btn = gr.Button("Push to Hub")
+        with gr.Row():  # a run cut short by a restart continues from its last checkpoint
+            resume_pick = gr.Dropdown(resumable_choices(ctx.runs_root), label="Interrupted run",
+                                      allow_custom_value=True, scale=2)
+            resume_btn = gr.Button("Resume from last checkpoint")
         c["run_message"] = gr.Markdown()
         c["run_plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
                                     color_map=render.LOSS_COLOURS, title="Loss of the picked run",
@@ -306,6 +335,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     push_btn.click(h["push"], inputs_kwargs=dict(run=c["run_pick"], repo_id=repo, private=private, hf_token=token,
                                                  admin_password=admin),
                    outputs=c["run_message"], api_name="push")
+    resume_btn.click(h["resume"], inputs_kwargs=dict(run=resume_pick, admin_password=admin, hf_token=token),
+                     outputs=c["message"], api_name="resume", concurrency_limit=1, concurrency_id="train")
+    refresh_btn.click(lambda: gr.Dropdown(choices=resumable_choices(ctx.runs_root)), None, resume_pick,
+                      api_visibility="private")
     c["run_pick"].change(h["run_curve"], c["run_pick"], c["run_plot"], api_visibility="private")
     c["refresh"] = refresh_btn
     gr.api(h["job_status"], api_name="job_status", queue=False)
