@@ -5,7 +5,8 @@
 
 Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compute, fp32 LoRA weights, gradient
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
-picks for the card. `project:key=value,...` overrides that plan (liger, causal, pf, ckpt, lora32) to measure one lever.
+picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32, compile) to measure one
+lever (arms are separated by commas, overrides by '+').
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16).
 """
@@ -56,7 +57,7 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
         precision = pick_precision("auto")
         model = load_base(model_dir, "nf4", precision)
         plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
-        for item in filter(None, overrides.split(",")):
+        for item in filter(None, overrides.split("+")):
             key, _, value = item.partition("=")
             field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
                      "lora32": "lora_fp32", "compile": "compile", "lean": "lean"}[key]

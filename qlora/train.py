@@ -66,6 +66,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
 
         # 5. SFTTrainer with LoRA on the frozen base.
         trainer = build_trainer(cfg, model, tokenizer, train_ids, eval_ids, precision, run_dir)
+        emit(Log("speed: " + "; ".join(trainer.speed_plan.notes)))  # what qlora/speed.py picked for this card
         events = EventCallback(_recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model, data.source)
         trainer.add_callback(events)
         if cfg.sample_every:
