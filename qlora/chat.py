@@ -106,7 +106,7 @@ class ChatEngine:
         if not gpu_lock.acquire(blocking=False):
             raise BusyError("the GPU is busy (training or another chat is running); try again when it is done")
         try:
-            model = self._ensure_base()
+            self._ensure_base()
             if adapter is None:
                 raise ValueError("pick an adapter first")
             prompts = [encode(format_prompt(h, user, settings.system_prompt), self.tokenizer)
@@ -128,7 +128,7 @@ class ChatEngine:
 
     def generate_sequential(self, user: str, settings: GenerationSettings, adapter: str) -> tuple[str, str]:
         """Two separate generations (base, then adapter): the reference the batched pass must match."""
-        model = self._ensure_base()
+        self._ensure_base()
         ids = encode(format_prompt([], user, settings.system_prompt), self.tokenizer)
         base = list(self._generate([ids], [BASE], settings, None))[-1][0]
         tuned = list(self._generate([ids], [adapter], settings, None))[-1][0]

@@ -8,7 +8,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import runs
 from .callbacks import EventCallback, SampleCallback
@@ -17,6 +17,9 @@ from .data import DataError, prepare, tokenize
 from .events import Event, Failed, Finished, Log, Stopped
 from .model import ModelError, load_base, load_tokenizer, lora_config, pick_precision, resolve
 from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
+
+if TYPE_CHECKING:
+    from .speed import Plan
 
 log = logging.getLogger("qlora")
 
@@ -79,7 +82,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         if events.bad_loss_step is not None:
             raise FloatingPointError(f"the loss became NaN/inf at step {events.bad_loss_step}")
         if main:
-            runs.save_adapter_atomically(run_dir, lambda tmp: trainer.model.save_pretrained(tmp))
+            runs.save_adapter_atomically(run_dir, trainer.model.save_pretrained)
         dist.wait_for_everyone()
         metrics = final_metrics(trainer, result, tokenizer)
         status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
@@ -129,7 +132,7 @@ def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
-                  plan: "speed.Plan | None" = None):
+                  plan: "Plan | None" = None):
     """SFTTrainer for the recipe; `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
     import torch
     from datasets import Dataset

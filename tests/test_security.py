@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from apphelpers import Records, free_port
 
 ADMIN = "adm1n-Pa55word"
 CANARY = "hf_SecuritySecuritySecurity00000Canary"  # a fake token shaped like a real one (hf_ + 34 characters)
@@ -24,23 +25,6 @@ ACTIVE = ("starting", "running", "stopping")
 
 
 # --- the server -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Records(logging.Handler):
-    """Every log record any library or the app writes while the module runs."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage() + ("\n" + record.exc_text if record.exc_text else ""))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     import app

@@ -1,0 +1,46 @@
+"""Helpers the app's tests share: a free loopback port, a log recorder, a launched app and its client, polling."""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Records(logging.Handler):
+    """Every log record written while installed, tracebacks included (searched for leaked secrets)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage() + ("\n" + record.exc_text if record.exc_text else ""))
+
+
+def launch(runs_root: Path, admin_password: str | None = None):
+    """The real app on a loopback port, and a gradio_client for it."""
+    import app
+    from gradio_client import Client
+
+    demo = app.build_demo(runs_root=runs_root, admin_password=admin_password)
+    kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
+    demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+    return demo, Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False)
+
+
+def wait_for(client, until, timeout: float = 240, every: float = 0.5) -> dict:
+    """Poll /job_status until `until(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = client.predict(api_name="/job_status")
+        if until(s):
+            return s
+        assert time.monotonic() < deadline, f"timed out; last status {s}"
+        time.sleep(every)
