@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -44,3 +45,20 @@ def wait_for(client, until, timeout: float = 240, every: float = 0.5) -> dict:
             return s
         assert time.monotonic() < deadline, f"timed out; last status {s}"
         time.sleep(every)
+
+
+def start_at_once(clients, form: dict) -> list[str]:
+    """Every client presses Start at the same instant (a barrier); their answers, in client order."""
+    barrier = threading.Barrier(len(clients))
+    answers = [""] * len(clients)
+
+    def press(i):
+        barrier.wait()
+        answers[i] = clients[i].predict(**form, api_name="/start")
+
+    threads = [threading.Thread(target=press, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return answers

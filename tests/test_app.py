@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 import zipfile
 
 import pytest
 
-from apphelpers import Records, free_port, launch, wait_for  # noqa: F401
+from apphelpers import Records, free_port, launch, start_at_once, wait_for  # noqa: F401
 from conftest import embedded_available
 
 
@@ -43,19 +42,7 @@ def test_two_clients_press_start_at_once_exactly_one_run_starts(server):
     from gradio_client import Client
 
     url = server["client"].src
-    clients = [Client(url, verbose=False), Client(url, verbose=False)]
-    barrier = threading.Barrier(2)
-    answers: list[str] = [""] * 2
-
-    def press(i):
-        barrier.wait()
-        answers[i] = clients[i].predict(**RUN, api_name="/start")
-
-    threads = [threading.Thread(target=press, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    answers = start_at_once([Client(url, verbose=False), Client(url, verbose=False)], RUN)
     server["outputs"] += answers
     started = [a for a in answers if a.startswith("▶️ Started")]
     busy = [a for a in answers if a.startswith("⏳ Busy")]

@@ -11,13 +11,12 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from apphelpers import Records, free_port
+from apphelpers import Records, free_port, start_at_once, wait_for
 
 ADMIN = "adm1n-Pa55word"
 CANARY = "hf_SecuritySecuritySecurity00000Canary"  # a fake token shaped like a real one (hf_ + 34 characters)
@@ -65,13 +64,7 @@ def http():
 
 
 def wait_status(client, until, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = client.predict(api_name="/job_status")
-        if until(s):
-            return s
-        assert time.monotonic() < deadline, f"timed out; last status {s}"
-        time.sleep(0.2)
+    return wait_for(client, until, timeout, every=0.2)
 
 
 def tiny_run(server, **overrides) -> dict:
@@ -227,19 +220,8 @@ def test_two_starts_at_once_one_run_chat_busy_and_stop_from_a_second_browser(ser
 
     url = server["url"] + "/"
     a, b = Client(url, verbose=False), Client(url, verbose=False)
-    barrier = threading.Barrier(2)
-    answers = ["", ""]
     form = tiny_run(server, max_steps=400, save_steps=1, run_name="long", hf_token=CANARY)
-
-    def press(i, client):
-        barrier.wait()
-        answers[i] = client.predict(**form, api_name="/start")
-
-    threads = [threading.Thread(target=press, args=(i, c)) for i, c in enumerate((a, b))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    answers = start_at_once([a, b], form)
     server["outputs"] += answers
     started = [x for x in answers if x.startswith("▶️ Started")]
     busy = [x for x in answers if x.startswith("⏳ Busy")]
