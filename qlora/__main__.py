@@ -9,7 +9,7 @@ import threading
 import typing
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults
+from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults, read_yaml_fields
 
 USAGE_ERROR = 2
 
@@ -58,15 +58,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, typing.Any] = {}
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None)
              is not None}
-    from_file = TrainConfig.from_yaml(Path(args.config)).to_dict() if args.config else {}
-    model = flags.get("base_model") or from_file.get("base_model")
-    if model == EMBEDDED_MODEL:
-        values.update(embedded_defaults())
+    where, from_file = read_yaml_fields(Path(args.config)) if args.config else ("", {})
     if args.config:
-        file_text = Path(args.config).read_text(encoding="utf-8")
-        import yaml
-
-        values.update(yaml.safe_load(file_text) or {})  # only the fields the file sets override the preset
+        try:  # the file must be valid on its own, so its errors name it
+            TrainConfig.from_dict(from_file)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+    if (flags.get("base_model") or from_file.get("base_model")) == EMBEDDED_MODEL:
+        values.update(embedded_defaults())
+    values.update(from_file)  # only the fields the file sets override the preset
     hints = typing.get_type_hints(TrainConfig)
     for name, raw in flags.items():
         values[name] = _convert(name, raw, hints[name])
@@ -132,10 +132,8 @@ def _train(args) -> int:
 
     try:
         run_dir = train(cfg, show, stop, token=token, resume_from=args.resume_from)
-    except KeyboardInterrupt:
-        raise
-    except (ValueError, OSError):
-        raise
+    except (KeyboardInterrupt, ValueError, OSError):
+        raise  # main() prints these as one line, exit status 2
     except Exception as e:
         print(f"error: training failed: {_one_line(e)}", file=sys.stderr)
         return 1

@@ -127,23 +127,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> "TrainConfig":
-        import yaml
-
-        path = Path(text_or_path) if not isinstance(text_or_path, str) or "\n" not in text_or_path else None
-        where = "config"
-        if path is not None and path.exists():
-            where = str(path)
-            text = path.read_text(encoding="utf-8")
-        elif path is not None and str(text_or_path).endswith((".yaml", ".yml")):
-            raise ValueError(f"{text_or_path}: config file not found")
-        else:
-            text = str(text_or_path)
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of field: value")
+        where, data = read_yaml_fields(text_or_path)
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -152,9 +136,27 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    @property
-    def effective_run_name(self) -> str:
-        return self.run_name
+
+def read_yaml_fields(text_or_path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(where, the fields a YAML file or text sets), unvalidated; errors name the file."""
+    import yaml  # pyyaml ships with transformers' deps; imported here so config stays stdlib-only at import
+
+    path = Path(text_or_path) if not isinstance(text_or_path, str) or "\n" not in text_or_path else None
+    where = "config"
+    if path is not None and path.exists():
+        where = str(path)
+        text = path.read_text(encoding="utf-8")
+    elif path is not None and str(text_or_path).endswith((".yaml", ".yml")):
+        raise ValueError(f"{text_or_path}: config file not found")
+    else:
+        text = str(text_or_path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of field: value")
+    return where, data
 
 
 def embedded_defaults() -> dict[str, Any]:
