@@ -58,11 +58,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--row-by-row", default=None,
+                    help="variants of qlora.chat.ROW_BY_ROW to measure, e.g. 'none;linear;linear,attention' "
+                         "(default: the product's setting)")
     a = ap.parse_args(argv)
 
     import torch
 
     from bench.common import LLAMA_7B
+    from qlora import chat
     from qlora.chat import BASE, ChatEngine
     from qlora.config import GenerationSettings
     from qlora.prompts import encode, format_prompt
@@ -84,47 +88,60 @@ def main(argv=None) -> int:
         pass
     engine.generate_sequential(PROMPTS[0], warm, name)
 
-    rows = []
-    for prompt in PROMPTS:
+    variants = [tuple(p for p in v.split(",") if p and p != "none") for v in a.row_by_row.split(";")] \
+        if a.row_by_row is not None else [tuple(chat.ROW_BY_ROW)]
+    sequential = {}
+    for prompt in PROMPTS:  # the reference: each pane on its own, one row
         ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
-        sync()
-        t = time.perf_counter()
-        b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
         seq = []
         for adapter in (BASE, name):
             sync()
             t = time.perf_counter()
-            first, end, got = timed(engine._generate([ids], [adapter], settings, None), engine, t)
-            seq.append((first, end, got[0]))
-        s_wall = seq[0][1] + seq[1][1]
-        n_b = [len(x) for x in b_ids]
-        n_s = [len(s[2]) for s in seq]
-        rows.append(dict(
-            prompt=prompt, prompt_tokens=len(ids),
-            batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
-                         tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
-                         combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
-            sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
-                            ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
-                            wall_s=round(s_wall, 3), tokens=n_s,
-                            tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
-                            combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
-            identical=[b_ids[0] == seq[0][2], b_ids[1] == seq[1][2]],
-            first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2])) if x != y), None)
-                              for i in range(2)],
-            adapter_changes_answer=b_ids[0] != b_ids[1]))
-        r = rows[-1]
-        print(f"{prompt[:40]!r}: batched {r['batched']['combined_tokens_per_s']} tok/s combined, "
-              f"TTFT {r['batched']['ttft_s']} s; sequential {r['sequential']['combined_tokens_per_s']} tok/s, "
-              f"TTFT {r['sequential']['ttft_s']}; identical {r['identical']}", flush=True)
-    b = sum(sum(r["batched"]["tokens"]) for r in rows) / sum(r["batched"]["wall_s"] for r in rows)
-    s = sum(sum(r["sequential"]["tokens"]) for r in rows) / sum(r["sequential"]["wall_s"] for r in rows)
+            seq.append(timed(engine._generate([ids], [adapter], settings, None), engine, t))
+        sequential[prompt] = (ids, seq)
+    reports = []
+    for variant in variants:
+        chat.ROW_BY_ROW = variant
+        for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):  # warm this variant's kernels
+            pass
+        rows = []
+        for prompt in PROMPTS:
+            ids, seq = sequential[prompt]
+            sync()
+            t = time.perf_counter()
+            b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
+            s_wall = seq[0][1] + seq[1][1]
+            n_b = [len(x) for x in b_ids]
+            n_s = [len(s[2][0]) for s in seq]
+            rows.append(dict(
+                prompt=prompt, prompt_tokens=len(ids),
+                batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
+                             tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
+                             combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
+                sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
+                                ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
+                                wall_s=round(s_wall, 3), tokens=n_s,
+                                tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
+                                combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
+                identical=[b_ids[0] == seq[0][2][0], b_ids[1] == seq[1][2][0]],
+                first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2][0])) if x != y), None)
+                                  for i in range(2)],
+                adapter_changes_answer=b_ids[0] != b_ids[1]))
+            r = rows[-1]
+            print(f"[{','.join(variant) or 'none'}] {prompt[:40]!r}: batched {r['batched']['combined_tokens_per_s']} "
+                  f"tok/s combined, TTFT {r['batched']['ttft_s']} s; sequential "
+                  f"{r['sequential']['combined_tokens_per_s']} tok/s, TTFT {r['sequential']['ttft_s']}; "
+                  f"identical {r['identical']} (first difference at {r['first_difference']})", flush=True)
+        b = sum(sum(r["batched"]["tokens"]) for r in rows) / sum(r["batched"]["wall_s"] for r in rows)
+        s = sum(sum(r["sequential"]["tokens"]) for r in rows) / sum(r["sequential"]["wall_s"] for r in rows)
+        reports.append(dict(row_by_row=list(variant), prompts=rows,
+                            combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
+                            speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows)))
     report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, adapter_load_s=round(load_s, 2),
                   precision=str(engine.model.dtype) if engine.model is not None else None,
                   command="python -m bench.chat_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), prompts=rows,
-                  combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
-                  speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows))
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), variants=reports,
+                  **{k: reports[0][k] for k in ("prompts", "combined_tokens_per_s", "speedup", "all_identical")})
     name_ = f"chat{'-' + a.tag if a.tag else ''}"
     write_json(Path(a.out) / f"{name_}.json", report)
     md = markdown(report)
@@ -135,18 +152,20 @@ def main(argv=None) -> int:
 
 def markdown(rep: dict) -> str:
     c = rep["card"]
-    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`", "",
-             f"Combined tokens/s: batched {rep['combined_tokens_per_s']['batched']}, sequential "
-             f"{rep['combined_tokens_per_s']['sequential']}: **{rep['speedup']}x**; outputs identical: "
-             f"{rep['all_identical']}", "",
-             "| prompt | batched TTFT s | batched tok/s per pane | sequential TTFT s (own; from click) | "
-             "sequential tok/s per pane | identical (base, tuned) | adapter changes answer |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rep["prompts"]:
-        b, s = r["batched"], r["sequential"]
-        lines.append(f"| {r['prompt'][:30]} | {b['ttft_s']} | {b['tokens_per_s_per_pane']} | {s['ttft_s']}; "
-                     f"{s['ttft_from_click_s']} | {s['tokens_per_s_per_pane']} | {r['identical']} | "
-                     f"{r['adapter_changes_answer']} |")
+    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`"]
+    for v in rep["variants"]:
+        lines += ["", f"Rows computed one at a time in the batched pass: {', '.join(v['row_by_row']) or 'none'}. "
+                  f"Combined tokens/s: batched {v['combined_tokens_per_s']['batched']}, sequential "
+                  f"{v['combined_tokens_per_s']['sequential']}: **{v['speedup']}x**; outputs identical: "
+                  f"{v['all_identical']}", "",
+                  "| prompt | batched TTFT s | batched tok/s per pane | sequential TTFT s (own; from click) | "
+                  "sequential tok/s per pane | identical (base, tuned) | adapter changes answer |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in v["prompts"]:
+            b, s = r["batched"], r["sequential"]
+            lines.append(f"| {r['prompt'][:30]} | {b['ttft_s']} | {b['tokens_per_s_per_pane']} | {s['ttft_s']}; "
+                         f"{s['ttft_from_click_s']} | {s['tokens_per_s_per_pane']} | {r['identical']} | "
+                         f"{r['adapter_changes_answer']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@
 
 Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compute, fp32 LoRA weights, gradient
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
-picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32, compile) to measure one
-lever (arms are separated by commas, overrides by '+').
+picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32,
+compile, fused) to measure one lever (arms are separated by commas, overrides by '+').
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16).
 """
@@ -60,7 +60,8 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
         for item in filter(None, overrides.split("+")):
             key, _, value = item.partition("=")
             field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
-                     "lora32": "lora_fp32", "compile": "compile", "lean": "lean"}[key]
+                     "lora32": "lora_fp32", "compile": "compile", "lean": "lean",
+                     "fused": "fused"}[key]
             setattr(plan, field, int(value) if field == "checkpoint_layers" else value == "1")
             plan.notes.append(f"override {field}={getattr(plan, field)}")
         if plan.padding_free:

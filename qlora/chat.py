@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +23,13 @@ MAX_PROMPT_TOKENS = 3072
 # A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
 # nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
 MIN_NEW_TOKENS = 2
+# On a GPU some kernels pick their algorithm (and so their rounding) by the batch size: bitsandbytes' 4-bit matmul
+# and cuBLAS by the number of rows, flash attention's split of the keys by batch x heads. A near-tie in the logits
+# then flips a greedy token and the batched pane drifts from what the adapter alone would say. In the 2-row pass these
+# parts run one row at a time, exactly as in a 1-row generate; everything else (and all the Python around it) is
+# shared. "linear": every frozen Linear and the LM head; "attention": the attention kernel; "norm": RMSNorm.
+ROW_BY_ROW = ("linear", "attention")
+ROWS_ATTENTION = "qlora_rows"
 
 
 @dataclass
@@ -167,7 +175,7 @@ class ChatEngine:
         def run():
             try:
                 torch.manual_seed(settings.seed)
-                with torch.inference_mode():
+                with torch.inference_mode(), one_row_at_a_time(model, ROW_BY_ROW if len(prompts) > 1 else ()):
                     model.generate(**kwargs)
             except BaseException as e:  # surfaced in the caller's thread below
                 errors.append(e)
@@ -184,6 +192,62 @@ class ChatEngine:
             thread.join()
         if errors:
             raise errors[0]
+
+
+@contextmanager
+def one_row_at_a_time(model, parts: Sequence[str]):
+    """Within the block, the chosen parts of `model` compute each batch row on its own (see ROW_BY_ROW)."""
+    import torch
+
+    def split(forward):
+        def each_row(x, *args, **kwargs):
+            if x.dim() < 3 or x.shape[0] == 1:
+                return forward(x, *args, **kwargs)
+            return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(x.shape[0])])
+        return each_row
+
+    patched = []
+    configs = []
+    try:
+        for m in model.modules() if parts else ():
+            # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
+            if ("linear" in parts and isinstance(m, torch.nn.Linear)) or (
+                    "norm" in parts and type(m).__name__.endswith("RMSNorm")):
+                patched.append((m, m.__dict__.get("forward")))
+                m.forward = split(m.forward)
+        if "attention" in parts:
+            _register_rows_attention()
+            for m in model.modules():
+                c = getattr(m, "config", None)
+                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
+                    configs.append((c, c._attn_implementation))
+                    c._attn_implementation = ROWS_ATTENTION
+        yield
+    finally:
+        for m, own in patched:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
+        for c, name in configs:
+            c._attn_implementation = name
+
+
+def _register_rows_attention() -> None:
+    """An attention implementation that runs sdpa one batch row at a time, with the sdpa mask."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
+        outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1], value[i:i + 1],
+                                       None if attention_mask is None else attention_mask[i:i + 1], **kwargs)[0]
+                for i in range(query.shape[0])]
+        return torch.cat(outs), None
+
+    AttentionInterface.register(ROWS_ATTENTION, rows_sdpa)
+    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
 
 
 class RowStreamer:

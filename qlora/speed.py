@@ -19,6 +19,9 @@ LIGER = dict(norm_h=4, attn_h=8, mlp_i=4)
 #   lean (below, plain torch): each RMSNorm keeps its 16-bit input and one fp32 scale a token (2h), SiLU*up keeps
 #   gate and up and recomputes silu in backward (4i). Same memory as liger without Triton's per-launch CPU cost.
 LEAN = dict(norm_h=4, attn_h=8, mlp_i=4)
+#   fused (qlora/fused.py): the layer input and the post-attention residual (4h), q, k, v and the attention output
+#   (8h), two fp32 scales and lora_A's rank-r outputs; norms, dropout masks and the MLP recompute in backward.
+FUSED = dict(norm_h=4, attn_h=8, mlp_i=0)
 WORKSPACE_GIB = 0.5  # the fused LM head's chunks, cuBLAS workspaces (the estimate ran 1-1.5 GiB high at 1.0)
 HEADROOM = 0.90  # plan to at most this share of the budget: allocator fragmentation varies by batch
 
@@ -32,6 +35,7 @@ class Arch:
     intermediate: int
     vocab: int
     params: int  # all parameters of the base model
+    model_type: str = ""
 
     @classmethod
     def of(cls, config) -> "Arch":
@@ -41,7 +45,8 @@ class Arch:
         attn = h * h * 2 + 2 * h * (h // heads) * kv
         per_layer = attn + 3 * h * i
         embed = v * h * (1 if c.get("tie_word_embeddings") else 2)
-        return cls(layers=n, hidden=h, intermediate=i, vocab=v, params=n * per_layer + embed)
+        return cls(layers=n, hidden=h, intermediate=i, vocab=v, params=n * per_layer + embed,
+                   model_type=c.get("model_type", ""))
 
 
 @dataclass
@@ -54,6 +59,7 @@ class Plan:
     lean: bool = False  # RMSNorm and SiLU*up that keep only their 16-bit inputs for backward (less memory)
     compile: bool = False  # RMSNorm, SiLU*up and RoPE as torch.compile'd kernels (fewer launches; eager if it fails)
     causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
+    fused: bool = False  # Llama decoder layers that do not checkpoint run as one hand-written autograd node (fused.py)
     padding_free: bool | None = None  # None: as the config says
     lora_fp32: bool | None = None  # None: fp32 unless bf16 (fp16's grad scaler needs fp32 master weights)
     estimated_peak_gib: float | None = None
@@ -87,20 +93,26 @@ def liger_available() -> bool:
 
 
 # --- memory model ----------------------------------------------------------------------------------------
-def activation_bytes_per_token(arch: Arch, cfg, liger: bool) -> float:
-    """Bytes one token keeps for backward in one decoder layer that does not recompute (liger: or lean)."""
-    k = LIGER if liger else STOCK
+def _lora_widths(arch: Arch, cfg) -> dict[str, int]:
     h, i = arch.hidden, arch.intermediate
+    widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": i}
+    return widths if cfg.target_modules == ["all-linear"] else {t: widths.get(t, h) for t in cfg.target_modules}
+
+
+def activation_bytes_per_token(arch: Arch, cfg, liger: bool, fused: bool = False) -> float:
+    """Bytes one token keeps for backward in one decoder layer that does not recompute (liger: or lean)."""
+    h, i = arch.hidden, arch.intermediate
+    if fused:  # dropout masks are redrawn in backward, not kept
+        return (FUSED["norm_h"] + FUSED["attn_h"]) * h + 8 + 2 * cfg.lora_r * len(_lora_widths(arch, cfg))
+    k = LIGER if liger else STOCK
     total = (k["norm_h"] + k["attn_h"]) * h + k["mlp_i"] * i
     if cfg.lora_dropout > 0:  # a dropped copy of the input (2 bytes) and its mask (1 byte) per LoRA target
-        widths = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": h, "gate_proj": h, "up_proj": h, "down_proj": i}
-        targets = widths if cfg.target_modules == ["all-linear"] else {t: widths.get(t, h) for t in cfg.target_modules}
-        total += 3 * sum(targets.values())
+        total += 3 * sum(_lora_widths(arch, cfg).values())
     return total
 
 
 def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quantized: bool = True,
-                      lora_fp32: bool = True) -> float:
+                      lora_fp32: bool = True, fused: bool = False) -> float:
     """Peak GPU memory of one run: weights, LoRA state, activations of the longest batch, workspace."""
     weight_bytes = arch.params * (0.5 + 4 / 64) if quantized else arch.params * 2  # nf4 + fp32 absmax per 64
     weight_bytes += arch.vocab * arch.hidden * 2 * 2 * (1 if quantized else 0)  # embeddings and head stay 16-bit
@@ -110,9 +122,12 @@ def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quan
     tokens = cfg.batch_size * cfg.max_length  # group_by_length runs the longest batch first; rows are pre-truncated
     per_layer = activation_bytes_per_token(arch, cfg, liger) * tokens
     kept = arch.layers - checkpoint_layers
-    acts = kept * per_layer + checkpoint_layers * 2 * arch.hidden * tokens
+    kept_per_layer = activation_bytes_per_token(arch, cfg, liger, fused) * tokens if fused else per_layer
+    acts = kept * kept_per_layer + checkpoint_layers * 2 * arch.hidden * tokens
     if checkpoint_layers:
         acts += per_layer  # one layer's activations exist again while it recomputes
+    if fused and kept:
+        acts += 12 * arch.intermediate * tokens  # a fused layer's backward: the recomputed MLP and its grads
     return (weight_bytes + lora_bytes + acts) / GIB + WORKSPACE_GIB
 
 
@@ -139,11 +154,15 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     p = Plan(precision=precision, liger=liger, lean=not liger, compile=False,
              causal_attention=not cfg.padding_free, lora_fp32=lora_fp32, padding_free=cfg.padding_free,
              budget_gib=budget_gib)
+    # the fused layer reproduces Llama's decoder layer on right-padded batches exactly; other models keep theirs
+    p.fused = p.causal_attention and arch.model_type == "llama"
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
     p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else
                    "lean RMSNorm and SiLU*up (keep 16-bit inputs)" + (", compiled with RoPE" if p.compile else ""))
     if p.causal_attention:
         p.notes.append("right-padded batches: sdpa is_causal without a mask, flash kernel (not cuDNN)")
+    if p.fused:
+        p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward)")
     quantized = cfg.quantize == "nf4"
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0
@@ -153,13 +172,13 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         limit = (budget_gib or 0) * HEADROOM
         p.checkpoint_layers = arch.layers
         for k in range(arch.layers + 1):
-            if estimate_peak_gib(arch, cfg, k, liger or p.lean, quantized, lora_fp32) <= limit:
+            if estimate_peak_gib(arch, cfg, k, liger or p.lean, quantized, lora_fp32, p.fused) <= limit:
                 p.checkpoint_layers = k
                 break
         p.notes.append(f"gradient checkpointing on {p.checkpoint_layers} of {arch.layers} layers "
                        f"(budget {budget_gib:.1f} GiB)")
     p.estimated_peak_gib = round(estimate_peak_gib(arch, cfg, p.checkpoint_layers, liger or p.lean, quantized,
-                                                   lora_fp32), 2)
+                                                   lora_fp32, p.fused), 2)
     return p
 
 
@@ -219,6 +238,15 @@ def after_trainer(trainer, p: Plan) -> None:
                 param.data = param.data.to(dtype)
     if p.checkpoint_layers > 0:
         trainer.add_callback(_checkpoint_some_layers(p.checkpoint_layers))
+    if p.fused:
+        from . import fused
+
+        try:
+            layers = fused.install(trainer.model)  # layers that checkpoint keep their own forward (fused.py)
+            p.notes.append(f"{layers} decoder layers fused")
+        except fused.NotFusable as e:
+            p.fused = False
+            p.notes.append(f"not fused: {e}")
 
 
 def decoder_layers(model) -> list:

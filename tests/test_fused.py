@@ -1,0 +1,171 @@
+"""The fused decoder layer (qlora/fused.py) computes transformers' + peft's loss and LoRA gradients, on the real
+4-bit path, and trains the same run through build_trainer."""
+from __future__ import annotations
+
+import pytest
+
+from qlora import fused, speed
+
+SEED = 1234
+
+
+def loss_and_grads(model_dir, fuse: bool, dropout: float, targets, quantize="nf4", monkeypatch=None,
+                   precision="fp32"):
+    """One forward/backward of a LoRA model on fixed ids. With dropout, both paths drop the same units: the fused
+    layer draws its masks from a fixed seed, and the stock model's peft dropout modules are given those masks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.model import load_base
+
+    torch.manual_seed(0)
+    model = load_base(str(model_dir), quantize, precision)
+    speed.register_causal_attention()
+    model.config._attn_implementation = speed.CAUSAL_ATTENTION
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                                                  task_type="CAUSAL_LM"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would leave A's gradient zero too
+            torch.nn.init.normal_(param, std=0.05)
+    if fuse:
+        monkeypatch.setattr(fused, "draw_seed", lambda: SEED)
+        assert fused.install(peft_model) == 2
+    elif dropout:
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+                module.lora_dropout["default"] = SameMask(dropout, fused.PROJECTIONS.index(name.split(".")[-1]))
+    peft_model.train()
+    ids = torch.randint(3, 32000, (2, 12), generator=torch.Generator().manual_seed(1)).to(model.device)
+    with torch.autocast(model.device.type, dtype=model.dtype, enabled=precision != "fp32"):  # as the Trainer does
+        loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.grad is not None}
+
+
+def SameMask(p, index):
+    """A stand-in for peft's nn.Dropout that drops what the fused layer drops."""
+    import torch
+
+    class Mask(torch.nn.Module):
+        def forward(self, x):
+            return x * fused._keep_mask(x, p, SEED, index)
+
+    return Mask()
+
+
+@pytest.fixture(scope="module")
+def gqa_llama_dir(tmp_path_factory):
+    """Like the tiny Llama of conftest, but 4 query heads share 2 key/value heads (SmolLM2 and Llama 3 do this)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gqa-llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    dict(dropout=0.0, targets="all-linear"),
+    dict(dropout=0.1, targets="all-linear"),
+    dict(dropout=0.1, targets=["q_proj", "v_proj"]),  # the reference recipe's targets
+    dict(dropout=0.1, targets=["q_proj", "v_proj"], quantize="none"),  # 16-bit frozen weights
+    dict(dropout=0.1, targets=["k_proj", "down_proj"], gqa=True),
+])
+def test_the_fused_layer_gives_the_loss_and_lora_gradients_of_transformers_and_peft(case, tiny_llama_dir,
+                                                                                    gqa_llama_dir, monkeypatch):
+    import torch
+
+    case = dict(case)
+    model_dir = gqa_llama_dir if case.pop("gqa", False) else tiny_llama_dir
+    ref_loss, ref = loss_and_grads(model_dir, False, **case)
+    loss, got = loss_and_grads(model_dir, True, monkeypatch=monkeypatch, **case)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert got.keys() == ref.keys() and all("lora_" in n for n in got) and len(got) >= 8
+    for name in ref:
+        assert got[name].abs().max() > 0, name
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_on_the_gpu_the_fused_layer_matches_within_16_bit_rounding(precision, tiny_llama_dir, monkeypatch):
+    """The GPU path: flash attention, bitsandbytes' CUDA dequantize, autocast. Grads agree to 16-bit rounding."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    ref_loss, ref = loss_and_grads(tiny_llama_dir, False, 0.1, "all-linear", precision=precision)
+    loss, got = loss_and_grads(tiny_llama_dir, True, 0.1, "all-linear", monkeypatch=monkeypatch, precision=precision)
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
+    for name in ref:
+        error = ((got[name].float() - ref[name].float()).norm() / ref[name].float().norm()).item()
+        print(f"{precision} {name}: relative error {error:.2e}")
+        assert error < 3e-2, name
+
+
+def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):
+    """The masks really drop units, and backward uses the masks forward used (not fresh ones)."""
+    import torch
+
+    _, a = loss_and_grads(tiny_llama_dir, True, 0.5, "all-linear", monkeypatch=monkeypatch)
+    _, b = loss_and_grads(tiny_llama_dir, True, 0.5, "all-linear", monkeypatch=monkeypatch)
+    for name in a:  # the same seed twice: the same gradients
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    monkeypatch.setattr(globals()["fused"], "_keep_mask", _shifted(fused._keep_mask))
+    _, c = loss_and_grads(tiny_llama_dir, True, 0.5, "all-linear", monkeypatch=monkeypatch)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def _shifted(keep_mask):
+    def other_draw(x, p, seed, index):
+        return keep_mask(x, p, seed + 1, index)
+    return other_draw
+
+
+def test_layers_that_cannot_be_fused_are_refused_before_any_is_changed(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.model import load_base
+
+    model = get_peft_model(load_base(str(tiny_llama_dir), "nf4", "fp32"),
+                           LoraConfig(r=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"))
+    with pytest.raises(fused.NotFusable, match="DoRA"):
+        fused.install(model)
+    assert not any(hasattr(m, "_qlora_parts") for m in model.modules())
+
+
+def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg, tmp_path):
+    """Through build_trainer and SFTTrainer: the same losses step after step, so the LoRA grads reach the optimizer.
+    Eval mode (generation, evaluation) falls back to the layer's own forward."""
+    import torch
+
+    from test_speed import first_losses
+
+    cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    stock, _ = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
+    plan = speed.Plan(precision="fp32", causal_attention=True, fused=True)
+    mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
+    assert "2 decoder layers fused" in plan.notes
+    assert len(mine) == 4 and mine[-1] < mine[0]
+    assert mine == pytest.approx(stock, rel=1e-4)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([[1, 450, 7035]]), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_the_plan_fuses_llama_and_then_needs_no_checkpointing_for_the_7b_recipe_on_a_t4():
+    from qlora.config import TrainConfig
+    from test_speed import LLAMA_7B
+
+    llama = speed.Arch.of(dict(LLAMA_7B, model_type="llama"))
+    for precision in ("fp16", "bf16"):
+        p = speed.plan(TrainConfig(), llama, precision, budget_gib=15, cuda=True)
+        assert p.fused and p.checkpoint_layers == 0 and p.estimated_peak_gib <= 15 * speed.HEADROOM
+    # other architectures keep their own layers; packed rows need a block mask, which the fused layer has not
+    assert not speed.plan(TrainConfig(), speed.Arch.of(LLAMA_7B), "bf16", budget_gib=15, cuda=True).fused
+    assert not speed.plan(TrainConfig(padding_free=True), llama, "bf16", budget_gib=15, cuda=True).fused
+    # a long max_length still brings checkpointing back where the estimate does not fit
+    assert speed.plan(TrainConfig(max_length=4096), llama, "fp16", budget_gib=15, cuda=True).checkpoint_layers > 0
