@@ -36,6 +36,30 @@ class Projection:
     scaling: float = 1.0
     dropout: float = 0.0
 
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+@dataclass
+class Packed:
+    """The 4-bit weights of projections that read the same input (q/k/v, gate/up), stored back to back: one
+    dequantize and one matmul instead of three or two. The modules' own weights become views of this storage."""
+
+    data: object  # packed nf4 bytes, (n, 1) uint8
+    absmax: object  # one fp32 scale per block
+    shape: tuple
+    dtype: object
+    blocksize: int
+    quant_type: str
+
+    def weight(self, dtype):
+        import torch
+
+        w = torch.ops.bitsandbytes.dequantize_4bit.default(self.data, self.absmax, self.blocksize, self.quant_type,
+                                                             self.shape, self.dtype)
+        return w if w.dtype == dtype else w.to(dtype)
+
 
 @dataclass
 class LayerParts:
@@ -49,6 +73,8 @@ class LayerParts:
     head_dim: int
     scale: float
     trainable: list = field(default_factory=list)  # A, B of every adapted projection, in PROJECTIONS order
+    qkv: Packed | None = None
+    gate_up: Packed | None = None
 
 
 # --- finding the parts -----------------------------------------------------------------------------------
@@ -100,11 +126,39 @@ def layer_parts(layer) -> LayerParts:
     return parts
 
 
+def pack(projections: list[Projection]) -> Packed | None:
+    """Put the 4-bit weights of `projections` back to back (see Packed); None where they are not plain nf4/fp4 of one
+    kind (16-bit weights, nested quantization), which then stay apart."""
+    import torch
+
+    states = [getattr(p.base.weight, "quant_state", None) for p in projections]
+    if any(s is None or s.nested for s in states):
+        return None
+    first = states[0]
+    if any((s.blocksize, s.quant_type, s.dtype, s.shape[1]) != (first.blocksize, first.quant_type, first.dtype,
+                                                                 first.shape[1]) for s in states):
+        return None
+    if any(s.shape[0] * s.shape[1] % s.blocksize for s in states):  # blocks must not straddle two weights
+        return None
+    data = torch.cat([p.base.weight.data.reshape(-1, 1) for p in projections])
+    absmax = torch.cat([s.absmax for s in states])
+    at, block_at = 0, 0
+    for p, s in zip(projections, states):  # the modules keep working on views of the packed storage
+        n, blocks = p.base.weight.data.numel(), s.absmax.numel()
+        p.base.weight.data = data[at:at + n]
+        s.absmax = absmax[block_at:block_at + blocks]
+        at, block_at = at + n, block_at + blocks
+    return Packed(data, absmax, (sum(s.shape[0] for s in states), first.shape[1]), first.dtype, first.blocksize,
+                  first.quant_type)
+
+
 def install(model) -> int:
     """Give every Llama decoder layer of `model` the fused training forward; returns how many layers took it."""
     layers = [(m, layer_parts(m)) for m in model.modules()  # every layer checked before any is changed
               if type(m).__name__ == "LlamaDecoderLayer" and not hasattr(m, "_qlora_parts")]
     for module, parts in layers:
+        parts.qkv = pack([parts.proj[n] for n in ("q_proj", "k_proj", "v_proj")])
+        parts.gate_up = pack([parts.proj[n] for n in ("gate_proj", "up_proj")])
         module._qlora_parts = parts
         module._qlora_stock_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
@@ -159,34 +213,67 @@ def _keep_mask(x, p: float, seed: int, index: int):
     return torch.empty_like(x).bernoulli_(1 - p, generator=gen).mul_(1 / (1 - p))
 
 
-def _project(P: Projection, x, seed: int):
-    """base(x) + lora_B(lora_A(dropout(x))) * scaling; also returns lora_A's output (kept for backward)."""
+def _lora(P: Projection, x, seed: int):
+    """lora_B(lora_A(dropout(x))) * scaling, and lora_A's output (kept for backward). The scaling multiplies the
+    rank-r activations rather than the full-width output: the same product, on a tensor out/r times smaller."""
     import torch.nn.functional as F
 
-    y = F.linear(x, _weight(P.base, x.dtype))
-    if P.A is None:
-        return y, None
     xd = x * _keep_mask(x, P.dropout, seed, P.index) if P.dropout else x
     t = F.linear(xd, P.A.to(x.dtype))
-    return y + F.linear(t, P.B.to(x.dtype)) * P.scaling, t
+    return F.linear(t * P.scaling, P.B.to(x.dtype)), t
 
 
-def _project_backward(P: Projection, dy, x, t, seed: int, grads: dict):
-    """d(input) of _project; the LoRA weights' grads go into `grads`."""
-    import torch
-
-    dx = torch.matmul(dy, _weight(P.base, dy.dtype))
-    if P.A is None:
-        return dx
-    ds = (dy * P.scaling).flatten(0, -2)
-    t2 = t.flatten(0, -2)
+def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict):
+    """d(input) through the LoRA branch; the LoRA weights' grads go into `grads`."""
+    dy2, t2 = dy.flatten(0, -2), t.flatten(0, -2)
     keep = _keep_mask(x, P.dropout, seed, P.index) if P.dropout else None
     xd = (x * keep if keep is not None else x).flatten(0, -2)
-    grads[id(P.B)] = (ds.t() @ t2).to(P.B.dtype)
-    dt = ds @ P.B.to(dy.dtype)
+    grads[id(P.B)] = (dy2.t() @ (t2 * P.scaling)).to(P.B.dtype)
+    dt = (dy2 @ P.B.to(dy.dtype)) * P.scaling
     grads[id(P.A)] = (dt.t() @ xd).to(P.A.dtype)
-    dxd = (dt @ P.A.to(dy.dtype)).view_as(dx)
-    return dx + (dxd * keep if keep is not None else dxd)
+    dxd = (dt @ P.A.to(dy.dtype)).view(*dy.shape[:-1], -1)
+    return dxd * keep if keep is not None else dxd
+
+
+def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, t_saved=None):
+    """The outputs of projections reading the same x, and their lora_A outputs. With `t_saved` (backward's
+    recompute), LoRA reuses the kept lora_A outputs instead of redrawing dropout. Also returns the frozen weight
+    when it was one packed matrix, so backward can reuse it."""
+    import torch.nn.functional as F
+
+    if packed is not None:
+        w = packed.weight(x.dtype)
+        ys = list(F.linear(x, w).split([p.out_features for p in projs], dim=-1))
+    else:
+        w, ys = None, [F.linear(x, _weight(p.base, x.dtype)) for p in projs]
+    ts = []
+    for i, p in enumerate(projs):
+        if p.A is None:
+            ts.append(None)
+        elif t_saved is not None:
+            ts.append(t_saved[i])
+            ys[i] = ys[i] + F.linear(t_saved[i] * p.scaling, p.B.to(x.dtype))
+        else:
+            delta, t = _lora(p, x, seed)
+            ys[i] = ys[i] + delta
+            ts.append(t)
+    return ys, ts, w
+
+
+def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, ts: list, seed: int, grads: dict,
+                  w=None):
+    """d(x) for projections reading the same x: one matmul against the packed weight, or one per projection."""
+    import torch
+
+    if packed is not None:
+        w = w if w is not None else packed.weight(dys[0].dtype)
+        dx = torch.matmul(torch.cat(dys, dim=-1), w)
+    else:
+        dx = sum(torch.matmul(dy, _weight(p.base, dy.dtype)) for p, dy in zip(projs, dys))
+    for p, dy, t in zip(projs, dys, ts):
+        if p.A is not None:
+            dx = dx + _lora_backward(p, dy, x, t, seed, grads)
+    return dx
 
 
 def _norm(h, norm, r=None):
@@ -261,24 +348,22 @@ def _layer_function():
         @staticmethod
         def forward(ctx, h, cos, sin, parts: LayerParts, seed: int, *trainable):
             P = parts.proj
+            qkv, gate_up = [P[n] for n in ("q_proj", "k_proj", "v_proj")], [P["gate_proj"], P["up_proj"]]
             b, s, _ = h.shape
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             with _autocast_off(h.device):
                 x, r1 = _norm(h, parts.norm_in)
-                q, tq = _project(P["q_proj"], x, seed)
-                k, tk = _project(P["k_proj"], x, seed)
-                v, tv = _project(P["v_proj"], x, seed)
+                (q, k, v), (tq, tk, tv), _ = _project_all(qkv, parts.qkv, x, seed)
                 q = _rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2), cos, sin)
                 k = _rope(k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin)
                 v = v.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2)
                 q, k, v, o = _attention(parts, q, k, v)
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
-                a, to = _project(P["o_proj"], attn, seed)
+                (a,), (to,), _ = _project_all([P["o_proj"]], None, attn, seed)
                 h2 = h + a
                 y, r2 = _norm(h2, parts.norm_post)
-                g, tg = _project(P["gate_proj"], y, seed)
-                u, tu = _project(P["up_proj"], y, seed)
-                d, td = _project(P["down_proj"], F.silu(g) * u, seed)
+                (g, u), (tg, tu), _ = _project_all(gate_up, parts.gate_up, y, seed)
+                (d,), (td,), _ = _project_all([P["down_proj"]], None, F.silu(g) * u, seed)
                 out = h2 + d
             ctx.parts, ctx.seed = parts, seed
             ctx.attention = (q, k, v, o)  # o carries its own little graph back to q, k, v
@@ -290,6 +375,7 @@ def _layer_function():
         def backward(ctx, dout):
             parts, seed = ctx.parts, ctx.seed
             P = parts.proj
+            qkv, gate_up = [P[n] for n in ("q_proj", "k_proj", "v_proj")], [P["gate_proj"], P["up_proj"]]
             h, r1, h2, r2, cos, sin, *ts = ctx.saved_tensors
             tq, tk, tv, to, tg, tu, td = (t if t.numel() else None for t in ts)
             q, k, v, o = ctx.attention
@@ -297,23 +383,21 @@ def _layer_function():
             dout = dout.to(h.dtype)
             grads: dict = {}
             with _autocast_off(h.device):
-                # MLP, recomputed from the saved residual: norm, gate, up, SiLU*up
+                # MLP, recomputed from the saved residual: norm, gate and up (with the kept lora_A outputs), SiLU*up
                 y, _ = _norm(h2, parts.norm_post, r2)
-                g, _ = _recompute(P["gate_proj"], y, tg)
-                u, _ = _recompute(P["up_proj"], y, tu)
+                (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, t_saved=(tg, tu))
                 sg = F.silu(g)
-                dm = _project_backward(P["down_proj"], dout, sg * u, td, seed, grads)
+                dm = _backward_all([P["down_proj"]], None, [dout], sg * u, [td], seed, grads)
                 dg = torch.ops.aten.silu_backward(dm * u, g)
                 du = dm * sg
                 del g, u, sg, dm
-                dy = _project_backward(P["gate_proj"], dg, y, tg, seed, grads)
-                dy += _project_backward(P["up_proj"], du, y, tu, seed, grads)
-                del dg, du
+                dy = _backward_all(gate_up, parts.gate_up, [dg, du], y, [tg, tu], seed, grads, w_gate_up)
+                del dg, du, w_gate_up
                 dh2 = dout + _norm_backward(dy, h2, r2, parts.norm_post)
                 del dy
                 # attention
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
-                da = _project_backward(P["o_proj"], dh2, attn, to, seed, grads)
+                da = _backward_all([P["o_proj"]], None, [dh2], attn, [to], seed, grads)
                 do = da.view(b, s, parts.heads, parts.head_dim).transpose(1, 2)
                 dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
                 ctx.attention = None
@@ -321,23 +405,11 @@ def _layer_function():
                 dk = _rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, -1)
                 dv = dv.transpose(1, 2).reshape(b, s, -1)
                 x, _ = _norm(h, parts.norm_in, r1)
-                dx = _project_backward(P["q_proj"], dq, x, tq, seed, grads)
-                dx += _project_backward(P["k_proj"], dk, x, tk, seed, grads)
-                dx += _project_backward(P["v_proj"], dv, x, tv, seed, grads)
+                dx = _backward_all(qkv, parts.qkv, [dq, dk, dv], x, [tq, tk, tv], seed, grads)
                 dh = dh2 + _norm_backward(dx, h, r1, parts.norm_in) if ctx.needs_input_grad[0] else None
             return (dh, None, None, None, None, *[grads.get(id(t)) for t in parts.trainable])
 
     return LayerFunction
-
-
-def _recompute(P: Projection, x, t):
-    """_project again in backward, from the kept lora_A output instead of redrawing the dropout."""
-    import torch.nn.functional as F
-
-    y = F.linear(x, _weight(P.base, x.dtype))
-    if P.A is None:
-        return y, None
-    return y + F.linear(t, P.B.to(x.dtype)) * P.scaling, t
 
 
 class _LayerFunction:

@@ -124,6 +124,27 @@ def _shifted(keep_mask):
     return other_draw
 
 
+def test_packing_q_k_v_and_gate_up_leaves_the_modules_own_forward_unchanged(tiny_llama_dir):
+    """The 4-bit weights move into one storage per group; the modules read views of it, so eval mode (generation,
+    checkpointed layers) computes exactly what it did before."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from qlora.model import load_base
+
+    model = get_peft_model(load_base(str(tiny_llama_dir), "nf4", "fp32"),
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).eval()
+    ids = torch.randint(3, 32000, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert fused.install(model) == 2
+    layers = [m for m in model.modules() if hasattr(m, "_qlora_parts")]
+    assert all(m._qlora_parts.qkv is not None and m._qlora_parts.gate_up is not None for m in layers)
+    assert layers[0]._qlora_parts.qkv.shape == (3 * 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
 def test_layers_that_cannot_be_fused_are_refused_before_any_is_changed(tiny_llama_dir):
     from peft import LoraConfig, get_peft_model
 
