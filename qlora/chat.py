@@ -28,7 +28,8 @@ MIN_NEW_TOKENS = 2
 # then flips a greedy token and the batched pane drifts from what the adapter alone would say. In the 2-row pass these
 # parts run one row at a time, exactly as in a 1-row generate; everything else (and all the Python around it) is
 # shared. "linear": every frozen Linear and the LM head; "attention": the attention kernel; "norm": RMSNorm.
-ROW_BY_ROW = ("linear", "attention")
+# Measured on the H100 (bench/README.md): all three are needed for identical greedy outputs, and the pass stays ~2x.
+ROW_BY_ROW = ("linear", "attention", "norm")
 ROWS_ATTENTION = "qlora_rows"
 
 
