@@ -91,18 +91,24 @@ def test_the_fused_layer_gives_the_loss_and_lora_gradients_of_transformers_and_p
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_on_the_gpu_the_fused_layer_matches_within_16_bit_rounding(precision, tiny_llama_dir, monkeypatch):
-    """The GPU path: flash attention, bitsandbytes' CUDA dequantize, autocast. Grads agree to 16-bit rounding."""
+def test_on_the_gpu_the_fused_layer_is_as_accurate_as_the_stock_one(precision, tiny_llama_dir, monkeypatch):
+    """The GPU path: flash attention, bitsandbytes' CUDA dequantize, autocast. In 16-bit both paths round; measured
+    against the same model in fp32, the fused layer's LoRA grads are no further off than transformers' + peft's."""
     import torch
 
     torch.backends.cuda.enable_cudnn_sdp(False)
+    exact_loss, exact = loss_and_grads(tiny_llama_dir, True, 0.1, "all-linear", monkeypatch=monkeypatch)
     ref_loss, ref = loss_and_grads(tiny_llama_dir, False, 0.1, "all-linear", precision=precision)
     loss, got = loss_and_grads(tiny_llama_dir, True, 0.1, "all-linear", monkeypatch=monkeypatch, precision=precision)
-    assert abs(loss.item() - ref_loss.item()) < 1e-2 * abs(ref_loss.item())
-    for name in ref:
-        error = ((got[name].float() - ref[name].float()).norm() / ref[name].float().norm()).item()
-        print(f"{precision} {name}: relative error {error:.2e}")
-        assert error < 3e-2, name
+    assert abs(loss.item() - exact_loss.item()) <= abs(ref_loss.item() - exact_loss.item()) + 1e-2
+
+    def error(grads, name):
+        return ((grads[name].float() - exact[name]).norm() / exact[name].norm()).item()
+
+    for name in exact:
+        mine, stock = error(got, name), error(ref, name)
+        print(f"{precision} {name}: relative error fused {mine:.2e}, stock {stock:.2e}")
+        assert mine <= 1.5 * stock + 2e-3, name
 
 
 def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):
