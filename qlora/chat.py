@@ -27,7 +27,8 @@ MIN_NEW_TOKENS = 2
 # and cuBLAS by the number of rows, flash attention's split of the keys by batch x heads. A near-tie in the logits
 # then flips a greedy token and the batched pane drifts from what the adapter alone would say. In the 2-row pass these
 # parts run one row at a time, exactly as in a 1-row generate; everything else (and all the Python around it) is
-# shared. "linear": every frozen Linear and the LM head; "attention": the attention kernel; "norm": RMSNorm.
+# shared. "linear": every frozen Linear and the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model);
+# "attention": the attention kernel; "norm": RMSNorm.
 # Measured on the H100 (bench/README.md): all three are needed for identical greedy outputs, and the pass stays ~2x.
 ROW_BY_ROW = ("linear", "attention", "norm")
 ROWS_ATTENTION = "qlora_rows"
@@ -212,8 +213,10 @@ def one_row_at_a_time(model, parts: Sequence[str]):
     try:
         for m in model.modules() if parts else ():
             # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
-            if ("linear" in parts and isinstance(m, torch.nn.Linear)) or (
-                    "norm" in parts and type(m).__name__.endswith("RMSNorm")):
+            linear = isinstance(m, torch.nn.Linear)
+            if ((linear and "linear" in parts)
+                    or (linear and "head" in parts and getattr(m.weight, "quant_state", None) is None)
+                    or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
                 patched.append((m, m.__dict__.get("forward")))
                 m.forward = split(m.forward)
         if "attention" in parts:
