@@ -28,9 +28,10 @@ MIN_NEW_TOKENS = 2
 # then flips a greedy token and the batched pane drifts from what the adapter alone would say. In the 2-row pass these
 # parts run one row at a time, exactly as in a 1-row generate; everything else (and all the Python around it) is
 # shared. "linear": every frozen Linear and the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model);
-# "attention": the attention kernel; "norm": RMSNorm.
-# Measured on the H100 (bench/README.md): all three are needed for identical greedy outputs, and the pass stays ~2x.
-ROW_BY_ROW = ("linear", "attention", "norm")
+# "linear-prefill": the 4-bit ones on the prompt only; "attention": the attention kernel; "norm": RMSNorm.
+# Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
+# identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
+ROW_BY_ROW = ("head", "linear-prefill", "norm")
 ROWS_ATTENTION = "qlora_rows"
 
 
@@ -201,9 +202,9 @@ def one_row_at_a_time(model, parts: Sequence[str]):
     """Within the block, the chosen parts of `model` compute each batch row on its own (see ROW_BY_ROW)."""
     import torch
 
-    def split(forward):
+    def split(forward, prefill_only=False):
         def each_row(x, *args, **kwargs):
-            if x.dim() < 3 or x.shape[0] == 1:
+            if x.dim() < 3 or x.shape[0] == 1 or (prefill_only and x.shape[1] == 1):
                 return forward(x, *args, **kwargs)
             return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(x.shape[0])])
         return each_row
@@ -214,11 +215,13 @@ def one_row_at_a_time(model, parts: Sequence[str]):
         for m in model.modules() if parts else ():
             # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
             linear = isinstance(m, torch.nn.Linear)
-            if ((linear and "linear" in parts)
-                    or (linear and "head" in parts and getattr(m.weight, "quant_state", None) is None)
+            four_bit = linear and getattr(m.weight, "quant_state", None) is not None
+            prefill_only = four_bit and "linear-prefill" in parts and "linear" not in parts
+            if ((linear and "linear" in parts) or prefill_only
+                    or (linear and not four_bit and "head" in parts)
                     or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
                 patched.append((m, m.__dict__.get("forward")))
-                m.forward = split(m.forward)
+                m.forward = split(m.forward, prefill_only)
         if "attention" in parts:
             _register_rows_attention()
             for m in model.modules():
