@@ -135,7 +135,8 @@ def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quan
 def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None, cuda: bool | None = None,
          liger: bool = False) -> Plan:
     """The fast settings for this card: precision as picked (bf16 LoRA weights where the card has bf16), flash
-    attention on right-padded batches, and gradient checkpointing on only as many layers as the memory budget needs.
+    attention on right-padded batches, Llama decoder layers fused into one autograd node each (qlora/fused.py: fewer
+    launches, less kept for backward), and gradient checkpointing on only as many layers as the memory budget needs.
 
     liger-kernel is off by default: on the H100 its Triton launches cost more CPU time than its kernels save, and
     this job is bound by the CPU issuing kernels (bench/README.md), so it made the step slower."""
