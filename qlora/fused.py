@@ -178,7 +178,7 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
     # one draw from the CPU generator seeds this call's dropout masks: reproducible under the Trainer's seed, and
     # backward regenerates the same masks instead of keeping them
     seed = draw_seed() if any(p.dropout for p in self._qlora_parts.proj.values()) else 0
-    return _LayerFunction.apply(hidden_states, cos, sin, self._qlora_parts, seed, *self._qlora_parts.trainable)
+    return _apply_layer(hidden_states, cos, sin, self._qlora_parts, seed, *self._qlora_parts.trainable)
 
 
 def draw_seed() -> int:
@@ -334,12 +334,6 @@ def _autocast_off(device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-class _Function:
-    """Built on first use, so importing this module does not import torch."""
-
-    cls = None
-
-
 def _layer_function():
     import torch
     import torch.nn.functional as F
@@ -412,9 +406,11 @@ def _layer_function():
     return LayerFunction
 
 
-class _LayerFunction:
-    @staticmethod
-    def apply(*args):
-        if _Function.cls is None:
-            _Function.cls = _layer_function()
-        return _Function.cls.apply(*args)
+_BUILT: list = []
+
+
+def _apply_layer(*args):
+    """LayerFunction.apply; the class is built on first use, so importing this module does not import torch."""
+    if not _BUILT:
+        _BUILT.append(_layer_function())
+    return _BUILT[0].apply(*args)
