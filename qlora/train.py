@@ -137,7 +137,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from . import speed
@@ -172,6 +172,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         # from EventCallback's NaN check: report the real loss
         logging_nan_inf_filter=False,
     )
+    # LoRA's A matrices start random: seed them from the config, or a second run in the same process (the app)
+    # would start from other weights than the first with the same seed
+    set_seed(cfg.seed)
     peft_model = get_peft_model(model, lora_config(cfg))
     trainer = SFTTrainer(
         model=peft_model, args=args, processing_class=tokenizer,

@@ -101,3 +101,28 @@ def test_bad_dataset_fails_before_any_folder_is_written(tiny_cfg, tmp_path):
         train(cfg, events.append)
     assert isinstance(events[-1], Failed) and "line 2" in events[-1].error
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_same_seed_gives_the_same_starting_adapter_twice_in_one_process(tiny_cfg, tmp_path):
+    """The app trains many runs in one process: LoRA's random A matrices must come from the config's seed, not from
+    whatever the previous run left in the global generator."""
+    import torch
+
+    from qlora.data import prepare, tokenize
+    from qlora.model import load_base, load_tokenizer
+    from qlora.train import build_trainer
+
+    cfg = tiny_cfg()
+    tok = load_tokenizer(cfg.base_model)
+    ids = tokenize(prepare(cfg.dataset).train, tok, cfg.max_length)
+
+    def start(seed):
+        torch.manual_seed(seed * 7 + 1)  # a different global state each time, as after an earlier run
+        trainer = build_trainer(tiny_cfg(seed=seed), load_base(cfg.base_model, cfg.quantize, "fp32"), tok, ids, [],
+                                "fp32", tmp_path / f"run-{seed}-{torch.initial_seed()}")
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = start(3), start(3), start(4)
+    assert first.keys() == again.keys() and first
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
