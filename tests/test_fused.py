@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qlora import fused, speed
+from test_speed import first_losses
 
 SEED = 1234
 
@@ -170,8 +171,6 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
     Eval mode (generation, evaluation) falls back to the layer's own forward."""
     import torch
 
-    from test_speed import first_losses
-
     cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     stock, _ = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True)
@@ -183,6 +182,43 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([[1, 450, 7035]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+def test_layers_that_checkpoint_run_their_own_forward_next_to_fused_ones(tiny_cfg, tmp_path):
+    """Where memory needs checkpointing (a long max_length on a T4), the first k layers recompute with their stock
+    forward and the rest are fused: the first step's LoRA gradients are those of the plain recipe."""
+    import torch
+    from transformers import TrainerCallback
+
+    from qlora.data import prepare, tokenize
+    from qlora.model import load_base, load_tokenizer
+    from qlora.train import build_trainer
+
+    cfg = tiny_cfg(max_steps=1, lora_dropout=0.0, gradient_checkpointing=True)
+    tok = load_tokenizer(cfg.base_model)
+    ids = tokenize(prepare(cfg.dataset).train, tok, cfg.max_length)
+
+    class FirstGrads(TrainerCallback):
+        grads: dict = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def first_grads(plan):
+        trainer = build_trainer(cfg, load_base(cfg.base_model, cfg.quantize, "fp32"), tok, ids, [], "fp32",
+                                tmp_path / f"run-{id(plan)}", plan=plan)
+        trainer.add_callback(spy := FirstGrads())
+        trainer.train()
+        return spy.grads, trainer
+
+    stock, _ = first_grads(speed.Plan(precision="fp32", causal_attention=True))
+    mixed, trainer = first_grads(speed.Plan(precision="fp32", causal_attention=True, fused=True, checkpoint_layers=1))
+    layers = speed.decoder_layers(trainer.model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert all(hasattr(layer, "_qlora_parts") for layer in layers)  # fused where it does not checkpoint
+    assert mixed.keys() == stock.keys() and len(stock) == 8  # q and v, A and B, in both layers
+    for name in stock:
+        torch.testing.assert_close(mixed[name], stock[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_the_plan_fuses_llama_and_then_needs_no_checkpointing_for_the_7b_recipe_on_a_t4():
