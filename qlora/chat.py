@@ -23,12 +23,12 @@ MAX_PROMPT_TOKENS = 3072
 # A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
 # nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
 MIN_NEW_TOKENS = 2
-# On a GPU some kernels pick their algorithm (and so their rounding) by the batch size: bitsandbytes' 4-bit matmul
-# and cuBLAS by the number of rows, flash attention's split of the keys by batch x heads. A near-tie in the logits
-# then flips a greedy token and the batched pane drifts from what the adapter alone would say. In the 2-row pass these
-# parts run one row at a time, exactly as in a 1-row generate; everything else (and all the Python around it) is
-# shared. "linear": every frozen Linear and the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model);
-# "linear-prefill": the 4-bit ones on the prompt only; "attention": the attention kernel; "norm": RMSNorm.
+# On a GPU some kernels pick their algorithm (and so their rounding) by the number of rows: bitsandbytes' 4-bit
+# matmul, cuBLAS, the RMSNorm reduction. A near-tie in the logits then flips a greedy token and the batched pane drifts
+# from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
+# generate; everything else (and all the Python around it) is shared. The parts: "linear": every frozen Linear and
+# the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model); "linear-prefill": the 4-bit ones on the
+# prompt only; "attention": the attention kernel; "norm": RMSNorm.
 # Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
 # identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
 ROW_BY_ROW = ("head", "linear-prefill", "norm")
