@@ -19,6 +19,7 @@ import types
 from dataclasses import dataclass, field
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # the groups that read one input
 
 
 class NotFusable(Exception):
@@ -75,6 +76,13 @@ class LayerParts:
     trainable: list = field(default_factory=list)  # A, B of every adapted projection, in PROJECTIONS order
     qkv: Packed | None = None
     gate_up: Packed | None = None
+
+    def group(self, names) -> list[Projection]:
+        return [self.proj[n] for n in names]
+
+    @property
+    def dropout(self) -> bool:
+        return any(p.dropout for p in self.proj.values())
 
 
 # --- finding the parts -----------------------------------------------------------------------------------
@@ -157,8 +165,7 @@ def install(model) -> int:
     layers = [(m, layer_parts(m)) for m in model.modules()  # every layer checked before any is changed
               if type(m).__name__ == "LlamaDecoderLayer" and not hasattr(m, "_qlora_parts")]
     for module, parts in layers:
-        parts.qkv = pack([parts.proj[n] for n in ("q_proj", "k_proj", "v_proj")])
-        parts.gate_up = pack([parts.proj[n] for n in ("gate_proj", "up_proj")])
+        parts.qkv, parts.gate_up = pack(parts.group(QKV)), pack(parts.group(GATE_UP))
         module._qlora_parts = parts
         module._qlora_stock_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
@@ -177,7 +184,7 @@ def _fused_forward(self, hidden_states, attention_mask=None, position_ids=None, 
     cos, sin = position_embeddings
     # one draw from the CPU generator seeds this call's dropout masks: reproducible under the Trainer's seed, and
     # backward regenerates the same masks instead of keeping them
-    seed = draw_seed() if any(p.dropout for p in self._qlora_parts.proj.values()) else 0
+    seed = draw_seed() if self._qlora_parts.dropout else 0
     return _apply_layer(hidden_states, cos, sin, self._qlora_parts, seed, *self._qlora_parts.trainable)
 
 
@@ -342,7 +349,7 @@ def _layer_function():
         @staticmethod
         def forward(ctx, h, cos, sin, parts: LayerParts, seed: int, *trainable):
             P = parts.proj
-            qkv, gate_up = [P[n] for n in ("q_proj", "k_proj", "v_proj")], [P["gate_proj"], P["up_proj"]]
+            qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
             b, s, _ = h.shape
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             with _autocast_off(h.device):
@@ -369,7 +376,7 @@ def _layer_function():
         def backward(ctx, dout):
             parts, seed = ctx.parts, ctx.seed
             P = parts.proj
-            qkv, gate_up = [P[n] for n in ("q_proj", "k_proj", "v_proj")], [P["gate_proj"], P["up_proj"]]
+            qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
             h, r1, h2, r2, cos, sin, *ts = ctx.saved_tensors
             tq, tk, tv, to, tg, tu, td = (t if t.numel() else None for t in ts)
             q, k, v, o = ctx.attention

@@ -102,10 +102,10 @@ def _lora_widths(arch: Arch, cfg) -> dict[str, int]:
 def activation_bytes_per_token(arch: Arch, cfg, liger: bool, fused: bool = False) -> float:
     """Bytes one token keeps for backward in one decoder layer that does not recompute (liger: or lean)."""
     h, i = arch.hidden, arch.intermediate
-    if fused:  # dropout masks are redrawn in backward, not kept
-        return (FUSED["norm_h"] + FUSED["attn_h"]) * h + 8 + 2 * cfg.lora_r * len(_lora_widths(arch, cfg))
-    k = LIGER if liger else STOCK
+    k = FUSED if fused else LIGER if liger else STOCK
     total = (k["norm_h"] + k["attn_h"]) * h + k["mlp_i"] * i
+    if fused:  # two fp32 scales and lora_A's rank-r outputs; dropout masks are redrawn in backward, not kept
+        return total + 8 + 2 * cfg.lora_r * len(_lora_widths(arch, cfg))
     if cfg.lora_dropout > 0:  # a dropped copy of the input (2 bytes) and its mask (1 byte) per LoRA target
         total += 3 * sum(_lora_widths(arch, cfg).values())
     return total
@@ -122,8 +122,8 @@ def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quan
     tokens = cfg.batch_size * cfg.max_length  # group_by_length runs the longest batch first; rows are pre-truncated
     per_layer = activation_bytes_per_token(arch, cfg, liger) * tokens
     kept = arch.layers - checkpoint_layers
-    kept_per_layer = activation_bytes_per_token(arch, cfg, liger, fused) * tokens if fused else per_layer
-    acts = kept * kept_per_layer + checkpoint_layers * 2 * arch.hidden * tokens
+    acts = (kept * activation_bytes_per_token(arch, cfg, liger, fused) * tokens
+            + checkpoint_layers * 2 * arch.hidden * tokens)
     if checkpoint_layers:
         acts += per_layer  # one layer's activations exist again while it recomputes
     if fused and kept:
