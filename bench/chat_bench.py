@@ -7,6 +7,7 @@ Reports time to first token and tokens/s per pane, the combined speedup, and whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -61,6 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--row-by-row", default=None,
                     help="variants of qlora.chat.ROW_BY_ROW to measure, e.g. 'none;linear;linear,attention' "
                          "(default: the product's setting)")
+    ap.add_argument("--stock-lora", action="store_true",
+                    help="peft's own mixed-adapter forward (rows picked by lists), the path before slices")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also profile N greedy tokens of each path: CUDA syncs, launches and GPU-busy share")
     a = ap.parse_args(argv)
 
     import torch
@@ -73,6 +78,8 @@ def main(argv=None) -> int:
 
     shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4) if a.tiny else None
+    if a.stock_lora:
+        chat.adapter_rows_as_slices = lambda model: contextlib.nullcontext()
     model_dir = build_random_model(Path(a.model), shape)
     run_dir = random_adapter(model_dir, Path(a.out) / ".chat-run")
     engine = ChatEngine(str(model_dir), "nf4", "auto")
@@ -137,7 +144,10 @@ def main(argv=None) -> int:
         reports.append(dict(row_by_row=list(variant), prompts=rows,
                             combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
                             speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows)))
+    profiles = {path: profile(engine, names, a.profile) for path, names in
+                (("base", [BASE]), ("adapter", [name]), ("batched", [BASE, name]))} if a.profile else None
     report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, adapter_load_s=round(load_s, 2),
+                  lora_rows="peft lists" if a.stock_lora else "slices", profiles=profiles,
                   precision=str(engine.model.dtype) if engine.model is not None else None,
                   command="python -m bench.chat_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                   when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), variants=reports,
@@ -150,9 +160,49 @@ def main(argv=None) -> int:
     return 0
 
 
+def profile(engine, adapter_names: list[str], tokens: int) -> dict:
+    """Per generated token: CUDA runtime calls that make the CPU wait (syncs, blocking copies), kernel launches, and
+    GPU time against wall time (well under 1 means the GPU waits on Python)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from qlora import chat
+    from qlora.prompts import encode, format_prompt
+
+    model = engine.model
+    ids = torch.tensor([encode(format_prompt([], PROMPTS[0], ""), engine.tokenizer)] * len(adapter_names),
+                       device=model.device)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                  do_sample=False, temperature=None, top_p=None, top_k=None, adapter_names=adapter_names,
+                  pad_token_id=engine.tokenizer.pad_token_id)
+    parts = chat.ROW_BY_ROW if len(adapter_names) > 1 else ()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    with torch.inference_mode(), chat.adapter_rows_as_slices(model), chat.one_row_at_a_time(model, parts):
+        model.generate(**kwargs)  # warm
+        sync()
+        t = time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            model.generate(**kwargs)
+            sync()
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+    calls = {e.key: e.count for e in events}
+    waits = {k: v for k, v in calls.items() if "Synchronize" in k or k in ("cudaMemcpy", "cudaMemcpyAsync")}
+    gpu_s = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    out = dict(rows=adapter_names, tokens=tokens, wall_ms_per_token=round(1000 * wall / tokens, 2),
+               gpu_ms_per_token=round(1000 * gpu_s / tokens, 2),
+               waits_per_token={k: round(v / tokens, 1) for k, v in waits.items()},
+               launches_per_token=round(calls.get("cudaLaunchKernel", 0) / tokens, 1),
+               top_cpu_ops_ms_per_token={e.key: round(e.self_cpu_time_total / 1000 / tokens, 2) for e in top})
+    print("profile", json.dumps(out), flush=True)
+    return out
+
+
 def markdown(rep: dict) -> str:
     c = rep["card"]
-    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`"]
+    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`; "
+             f"adapter rows picked by {rep['lora_rows']}"]
     for v in rep["variants"]:
         lines += ["", f"Rows computed one at a time in the batched pass: {', '.join(v['row_by_row']) or 'none'}. "
                   f"Combined tokens/s: batched {v['combined_tokens_per_s']['batched']}, sequential "

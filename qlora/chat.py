@@ -28,7 +28,7 @@ MIN_NEW_TOKENS = 2
 # from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
 # generate; everything else (and all the Python around it) is shared. The parts: "linear": every frozen Linear and
 # the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model); "linear-prefill": the 4-bit ones on the
-# prompt only; "attention": the attention kernel; "norm": RMSNorm.
+# prompt only; "attention": the attention kernel; "norm": RMSNorm (for Llama's, only its mean of squares).
 # Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
 # identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
 ROW_BY_ROW = ("head", "linear-prefill", "norm")
@@ -178,7 +178,8 @@ class ChatEngine:
         def run():
             try:
                 torch.manual_seed(settings.seed)
-                with torch.inference_mode(), one_row_at_a_time(model, ROW_BY_ROW if len(prompts) > 1 else ()):
+                with (torch.inference_mode(), adapter_rows_as_slices(model),
+                      one_row_at_a_time(model, ROW_BY_ROW if len(prompts) > 1 else ())):
                     model.generate(**kwargs)
             except BaseException as e:  # surfaced in the caller's thread below
                 errors.append(e)
@@ -195,6 +196,63 @@ class ChatEngine:
             thread.join()
         if errors:
             raise errors[0]
+
+
+@contextmanager
+def adapter_rows_as_slices(model):
+    """Within the block, peft's mixed-adapter LoRA forward takes each adapter's rows as a slice, not a list.
+
+    peft picks an adapter's rows with a Python list of indices (`x[[1]]`, then `result[[1]] += ...`): each use is a
+    host-to-device copy that waits for the GPU, three per LoRA module and token, so the CPU can never run ahead of
+    the GPU (27 ms a token for the 7B q/v adapter on the H100, a quarter of the step). Here each adapter's rows are one
+    contiguous run (the pane order), so a slice picks the same rows without waiting. The arithmetic is peft's, step
+    for step, so the 1-row and the 2-row passes and peft's own forward all give the same numbers. Anything else
+    (rows of one adapter apart, autocast, LoRA variants such as DoRA) goes to peft's own forward.
+    """
+    from peft.tuners.lora import Linear, bnb
+
+    kinds = (Linear, *(getattr(bnb, k) for k in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, k)))
+    layers = [m for m in model.modules() if type(m) in kinds]  # the ones whose arithmetic forward() repeats
+    try:
+        for layer in layers:
+            layer._mixed_batch_forward = _sliced_mixed_batch_forward(layer, layer._mixed_batch_forward)
+        yield
+    finally:
+        for layer in layers:
+            del layer._mixed_batch_forward
+
+
+def _sliced_mixed_batch_forward(layer, peft_forward):
+    import torch
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    def forward(x, *args, adapter_names, **kwargs):
+        row_runs = _row_runs(adapter_names)
+        if row_runs is None or torch.is_autocast_enabled() or layer.lora_variant:
+            return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        for key in VARIANT_KWARG_KEYS:
+            kwargs.pop(key, None)
+        result = layer.base_layer(x, *args, **kwargs)
+        for name, rows in row_runs:
+            if name == BASE or name not in layer.lora_A:
+                continue
+            lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+            lora = lora_B(lora_A(layer.lora_dropout[name](x[rows].to(lora_A.weight.dtype)))) * layer.scaling[name]
+            result[rows].add_(lora.to(result.dtype))
+        return result
+
+    return forward
+
+
+def _row_runs(names: Sequence[str]) -> list[tuple[str, slice]] | None:
+    """Each name with the slice of its rows, or None when some name's rows are not one contiguous run."""
+    runs: list[tuple[str, slice]] = []
+    start = 0
+    for i in range(1, len(names) + 1):
+        if i == len(names) or names[i] != names[start]:
+            runs.append((names[start], slice(start, i)))
+            start = i
+    return runs if len({name for name, _ in runs}) == len(runs) else None
 
 
 @contextmanager
@@ -221,7 +279,7 @@ def one_row_at_a_time(model, parts: Sequence[str]):
                     or (linear and not four_bit and "head" in parts)
                     or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
                 patched.append((m, m.__dict__.get("forward")))
-                m.forward = split(m.forward, prefill_only)
+                m.forward = _rms_norm_rows(m) if _is_llama_rms_norm(m) else split(m.forward, prefill_only)
         if "attention" in parts:
             _register_rows_attention()
             for m in model.modules():
@@ -238,6 +296,34 @@ def one_row_at_a_time(model, parts: Sequence[str]):
                 m.forward = own
         for c, name in configs:
             c._attn_implementation = name
+
+
+def _is_llama_rms_norm(module) -> bool:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return type(module).forward is LlamaRMSNorm.forward
+
+
+def _rms_norm_rows(norm):
+    """Llama's RMSNorm, step for step, with only its reduction (the mean of squares) run one row at a time.
+
+    The pointwise steps give the same bits for any number of rows; the reduction does not (PyTorch shapes its
+    thread block by the number of rows reduced). Splitting only the mean costs 2 more kernel launches a norm for
+    2 rows instead of 9, and decoding on the GPU is bound by launches.
+    """
+    import torch
+
+    def forward(hidden_states):
+        if hidden_states.shape[0] == 1:
+            return type(norm).forward(norm, hidden_states)
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        squares = hidden_states.pow(2)
+        variance = torch.cat([squares[i:i + 1].mean(-1, keepdim=True) for i in range(squares.shape[0])])
+        hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
+        return norm.weight * hidden_states.to(input_dtype)
+
+    return forward
 
 
 def _register_rows_attention() -> None:

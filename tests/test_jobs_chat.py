@@ -109,6 +109,78 @@ def test_row_by_row_parts_are_patched_only_during_the_batched_pass(engine, train
             chat.ROW_BY_ROW = chat_parts
 
 
+def test_adapter_rows_are_slices_with_peft_arithmetic(engine, trained_run):
+    """Inside adapter_rows_as_slices the mixed-adapter forward never indexes rows with a list (on a GPU each such
+    index is a copy that waits for the GPU) and gives peft's own logits bit for bit: batched, one row, and rows of one
+    adapter apart (left to peft). Afterwards the LoRA layers run peft's code again."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from qlora.chat import BASE, adapter_rows_as_slices
+
+    class ListIndexes(TorchFunctionMode):
+        count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(args[1], list):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    name = engine.load_adapter(trained_run)
+    model = engine.model
+    ids = torch.tensor([[1, 450, 7035, 338]] * 3)
+    lora_layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+
+    def logits(names, sliced):
+        counter = ListIndexes()
+        with torch.inference_mode(), counter:
+            if sliced:
+                with adapter_rows_as_slices(model):
+                    out = model(input_ids=ids[:len(names)], adapter_names=names).logits
+            else:
+                out = model(input_ids=ids[:len(names)], adapter_names=names).logits
+        return out, counter.count
+
+    for names in ([BASE, name], [name], [BASE]):
+        stock, stock_lists = logits(names, sliced=False)
+        sliced, sliced_lists = logits(names, sliced=True)
+        assert torch.equal(stock, sliced), names
+        assert sliced_lists == 0
+        assert stock_lists == (3 * len(lora_layers) if name in names else 0)  # x[rows]; result[rows] += ...
+    apart, apart_lists = logits([name, BASE, name], sliced=True)
+    assert torch.equal(apart, logits([name, BASE, name], sliced=False)[0]) and apart_lists > 0  # peft's own path
+    assert not any("_mixed_batch_forward" in m.__dict__ for m in lora_layers)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_reduces_each_row_alone_and_matches_llama(dtype):
+    """The row-by-row RMSNorm runs only its mean one row at a time and gives, row for row, Llama's own norm."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qlora.chat import one_row_at_a_time
+
+    class MeanRows(TorchFunctionMode):
+        rows: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.mean:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64))
+    x = (torch.randn(3, 5, 64) * 3).to(getattr(torch, dtype))
+    alone = torch.cat([norm(x[i:i + 1]) for i in range(3)])
+    with one_row_at_a_time(norm, ("norm",)), MeanRows() as spy:
+        batched = norm(x)
+    assert spy.rows == [1, 1, 1]
+    assert torch.equal(batched, alone) and batched.dtype == alone.dtype
+    assert "forward" not in norm.__dict__
+
+
 def test_sampling_is_reproducible_with_the_same_seed(engine, trained_run):
     name = engine.load_adapter(trained_run)
     s = GenerationSettings(temperature=1.0, top_p=0.9, seed=3, max_new_tokens=8)
