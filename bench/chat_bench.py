@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     ap.add_argument("--row-by-row", default=None,
                     help="variants of qlora.chat.ROW_BY_ROW to measure, e.g. 'none;linear;linear,attention' "
                          "(default: the product's setting)")
+    ap.add_argument("--rounds", type=int, default=1, help="times over the prompts (each pass next to its reference)")
     ap.add_argument("--stock-lora", action="store_true",
-                    help="peft's own mixed-adapter forward (rows picked by lists), the path before slices")
+                    help="peft's own mixed-adapter forward (rows picked by lists, the adapter in fp32): the path before")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile N greedy tokens of each path: CUDA syncs, launches and GPU-busy share")
     a = ap.parse_args(argv)
@@ -97,56 +98,42 @@ def main(argv=None) -> int:
 
     variants = [tuple(p for p in v.split(",") if p and p != "none") for v in a.row_by_row.split(";")] \
         if a.row_by_row is not None else [tuple(chat.ROW_BY_ROW)]
-    sequential = {}
-    for prompt in PROMPTS:  # the reference: each pane on its own, one row
-        ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
-        seq = []
-        for adapter in (BASE, name):
-            sync()
-            t = time.perf_counter()
-            seq.append(timed(engine._generate([ids], [adapter], settings, None), engine, t))
-        sequential[prompt] = (ids, seq)
-    reports = []
-    for variant in variants:
+    for variant in variants:  # warm each variant's kernels
         chat.ROW_BY_ROW = variant
-        for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):  # warm this variant's kernels
+        for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):
             pass
-        rows = []
+    # The host's speed drifts by tens of percent over minutes (decoding here is bound by the CPU launching kernels),
+    # so each batched pass runs right after its sequential reference, prompt by prompt, round by round.
+    rows: list[list[dict]] = [[] for _ in variants]
+    for _round in range(a.rounds):
         for prompt in PROMPTS:
-            ids, seq = sequential[prompt]
-            sync()
-            t = time.perf_counter()
-            b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
-            s_wall = seq[0][1] + seq[1][1]
-            n_b = [len(x) for x in b_ids]
-            n_s = [len(s[2][0]) for s in seq]
-            rows.append(dict(
-                prompt=prompt, prompt_tokens=len(ids),
-                batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
-                             tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
-                             combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
-                sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
-                                ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
-                                wall_s=round(s_wall, 3), tokens=n_s,
-                                tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
-                                combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
-                identical=[b_ids[0] == seq[0][2][0], b_ids[1] == seq[1][2][0]],
-                first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2][0])) if x != y), None)
-                                  for i in range(2)],
-                adapter_changes_answer=b_ids[0] != b_ids[1]))
-            r = rows[-1]
-            print(f"[{','.join(variant) or 'none'}] {prompt[:40]!r}: batched {r['batched']['combined_tokens_per_s']} "
-                  f"tok/s combined, TTFT {r['batched']['ttft_s']} s; sequential "
-                  f"{r['sequential']['combined_tokens_per_s']} tok/s, TTFT {r['sequential']['ttft_s']}; "
-                  f"identical {r['identical']} (first difference at {r['first_difference']})", flush=True)
-        b = sum(sum(r["batched"]["tokens"]) for r in rows) / sum(r["batched"]["wall_s"] for r in rows)
-        s = sum(sum(r["sequential"]["tokens"]) for r in rows) / sum(r["sequential"]["wall_s"] for r in rows)
-        reports.append(dict(row_by_row=list(variant), prompts=rows,
+            ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
+            seq = []
+            for adapter in (BASE, name):  # the reference: each pane on its own, one row
+                sync()
+                t = time.perf_counter()
+                seq.append(timed(engine._generate([ids], [adapter], settings, None), engine, t))
+            for variant, vrows in zip(variants, rows):
+                chat.ROW_BY_ROW = variant
+                sync()
+                t = time.perf_counter()
+                b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
+                vrows.append(r := compare(prompt, ids, seq, b_first, b_end, b_ids))
+                print(f"[{','.join(variant) or 'none'}] {prompt[:40]!r}: batched "
+                      f"{r['batched']['combined_tokens_per_s']} tok/s combined, TTFT {r['batched']['ttft_s']} s; "
+                      f"sequential {r['sequential']['combined_tokens_per_s']} tok/s, TTFT {r['sequential']['ttft_s']}; "
+                      f"identical {r['identical']} (first difference at {r['first_difference']})", flush=True)
+    reports = []
+    for variant, vrows in zip(variants, rows):
+        b = sum(sum(r["batched"]["tokens"]) for r in vrows) / sum(r["batched"]["wall_s"] for r in vrows)
+        s = sum(sum(r["sequential"]["tokens"]) for r in vrows) / sum(r["sequential"]["wall_s"] for r in vrows)
+        reports.append(dict(row_by_row=list(variant), prompts=vrows,
                             combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
-                            speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows)))
+                            speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in vrows)))
     profiles = {path: profile(engine, names, a.profile) for path, names in
                 (("base", [BASE]), ("adapter", [name]), ("batched", [BASE, name]))} if a.profile else None
-    report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, adapter_load_s=round(load_s, 2),
+    report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, rounds=a.rounds,
+                  adapter_load_s=round(load_s, 2),
                   lora_rows="peft lists" if a.stock_lora else "slices", profiles=profiles,
                   precision=str(engine.model.dtype) if engine.model is not None else None,
                   command="python -m bench.chat_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -158,6 +145,27 @@ def main(argv=None) -> int:
     (Path(a.out) / f"{name_}.md").write_text(md, encoding="utf-8")
     print(md)
     return 0
+
+
+def compare(prompt, ids, seq, b_first, b_end, b_ids) -> dict:
+    """One prompt's batched pass against its two sequential generations (each: first-yield s, end s, ids per row)."""
+    s_wall = seq[0][1] + seq[1][1]
+    n_b = [len(x) for x in b_ids]
+    n_s = [len(s[2][0]) for s in seq]
+    return dict(
+        prompt=prompt, prompt_tokens=len(ids),
+        batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
+                     tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
+                     combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
+        sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
+                        ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
+                        wall_s=round(s_wall, 3), tokens=n_s,
+                        tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
+                        combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
+        identical=[b_ids[0] == seq[0][2][0], b_ids[1] == seq[1][2][0]],
+        first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2][0])) if x != y), None)
+                          for i in range(2)],
+        adapter_changes_answer=b_ids[0] != b_ids[1])
 
 
 def profile(engine, adapter_names: list[str], tokens: int) -> dict:
@@ -193,7 +201,7 @@ def profile(engine, adapter_names: list[str], tokens: int) -> dict:
     out = dict(rows=adapter_names, tokens=tokens, wall_ms_per_token=round(1000 * wall / tokens, 2),
                gpu_ms_per_token=round(1000 * gpu_s / tokens, 2),
                waits_per_token={k: round(v / tokens, 1) for k, v in waits.items()},
-               launches_per_token=round(calls.get("cudaLaunchKernel", 0) / tokens, 1),
+               launches_per_token=round(sum(v for k, v in calls.items() if "LaunchKernel" in k) / tokens, 1),
                top_cpu_ops_ms_per_token={e.key: round(e.self_cpu_time_total / 1000 / tokens, 2) for e in top})
     print("profile", json.dumps(out), flush=True)
     return out

@@ -200,19 +200,21 @@ class ChatEngine:
 
 @contextmanager
 def adapter_rows_as_slices(model):
-    """Within the block, peft's mixed-adapter LoRA forward takes each adapter's rows as a slice, not a list.
+    """Within the block, each LoRA Linear adds its adapter to that adapter's rows with two matmuls on a slice.
 
-    peft picks an adapter's rows with a Python list of indices (`x[[1]]`, then `result[[1]] += ...`): each use is a
-    host-to-device copy that waits for the GPU, three per LoRA module and token, so the CPU can never run ahead of
-    the GPU (27 ms a token for the 7B q/v adapter on the H100, a quarter of the step). Here each adapter's rows are one
-    contiguous run (the pane order), so a slice picks the same rows without waiting. The arithmetic is peft's, step
-    for step, so the 1-row and the 2-row passes and peft's own forward all give the same numbers. Anything else
-    (rows of one adapter apart, autocast, LoRA variants such as DoRA) goes to peft's own forward.
+    peft's mixed-adapter forward picks an adapter's rows with a Python list of indices (`x[[1]]`, then
+    `result[[1]] += ...`): each use is a host-to-device copy that waits for the GPU, three per LoRA module and token,
+    so the CPU can never run ahead (27 ms a token for the 7B q/v adapter on the H100, a quarter of the step). Here each
+    adapter's rows are one contiguous run (the pane order), so a slice picks them without waiting. Decoding is then
+    bound by kernel launches, and peft spends six a module (casts to fp32 and back, scaling, add) where two do: A and
+    B*scaling are cast once per generation to the model's compute dtype and the update is `rows.addmm_(x A, B)`.
+    The 1-row and the 2-row passes both run this, on row slices of the same shape, so they give the same bits.
+    Anything else (one adapter's rows apart, autocast, training mode, LoRA variants such as DoRA) goes to peft.
     """
     from peft.tuners.lora import Linear, bnb
 
     kinds = (Linear, *(getattr(bnb, k) for k in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, k)))
-    layers = [m for m in model.modules() if type(m) in kinds]  # the ones whose arithmetic forward() repeats
+    layers = [m for m in model.modules() if type(m) in kinds]  # plain LoRA on a Linear: x A B * scaling
     try:
         for layer in layers:
             layer._mixed_batch_forward = _sliced_mixed_batch_forward(layer, layer._mixed_batch_forward)
@@ -226,19 +228,25 @@ def _sliced_mixed_batch_forward(layer, peft_forward):
     import torch
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
+    weights = {}  # (adapter, dtype) -> (A^T, (B * scaling)^T), made on first use
+
     def forward(x, *args, adapter_names, **kwargs):
         row_runs = _row_runs(adapter_names)
-        if row_runs is None or torch.is_autocast_enabled() or layer.lora_variant:
+        if row_runs is None or torch.is_autocast_enabled() or layer.training or layer.lora_variant:
             return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
         for key in VARIANT_KWARG_KEYS:
             kwargs.pop(key, None)
-        result = layer.base_layer(x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs).contiguous()  # contiguous already: views of its rows below
         for name, rows in row_runs:
             if name == BASE or name not in layer.lora_A:
                 continue
-            lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-            lora = lora_B(lora_A(layer.lora_dropout[name](x[rows].to(lora_A.weight.dtype)))) * layer.scaling[name]
-            result[rows].add_(lora.to(result.dtype))
+            if (name, result.dtype) not in weights:
+                weights[name, result.dtype] = (
+                    layer.lora_A[name].weight.t().to(result.dtype),
+                    (layer.lora_B[name].weight * layer.scaling[name]).t().to(result.dtype))
+            a, b = weights[name, result.dtype]
+            x_rows = x[rows].reshape(-1, x.shape[-1]).to(result.dtype)
+            result[rows].view(-1, result.shape[-1]).addmm_(x_rows @ a, b)
         return result
 
     return forward
