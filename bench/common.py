@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# ../shared/data does not travel to the GPU machine: a copy in .data/ (ignored) does
-DATA_DIRS = [Path(os.environ["QLORA_SHARED_DATA"])] if os.environ.get("QLORA_SHARED_DATA") else []
-DATA_DIRS += [ROOT / ".data", ROOT.parent / "shared" / "data"]
+# The repository carries the data (tests/data, see its NOTICE), so it travels to the GPU machine with the tree.
+DATA = ROOT / "tests" / "data"
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
@@ -18,10 +16,9 @@ T4_GIB = 15.0
 
 
 def data_dir() -> Path:
-    for d in DATA_DIRS:
-        if (d / "guanaco-llama2-1k.parquet").exists():
-            return d
-    raise SystemExit(f"guanaco-llama2-1k.parquet not found in {', '.join(map(str, DATA_DIRS))}")
+    if not (DATA / "guanaco-llama2-1k.parquet").exists():
+        raise SystemExit(f"guanaco-llama2-1k.parquet not found in {DATA}: is this a full clone of the repository?")
+    return DATA
 
 
 def build_random_model(path: Path, shape: dict | None = None) -> Path:

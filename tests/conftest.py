@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny Llama built here (widths multiples of 64 for bitsandbytes' CPU kernel) with the real
-Llama 2 tokenizer from ../shared/data, and a memorization dataset. Nothing here touches the network."""
+Llama 2 tokenizer the repository carries (tests/data, see its NOTICE), and a memorization dataset. Nothing here
+touches the network."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("QLORA_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TOKENIZER_DIR = SHARED_DATA / "llama2-tokenizer"
-GUANACO = SHARED_DATA / "guanaco-llama2-1k.parquet"
+DATA = ROOT / "tests" / "data"  # carried by the repository: a fresh clone has everything its tests read
+TOKENIZER_DIR = DATA / "llama2-tokenizer"
+GUANACO = DATA / "guanaco-llama2-1k.parquet"
 
 
 def pytest_collection_modifyitems(config, items):

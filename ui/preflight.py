@@ -113,7 +113,7 @@ def estimate_peak_bytes(c: dict[str, Any], cfg: TrainConfig, precision: str) -> 
     """Weights + LoRA training state + activations + logits, for one full micro-batch of max_length rows.
 
     Calibration: the seed recipe (7B, nf4, q/v r=64, batch 4 x 1024, checkpointing) peaked at 5.9 GiB allocated on
-    an H100 (../shared/GPU.md); this says about 8 GiB with the CUDA context, high on purpose: a refusal that was not
+    an H100 (bench/README.md); this says about 8 GiB with the CUDA context, high on purpose: a refusal that was not
     needed costs a retry, an OOM an hour.
     """
     h, inter, layers, vocab, kv_dim, _ = _dims(c)
