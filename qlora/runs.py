@@ -8,6 +8,9 @@
       metrics.jsonl       one line per logged step (train loss, eval loss, lr, tokens/s)
       adapter/            adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained(base, this)
       checkpoints/        resumable Trainer checkpoints, when save_steps > 0
+      eval.json           the evaluation card: base vs adapter on held-out rows (qlora/evaluate.py)
+      votes.jsonl         blind votes from the Chat tab, one line each (qlora/votes.py)
+      export/             the adapter merged into the base's own weights: a standalone model (qlora/export.py)
 stdlib only.
 """
 from __future__ import annotations
@@ -23,6 +26,10 @@ from typing import Any, Callable
 
 ADAPTER = "adapter"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EVAL_CARD = "eval.json"
+VOTES = "votes.jsonl"
+EXPORT = "export"
+SWAPPED = (ADAPTER, EXPORT)  # folders replaced whole by save_folder_atomically
 USABLE = ("finished", "stopped")
 
 
@@ -77,12 +84,22 @@ def save_adapter_atomically(run_dir: Path, save: Callable[[Path], None],
 
     A crash or a full disk during save() leaves the previous adapter (if any) untouched; the temp folder is removed.
     """
-    final = run_dir / ADAPTER
-    tmp = run_dir / f".{ADAPTER}.tmp-{uuid.uuid4().hex[:8]}"
-    old = run_dir / f".{ADAPTER}.old-{uuid.uuid4().hex[:8]}"
+    return save_folder_atomically(run_dir, ADAPTER, save, verify or verify_adapter)
+
+
+def save_folder_atomically(run_dir: Path, name: str, save: Callable[[Path], None],
+                           verify: Callable[[Path], None]) -> Path:
+    """save(tmp) fills a temp folder; verify(tmp) checks it; then it is swapped in for run_dir/name.
+
+    Until the last rename, run_dir/name is the previous folder (or absent): nothing half-written ever has the final
+    name. recover() finishes or undoes a swap a killed process left halfway.
+    """
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = run_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
     try:
         save(tmp)
-        (verify or verify_adapter)(tmp)
+        verify(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -101,19 +118,30 @@ def verify_adapter(folder: Path) -> None:
         if not (folder / name).is_file():
             raise OSError(f"{folder}: {name} missing after save")
     json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    with open(folder / "adapter_model.safetensors", "rb") as f:
+    verify_safetensors(folder / "adapter_model.safetensors")
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the header's tensor entries, the offset where tensor data starts); OSError for a truncated file."""
+    with open(path, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
-            raise OSError(f"{folder}: adapter_model.safetensors is truncated")
+            raise OSError(f"{path}: truncated (no header)")
         n = int.from_bytes(head, "little")
         header = f.read(n)
         if len(header) != n:
-            raise OSError(f"{folder}: adapter_model.safetensors is truncated")
-        meta = json.loads(header)
-        size = os.fstat(f.fileno()).st_size
-        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise OSError(f"{folder}: adapter_model.safetensors is truncated ({size} bytes, expected {8 + n + end})")
+            raise OSError(f"{path}: truncated (header cut short)")
+    meta = json.loads(header)
+    return {k: v for k, v in meta.items() if k != "__metadata__"}, 8 + n
+
+
+def verify_safetensors(path: Path) -> None:
+    """Raise unless the file's header parses and the file is exactly as long as the header says."""
+    entries, start = safetensors_header(path)
+    size = path.stat().st_size
+    end = max((v["data_offsets"][1] for v in entries.values()), default=0)
+    if start + end != size:
+        raise OSError(f"{path}: truncated ({size} bytes, expected {start + end})")
 
 
 @dataclass
@@ -160,12 +188,13 @@ def list_runs(root: str | Path) -> list[RunInfo]:
 
 def recover(run_dir: Path) -> None:
     """Undo what a killed process left behind: a half-done adapter swap, temp folders, a run stuck at 'running'."""
-    final = run_dir / ADAPTER
-    olds = sorted(run_dir.glob(f".{ADAPTER}.old-*"))
-    if not final.exists() and olds:
-        olds[-1].rename(final)
-    for junk in list(run_dir.glob(f".{ADAPTER}.tmp-*")) + list(run_dir.glob(f".{ADAPTER}.old-*")):
-        shutil.rmtree(junk, ignore_errors=True)
+    for name in SWAPPED:
+        final = run_dir / name
+        olds = sorted(run_dir.glob(f".{name}.old-*"))
+        if not final.exists() and olds:
+            olds[-1].rename(final)
+        for junk in list(run_dir.glob(f".{name}.tmp-*")) + list(run_dir.glob(f".{name}.old-*")):
+            shutil.rmtree(junk, ignore_errors=True)
     meta_path = run_dir / "run.json"
     meta = read_json(meta_path)
     if meta.get("status") == "running" and not _alive(meta.get("pid"), meta.get("boot")):
