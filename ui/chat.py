@@ -1,4 +1,8 @@
-"""The Chat tab: one prompt, two streaming panes (base left, fine-tuned right) over one shared base in memory."""
+"""The Chat tab: one prompt, two streaming panes (base left, fine-tuned right) over one shared base in memory.
+
+Blind mode asks the same pair of models one question at a time and shows the answers in an order drawn per question;
+the visitor votes, and the vote counts for the run the question was asked of (qlora/votes.py keeps both server-side).
+"""
 from __future__ import annotations
 
 import html
@@ -11,6 +15,7 @@ from qlora import runs
 from qlora.config import GenerationSettings, TrainConfig
 from qlora.model import BusyError, ModelError, gpu_lock
 from qlora.prompts import encode, format_prompt
+from qlora.votes import CHOICES, VoteError, tally
 
 from . import hub, render
 from .context import AppContext
@@ -148,7 +153,40 @@ def make_handlers(ctx: AppContext):
         except (ValueError, ModelError, OSError) as e:
             return f"cannot show the prompt: {e}"
 
-    return dict(send=send, stop_chat=stop_chat, show_prompt=show_prompt,
+    def blind_send(message: str, adapter: str, temperature: float, top_p: float, max_new_tokens: int, seed: int,
+                   system_prompt: str, ballot: str | None = None, request: gr.Request = None):
+        """One blind question: yields (left pane, right pane, prompt box, status, exact prompt, ballot).
+
+        The side of the adapter's answer is drawn here and kept with the ballot on the server; the ballot id lives in
+        this session's gr.State, which Gradio keeps server-side and never sends to (or takes from) the client.
+        """
+        side = ctx.ballots.draw_side()
+        last = None
+        for base, tuned, box, status, shown in send(message, [], [], adapter, temperature, top_p, max_new_tokens,
+                                                    seed, system_prompt, request):
+            left, right = (base, tuned) if side == "right" else (tuned, base)
+            last = base, tuned, status
+            yield left, right, box, status, shown, None  # a new question voids an unvoted one
+        if last is None or not str(last[2]).startswith("done"):
+            return
+        info = hub.usable_run(ctx.runs_root, adapter)  # send() checked it; the ballot keeps the folder, not the name
+        settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                        system_prompt=(system_prompt or "")[:MAX_MESSAGE])
+        ballot = ctx.ballots.open(info.path, side, message.strip(), _text(last[0][-1]["content"]),
+                                  _text(last[1][-1]["content"]), settings)
+        yield left, right, "", f"Which answer is better? Vote below. ({html.escape(tally(info.path).text())})", \
+            gr.skip(), ballot
+
+    def vote(choice: str, ballot: str | None = None) -> tuple[str, str | None]:
+        """Count the vote for this session's last blind question; the run and the sides come from the server."""
+        try:
+            side, counts = ctx.ballots.cast(ballot, choice)
+        except VoteError as e:
+            return f"❌ {html.escape(str(e))}", ballot
+        return (f"✅ Counted. The fine-tuned answer was on the **{side}**. This adapter so far: "
+                f"{html.escape(counts.text())}."), None
+
+    return dict(send=send, stop_chat=stop_chat, show_prompt=show_prompt, blind_send=blind_send, vote=vote,
                 refresh=lambda current=None: adapter_dropdown(ctx.runs_root, current))
 
 
@@ -176,13 +214,25 @@ def build(ctx: AppContext) -> dict[str, Any]:
     system = gr.Textbox("", label="System prompt (optional)", max_length=4000, lines=1)
     gr.Markdown("Both panes get the same prompt string, seed and sampling settings; the only difference is the "
                 "adapter. They share one base model in memory.")
-    with gr.Row():
+    blind = gr.Checkbox(False, label="Blind comparison: hide which pane is the base, shuffle the panes for each "
+                                     "question, and vote", elem_id="blind-switch")
+    with gr.Row() as open_panes:
         base_pane = gr.Chatbot(label="Base model", height=380, elem_id="base-pane")
         tuned_pane = gr.Chatbot(label="Fine-tuned (base + adapter)", height=380, elem_id="tuned-pane")
+    with gr.Column(visible=False) as blind_box:
+        with gr.Row():
+            left_pane = gr.Chatbot(label="Left answer", height=380, elem_id="left-pane")
+            right_pane = gr.Chatbot(label="Right answer", height=380, elem_id="right-pane")
+        with gr.Row():
+            choice = gr.Radio(list(CHOICES), label="Which answer is better?", elem_id="vote-choice", scale=3)
+            vote_btn = gr.Button("Vote", elem_id="vote-btn", scale=1)
+        blind_status = gr.Markdown(elem_id="blind-status")
+    ballot = gr.State(None)  # this session's open ballot id: server-side, never sent to the page
     message = gr.Textbox("", label="Message", placeholder="Ask both models…", max_length=MAX_MESSAGE, lines=2,
                          elem_id="chat-message")
     with gr.Row():
         send_btn = gr.Button("Send", variant="primary", elem_id="send-btn")
+        ask_btn = gr.Button("Ask blind", variant="primary", visible=False, elem_id="ask-blind-btn")
         stop_btn = gr.Button("Stop generation", variant="stop")
         clear_btn = gr.Button("Clear")
     status = gr.Markdown(elem_id="chat-status")
@@ -190,14 +240,39 @@ def build(ctx: AppContext) -> dict[str, Any]:
         show_btn = gr.Button("Show the prompt for the message above")
         prompt_box = gr.Code(label="Prompt", language=None, lines=8, elem_id="prompt-view")
 
-    inputs = [message, base_pane, tuned_pane, c["adapter"], temperature, top_p, max_new, seed, system]
+    settings = [c["adapter"], temperature, top_p, max_new, seed, system]
+    inputs = [message, base_pane, tuned_pane, *settings]
     outputs = [base_pane, tuned_pane, message, status, prompt_box]
+    blind_outputs = [left_pane, right_pane, message, blind_status, prompt_box, ballot]
+
+    def on_enter(is_blind: bool, message: str, base_hist: list, tuned_hist: list, adapter: str, temperature: float,
+                 top_p: float, max_new_tokens: int, seed: int, system_prompt: str, ballot_id: str | None,
+                 request: gr.Request = None):
+        """Enter sends in the mode the switch shows (one private event; the buttons are the API)."""
+        knobs = (adapter, temperature, top_p, max_new_tokens, seed, system_prompt)
+        if is_blind:
+            for left, right, box, said, shown, opened in h["blind_send"](message, *knobs, ballot_id, request):
+                yield gr.skip(), gr.skip(), left, right, box, gr.skip(), shown, said, opened
+        else:
+            for base, tuned, box, said, shown in h["send"](message, base_hist, tuned_hist, *knobs, request):
+                yield base, tuned, gr.skip(), gr.skip(), box, said, shown, gr.skip(), gr.skip()
+
     # Chat shares the "gpu" queue with itself (one answer at a time); during training it answers "busy" at once.
     send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="gpu", concurrency_limit=1)
-    submit_evt = message.submit(h["send"], inputs, outputs, api_visibility="private", concurrency_id="gpu",
+    blind_evt = ask_btn.click(h["blind_send"], [message, *settings, ballot], blind_outputs, api_name="blind_chat",
+                              concurrency_id="gpu", concurrency_limit=1)
+    submit_evt = message.submit(on_enter, [blind, *inputs, ballot],
+                                [base_pane, tuned_pane, left_pane, right_pane, message, status, prompt_box,
+                                 blind_status, ballot], api_visibility="private", concurrency_id="gpu",
                                 concurrency_limit=1)
-    stop_btn.click(h["stop_chat"], None, status, api_name="stop_chat", queue=False, cancels=[send_evt, submit_evt])
-    clear_btn.click(lambda: ([], [], "", "", ""), None, [base_pane, tuned_pane, message, status, prompt_box],
+    vote_btn.click(h["vote"], [choice, ballot], [blind_status, ballot], api_name="vote", queue=False)
+    blind.change(lambda on: (gr.Row(visible=not on), gr.Column(visible=on), gr.Button(visible=not on),
+                             gr.Button(visible=on)), blind, [open_panes, blind_box, send_btn, ask_btn],
+                 api_visibility="private", queue=False)
+    stop_btn.click(h["stop_chat"], None, status, api_name="stop_chat", queue=False,
+                   cancels=[send_evt, submit_evt, blind_evt])
+    clear_btn.click(lambda: ([], [], [], [], "", "", "", "", None), None,
+                    [base_pane, tuned_pane, left_pane, right_pane, message, status, blind_status, prompt_box, ballot],
                     api_name="clear_chat", queue=False)
     show_btn.click(h["show_prompt"], [message, base_pane, tuned_pane, c["adapter"], system], prompt_box,
                    api_name="show_prompt")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora.jobs import JobManager
+from qlora.votes import Ballots
 
 ADMIN_ENV = "QLORA_ADMIN_PASSWORD"
 LOCKED = "🔒 Only the admin can do this: enter the admin password at the top of the Training tab."
@@ -63,6 +64,7 @@ class AppContext:
     admin_password: str | None = None
     engines: Engines = field(default_factory=Engines)
     chat_stops: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> stop flag
+    ballots: Ballots = field(default_factory=Ballots)  # blind questions waiting for a vote (server-side only)
 
     @property
     def locked(self) -> bool:

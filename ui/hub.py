@@ -6,7 +6,6 @@ to echo never reaches the page or the log.
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 import time
 import uuid
@@ -15,11 +14,11 @@ from pathlib import Path
 
 from qlora import runs
 from qlora.config import is_hub_id
+from qlora.export import reproducibility
 
 # What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
 ZIP_FILES = ("config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl", "run.json")
-PUSH_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
-                 "prompt_format.json", "versions.json"]
+PUSH_FILES = ("config.yaml", "prompt_format.json", "versions.json", runs.EVAL_CARD)  # beside the adapter
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
@@ -47,19 +46,44 @@ def usable_run(runs_root: str | Path, name: str) -> runs.RunInfo:
 
 def zip_run(info: runs.RunInfo) -> Path:
     """A zip of the adapter plus its config, prompt format, versions, metrics and a model card, in a temp folder."""
+    files = {name: info.adapter_dir / name for name in runs.ADAPTER_FILES}
+    files.update({name: info.path / name for name in ZIP_FILES + (runs.EVAL_CARD,) if (info.path / name).is_file()})
+    return _zip(f"{info.name}-adapter", info.name, files, {"README.md": model_card(info)}, zipfile.ZIP_DEFLATED)
+
+
+def zip_export(info: runs.RunInfo) -> Path:
+    """A zip of the merged model folder; stored, not deflated (safetensors do not compress), zip64 for a 7B."""
+    folder = export_folder(info)
+    return _zip(f"{info.name}-merged", f"{info.name}-merged",
+                {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}, {}, zipfile.ZIP_STORED)
+
+
+def export_folder(info: runs.RunInfo) -> Path:
+    folder = info.path / runs.EXPORT
+    if not folder.is_dir():
+        raise ValueError(f"run {info.name} has no merged export yet: press Export merged model first")
+    return folder
+
+
+def _zip(stem: str, inside: str, files: dict[str, Path], texts: dict[str, str], compression: int) -> Path:
+    """A zip of files (and texts) in a folder `inside`; written under a temp name and renamed, so a full disk never
+    leaves a zip that looks complete."""
     out_dir = Path(tempfile.gettempdir()) / "qlora-zips"
     out_dir.mkdir(exist_ok=True)
     for old in out_dir.glob("*.zip"):  # Gradio serves its own copy; ours need not outlive an hour
         if time.time() - old.stat().st_mtime > 3600:
             old.unlink(missing_ok=True)
-    target = out_dir / f"{info.name}-adapter-{uuid.uuid4().hex[:6]}.zip"
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name in runs.ADAPTER_FILES:
-            z.write(info.adapter_dir / name, f"{info.name}/{name}")
-        for name in ZIP_FILES:
-            if (info.path / name).is_file():
-                z.write(info.path / name, f"{info.name}/{name}")
-        z.writestr(f"{info.name}/README.md", model_card(info))
+    target = out_dir / f"{stem}-{uuid.uuid4().hex[:6]}.zip"
+    partial = target.with_suffix(".partial")
+    try:
+        with zipfile.ZipFile(partial, "w", compression=compression, allowZip64=True) as z:
+            for name, path in files.items():
+                z.write(path, f"{inside}/{name}")
+            for name, text in texts.items():
+                z.writestr(f"{inside}/{name}", text)
+        partial.rename(target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
@@ -76,39 +100,48 @@ def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
         "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
         f"base = AutoModelForCausalLM.from_pretrained({info.base_model!r})",
         f"model = PeftModel.from_pretrained(base, {repo_id or 'path/to/this/folder'!r})", "```",
-        "", "The training config is in config.yaml; library versions in versions.json.",
+        "", reproducibility(info.path),
     ]
     return "\n".join(lines) + "\n"
 
 
 def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:
     """Create (or reuse) a model repo and upload the adapter; returns its URL. PushError says what went wrong."""
+    files: dict[str, Path | bytes] = {name: info.adapter_dir / name for name in runs.ADAPTER_FILES}
+    files.update({name: info.path / name for name in PUSH_FILES if (info.path / name).is_file()})
+    files["README.md"] = model_card(info, repo_id.strip() if isinstance(repo_id, str) else "").encode("utf-8")
+    return _push(repo_id, token, private, files, f"adapter from run {info.name}")
+
+
+def push_export(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:
+    """Upload the merged model folder as a model repo (its card names the repo); same token rules as push_run."""
+    from qlora.export import model_card as merged_card
+
+    folder = export_folder(info)
+    files: dict[str, Path | bytes] = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
+    files["README.md"] = merged_card(info.path, repo_id.strip() if isinstance(repo_id, str) else "").encode("utf-8")
+    return _push(repo_id, token, private, files, f"merged model from run {info.name}")
+
+
+def _push(repo_id: str, token: str | None, private: bool, files: dict[str, Path | bytes], what: str) -> str:
+    """One commit of `files` (name in the repo -> path or bytes) to a model repo; returns its URL."""
     repo_id = (repo_id or "").strip()
     if len(repo_id) > 96 or not is_hub_id(repo_id) or "/" not in repo_id:
         raise PushError("repo id: give owner/name, letters, digits, '-', '_', '.' only (e.g. alice/llama2-guanaco)")
     if not token:
         raise PushError("pushing needs a Hub token with write access: paste one in the token field, "
                         "or set the HF_TOKEN secret of the Space together with an admin password")
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    staging = Path(tempfile.mkdtemp(prefix="qlora-push-"))
     try:
-        for name in runs.ADAPTER_FILES:
-            shutil.copy2(info.adapter_dir / name, staging / name)
-        for name in ("config.yaml", "prompt_format.json", "versions.json"):
-            if (info.path / name).is_file():
-                shutil.copy2(info.path / name, staging / name)
-        (staging / "README.md").write_text(model_card(info, repo_id), encoding="utf-8")
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(staging), allow_patterns=PUSH_PATTERNS,
-                          commit_message=f"adapter from run {info.name} ({time.strftime('%Y-%m-%d %H:%M')})")
-    except PushError:
-        raise
+        api.create_commit(repo_id=repo_id, repo_type="model",
+                          operations=[CommitOperationAdd(name, str(v) if isinstance(v, Path) else v)
+                                      for name, v in files.items()],
+                          commit_message=f"{what} ({time.strftime('%Y-%m-%d %H:%M')})")
     except Exception as e:
         raise PushError(explain_push_error(e, token)) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return f"https://huggingface.co/{repo_id}"
 
 

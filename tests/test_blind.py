@@ -1,0 +1,156 @@
+"""Blind comparison in Chat (issue 13) through a real Gradio server and real gradio_client clients.
+
+The server has an admin password (a shared link) and two finished tiny-Llama runs. Anyone may ask blind questions and
+vote; a vote must count once, for the run its question was asked of, whatever a script sends to the API.
+"""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from apphelpers import free_port
+
+ADMIN = "adm1n-Blind-Pa55"
+GREEDY = (0.0, 0.9, 6, 0, "")  # temperature, top_p, max new tokens, seed, system prompt
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama_dir):
+    import app
+    from gradio_client import Client
+
+    from qlora.config import TrainConfig
+    from qlora.train import train
+
+    root = tmp_path_factory.mktemp("blind")
+    memo = root / "memo.jsonl"
+    memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    runs_root = root / "runs"
+    for name in ("earlier", "other"):
+        train(TrainConfig(base_model=str(tiny_llama_dir), dataset=str(memo), output_dir=str(runs_root),
+                          run_name=name, quantize="nf4", batch_size=4, max_steps=2, max_length=64,
+                          learning_rate=1e-2, gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0))
+    demo = app.build_demo(runs_root=runs_root, admin_password=ADMIN)
+    kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
+    demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+    url = f"http://127.0.0.1:{kwargs['server_port']}/"
+    yield dict(demo=demo, url=url, runs_root=runs_root)
+    demo.close()
+
+
+def client(server):
+    from gradio_client import Client
+
+    return Client(server["url"], verbose=False)
+
+
+def votes(server, run: str) -> list[dict]:
+    path = server["runs_root"] / run / "votes.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def ask(c, question: str, run: str = "earlier"):
+    left, right, box, status, prompt = c.predict(question, run, *GREEDY, api_name="/blind_chat")
+    return left, right, status
+
+
+def test_anyone_asks_blind_votes_once_and_the_vote_counts_for_that_run(server):
+    c = client(server)  # no admin password anywhere
+    sides = []
+    for i in range(10):
+        left, right, status = ask(c, f"Question {i}?")
+        assert status.startswith("Which answer is better?"), status
+        assert left[-1]["role"] == right[-1]["role"] == "assistant"
+        said = c.predict("left", api_name="/vote")
+        assert said.startswith("✅ Counted. The fine-tuned answer was on the **"), said
+        sides.append("left" if "**left**" in said else "right")
+    assert set(sides) == {"left", "right"}  # the order is drawn per question (all ten alike: p = 2^-9)
+    recorded = votes(server, "earlier")
+    assert [v["tuned_side"] for v in recorded] == sides
+    assert [v["preferred"] for v in recorded] == ["tuned" if s == "left" else "base" for s in sides]
+    assert recorded[0]["prompt"] == "Question 0?" and recorded[0]["settings"]["max_new_tokens"] == 6
+    tuned = sides.count("left")
+    assert f"tuned preferred in {tuned} of 10, 0 ties" in said
+    assert votes(server, "other") == []
+
+    # the panes hold the base and the adapter's answers, in the drawn order
+    base, tuned_pane, *_ = c.predict("Question 3?", [], [], "earlier", *GREEDY, api_name="/chat")
+    left, right, _ = ask(c, "Question 3?")
+    shown = sorted(m[-1]["content"][0]["text"] for m in (left, right))
+    assert shown == sorted(m[-1]["content"][0]["text"] for m in (base, tuned_pane))
+
+
+def test_votes_cannot_be_forged_replayed_or_sent_to_another_runs_tally(server):
+    import httpx
+
+    a, b = client(server), client(server)
+    before_earlier, before_other = len(votes(server, "earlier")), len(votes(server, "other"))
+
+    # no question asked in this session: nothing to vote on
+    assert b.predict("right", api_name="/vote").startswith("❌ no blind question is waiting")
+    # a asks about "other"; b (another session) cannot cast a's vote
+    ask(a, "Which run is this?", run="other")
+    assert b.predict("left", api_name="/vote").startswith("❌")
+    # a choice outside the four is refused (by the Radio, before our handler) and keeps the question open
+    with pytest.raises(Exception):
+        a.predict("tuned", api_name="/vote")
+    assert a.predict("tie", api_name="/vote").startswith("✅")
+    # replay: the same vote again is not counted
+    assert a.predict("tie", api_name="/vote").startswith("❌")
+    assert a.predict("left", api_name="/vote").startswith("❌")
+    # the API takes no run and no side: a raw call naming a run and a mapping is refused outright
+    for data in (["left", "earlier"], ["left", {"tuned_side": "left", "run": "earlier"}], ["left"]):
+        r = httpx.post(server["url"] + "gradio_api/call/vote", json={"data": data}, timeout=30)
+        if r.status_code == 200:  # accepted into the queue: read the result, it must be a refusal
+            event = r.json()["event_id"]
+            body = httpx.get(server["url"] + f"gradio_api/call/vote/{event}", timeout=30).text
+            assert "Counted" not in body, body
+    # asking on one run and switching the dropdown before voting changes nothing: the ballot keeps its run
+    ask(a, "Question 1?", run="other")
+    assert a.predict("both bad", api_name="/vote").startswith("✅")
+    assert len(votes(server, "earlier")) == before_earlier
+    assert [v["preferred"] for v in votes(server, "other")[before_other:]] == ["tie", "both_bad"]
+    # the ballot id never reaches a client: not in the answer, not in the page config
+    answer = repr(a.predict("An open question?", "other", *GREEDY, api_name="/blind_chat"))
+    config = httpx.get(server["url"] + "config", timeout=30).text
+    open_ids = list(server["demo"].ctx.ballots._open)
+    assert open_ids
+    for ballot_id in open_ids:
+        assert ballot_id not in answer and ballot_id not in config
+
+
+def test_many_visitors_vote_at_once_and_every_vote_is_one_whole_line(server):
+    clients = [client(server) for _ in range(6)]
+    for i, c in enumerate(clients):
+        ask(c, f"Question {i}?", run="other")
+    before = len(votes(server, "other"))
+    barrier = threading.Barrier(len(clients))
+    answers = [""] * len(clients)
+
+    def press(i):
+        barrier.wait()
+        answers[i] = clients[i].predict("right", api_name="/vote")
+
+    threads = [threading.Thread(target=press, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(a.startswith("✅") for a in answers), answers
+    assert len(votes(server, "other")) == before + len(clients)  # every line parses
+
+
+def test_the_tally_reads_as_the_issue_asks(tmp_path):
+    from qlora.votes import Ballots, VoteError, tally
+
+    ballots = Ballots()
+    with pytest.raises(VoteError, match="pick one of: left, right, tie, both bad"):
+        ballots.cast(ballots.open(tmp_path, "left", "q", "a", "b", {}), "tuned")
+    for choice in ["left"] * 14 + ["right"] * 2 + ["tie"] * 3 + ["both bad"]:
+        ballot = ballots.open(tmp_path, "left", "q", "a", "b", {})
+        ballots.cast(ballot, choice)
+    (tmp_path / "votes.jsonl").open("a").write('{"preferred": "tuned", "cut')  # a line a crash cut short
+    assert tally(tmp_path).text() == "tuned preferred in 14 of 20, 3 ties (base preferred in 2, both bad in 1)"
