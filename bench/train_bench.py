@@ -8,11 +8,15 @@ checkpointing on every layer, padded batches). `project` is qlora.train.build_tr
 picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32,
 compile, fused) to measure one lever (arms are separated by commas, overrides by '+').
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
-`card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16).
+`card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
+`t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
+calibrates the thread percentage on a large fp16 matmul, and stops it; it says so and skips the mode where MPS is
+missing).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 from bench.common import T4_GIB, StepMeter, build_random_model, card, cap_memory, guanaco_ids, versions, write_json
+from bench.mps import T4Compute
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,7 +45,7 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     from qlora import speed
     from qlora.model import load_base, load_tokenizer, pick_precision
 
-    if mode == "t4":
+    if mode in ("t4", "t4c"):
         cap_memory(T4_GIB)
     cuda = torch.cuda.is_available()
     tok = load_tokenizer(model_dir)
@@ -174,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="", help="file name suffix")
     ap.add_argument("--arm-timeout", type=int, default=420)
+    ap.add_argument("--mps-percentage", type=int, help="t4c: this thread percentage instead of calibrating one")
     ap.add_argument("--run-arm", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="h100", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
@@ -197,15 +203,41 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for mode in a.modes.split(","):
+    modes = a.modes.split(",")
+    with contextlib.ExitStack() as stack:
+        t4c = stack.enter_context(T4Compute(percentage=a.mps_percentage)) if "t4c" in modes else None
+        if t4c is not None:
+            print(f"t4c: {json.dumps(t4c.to_dict())}", flush=True)
+            if not t4c.available:
+                print(f"t4c skipped: {t4c.why}", flush=True)
+                modes.remove("t4c")
+        results = run_arms(a, model_dir, modes, out, epoch_tokens, t4c)
+    report = dict(card=card(), versions=versions(), steps=a.steps, warmup=a.warmup, epoch_tokens=epoch_tokens,
+                  command="python -m bench.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), arms=results,
+                  t4c=t4c.to_dict() if t4c is not None else None)
+    report["speedup"] = speedups(results)
+    name = f"train{'-' + a.tag if a.tag else ''}"
+    write_json(out / f"{name}.json", report)
+    (out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report))
+    return 0
+
+
+def run_arms(a, model_dir: Path, modes: list[str], out: Path, epoch_tokens: int, t4c) -> list[dict]:
+    """Each (mode, arm) in its own process, so one arm's memory and compiled state never reach the next."""
+    results = []
+    for mode in modes:
         for arm in a.arms.split(","):
             env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
             env.pop("QLORA_GPU_MEMORY_GIB", None)
             env.pop("QLORA_NO_BF16", None)
-            if mode in ("h100", "t4"):
+            if mode in ("h100", "t4", "t4c"):
                 env["QLORA_GPU_MEMORY_GIB"] = str(T4_GIB)  # the project plans for a T4's memory
-            if mode == "t4":
+            if mode in ("t4", "t4c"):
                 env["QLORA_NO_BF16"] = "1"
+            if mode == "t4c":
+                env = t4c.env(env)
             tmp = out / f".arm-{mode}-{arm.replace(':', '_').replace(',', '_').replace('=', '')}.json"
             cmd = [sys.executable, "-m", "bench.train_bench", "--run-arm", arm, "--mode", mode, "--model",
                    str(model_dir), "--steps", str(a.steps), "--json", str(tmp)]
@@ -229,15 +261,7 @@ def main(argv=None) -> int:
             if r.get("profile"):
                 print(r["profile"][-6000:], flush=True)
             results.append(r)
-    report = dict(card=card(), versions=versions(), steps=a.steps, warmup=a.warmup, epoch_tokens=epoch_tokens,
-                  command="python -m bench.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), arms=results)
-    report["speedup"] = speedups(results)
-    name = f"train{'-' + a.tag if a.tag else ''}"
-    write_json(out / f"{name}.json", report)
-    (out / f"{name}.md").write_text(markdown(report), encoding="utf-8")
-    print(markdown(report))
-    return 0
+    return results
 
 
 def speedups(results: list[dict]) -> dict:
@@ -260,7 +284,13 @@ def speedups(results: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     c = report["card"]
     lines = [f"Card: {c['name']} ({c.get('memory_gib')} GiB); {report['steps']} steps, timing after "
-             f"{report['warmup']} warm-up steps; {report['when']}; `{report['command']}`", "",
+             f"{report['warmup']} warm-up steps; {report['when']}; `{report['command']}`", ""]
+    m = report.get("t4c")
+    if m:
+        lines += [f"t4c: MPS at {m['percentage']}% of the multiprocessors, a large fp16 matmul at "
+                  f"{m['measured_tflops']} TFLOP/s (target {m['target_tflops']}, whole card {m['full_card_tflops']}); "
+                  f"calibration {m['calibration']}" if m["available"] else f"t4c: not run ({m['why']})", ""]
+    lines += [
              "| mode | arm | tokens/s | x seed | s/step | epoch s (est.) | peak alloc GiB | peak reserved GiB | "
              "final loss | max abs loss diff vs seed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["arms"]:

@@ -101,7 +101,7 @@ def _train(args) -> int:
     from tqdm import tqdm
 
     from .events import Failed, Finished, Log, Progress, Started, Stopped, to_record
-    from .train import train
+    from .train import distributed, train
 
     bar = None
     stop = threading.Event()
@@ -130,15 +130,17 @@ def _train(args) -> int:
         elif isinstance(event, (Finished, Stopped, Failed)) and bar is not None:
             bar.close()
 
+    rank = distributed().process_index  # under `accelerate launch` only rank 0 speaks (train() emits there alone)
     try:
         run_dir = train(cfg, show, stop, token=token, resume_from=args.resume_from)
     except (KeyboardInterrupt, ValueError, OSError):
         raise  # main() prints these as one line, exit status 2
     except Exception as e:
-        print(f"error: training failed: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}training failed: {_one_line(e)}", file=sys.stderr)
         return 1
-    print(f"adapter saved: {run_dir / 'adapter'}")
-    print(f"chat with it:  python -m qlora chat --adapter {run_dir} \"your question\"")
+    if rank == 0:
+        print(f"adapter saved: {run_dir / 'adapter'}")
+        print(f"chat with it:  python -m qlora chat --adapter {run_dir} \"your question\"")
     return 0
 
 
@@ -169,8 +171,14 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # the libraries' own bars (trl's dataset passes, shard writing) come once per rank and say nothing the user can
+    # act on; the CLI draws its own training bar
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+    # on a CPU without the optional `kernels` package (a Hub download) bitsandbytes warns once per process that it
+    # uses its own 4-bit kernel instead: true, and nothing to act on
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logging.getLogger("qlora").addHandler(logging.StreamHandler())
 
 

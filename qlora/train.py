@@ -35,7 +35,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     `token` is a Hub token for gated models; it is passed to each call and never stored or logged.
     """
     stop = stop or threading.Event()
-    dist = _distributed()  # under `accelerate launch`: one process per GPU, each with its own 4-bit base
+    dist = distributed()  # under `accelerate launch`: one process per GPU, each with its own 4-bit base
     main = dist.is_main_process
     if not main:
         emit = _silent  # only rank 0 reports, writes the run folder and saves
@@ -107,7 +107,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         free_memory()
 
 
-def _distributed():
+def distributed():
     """accelerate's view of the launch: a single process unless started by `accelerate launch`."""
     import torch
     from accelerate import PartialState
@@ -171,6 +171,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         # the Trainer's default replaces a NaN/inf step loss by the window's mean in the logs, which would hide it
         # from EventCallback's NaN check: report the real loss
         logging_nan_inf_filter=False,
+        # every LoRA weight gets a gradient each step; the Trainer's default (True without checkpointing) costs DDP a
+        # second pass over the graph per step and prints a warning from every rank
+        ddp_find_unused_parameters=False,
     )
     # LoRA's A matrices start random: seed them from the config, or a second run in the same process (the app)
     # would start from other weights than the first with the same seed

@@ -1,0 +1,128 @@
+"""A T4's compute on a big card: NVIDIA MPS caps each process's share of the multiprocessors (the `t4c` bench mode).
+
+    with T4Compute() as t4:          # starts the MPS daemon, finds the thread percentage, stops the daemon after
+        env = t4.env(os.environ)     # run each arm's process with this environment
+
+MPS (`nvidia-cuda-mps-control -d`) lets every client process use only CUDA_MPS_ACTIVE_THREAD_PERCENTAGE % of the
+multiprocessors. The percentage is calibrated so that a large fp16 matmul runs at about what cuBLAS reaches on a T4
+(TARGET_TFLOPS); memory bandwidth, Turing's kernels and the host CPU stay those of the big card, which the bench
+report says. Where MPS is not there (no control binary, no permission), `available` is False and `why` says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap.
+TARGET_TFLOPS = 40.0
+CONTROL = "nvidia-cuda-mps-control"
+
+_PROBE = r"""
+import json, sys, torch
+n = 8192
+a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+for _ in range(3):
+    a @ b
+torch.cuda.synchronize()
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+reps = 10
+for _ in range(reps):
+    a @ b
+end.record()
+torch.cuda.synchronize()
+seconds = start.elapsed_time(end) / 1000 / reps
+print(json.dumps({"tflops": 2 * n ** 3 / seconds / 1e12}))
+"""
+
+
+class T4Compute:
+    """The MPS daemon for the bench's lifetime, and the thread percentage that gives a T4's matmul rate."""
+
+    def __init__(self, target_tflops: float = TARGET_TFLOPS, percentage: int | None = None):
+        self.target = target_tflops
+        self.percentage = percentage  # None: calibrate
+        self.measured_tflops: float | None = None
+        self.full_tflops: float | None = None
+        self.available = False
+        self.why = ""
+        self.calibration: list[dict] = []
+        self._dirs: Path | None = None
+
+    # --- the daemon --------------------------------------------------------------------------------------
+    def __enter__(self) -> "T4Compute":
+        if shutil.which(CONTROL) is None:
+            self.why = f"{CONTROL} is not on PATH: MPS is unavailable, so t4c cannot cap the card's compute"
+            return self
+        self._dirs = Path(tempfile.mkdtemp(prefix="mps-"))
+        started = subprocess.run([CONTROL, "-d"], env=self._daemon_env(), capture_output=True, text=True)
+        if started.returncode != 0:
+            self.why = f"{CONTROL} -d failed ({(started.stderr or started.stdout).strip()[:200]})"
+            return self
+        time.sleep(1)
+        self.available = True
+        try:
+            self._calibrate()
+        except RuntimeError as e:
+            self.available, self.why = False, str(e)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._dirs is not None:
+            subprocess.run([CONTROL], input="quit\n", env=self._daemon_env(), capture_output=True, text=True)
+            time.sleep(1)
+            shutil.rmtree(self._dirs, ignore_errors=True)
+
+    def _daemon_env(self) -> dict:
+        env = dict(os.environ)
+        env["CUDA_MPS_PIPE_DIRECTORY"] = str(self._dirs / "pipe")
+        env["CUDA_MPS_LOG_DIRECTORY"] = str(self._dirs / "log")
+        (self._dirs / "pipe").mkdir(exist_ok=True)
+        (self._dirs / "log").mkdir(exist_ok=True)
+        return env
+
+    def env(self, base: dict, percentage: int | None = None) -> dict:
+        """The environment a client process runs under: the daemon's pipe and the thread percentage."""
+        env = dict(base)
+        env.update({k: v for k, v in self._daemon_env().items() if k.startswith("CUDA_MPS_")})
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(percentage or self.percentage)
+        return env
+
+    # --- calibration -------------------------------------------------------------------------------------
+    def matmul_tflops(self, percentage: int) -> float:
+        """A large fp16 matmul's rate in a fresh process under `percentage` % of the multiprocessors."""
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=self.env(os.environ, percentage),
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the matmul probe under MPS failed: {proc.stderr.strip()[-300:]}")
+        tflops = json.loads(proc.stdout.strip().splitlines()[-1])["tflops"]
+        self.calibration.append(dict(percentage=percentage, tflops=round(tflops, 1)))
+        return tflops
+
+    def _calibrate(self) -> None:
+        """Rate is close to proportional to the share of multiprocessors: measure at 100 %, scale, check, refine."""
+        self.full_tflops = self.matmul_tflops(100)
+        if self.percentage is None:
+            pct = max(1, min(100, round(100 * self.target / self.full_tflops)))
+            rate = self.matmul_tflops(pct)
+            for _ in range(3):  # a few steps of the proportional guess: MPS rounds to whole multiprocessors
+                better = max(1, min(100, round(pct * self.target / rate)))
+                if better == pct:
+                    break
+                pct, rate = better, self.matmul_tflops(better)
+            self.percentage = pct
+            self.measured_tflops = rate
+        else:
+            self.measured_tflops = self.matmul_tflops(self.percentage)
+
+    def to_dict(self) -> dict:
+        return dict(available=self.available, why=self.why, target_tflops=self.target, percentage=self.percentage,
+                    measured_tflops=self.measured_tflops and round(self.measured_tflops, 1),
+                    full_card_tflops=self.full_tflops and round(self.full_tflops, 1), calibration=self.calibration)
