@@ -1,4 +1,4 @@
-"""The command line over the same core: `python -m qlora train ...` and `python -m qlora chat ...`."""
+"""The command line over the same core: `python -m qlora train|chat|eval|export ...`."""
 from __future__ import annotations
 
 import argparse
@@ -41,10 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("prompt")
 
+    e = sub.add_parser("eval", help="the evaluation card: base vs adapter on held-out rows, saved as eval.json")
+    e.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
+    e.add_argument("--dataset", help="an eval file or Hub dataset id, every row held out (default: the run's own "
+                                     "eval split)")
+    e.add_argument("--rows", type=int, default=0, help="only the first N rows (default 0: all)")
+    e.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token")
+
+    x = sub.add_parser("export", help="merge the adapter into the base's own weights: a standalone model folder")
+    x.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
+    x.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token")
+
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return _train(args) if args.command == "train" else _chat(args)
+        return {"train": _train, "chat": _chat, "eval": _eval, "export": _export}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -148,11 +159,7 @@ def _chat(args) -> int:
     from .chat import ChatEngine
     from .config import GenerationSettings
 
-    run_dir = Path(args.adapter)
-    if run_dir.name == "adapter":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{args.adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
+    run_dir = _run_dir(args.adapter)
     cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
@@ -163,6 +170,63 @@ def _chat(args) -> int:
         pass
     print(f"=== base ({cfg.base_model}) ===\n{base}\n\n=== fine-tuned ({run_dir.name}) ===\n{tuned}")
     return 0
+
+
+def _eval(args) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from .evaluate import evaluate_run, summary
+
+    if args.rows < 0:
+        raise ValueError(f"--rows: must be 0 (all) or more, got {args.rows}")
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="evaluating", unit="step", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    card = evaluate_run(_run_dir(args.adapter), args.dataset, args.rows, os.environ.get(args.token_env) or None,
+                        progress)
+    if bar is not None:
+        bar.close()
+    print("\n".join(summary(card)))
+    for title, rows in (("helped most", card["helped_most"]), ("hurt most", card["hurt_most"])):
+        for r in rows:
+            print(f"\n{title}: row {r['row']}, loss {r['base_loss']:.4f} -> {r['adapter_loss']:.4f}\n  {_indent(r['text'])}")
+    for a in card["answers"]:
+        print(f"\n=== prompt ===\n{a['prompt']}\n--- base ---\n{a['base']}\n--- fine-tuned ---\n{a['adapter']}")
+    print(f"\nsaved: {_run_dir(args.adapter) / 'eval.json'}")
+    return 0
+
+
+def _export(args) -> int:
+    import os
+
+    from .export import export_run
+
+    out = export_run(_run_dir(args.adapter), os.environ.get(args.token_env) or None,
+                     lambda line: print(line, file=sys.stderr))
+    print(f"merged model: {out}")
+    print(f"load it:      AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _run_dir(adapter: str) -> Path:
+    """The run folder a --adapter flag names (the folder `train` printed, or its adapter/ subfolder)."""
+    run_dir = Path(adapter)
+    if run_dir.name == "adapter":
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
+    return run_dir
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n  ")
 
 
 def _quiet_libraries() -> None:

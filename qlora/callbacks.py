@@ -79,13 +79,18 @@ class SampleCallback(TrainerCallback):
 
 
 def greedy_answer(model, tokenizer, user: str, max_new_tokens: int) -> str:
-    """A short greedy answer in the middle of training: eval mode and the cache for the call, training mode after."""
+    """A short greedy answer to one user turn (Llama 2 format)."""
+    return greedy_continuation(model, tokenizer, encode(format_prompt([], user), tokenizer), max_new_tokens)
+
+
+def greedy_continuation(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """A greedy answer in the middle of training too: eval mode and the cache for the call, training mode after."""
     import torch
 
     was_training = model.training
     model.eval()
     try:
-        ids = torch.tensor([encode(format_prompt([], user), tokenizer)], device=model.device)
+        ids = torch.tensor([prompt_ids], device=model.device)
         with torch.no_grad():
             # min_new_tokens as in chat.MIN_NEW_TOKENS: a base that never saw the Llama 2 format (the embedded
             # SmolLM2) ends at once under greedy decoding, and an empty sample shows nothing.

@@ -163,12 +163,13 @@ def embedded_defaults() -> dict[str, Any]:
     """Overrides that make the embedded model + sample finish in a couple of minutes on 2 CPU cores.
 
     A 135M model needs a higher learning rate than a 7B one to show a visible change in ~30 steps, and the
-    GGUF is already 4-bit (Q4_1): re-quantizing it to nf4 on a CPU costs quality and buys no speed.
+    GGUF is already 4-bit (Q4_1): re-quantizing it to nf4 on a CPU costs quality and buys no speed. A tenth of the
+    sample is held out, so the run ends with an evaluation card (qlora/evaluate.py) on rows it never trained on.
     """
     return dict(base_model=EMBEDDED_MODEL, dataset=SAMPLE_DATASET, quantize="none", learning_rate=1e-3,
                 max_steps=30, max_length=256, batch_size=4, lr_scheduler="constant_with_warmup", warmup_ratio=0.05,
                 gradient_checkpointing=False, optimizer="adamw_torch", lora_dropout=0.0,
-                target_modules=["all-linear"], group_by_length=False)
+                target_modules=["all-linear"], group_by_length=False, eval_fraction=0.1)
 
 
 @dataclass

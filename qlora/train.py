@@ -88,6 +88,10 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
         if main:
             _finish(run_dir, status, step, metrics)
+            if status == "finished" and data.eval:  # the evaluation card, on the model still in memory
+                from .evaluate import end_of_run
+
+                end_of_run(run_dir, trainer.model, tokenizer, data.eval, cfg.max_length, lambda s: emit(Log(s)), stop)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:
