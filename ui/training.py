@@ -1,4 +1,5 @@
-"""The Training tab: the form, preflight, dataset preview, Start/Stop, live progress, past runs, download and push."""
+"""The Training tab: the form, preflight, dataset preview, Start/Stop, live progress, past runs, download and push
+(a run's evaluation card and merged export: ui/runcard.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
 from qlora.model import BusyError, ModelError
 
-from . import hub, render
+from . import hub, render, runcard
 from .context import LOCKED, AppContext
 from .preflight import preflight
 
@@ -317,6 +318,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
         c["run_plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
                                     color_map=render.LOSS_COLOURS, title="Loss of the picked run",
                                     height=220)
+        runcard.build(ctx, c["run_pick"], admin, token, repo, private)  # evaluation card, merged export
 
     # Events. Every handler checks the admin password itself: the API runs the same code as the buttons.
     protected = dict(admin_password=admin, hf_token=token, **form)

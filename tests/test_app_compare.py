@@ -1,7 +1,8 @@
-"""Blind comparison in Chat (issue 13) through a real Gradio server and real gradio_client clients.
+"""Issue 13 through the app: blind votes in Chat, evaluation cards and merged exports under Past runs.
 
-The server has an admin password (a shared link) and two finished tiny-Llama runs. Anyone may ask blind questions and
-vote; a vote must count once, for the run its question was asked of, whatever a script sends to the API.
+A real Gradio server with an admin password (a shared link) and two finished tiny-Llama runs, driven by real
+gradio_client clients and raw HTTP. Anyone may ask blind questions and vote; a vote must count once, for the run its
+question was asked of, whatever a script sends to the API. Cards, evaluation and export need the password.
 """
 from __future__ import annotations
 
@@ -29,15 +30,16 @@ def server(tmp_path_factory, tiny_llama_dir):
     memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
                             for i in range(8)), encoding="utf-8")
     runs_root = root / "runs"
-    for name in ("earlier", "other"):
+    for name in ("earlier", "other"):  # "earlier" holds out two rows: it ends with an evaluation card
         train(TrainConfig(base_model=str(tiny_llama_dir), dataset=str(memo), output_dir=str(runs_root),
                           run_name=name, quantize="nf4", batch_size=4, max_steps=2, max_length=64,
-                          learning_rate=1e-2, gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0))
+                          learning_rate=1e-2, gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0,
+                          eval_fraction=0.25 if name == "earlier" else 0.0))
     demo = app.build_demo(runs_root=runs_root, admin_password=ADMIN)
     kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     url = f"http://127.0.0.1:{kwargs['server_port']}/"
-    yield dict(demo=demo, url=url, runs_root=runs_root)
+    yield dict(demo=demo, url=url, runs_root=runs_root, root=root)
     demo.close()
 
 
@@ -154,3 +156,108 @@ def test_the_tally_reads_as_the_issue_asks(tmp_path):
         ballots.cast(ballot, choice)
     (tmp_path / "votes.jsonl").open("a").write('{"preferred": "tuned", "cut')  # a line a crash cut short
     assert tally(tmp_path).text() == "tuned preferred in 14 of 20, 3 ties (base preferred in 2, both bad in 1)"
+
+
+# --- evaluation cards and merged exports under Past runs ------------------------------------------------------------
+CANARY = "hf_EvalExportEvalExport000000Canary00"
+
+
+def stream(c, *args, api_name):
+    """Every streamed update of a generator endpoint, the last one last."""
+    job = c.submit(*args, api_name=api_name)
+    return [tuple(x) if isinstance(x, (list, tuple)) else x for x in job]
+
+
+def test_cards_evaluation_and_export_need_the_admin_password(server):
+    from gradio_client import handle_file
+
+    c = client(server)
+    for wrong in ("", "nope"):
+        assert c.predict("earlier", wrong, api_name="/eval_card") == "🔒 Only the admin can do this: enter the " \
+            "admin password at the top of the Training tab."
+        assert stream(c, "earlier", None, 0, wrong, "", api_name="/evaluate")[-1][1].startswith("🔒")
+        assert c.predict(wrong, api_name="/stop_eval").startswith("🔒")
+        assert stream(c, "earlier", wrong, "", api_name="/export")[-1].startswith("🔒")
+        assert c.predict("earlier", wrong, api_name="/download_export")[1].startswith("🔒")
+        assert c.predict("earlier", "a/b", True, "", wrong, api_name="/push_export").startswith("🔒")
+    assert not (server["runs_root"] / "earlier" / "export").exists()
+    bad = server["root"] / "bad.jsonl"
+    bad.write_text('{"text": "<s>[INST] cut')
+    said = stream(c, "earlier", handle_file(str(bad)), 0, "", "", api_name="/evaluate")
+    assert said[-1][1].startswith("🔒")  # the upload is never read without the password
+
+
+def test_the_card_of_a_run_then_evaluate_again_with_progress_and_a_bad_file_refused(server):
+    from gradio_client import handle_file
+
+    c = client(server)
+    card_path = server["runs_root"] / "earlier" / "eval.json"
+    shown = c.predict("earlier", ADMIN, api_name="/eval_card")
+    assert shown.startswith("**Evaluation card**") and "base     loss" in shown and "adapter  loss" in shown
+    assert "Greedy answers to held-out prompts" in shown
+    assert "No evaluation card" in c.predict("other", ADMIN, api_name="/eval_card")
+    before = card_path.read_bytes()
+
+    bad = server["root"] / "bad.jsonl"
+    bad.write_text('{"text": "<s>[INST] cut')
+    said = stream(c, "earlier", handle_file(str(bad)), 0, ADMIN, "", api_name="/evaluate")
+    assert said[-1][1] == "❌ bad.jsonl: line 1: truncated line: the file ends mid-record", said
+    assert card_path.read_bytes() == before
+
+    memo = server["root"] / "memo.jsonl"
+    updates = stream(c, "other", handle_file(str(memo)), 5, ADMIN, "", api_name="/evaluate")
+    progress = [m for _, m in updates if "evaluating: " in m]
+    assert progress and "evaluating: 5/" in " ".join(progress), updates
+    card, message = updates[-1]
+    assert message == "✅ other: evaluation card saved." and card.startswith("**Evaluation card**")
+    assert "first 5 rows of memo.jsonl" in card
+    saved = json.loads((server["runs_root"] / "other" / "eval.json").read_text())
+    assert saved["rows"] == 5 and f"{saved['base']['loss']:.4f}" in card
+    # chat answers right after (the evaluation gave the GPU back)
+    assert c.predict("Question 1?", [], [], "other", *GREEDY, api_name="/chat")[3].startswith("done")
+
+
+def test_stop_ends_a_long_evaluation_and_saves_nothing(server):
+    import time
+
+    from gradio_client import handle_file
+
+    long_file = server["root"] / "long.jsonl"
+    long_file.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                                 for i in range(3000)))
+    before = (server["runs_root"] / "earlier" / "eval.json").read_bytes()
+    c, other = client(server), client(server)
+    job = c.submit("earlier", handle_file(str(long_file)), 0, ADMIN, "", api_name="/evaluate")
+    t0 = time.monotonic()
+    while not any("evaluating: " in str(o) for o in job.outputs()):
+        assert time.monotonic() - t0 < 120, job.outputs()
+        time.sleep(0.2)
+    assert other.predict(ADMIN, api_name="/stop_eval").startswith("⏹️ Stopping the evaluation")  # a second browser
+    card, message = job.result(timeout=120)
+    assert message.startswith("⏹️ evaluation stopped after ") and "of 3000 rows; nothing was saved" in message
+    assert (server["runs_root"] / "earlier" / "eval.json").read_bytes() == before
+    assert other.predict(ADMIN, api_name="/stop_eval") == "No evaluation is running."
+
+
+def test_export_download_and_push_of_the_merged_model(server, tmp_path):
+    import zipfile
+
+    c = client(server)
+    assert c.predict("earlier", ADMIN, api_name="/download_export")[1].startswith("❌ run earlier has no merged "
+                                                                                 "export yet")
+    updates = stream(c, "earlier", ADMIN, CANARY, api_name="/export")
+    assert any("shard" in u for u in updates) and updates[-1].startswith("✅ earlier: merged model"), updates
+    path, note = c.predict("earlier", ADMIN, api_name="/download_export")
+    names = zipfile.ZipFile(path).namelist()
+    assert {"earlier-merged/config.json", "earlier-merged/model.safetensors", "earlier-merged/README.md",
+            "earlier-merged/tokenizer_config.json", "earlier-merged/generation_config.json"} <= set(names), names
+    pushed = c.predict("earlier", "someone/merged", True, CANARY, ADMIN, api_name="/push_export")
+    assert pushed.startswith("❌") and ("offline" in pushed or "reach" in pushed), pushed  # no Hub in the tests
+    assert c.predict("earlier", "someone/merged", True, "", ADMIN, api_name="/push_export").startswith(
+        "❌ pushing needs a Hub token")
+    assert c.predict("earlier", "../../etc", True, CANARY, ADMIN, api_name="/push_export").startswith("❌ repo id")
+    for text in updates + [note, pushed]:
+        assert CANARY not in text
+    for f in (server["runs_root"] / "earlier").rglob("*"):
+        if f.is_file():
+            assert CANARY.encode() not in f.read_bytes(), f
