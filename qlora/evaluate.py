@@ -22,7 +22,7 @@ from .model import BusyError, gpu_lock
 from .prompts import E_INST, EOS, encode
 
 ANSWERS = 3  # held-out prompts answered greedily by both
-ANSWER_TOKENS = 64
+ANSWER_TOKENS = 48  # as the sample answers during training: enough to see the voice, quick on a CPU
 SHOWN = 3  # rows listed as helped most, and as hurt most
 SHOWN_CHARS = 1500
 
@@ -196,8 +196,7 @@ def evaluate_run(run_dir: str | Path, dataset: str | None = None, rows: int = 0,
     """
     from peft import PeftModel
 
-    from .model import load_base, load_tokenizer, pick_precision, resolve
-    from .train import free_memory
+    from .model import free_memory, load_base, load_tokenizer, pick_precision, resolve
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)

@@ -4,6 +4,7 @@ Never runs remote code and loads safetensors only: a model id is a download of s
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import threading
@@ -120,6 +121,19 @@ def torch_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def free_memory() -> None:
+    """Give the GPU back however the run ended: the next run and chat need it."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    except Exception:
+        pass
 
 
 # --- loading -------------------------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """The recipe, top to bottom: data -> tokenizer -> 4-bit base -> LoRA -> SFTTrainer -> atomic save -> free memory."""
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -15,7 +14,7 @@ from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
 from .data import DataError, prepare, tokenize
 from .events import Event, Failed, Finished, Log, Stopped
-from .model import ModelError, load_base, load_tokenizer, lora_config, pick_precision, resolve
+from .model import ModelError, free_memory, load_base, load_tokenizer, lora_config, pick_precision, resolve
 from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
 
 if TYPE_CHECKING:
@@ -232,19 +231,6 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, (DataError, ModelError, ValueError)):
         return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
     return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
-
-
-def free_memory() -> None:
-    """Give the GPU back however the run ended: the next run and chat need it."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:
-        pass
 
 
 # --- the run folder's files ----------------------------------------------------------------------------
