@@ -62,3 +62,22 @@ def start_at_once(clients, form: dict) -> list[str]:
     for t in threads:
         t.join(120)
     return answers
+
+
+def tiny_runs(root: Path, base: Path, names: dict[str, dict]) -> tuple[Path, Path]:
+    """(runs folder, memo file): one short 4-bit tiny-Llama run per name (with its TrainConfig overrides)."""
+    import json
+
+    from qlora.config import TrainConfig
+    from qlora.train import train
+
+    memo = root / "memo.jsonl"
+    memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    runs_root = root / "runs"
+    for name, overrides in names.items():
+        train(TrainConfig(**dict(dict(base_model=str(base), dataset=str(memo), output_dir=str(runs_root),
+                                      run_name=name, quantize="nf4", batch_size=4, max_steps=2, max_length=64,
+                                      gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0),
+                                 **overrides)))
+    return runs_root, memo

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from apphelpers import free_port
+from apphelpers import free_port, tiny_runs
 
 ADMIN = "adm1n-Blind-Pa55"
 GREEDY = (0.0, 0.9, 6, 0, "")  # temperature, top_p, max new tokens, seed, system prompt
@@ -20,21 +20,11 @@ GREEDY = (0.0, 0.9, 6, 0, "")  # temperature, top_p, max new tokens, seed, syste
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     import app
-    from gradio_client import Client
 
-    from qlora.config import TrainConfig
-    from qlora.train import train
-
-    root = tmp_path_factory.mktemp("blind")
-    memo = root / "memo.jsonl"
-    memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
-                            for i in range(8)), encoding="utf-8")
-    runs_root = root / "runs"
-    for name in ("earlier", "other"):  # "earlier" holds out two rows: it ends with an evaluation card
-        train(TrainConfig(base_model=str(tiny_llama_dir), dataset=str(memo), output_dir=str(runs_root),
-                          run_name=name, quantize="nf4", batch_size=4, max_steps=2, max_length=64,
-                          learning_rate=1e-2, gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0,
-                          eval_fraction=0.25 if name == "earlier" else 0.0))
+    root = tmp_path_factory.mktemp("compare")
+    # "earlier" holds out two rows, so it ends with an evaluation card; "other" holds out none
+    runs_root, _ = tiny_runs(root, tiny_llama_dir, {"earlier": dict(learning_rate=1e-2, eval_fraction=0.25),
+                                                    "other": dict(learning_rate=1e-2)})
     demo = app.build_demo(runs_root=runs_root, admin_password=ADMIN)
     kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)

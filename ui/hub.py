@@ -5,16 +5,20 @@ to echo never reaches the page or the log.
 """
 from __future__ import annotations
 
+import html
 import re
 import tempfile
 import time
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from qlora import runs
 from qlora.config import is_hub_id
 from qlora.export import reproducibility
+
+from .context import LOCKED
 
 # What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
 ZIP_FILES = ("config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl", "run.json")
@@ -143,6 +147,21 @@ def _push(repo_id: str, token: str | None, private: bool, files: dict[str, Path 
     except Exception as e:
         raise PushError(explain_push_error(e, token)) from None
     return f"https://huggingface.co/{repo_id}"
+
+
+def push_handler(ctx, push: Callable[[runs.RunInfo, str, str | None, bool], str], what: str = ""):
+    """The Push button's handler (an API endpoint too): the admin check, the token rules, one line back."""
+    def handler(run: str, repo_id: str, private: bool = True, hf_token: str = "", admin_password: str = "") -> str:
+        if not ctx.is_admin(admin_password):
+            return LOCKED
+        token = ctx.token(hf_token)
+        try:
+            url = push(usable_run(ctx.runs_root, run), str(repo_id or "")[:200], token, bool(private))
+        except (ValueError, PushError) as e:
+            return f"❌ {html.escape(redact(str(e), token))}"
+        return f"✅ pushed {what}to [{html.escape(url)}]({html.escape(url)})"
+
+    return handler
 
 
 def explain_push_error(e: BaseException, token: str | None) -> str:

@@ -139,19 +139,8 @@ def make_handlers(ctx: AppContext):
             return None, _failure("zip", e, None)
         return str(path), f"📦 {html.escape(info.name)}: merged model zip ready."
 
-    def push_export(run: str, repo_id: str, private: bool = True, hf_token: str = "", admin_password: str = "") -> str:
-        if not ctx.is_admin(admin_password):
-            return LOCKED
-        token = ctx.token(hf_token)
-        try:
-            info = hub.usable_run(ctx.runs_root, run)
-            url = hub.push_export(info, str(repo_id or "")[:200], token, bool(private))
-        except (ValueError, hub.PushError) as e:
-            return f"❌ {html.escape(hub.redact(str(e), token))}"
-        return f"✅ pushed the merged model to [{html.escape(url)}]({html.escape(url)})"
-
     return dict(card=card, evaluate=evaluate, stop_eval=stop_eval, export=export, download_export=download_export,
-                push_export=push_export)
+                push_export=hub.push_handler(ctx, hub.push_export, "the merged model "))
 
 
 def _failure(what: str, e: BaseException, token: str | None) -> str:

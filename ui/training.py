@@ -153,16 +153,7 @@ def make_handlers(ctx: AppContext):
             return None, f"❌ {html.escape(str(e))}"
         return str(hub.zip_run(info)), f"📦 {html.escape(info.name)}: adapter zip ready."
 
-    def push(run: str, repo_id: str, private: bool = True, hf_token: str = "", admin_password: str = "") -> str:
-        if not ctx.is_admin(admin_password):
-            return LOCKED
-        token = ctx.token(hf_token)
-        try:
-            info = hub.usable_run(ctx.runs_root, run)
-            url = hub.push_run(info, str(repo_id or "")[:MAX_TEXT], token, bool(private))
-        except (ValueError, hub.PushError) as e:
-            return f"❌ {html.escape(hub.redact(str(e), token))}"
-        return f"✅ pushed to [{html.escape(url)}]({html.escape(url)})"
+    push = hub.push_handler(ctx, hub.push_run)
 
     def job_status() -> dict[str, Any]:
         """The server-side job as JSON, for API clients and tests."""
