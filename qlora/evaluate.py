@@ -81,13 +81,16 @@ def held_out(run_dir: Path, dataset: str | None = None, rows: int = 0, token: st
         if cfg.eval_fraction <= 0:
             raise ValueError(f"run {run_dir.name} kept no held-out rows (eval_fraction 0): give an eval file")
         data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows)
-        texts = data.eval
-        source = f"eval split of {data.source} (eval_fraction {cfg.eval_fraction}, seed {cfg.seed})"
+        texts, source = data.eval, split_source(data.source, cfg)
     if not texts:
         raise ValueError(f"{source}: no held-out rows")
     if rows and rows < len(texts):
         texts, source = texts[:rows], f"first {rows} rows of {source}"
     return texts, source
+
+
+def split_source(name: str, cfg: TrainConfig) -> str:
+    return f"eval split of {name} (eval_fraction {cfg.eval_fraction}, seed {cfg.seed})"
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -225,8 +228,8 @@ def save(run_dir: Path, card: dict) -> None:
     runs.write_json(Path(run_dir) / runs.EVAL_CARD, dict(card, run=Path(run_dir).name))
 
 
-def end_of_run(run_dir: Path, model, tokenizer, texts: list[str], max_length: int, log: Callable[[str], None],
-               stop: threading.Event | None = None) -> None:
+def end_of_run(run_dir: Path, model, tokenizer, texts: list[str], source: str, cfg: TrainConfig,
+               log: Callable[[str], None], stop: threading.Event | None = None) -> None:
     """The card at the end of a finished run, on the model in memory. Never raises: the run itself is done."""
     import logging
 
@@ -235,7 +238,7 @@ def end_of_run(run_dir: Path, model, tokenizer, texts: list[str], max_length: in
             log(f"evaluation card: {done}/{total}")
 
     try:
-        card = evaluate_model(model, tokenizer, texts, f"eval split ({len(texts)} rows)", max_length, progress, stop)
+        card = evaluate_model(model, tokenizer, texts, split_source(source, cfg), cfg.max_length, progress, stop)
         save(run_dir, card)
         for line in summary(card)[:3]:
             log(line)

@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
             if status == "finished" and data.eval:  # the evaluation card, on the model still in memory
                 from .evaluate import end_of_run
 
-                end_of_run(run_dir, trainer.model, tokenizer, data.eval, cfg.max_length, lambda s: emit(Log(s)), stop)
+                end_of_run(run_dir, trainer.model, tokenizer, data.eval, data.source, cfg, lambda s: emit(Log(s)), stop)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:

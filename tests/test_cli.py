@@ -81,6 +81,7 @@ def test_offline_embedded_model_on_the_sample_shows_a_difference(tmp_path):
     again = json.loads((out / "e" / "eval.json").read_text())
     assert again["base"]["loss"] == pytest.approx(card["base"]["loss"], rel=1e-4)
     assert again["adapter"]["loss"] == pytest.approx(card["adapter"]["loss"], rel=1e-4)
+    assert again["source"] == card["source"] == "eval split of built-in sample (eval_fraction 0.1, seed 42)"
     assert "adapter ahead by" in r.stdout and f"base     loss {again['base']['loss']:.4f}" in r.stdout
     print(r.stdout.split("\n\n")[0])  # the figures, for the record
 
