@@ -75,7 +75,6 @@ def main(argv=None) -> int:
     from qlora import chat
     from qlora.chat import BASE, ChatEngine
     from qlora.config import GenerationSettings
-    from qlora.prompts import encode, format_prompt
 
     shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4) if a.tiny else None
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     rows: list[list[dict]] = [[] for _ in variants]
     for _round in range(a.rounds):
         for prompt in PROMPTS:
-            ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
+            ids = engine.prompt([], prompt, "", name).token_ids
             seq = []
             for adapter in (BASE, name):  # the reference: each pane on its own, one row
                 sync()
@@ -175,10 +174,9 @@ def profile(engine, adapter_names: list[str], tokens: int) -> dict:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from qlora import chat
-    from qlora.prompts import encode, format_prompt
-
     model = engine.model
-    ids = torch.tensor([encode(format_prompt([], PROMPTS[0], ""), engine.tokenizer)] * len(adapter_names),
+    adapter = next((n for n in adapter_names if n != "__base__"), None)
+    ids = torch.tensor([engine.prompt([], PROMPTS[0], "", adapter).token_ids] * len(adapter_names),
                        device=model.device)
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                   do_sample=False, temperature=None, top_p=None, top_k=None, adapter_names=adapter_names,

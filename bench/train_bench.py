@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
     from qlora.model import load_tokenizer
 
-    epoch_tokens = sum(map(len, guanaco_ids(load_tokenizer(str(model_dir)))))
+    epoch_tokens = sum(len(r.ids) for r in guanaco_ids(load_tokenizer(str(model_dir))))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

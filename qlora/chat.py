@@ -16,13 +16,10 @@ from typing import Iterator, Sequence
 from . import runs
 from .config import GenerationSettings
 from .model import BusyError, gpu_lock, load_base, load_tokenizer, pick_precision, resolve
-from .prompts import encode, format_prompt
+from .prompts import PromptFormat, chat_prompt, choose, read_format, stop_ids
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 MAX_PROMPT_TOKENS = 3072
-# A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
-# nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
-MIN_NEW_TOKENS = 2
 # On a GPU some kernels pick their algorithm (and so their rounding) by the number of rows: bitsandbytes' 4-bit
 # matmul, cuBLAS, the RMSNorm reduction. A near-tie in the logits then flips a greedy token and the batched pane drifts
 # from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
@@ -51,6 +48,7 @@ class ChatEngine:
         self.model = None  # a PeftModel once an adapter is attached, the bare base before
         self.tokenizer = None
         self.adapters: dict[str, str] = {}  # adapter name -> folder
+        self.formats: dict[str, PromptFormat] = {}  # adapter name -> the prompt format its run trained in
         self._load_lock = threading.Lock()
 
     # --- loading ---------------------------------------------------------------------------------------
@@ -74,6 +72,8 @@ class ChatEngine:
             folder = folder / runs.ADAPTER
         runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
         name = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
+        # both panes are prompted the way the adapter was trained, read from its run folder (prompt_format.json)
+        self.formats[name] = read_format(folder.parent if folder.name == runs.ADAPTER else folder)
         if self.adapters.get(name) == str(folder):
             return name
         model = self._ensure_base()
@@ -98,12 +98,17 @@ class ChatEngine:
         free_memory()
 
     # --- prompts ---------------------------------------------------------------------------------------
-    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
-        """The exact string and tokens both panes send. Each pane's own history is used by the caller."""
+    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "",
+               adapter: str | None = None) -> PromptView:
+        """The exact string and tokens both panes send, in `adapter`'s format (prompts.chat_prompt, as everywhere).
+        Each pane's own history is used by the caller."""
         self._ensure_base()
-        text = format_prompt(history, user, system)
-        ids = encode(text, self.tokenizer)
-        return PromptView(text, ids, self.tokenizer.convert_ids_to_tokens(ids))
+        p = chat_prompt(self.prompt_format(adapter), self.tokenizer, history, user, system)
+        return PromptView(p.text, p.ids, self.tokenizer.convert_ids_to_tokens(p.ids))
+
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """The adapter's prompt format; with none loaded, the base model's own."""
+        return self.formats.get(adapter or "") or choose(self.tokenizer)
 
     # --- generation ------------------------------------------------------------------------------------
     def stream_pair(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]],
@@ -120,7 +125,7 @@ class ChatEngine:
             self._ensure_base()
             if adapter is None:
                 raise ValueError("pick an adapter first")
-            prompts = [encode(format_prompt(h, user, settings.system_prompt), self.tokenizer)
+            prompts = [self.prompt(h, user, settings.system_prompt, adapter).token_ids
                        for h in (base_history, tuned_history)]
             for ids in prompts:
                 if len(ids) > MAX_PROMPT_TOKENS:
@@ -140,7 +145,7 @@ class ChatEngine:
     def generate_sequential(self, user: str, settings: GenerationSettings, adapter: str) -> tuple[str, str]:
         """Two separate generations (base, then adapter): the reference the batched pass must match."""
         self._ensure_base()
-        ids = encode(format_prompt([], user, settings.system_prompt), self.tokenizer)
+        ids = self.prompt([], user, settings.system_prompt, adapter).token_ids
         base = list(self._generate([ids], [BASE], settings, None))[-1][0]
         tuned = list(self._generate([ids], [adapter], settings, None))[-1][0]
         return base, tuned
@@ -153,7 +158,8 @@ class ChatEngine:
 
         model, tok = self.model, self.tokenizer
         ids = torch.tensor(prompts, device=model.device)
-        streamer = RowStreamer(len(prompts), tok)
+        stops = stop_ids(self.prompt_format(next((n for n in adapter_names if n != BASE), None)), tok)
+        streamer = RowStreamer(len(prompts), tok, stops)
         self.last_streamer = streamer  # its token ids per row: the benchmark counts and compares them
         stop = stop or threading.Event()
 
@@ -162,8 +168,7 @@ class ChatEngine:
                 return stop.is_set()
 
         kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                      min_new_tokens=min(MIN_NEW_TOKENS, settings.max_new_tokens),
-                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=stops,
                       stopping_criteria=StoppingCriteriaList([_Stop()]), use_cache=True)
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -352,13 +357,15 @@ def _register_rows_attention() -> None:
 
 
 class RowStreamer:
-    """A transformers streamer for a batch: decodes each row on its own and cuts it at its first EOS.
+    """A transformers streamer for a batch: decodes each row on its own and cuts it at its first stop token (EOS, or
+    the end-of-turn token of the prompt format).
 
     TextIteratorStreamer handles batch size 1 only; the side-by-side pass has two rows.
     """
 
-    def __init__(self, rows: int, tokenizer):
+    def __init__(self, rows: int, tokenizer, stops: Sequence[int] | None = None):
         self.tokenizer = tokenizer
+        self.stops = set(stops if stops is not None else [tokenizer.eos_token_id])
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.done = [False] * rows
         self.queue: queue.Queue = queue.Queue()
@@ -372,7 +379,7 @@ class RowStreamer:
             for t in token:
                 if self.done[row]:
                     break
-                if t == self.tokenizer.eos_token_id:
+                if t in self.stops:
                     self.done[row] = True
                 else:
                     self.ids[row].append(t)

@@ -11,6 +11,8 @@ EMBEDDED_MODEL = "smollm2-135m"
 SAMPLE_DATASET = "sample"
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
+# auto: Llama 2 for a Llama 2 tokenizer, else the tokenizer's chat template, else a plain fallback (qlora/prompts.py)
+PROMPT_FORMATS = ("auto", "llama2", "chat_template")
 
 # A Hub id is "name" or "owner/name"; no "..", no leading/trailing punctuation (huggingface_hub's rule, simplified).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -62,6 +64,7 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0: only the final save; > 0 also writes resumable checkpoints
     sample_every: int = 0  # > 0: answer the sample prompts with the current adapter every N steps
+    prompt_format: str = "auto"  # auto | llama2 | chat_template: how rows and chat prompts are written
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -98,6 +101,7 @@ class TrainConfig:
         need(_is_int(self.max_length) and 16 <= self.max_length <= 32768, "max_length", "must be an integer from 16 to 32768")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32")
         need(self.speed in ("auto", "off"), "speed", "must be auto or off")
+        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", "must be auto, llama2 or chat_template")
         need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
         need(_is_int(self.max_rows) and self.max_rows >= 0, "max_rows", "must be >= 0")
         need(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "must be an integer from 0 to 2**32-1")

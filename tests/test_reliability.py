@@ -180,8 +180,8 @@ def test_a_single_1mb_row_is_tokenized_and_truncated(tmp_path, llama_tokenizer):
     assert path.stat().st_size > 1024 * 1024
     t0 = time.perf_counter()
     data = prepare(str(path))
-    ids = tokenize(data.train, llama_tokenizer, max_length=1024)
-    assert len(ids) == 1 and len(ids[0]) == 1024 and ids[0][0] == llama_tokenizer.bos_token_id
+    rows = tokenize(data.train, llama_tokenizer, max_length=1024)
+    assert len(rows) == 1 and len(rows[0].ids) == 1024 and rows[0].ids[0] == llama_tokenizer.bos_token_id
     assert time.perf_counter() - t0 < 30
 
 

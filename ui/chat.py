@@ -10,7 +10,7 @@ import gradio as gr
 from qlora import runs
 from qlora.config import GenerationSettings, TrainConfig
 from qlora.model import BusyError, ModelError, gpu_lock
-from qlora.prompts import encode, format_prompt
+from qlora.prompts import PromptFormat, chat_prompt, read_format
 
 from . import hub, render
 from .context import AppContext
@@ -21,7 +21,7 @@ MAX_MESSAGE = 4000  # characters; the core also caps the prompt in tokens
 
 
 def pairs(messages: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
-    """Chatbot messages -> (user, assistant) pairs for format_prompt; an unanswered last user turn is left out."""
+    """Chatbot messages -> (user, assistant) pairs for the prompt; an unanswered last user turn is left out."""
     out, user = [], None
     for m in messages or []:
         text = _text(m.get("content"))
@@ -60,16 +60,16 @@ def _busy(ctx: AppContext) -> str:
     return "⏳ The GPU is busy with another chat; try again in a moment."
 
 
-def prompt_text(tokenizer, base_hist, tuned_hist, message: str, system: str) -> str:
-    """The exact string and tokens each pane sends (the same string on the first turn)."""
+def prompt_text(tokenizer, fmt: PromptFormat, base_hist, tuned_hist, message: str, system: str) -> str:
+    """The exact string and tokens each pane sends (the same string on the first turn), in the run's prompt format:
+    the same prompts.chat_prompt the chat engine sends."""
     out = []
     views = [("both panes", base_hist)] if pairs(base_hist) == pairs(tuned_hist) else [
         ("base pane", base_hist), ("fine-tuned pane", tuned_hist)]
     for who, hist in views:
-        text = format_prompt(pairs(hist), message, system)
-        ids = encode(text, tokenizer)
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        out.append(f"### {who}: {len(ids)} tokens\n{text}\n\n### token ids\n{ids}\n\n### tokens\n{tokens}")
+        p = chat_prompt(fmt, tokenizer, pairs(hist), message, system)
+        tokens = tokenizer.convert_ids_to_tokens(p.ids)
+        out.append(f"### {who}: {len(p.ids)} tokens\n{p.text}\n\n### token ids\n{p.ids}\n\n### tokens\n{tokens}")
     return "\n\n".join(out)
 
 
@@ -112,7 +112,8 @@ def make_handlers(ctx: AppContext):
             gpu_lock.release()
         stop = ctx.chat_stop(request.session_hash if request else "")
         stop.clear()
-        shown = prompt_text(engine.tokenizer, base_hist, tuned_hist, message, settings.system_prompt)
+        shown = prompt_text(engine.tokenizer, engine.prompt_format(name), base_hist, tuned_hist, message,
+                            settings.system_prompt)
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         base_new, tuned_new = base_hist + [dict(m) for m in turn], tuned_hist + [dict(m) for m in turn]
         yield base_new, tuned_new, "", "generating…", shown
@@ -143,8 +144,8 @@ def make_handlers(ctx: AppContext):
         try:
             info = hub.usable_run(ctx.runs_root, adapter)
             tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
-            return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
-                               system_prompt or "")
+            return prompt_text(tokenizer, read_format(info.path), base_hist, tuned_hist,
+                               (message or "").strip()[:MAX_MESSAGE] or "…", system_prompt or "")
         except (ValueError, ModelError, OSError) as e:
             return f"cannot show the prompt: {e}"
 

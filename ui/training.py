@@ -93,7 +93,7 @@ def make_handlers(ctx: AppContext):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
         import pandas as pd
 
-        from qlora import data
+        from qlora import data, prompts
         from qlora.model import load_tokenizer, resolve
 
         empty = pd.DataFrame(columns=["text", "tokens", "flags"])
@@ -104,12 +104,16 @@ def make_handlers(ctx: AppContext):
             token = ctx.token(hf_token)
             prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50))
             tokenizer = load_tokenizer(resolve(cfg.base_model), token)
-            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length)
+            fmt = prompts.choose(tokenizer, cfg.prompt_format)
+            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length, fmt)
+            _, lost = data.keep_answered(data.tokenize(prepared.train, tokenizer, cfg.max_length, fmt),
+                                         cfg.max_length, required=False)
         except (ValueError, DataError, ModelError, OSError) as e:
             return empty, f"❌ {html.escape(hub.redact(str(e), ctx.token(hf_token)))}"
-        note = (f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them"
-                + (f"; {prepared.dropped} empty rows skipped" if prepared.dropped else ""))
-        return pd.DataFrame(rows), note
+        note = "; ".join(x for x in (
+            f"{prepared.source}: {prepared.shape} rows, first {len(rows)} as the trainer sees them", fmt.describe(),
+            prepared.skipped(), f"⚠️ {lost} (of the first {len(prepared.train)} rows)" if lost else "") if x)
+        return pd.DataFrame(rows), html.escape(note)
 
     def start(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form) -> str:
         if not ctx.is_admin(admin_password):
