@@ -3,7 +3,7 @@
     runs/<name>/
       run.json            status (running | finished | stopped | failed | interrupted), final figures, pid
       config.yaml         the resolved TrainConfig
-      prompt_format.json  the Llama 2 format the adapter was trained on
+      prompt_format.json  the prompt format the adapter was trained in (qlora/prompts.py)
       versions.json       library versions
       metrics.jsonl       one line per logged step (train loss, eval loss, lr, tokens/s)
       adapter/            adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained(base, this)

@@ -29,6 +29,7 @@ import qlora.train
 from qlora import runs
 from qlora.config import TrainConfig
 from qlora.data import MAX_FILE_BYTES, DataError, prepare, tokenize
+from qlora.prompts import format_llama2
 from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
 from qlora.model import BusyError, ModelError, gpu_lock, load_base, load_tokenizer, resolve
@@ -129,7 +130,7 @@ BAD_FILES = {
     "broken.jsonl": (b'{"text": "a"}\n{"text": oops}\n{"text": "b"}\n', r"broken\.jsonl: line 2: not valid JSON"),
     "columns.jsonl": (b'{"prompt": "q", "completion": "a"}\n',
                       r"columns\.jsonl: no usable column: expected 'text'.*found columns: completion, prompt"),
-    "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: row 2: column 'text' must be a string, got int"),
+    "numbers.jsonl": (b'{"text": "<s>[INST] ok [/INST] ok </s>"}\n{"text": 42}\n', r"numbers\.jsonl: row 2: column 'text' must be a string, got int"),
     "nulls.jsonl": (b'{"text": null}\n{"text": null}\n', r"nulls\.jsonl: all 2 rows are empty"),
     "empty_strings.jsonl": (b'{"text": ""}\n{"text": "   "}\n', r"empty_strings\.jsonl: all 2 rows are empty"),
     "list.jsonl": (b'["not", "an", "object"]\n', r"list\.jsonl: line 1: expected a JSON object per line, got list"),
@@ -159,7 +160,7 @@ def test_null_and_empty_rows_are_dropped_and_counted(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = prepare(str(path))
     assert data.dropped == 3 and len(data.train) == 2
-    assert all(t.startswith("<s>") and t.endswith("</s>") for t in data.train)
+    assert [format_llama2(c) for c in data.train] == ["<s>[INST] a [/INST] b </s>", "<s>[INST] c [/INST] d </s>"]
 
 
 def test_a_good_file_with_a_bom_crlf_and_a_csv_load(tmp_path):

@@ -13,7 +13,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from qlora import runs
+from qlora import prompts, runs
 from qlora.config import is_hub_id
 
 # What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
@@ -68,17 +68,30 @@ def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
     metrics = meta.get("metrics") or {}
     loss = metrics.get("final_loss")
     lines = [
-        "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora, llama-2-format]", "---",
+        "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora]", "---",
         f"# {repo_id or info.name}", "",
         f"A LoRA adapter for `{info.base_model}`, trained on `{info.dataset}` ({info.status} at step {info.step}).",
         f"Final train loss: {loss:.4f}." if isinstance(loss, (int, float)) else "",
-        "", "Prompts use the Llama 2 chat format: `<s>[INST] {user} [/INST]` (see prompt_format.json).",
+        "", _prompt_note(info),
         "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
         f"base = AutoModelForCausalLM.from_pretrained({info.base_model!r})",
         f"model = PeftModel.from_pretrained(base, {repo_id or 'path/to/this/folder'!r})", "```",
         "", "The training config is in config.yaml; library versions in versions.json.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _prompt_note(info: runs.RunInfo) -> str:
+    """How to prompt the adapter: the format it was trained in, as its run folder records it."""
+    try:
+        fmt = prompts.read_format(info.path)
+    except ValueError:
+        return "The prompt format it was trained in is unknown (prompt_format.json is damaged)."
+    if fmt.name == prompts.LLAMA2:
+        return "Prompt it in the Llama 2 chat format: `<s>[INST] {user} [/INST]` (see prompt_format.json)."
+    if fmt.source == "fallback":
+        return "Prompt it as `### User:\\n{user}\\n\\n### Assistant:\\n` (the template is in prompt_format.json)."
+    return "Prompt it with the base model's own chat template (`apply_chat_template`; a copy is in prompt_format.json)."
 
 
 def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainConfig, is_hub_id
+from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, PROMPT_FORMATS, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
 from qlora.model import BusyError, ModelError
@@ -279,6 +279,8 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
             form["group_by_length"] = gr.Checkbox(d["group_by_length"], label="Group by length")
             form["gradient_checkpointing"] = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
             form["padding_free"] = gr.Checkbox(d["padding_free"], label="Padding-free batches")
+            form["prompt_format"] = gr.Dropdown(list(PROMPT_FORMATS), value=d["prompt_format"], label="Prompt format",
+                                                info="auto: the model's own (Llama 2, or its chat template)")
     with gr.Row():
         check_btn = gr.Button("Preflight check")
         preview_btn = gr.Button("Preview dataset")
