@@ -334,7 +334,10 @@ def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptF
     fmt = fmt or prompts.choose(tokenizer)
     rows = []
     for conv in convs:
-        p = prompts.build(fmt, tokenizer, conv)
+        try:
+            p = prompts.build(fmt, tokenizer, conv)
+        except ValueError as e:  # a chat template that refuses a conversation (roles it does not support, ...)
+            raise DataError(f"the row that begins {conv[0]['content'][:40]!r}: {e}") from None
         ids, answer = p.ids[:max_length], p.answer[:max_length]
         labels = list(ids) if fmt.loss == "all" else [i if a else -100 for i, a in zip(ids, answer)]
         rows.append(Row(ids, labels, sum(answer)))

@@ -181,3 +181,17 @@ def test_truncation_that_removes_every_answer_refuses_and_some_warns(llama_token
     with pytest.raises(DataError, match=r"no train row keeps any answer token within max_length=20.*raise max_length"):
         keep_answered(rows[:1], 20)
     assert keep_answered(rows[:1], 20, "eval", required=False)[0] == []
+
+
+def test_a_row_the_chat_template_refuses_is_named():
+    from conftest import CHATML_TEMPLATE, chatml_tokenizer
+
+    tok = chatml_tokenizer()  # like Gemma 1's template: no system role
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHATML_TEMPLATE)
+    convs = to_conversations([{"messages": [{"role": "system", "content": "Be a pirate"},
+                                            {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+                             "t")[0]
+    with pytest.raises(DataError, match=r"the row that begins 'Be a pirate': the chat template refused this "
+                                        r"conversation \(.*System role not supported\)"):
+        tokenize(convs, tok, 64, choose(tok))

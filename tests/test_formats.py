@@ -35,6 +35,12 @@ def test_a_run_is_prompted_in_the_format_it_trained_in_after_a_restart(chatml_ll
                            "assistant\nHello!<|im_end|>\n<|im_start|>user\nWho guards the gate?<|im_end|>\n"
                            "<|im_start|>assistant\n")
     assert chatml.token_ids.count(32000) == 5 and chatml.token_ids.count(32001) == 4  # one per turn
+    # the "show prompt" inspector shows exactly these ids, for the same chat as the app holds it
+    from ui.chat import prompt_text
+
+    hist = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    shown = prompt_text(engine.tokenizer, engine.prompt_format(a), hist, hist, "Who guards the gate?", "Be brief.")
+    assert f"### token ids\n{chatml.token_ids}\n" in shown and chatml.text in shown
     llama = engine.prompt([], "Who guards the gate?", adapter=b)
     assert llama.text == "<s>[INST] Who guards the gate? [/INST]" and llama.token_ids[0] == 1
     settings = GenerationSettings(temperature=0, max_new_tokens=4)
