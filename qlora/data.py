@@ -344,7 +344,8 @@ def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptF
     return rows
 
 
-def keep_answered(rows: list[Row], max_length: int, what: str = "train", required: bool = True) -> tuple[list[Row], str]:
+def keep_answered(rows: list[Row], max_length: int, what: str = "train",
+                  required: bool = True) -> tuple[list[Row], str]:
     """The rows that keep some answer within max_length, and a warning about the others ('' when none is lost).
 
     A row whose answer truncation removes teaches nothing (and, with the loss on answers, has no loss at all). When no

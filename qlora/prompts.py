@@ -55,7 +55,7 @@ SCAFFOLD, CONTENT, ANSWER = "scaffold", "content", "answer"  # what a piece of a
 # --- the format --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a run writes prompts: llama2, or chat_template with the Jinja template itself (so it outlives the tokenizer)."""
+    """How a run writes prompts: llama2, or chat_template with the Jinja template itself (it outlives the tokenizer)."""
 
     name: str
     template: str = ""
@@ -93,7 +93,7 @@ class PromptFormat:
 
 
 def choose(tokenizer, requested: str = "auto") -> PromptFormat:
-    """The format for a tokenizer: Llama 2 for Llama 2, else its chat template, else the fallback; `requested` overrides."""
+    """The format for a tokenizer: Llama 2 for Llama 2, else its chat template, else the fallback (`requested` wins)."""
     if requested not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format: must be {', '.join(PROMPT_FORMATS)} (got {requested!r})")
     template = _template_of(tokenizer)
@@ -152,7 +152,8 @@ def conversation(messages: Sequence[Any], system: str = "") -> list[dict[str, st
             raise ValueError(f"message {n}: expected an object with role and content, got {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         if role != expect:
-            raise ValueError(f"message {n}: expected role {expect!r}, got {role!r} (turns must alternate user/assistant)")
+            raise ValueError(f"message {n}: expected role {expect!r}, got {role!r} "
+                             "(turns must alternate user/assistant)")
         if not isinstance(content, str):
             raise ValueError(f"message {n}: content must be text, got {type(content).__name__}")
         out.append({"role": role, "content": content.strip()})
@@ -242,7 +243,7 @@ def _unpad(s: str) -> str:
 # --- prompts: rendered and tokenized by their structure ----------------------------------------------------
 @dataclass
 class Prompt:
-    """A conversation in a format: the string, its token ids, and which ids are answer and which the format's markers."""
+    """A conversation in a format: the string, its token ids, which ids are answer, which are the format's markers."""
 
     text: str
     ids: list[int]

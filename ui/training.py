@@ -111,8 +111,9 @@ def make_handlers(ctx: AppContext):
         except (ValueError, DataError, ModelError, OSError) as e:
             return empty, f"❌ {html.escape(hub.redact(str(e), ctx.token(hf_token)))}"
         note = "; ".join(x for x in (
-            f"{prepared.source}: {prepared.shape} rows, first {len(rows)} as the trainer sees them", fmt.describe(),
-            prepared.skipped(), f"⚠️ {lost} (of the first {len(prepared.train)} rows)" if lost else "") if x)
+            f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them",
+            fmt.describe(), prepared.skipped(),
+            f"⚠️ {lost} (of the first {len(prepared.train)} rows)" if lost else "") if x)
         return pd.DataFrame(rows), html.escape(note)
 
     def start(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form) -> str:
