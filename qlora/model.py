@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .config import EMBEDDED_MODEL, TrainConfig
+from .device import torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
-gpu_lock = threading.Lock()
-
-
-class BusyError(RuntimeError):
-    """The device is taken (a training run, or another chat): say so at once instead of queueing for hours."""
 
 
 class ModelError(ValueError):
@@ -91,37 +84,6 @@ def materialize_embedded() -> Path:
     return target
 
 
-# --- precision -----------------------------------------------------------------------------------------
-def pick_precision(requested: str = "auto") -> str:
-    """bf16 where the card has it, fp16 on older cards (a T4), fp32 on the CPU."""
-    import torch
-
-    if requested != "auto":
-        if requested == "bf16" and torch.cuda.is_available() and not bf16_supported():
-            raise ModelError("precision: bf16 is not supported by this GPU; use fp16 or auto")
-        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
-            return "fp32"  # mixed precision needs a GPU; the CPU path computes in fp32
-        return requested
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if bf16_supported() else "fp16"
-
-
-def bf16_supported() -> bool:
-    """QLORA_NO_BF16=1 pretends the card has none: T4 mode on a bigger card."""
-    import torch
-
-    if os.environ.get("QLORA_NO_BF16") == "1":
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 # --- loading -------------------------------------------------------------------------------------------
 def load_tokenizer(path: str, token: str | None = None):
     from transformers import AutoTokenizer
@@ -158,7 +120,21 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     except Exception as e:
         raise _explain(path, e) from None
     model.config.use_cache = False  # training; chat turns it back on
+    keep_cpu_4bit_layout(model)
     return model
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Keep bitsandbytes' standard nf4 layout on CPUs with AVX512-BF16.
+
+    There, bitsandbytes 0.50 repacks a Linear4bit's weight in place the first time it runs in eval mode without
+    grad, and from then on computes in bf16 through a native kernel: that kernel crashed the process (segfault) on
+    the 64-wide layers of the tests, the repacked weight is what the layer keeps when training resumes, and fp32 runs
+    lose precision. The layer's own switch for that path is turned off; other CPUs never take it.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: TrainConfig):

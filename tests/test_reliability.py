@@ -29,9 +29,10 @@ import qlora.train
 from qlora import runs
 from qlora.config import TrainConfig
 from qlora.data import MAX_FILE_BYTES, DataError, prepare, tokenize
+from qlora.device import BusyError, gpu_lock
 from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
-from qlora.model import BusyError, ModelError, gpu_lock, load_base, load_tokenizer, resolve
+from qlora.model import ModelError, load_base, load_tokenizer, resolve
 from qlora.train import train
 
 
@@ -68,8 +69,9 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def assert_earlier_intact(root: Path, earlier_run: Path) -> None:
-    """The earlier adapter is listed as usable (list_runs runs recovery, as the app does), verifies, and is
+    """After the start-up recovery the app and the CLI run, the earlier adapter is listed as usable, verifies, and is
     byte-for-byte what it was."""
+    runs.recover_all(root)
     listed = {r.name: r for r in runs.list_runs(root)}
     assert digest(root / "earlier" / "adapter") == digest(earlier_run / "adapter")
     runs.verify_adapter(root / "earlier" / "adapter")
@@ -573,6 +575,7 @@ def test_process_killed_during_adapter_save_leaves_the_previous_adapter_loadable
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
 
+    runs.recover_all(runs_root)  # the app's (and the CLI's) start-up step
     listed = {r.name: r for r in runs.list_runs(runs_root)}  # what the app shows after its restart
     assert listed["killed"].status == "interrupted" and not listed["killed"].usable
     assert not (runs_root / "killed" / "adapter").exists()
@@ -613,7 +616,7 @@ def test_process_killed_between_the_two_renames_of_an_adapter_swap_is_undone(run
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert not (runs_root / "earlier" / "adapter").exists()  # the worst moment: no adapter in place
-    assert_earlier_intact(runs_root, earlier_run)  # list_runs() -> recover() puts the old one back
+    assert_earlier_intact(runs_root, earlier_run)  # recover_all() -> recover() puts the old one back
     assert_no_junk(runs_root)
 
 
@@ -674,6 +677,49 @@ def test_app_restarted_mid_run_shows_interrupted_and_resumes_from_the_last_check
     assert listed["long"].status == "finished" and listed["long"].usable
     # the token the killed process was given is nowhere in its folder (checkpoints' training_args.bin included)
     assert_no_canary(run_dir)
+
+
+# === Poisoned run folders (issue #12 item 4) ==================================================================
+def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(runs_root, earlier_run, tiny_llama_dir):
+    """Each way a copied, truncated or hand-made folder can be broken: listing names it, nothing trusts a size from
+    the file (a header claiming 1 TB is refused from the file's size, not read), and the good run still chats."""
+    import re
+
+    from poisoned import ODD_TYPES, poison
+
+    from qlora.chat import ChatEngine
+    from qlora.config import GenerationSettings
+
+    expected = poison(earlier_run, runs_root)
+    assert runs.recover_all(runs_root) == []  # the start-up step passes over them (nothing to repair) without error
+    listed = {r.name: r for r in runs.list_runs(runs_root)}
+    for name, said in expected.items():
+        assert said in listed[name].damaged and not listed[name].usable, (name, listed[name])
+        with pytest.raises(ValueError, match=f"run {name} is damaged: .*{re.escape(said)}"):
+            runs.usable_run(runs_root, name)
+        if not name.startswith("run-json"):  # the adapter itself is what is broken
+            with pytest.raises(runs.DamagedRun, match=re.escape(said)):
+                runs.verify_adapter(runs_root / name / "adapter")
+    odd = listed[ODD_TYPES]  # fields of the wrong type are ignored, not fatal: its adapter is whole
+    assert not odd.damaged and odd.status == "unknown" and not odd.usable and odd.step == 0 and odd.metrics == {}
+    assert [r.name for r in runs.usable_runs(runs_root)] == ["earlier"]
+    assert_earlier_intact(runs_root, earlier_run)
+
+    engine = ChatEngine(str(tiny_llama_dir), quantize="nf4", precision="fp32")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        engine.load_adapter(runs_root / "lfs-pointer")
+    with pytest.raises(ValueError, match="half-complete adapter: .* no LoRA tensors for v_proj"):
+        engine.load_adapter(runs_root / "half-no-v-proj")
+    name = engine.load_adapter(runs_root / "earlier")
+    *_, (base, tuned) = engine.stream_pair([], [], "Question 1?", GenerationSettings(temperature=0, max_new_tokens=4),
+                                           name)
+    assert base and tuned
+
+
+def test_a_run_whose_targets_match_nothing_is_refused_before_training(tiny_cfg, tmp_path):
+    """peft only warns when a listed target matches no module; the adapter would then read as half-complete."""
+    with pytest.raises(ValueError, match="target_modules: w_proj matches no module of"):
+        train(tiny_cfg(output_dir=str(tmp_path / "runs"), max_steps=1, target_modules=["q_proj", "w_proj"]))
 
 
 # === Concurrency ===========================================================================================

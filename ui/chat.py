@@ -9,7 +9,8 @@ import gradio as gr
 
 from qlora import runs
 from qlora.config import GenerationSettings, TrainConfig
-from qlora.model import BusyError, ModelError, gpu_lock
+from qlora.device import BusyError, gpu_lock
+from qlora.model import ModelError
 from qlora.prompts import encode, format_prompt
 
 from . import hub, render
@@ -90,7 +91,7 @@ def make_handlers(ctx: AppContext):
             if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
                 yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
                 return
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
@@ -141,7 +142,7 @@ def make_handlers(ctx: AppContext):
     def show_prompt(message: str, base_hist: list, tuned_hist: list, adapter: str, system_prompt: str) -> str:
         """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
         try:
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
             tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
             return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
                                system_prompt or "")
