@@ -413,41 +413,66 @@ def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains
     assert {r.name: r for r in runs.list_runs(runs_root)}["small"].usable
 
 
+REAL_OOM = r"""
+import json, sys
+import torch
+from qlora import runs
+from qlora.config import TrainConfig
+from qlora.device import gpu_lock
+from qlora.jobs import JobManager
+from qlora.train import train
+
+huge, small = TrainConfig.from_yaml(sys.argv[1]), TrainConfig.from_yaml(sys.argv[2])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
+    x = torch.ones(64, 64, device="cuda", dtype=dtype)
+    (x @ x).sum().item()
+del x
+torch.cuda.empty_cache()
+baseline = torch.cuda.memory_allocated()
+total = torch.cuda.get_device_properties(0).total_memory
+# a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
+torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
+jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
+jobs.start(huge)
+first = jobs.wait(600)
+listed = {r.name: r for r in runs.list_runs(huge.output_dir)}
+out = dict(first=[first.status, first.error, first.hint], locked=gpu_lock.locked(), baseline=baseline,
+           after=torch.cuda.memory_allocated(), huge_usable=listed["huge"].usable)
+jobs.start(small)
+second = jobs.wait(600)
+out.update(second=[second.status, second.error],
+           small_usable={r.name: r for r in runs.list_runs(small.output_dir)}["small"].usable)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
 @pytest.mark.gpu
 def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(tiny_cfg, tmp_path):
-    """The GPU twin: a real OOM under a memory cap, not an injected one."""
-    import torch
-
+    """The GPU twin: a real OOM under a memory cap, not an injected one. It runs in a process of its own, so its
+    baseline and its cap are its own, whatever earlier GPU tests left on the card."""
     long = tmp_path / "long.jsonl"
     answer = "All work and no play makes Jack a dull boy. " * 400  # ~4,400 tokens a row
     long.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "output": answer}) + "\n" for i in range(64)),
                     encoding="utf-8")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
-        x = torch.ones(64, 64, device="cuda", dtype=dtype)
-        (x @ x).sum().item()
-    del x
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    total = torch.cuda.get_device_properties(0).total_memory
-    # a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
-    try:
-        jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=32, max_length=4096, max_steps=2, run_name="huge"))
-        state = jobs.wait(600)
-        assert state.status == "failed" and state.error == "out of GPU memory", state.error
-        assert "lower batch_size or max_length" in state.hint
-        assert not gpu_lock.locked()
-        # all the failed run took is back (the slack covers library workspaces, not a run)
-        assert torch.cuda.memory_allocated() <= baseline + 64 * 2**20, (baseline, torch.cuda.memory_allocated())
-        assert not {r.name: r for r in runs.list_runs(tmp_path / "runs")}["huge"].usable
-
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=1, max_length=256, max_steps=2, run_name="small"))
-        state = jobs.wait(600)
-        assert state.status == "finished", state.error
-        assert {r.name: r for r in runs.list_runs(tmp_path / "runs")}["small"].usable
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+    configs = []
+    for name, overrides in (("huge", dict(batch_size=32, max_length=4096)),
+                            ("small", dict(batch_size=1, max_length=256))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(tiny_cfg(dataset=str(long), max_steps=2, run_name=name, **overrides).to_yaml())
+        configs.append(str(path))
+    proc = run_script(tmp_path, REAL_OOM, *configs)
+    output, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, output[-3000:]
+    r = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    status, error, hint = r["first"]
+    assert status == "failed" and error == "out of GPU memory", error
+    assert "lower batch_size or max_length" in hint
+    assert not r["locked"]
+    # all the failed run took is back (the slack covers library workspaces, not a run)
+    assert r["after"] <= r["baseline"] + 64 * 2**20, (r["baseline"], r["after"])
+    assert not r["huge_usable"]
+    assert r["second"][0] == "finished", r["second"][1]
+    assert r["small_usable"]
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
