@@ -58,6 +58,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def current_gpu() -> int | None:
+    """The CUDA device this process computes on (its own under `accelerate launch`), or None on the CPU."""
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
 def gpu_count() -> int:
     """GPUs torch can use in this process (several: training runs data parallel through accelerate)."""
     try:
@@ -89,6 +96,13 @@ def available_ram_gib() -> float:
     except OSError:
         pass
     return float("inf")
+
+
+def peak_allocated_gib() -> float | None:
+    """The most GPU memory this process has held since the last free_memory(), or None on the CPU."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None
 
 
 def free_memory() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EMBEDDED_MODEL, TrainConfig
-from .device import torch_dtype
+from .device import current_gpu, torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -100,7 +100,6 @@ def load_tokenizer(path: str, token: str | None = None):
 
 def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: str | None = None):
     """The frozen base, 4-bit nf4 (QLoRA) or in its float dtype, on the GPU if there is one."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
@@ -113,8 +112,8 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)  # the seed's setting; double quant saves ~0.4 GB on 7B at some speed
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if current_gpu() is not None:
+        kwargs["device_map"] = {"": current_gpu()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:

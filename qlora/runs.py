@@ -160,12 +160,17 @@ def _json_object(path: Path) -> dict[str, Any]:
         raw = f.read(MAX_JSON_BYTES + 1)
     if raw.startswith(LFS_POINTER):
         raise DamagedRun(f"{path.name} is a Git LFS pointer, not the file (run `git lfs pull` where it came from)")
+    return _parse_object(raw, path.name)
+
+
+def _parse_object(raw: bytes, what: str) -> dict[str, Any]:
+    """raw as a JSON object; DamagedRun saying that `what` is not JSON or not an object."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DamagedRun(f"{path.name} is not valid JSON") from None
+        raise DamagedRun(f"{what} is not valid JSON") from None
     if not isinstance(data, dict):
-        raise DamagedRun(f"{path.name}: expected a JSON object, got {type(data).__name__}")
+        raise DamagedRun(f"{what}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -255,13 +260,7 @@ def _safetensors_header(path: Path) -> list[str]:
         if n > MAX_HEADER_BYTES:
             raise DamagedRun(f"{name}: a header of {n:,} bytes is over the {MAX_HEADER_BYTES:,}-byte limit")
         f.seek(8)
-        raw = f.read(n)
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DamagedRun(f"{name}: its header is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise DamagedRun(f"{name}: its header must be a JSON object, got {type(meta).__name__}")
+        meta = _parse_object(f.read(n), f"{name}: its header")
     end = 0
     for tensor, entry in meta.items():
         if tensor == "__metadata__":

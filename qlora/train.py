@@ -11,7 +11,7 @@ from . import runs
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
 from .data import DataError, prepare, tokenize
-from .device import free_memory, pick_precision
+from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
 from .events import Event, Failed, Finished, Log, Stopped
 from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
@@ -108,10 +108,9 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
 
 def _distributed():
     """accelerate's view of the launch: a single process unless started by `accelerate launch`."""
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes talk over gloo
+    return PartialState(cpu=not cuda_available())  # cpu=True: several CPU processes talk over gloo
 
 
 def _silent(event: Event) -> None:
@@ -133,7 +132,6 @@ def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
                   plan: "Plan | None" = None):
     """SFTTrainer for the recipe; `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
-    import torch
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
@@ -141,7 +139,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
 
     from . import speed
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
     if plan is None:
         plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
     padding_free = cfg.padding_free if plan.padding_free is None else plan.padding_free
@@ -198,13 +196,8 @@ def final_metrics(trainer, result, tokenizer) -> dict:
     m.update(step=trainer.state.global_step, max_steps=trainer.state.max_steps,
              first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
              final_eval_loss=evals[-1] if evals else None, tokens_seen=trainer.state.num_input_tokens_seen)
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            m["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except Exception:
-        pass
+    if peak_allocated_gib() is not None:
+        m["peak_gpu_memory_gib"] = peak_allocated_gib()
     return m
 
 

@@ -62,7 +62,7 @@ CASES = {
     "no-offsets": (lambda r: _weights(r, safetensors_bytes({"m.lora_A.weight": {"dtype": "F32", "shape": [2]}},
                                                            b"\0" * 8)),
                    "tensor 'm.lora_A.weight': no valid data_offsets"),
-    "header-list": (lambda r: _weights(r, safetensors_bytes([1, 2])), "its header must be a JSON object, got list"),
+    "header-list": (lambda r: _weights(r, safetensors_bytes([1, 2])), "its header: expected a JSON object, got list"),
     "header-garbage": (lambda r: _weights(r, safetensors_bytes(b"\xff\xfe{not json")), "its header is not valid JSON"),
     "shape-mismatch": (lambda r: _weights(r, safetensors_bytes({"m.lora_A.weight": dict(TENSOR, shape=[9])},
                                                                b"\0" * 8)),
