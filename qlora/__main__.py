@@ -164,13 +164,9 @@ def _chat(args) -> int:
 
     from . import runs
 
-    run_dir = Path(args.adapter)
-    if run_dir.name == "adapter":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{args.adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
+    run_dir = runs.run_folder(args.adapter)
     runs.recover(run_dir)  # an adapter swap cut short by a kill is put back before it is read
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    cfg = runs.run_config(run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
     engine = ChatEngine(cfg.base_model, cfg.quantize, cfg.precision)

@@ -34,6 +34,7 @@ from .events import EvalLoss, Event, Progress
 log = logging.getLogger("qlora")
 
 ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What goes with an adapter off this machine (a zip, a Hub repo): what it takes to use it again. The zip adds HISTORY.
 PORTABLE_FILES = ("config.yaml", "prompt_format.json", "versions.json")
@@ -88,6 +89,11 @@ def recording(emit: Callable[[Event], None], run_dir: Path) -> Callable[[Event],
         emit(event)
 
     return record
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """Where the Trainer writes a run's resumable checkpoints."""
+    return run_dir / CHECKPOINTS
 
 
 def finish(run_dir: Path, status: str, step: int, metrics: dict) -> None:
@@ -172,6 +178,21 @@ def _parse_object(raw: bytes, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DamagedRun(f"{what}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder that `path` names (the folder itself, or its adapter/ subfolder); ValueError if it is none."""
+    run_dir = Path(path)
+    if run_dir.name == ADAPTER:
+        run_dir = run_dir.parent
+    if not (run_dir / "config.yaml").exists():
+        raise ValueError(f"{path}: not a run folder (no config.yaml); pass the folder `train` printed")
+    return run_dir
+
+
+def run_config(run_dir: Path) -> TrainConfig:
+    """The TrainConfig a run was trained with (its config.yaml); OSError or ValueError if it cannot be read."""
+    return TrainConfig.from_yaml(run_dir / "config.yaml")
 
 
 @dataclass
@@ -442,7 +463,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     Trainer checkpoints are not atomic; trainer_state.json is written last, so a folder without it is one whose
     write was cut short (the process was killed mid-save) and resuming from it would fail.
     """
-    ckpts = [p for p in (run_dir / "checkpoints").glob("checkpoint-*")
+    ckpts = [p for p in checkpoints_dir(run_dir).glob("checkpoint-*")
              if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
 

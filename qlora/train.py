@@ -147,7 +147,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
     speed.before_peft(model, plan)
     optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
     args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,

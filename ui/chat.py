@@ -8,7 +8,7 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import GenerationSettings, TrainConfig
+from qlora.config import GenerationSettings
 from qlora.device import BusyError, gpu_lock
 from qlora.model import ModelError
 from qlora.prompts import encode, format_prompt
@@ -48,7 +48,7 @@ def _text(content: Any) -> str:
 def _run_model(info: runs.RunInfo) -> tuple[str, str]:
     """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
     try:
-        cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+        cfg = runs.run_config(info.path)
         return cfg.base_model, cfg.quantize
     except (OSError, ValueError):
         return info.base_model, "nf4"

@@ -191,7 +191,7 @@ def make_handlers(ctx: AppContext):
             return (f"❌ {html.escape(info.name)} saved no checkpoint to resume from: set 'Checkpoint every N steps' "
                     "before training")
         try:
-            cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+            cfg = runs.run_config(info.path)
             ctx.jobs.start(cfg, token=ctx.token(hf_token), resume_from=info.path)
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
