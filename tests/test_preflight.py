@@ -58,6 +58,9 @@ def test_the_reference_recipe_fits_a_t4_with_or_without_checkpointing(llama_7b_c
                        runs_root=tmp_path, on=T4)
         assert pf.ok and pf.plan.fused and pf.plan.checkpoint_layers == 0, pf.text()
         assert 11 < pf.estimate_gib < 12.5
+    busy = Card(cuda=True, name="Tesla T4", total_gib=15.0, free_gib=4.0, bf16=False, budget_gib=15.0)
+    pf = preflight(TrainConfig(base_model=str(llama_7b_config)), runs_root=tmp_path, on=busy)
+    assert pf.ok and "more than is free now" in pf.text()  # the verdict is the budget's; what is free is said
     huge = preflight(TrainConfig(base_model=str(llama_7b_config), batch_size=16, max_length=4096,
                                  gradient_checkpointing=False), runs_root=tmp_path, on=T4)
     assert not huge.ok and huge.estimate_gib > 15 and "lower batch_size or max_length" in huge.reasons[0]
