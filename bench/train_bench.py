@@ -1,12 +1,12 @@
 """Training benchmark: the seed stack vs the project's own path, same recipe, data and order, each arm in its own process.
 
     python -m bench.train_bench                      # H100 mode and T4 mode, seed vs project, writes bench/results/
-    python -m bench.train_bench --modes h100 --arms seed,project,project:liger=0 --steps 40
+    python -m bench.train_bench --modes h100 --arms seed,project,project:fused=0 --steps 40
 
 Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compute, fp32 LoRA weights, gradient
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
-picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32,
-compile, fused) to measure one lever (arms are separated by commas, overrides by '+').
+picks for the card. `project:key=value+key=value` overrides that plan (lean, causal, pf, ckpt, lora32, fused) to
+measure one lever (arms are separated by commas, overrides by '+').
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
@@ -43,7 +43,8 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     import torch
 
     from qlora import speed
-    from qlora.model import load_base, load_tokenizer, pick_precision
+    from qlora.device import pick_precision
+    from qlora.model import load_base, load_tokenizer
 
     if mode in ("t4", "t4c"):
         cap_memory(T4_GIB)
@@ -64,9 +65,8 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
         plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
         for item in filter(None, overrides.split("+")):
             key, _, value = item.partition("=")
-            field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
-                     "lora32": "lora_fp32", "compile": "compile", "lean": "lean",
-                     "fused": "fused"}[key]
+            field = {"causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
+                     "lora32": "lora_fp32", "lean": "lean", "fused": "fused"}[key]
             setattr(plan, field, int(value) if field == "checkpoint_layers" else value == "1")
             plan.notes.append(f"override {field}={getattr(plan, field)}")
         if plan.padding_free:

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token (never a flag: "
                                                            "flags end up in shell history and process lists)")
     t.add_argument("--resume-from", help="a run folder whose last checkpoint to resume (runs saved with --save-steps)")
+    t.add_argument("--dry-run", action="store_true", help="print the preflight (card, plan, estimated peak memory, "
+                                                          "disk) and exit without loading the model")
     t.add_argument("--events-jsonl", help=argparse.SUPPRESS)  # used by qlora.launch to relay events
     t.add_argument("--stop-file", help=argparse.SUPPRESS)  # qlora.launch creates it to ask every rank to stop
     for f in dataclasses.fields(TrainConfig):
@@ -96,8 +98,22 @@ def _convert(name: str, raw: str, hint) -> typing.Any:
 def _train(args) -> int:
     import os
 
+    from . import runs
+    from .preflight import preflight
+
     cfg = config_from_args(args)
     token = os.environ.get(args.token_env) or None
+    first = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 checks and recovers for all
+    checked = preflight(cfg, token, cfg.output_dir) if first else None
+    if checked is not None:
+        print(checked.text(), file=sys.stdout if args.dry_run else sys.stderr)
+    if args.dry_run:
+        return 0
+    if checked is not None and not checked.ok:
+        raise ValueError(f"preflight: {checked.reasons[0]}")
+    if first:
+        for done in runs.recover_all(cfg.output_dir):  # what a killed earlier run left behind
+            print(f"recovered {done}", file=sys.stderr)
     from tqdm import tqdm
 
     from .events import Failed, Finished, Log, Progress, Started, Stopped, to_record
@@ -148,12 +164,11 @@ def _chat(args) -> int:
     from .chat import ChatEngine
     from .config import GenerationSettings
 
-    run_dir = Path(args.adapter)
-    if run_dir.name == "adapter":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{args.adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    from . import runs
+
+    run_dir = runs.run_folder(args.adapter)
+    runs.recover(run_dir)  # an adapter swap cut short by a kill is put back before it is read
+    cfg = runs.run_config(run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
     engine = ChatEngine(cfg.base_model, cfg.quantize, cfg.precision)

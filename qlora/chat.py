@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 
 from . import runs
 from .config import GenerationSettings
-from .model import BusyError, gpu_lock, load_base, load_tokenizer, pick_precision, resolve
+from .device import BusyError, free_memory, gpu_lock, pick_precision
+from .model import load_base, load_tokenizer, resolve
 from .prompts import encode, format_prompt
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -90,8 +91,6 @@ class ChatEngine:
 
     def unload(self) -> None:
         """Free the base (training needs the memory)."""
-        from .train import free_memory
-
         with self._load_lock:
             self.model = None
             self.adapters.clear()

@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .config import EMBEDDED_MODEL, TrainConfig
+from .device import current_gpu, torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
-gpu_lock = threading.Lock()
-
-
-class BusyError(RuntimeError):
-    """The device is taken (a training run, or another chat): say so at once instead of queueing for hours."""
 
 
 class ModelError(ValueError):
@@ -91,37 +84,6 @@ def materialize_embedded() -> Path:
     return target
 
 
-# --- precision -----------------------------------------------------------------------------------------
-def pick_precision(requested: str = "auto") -> str:
-    """bf16 where the card has it, fp16 on older cards (a T4), fp32 on the CPU."""
-    import torch
-
-    if requested != "auto":
-        if requested == "bf16" and torch.cuda.is_available() and not bf16_supported():
-            raise ModelError("precision: bf16 is not supported by this GPU; use fp16 or auto")
-        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
-            return "fp32"  # mixed precision needs a GPU; the CPU path computes in fp32
-        return requested
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if bf16_supported() else "fp16"
-
-
-def bf16_supported() -> bool:
-    """QLORA_NO_BF16=1 pretends the card has none: T4 mode on a bigger card."""
-    import torch
-
-    if os.environ.get("QLORA_NO_BF16") == "1":
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
 # --- loading -------------------------------------------------------------------------------------------
 def load_tokenizer(path: str, token: str | None = None):
     from transformers import AutoTokenizer
@@ -138,7 +100,6 @@ def load_tokenizer(path: str, token: str | None = None):
 
 def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: str | None = None):
     """The frozen base, 4-bit nf4 (QLoRA) or in its float dtype, on the GPU if there is one."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
@@ -151,8 +112,8 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)  # the seed's setting; double quant saves ~0.4 GB on 7B at some speed
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if current_gpu() is not None:
+        kwargs["device_map"] = {"": current_gpu()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:

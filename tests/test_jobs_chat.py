@@ -6,8 +6,8 @@ import pytest
 
 from qlora.chat import ChatEngine
 from qlora.config import GenerationSettings
+from qlora.device import BusyError, gpu_lock
 from qlora.jobs import JobManager
-from qlora.model import BusyError, gpu_lock
 
 
 def test_job_runs_in_background_refuses_a_second_start_and_stops(tiny_cfg):

@@ -29,9 +29,10 @@ import qlora.train
 from qlora import runs
 from qlora.config import TrainConfig
 from qlora.data import MAX_FILE_BYTES, DataError, prepare, tokenize
+from qlora.device import BusyError, gpu_lock
 from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
-from qlora.model import BusyError, ModelError, gpu_lock, load_base, load_tokenizer, resolve
+from qlora.model import ModelError, load_base, load_tokenizer, resolve
 from qlora.train import train
 
 
@@ -68,8 +69,9 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def assert_earlier_intact(root: Path, earlier_run: Path) -> None:
-    """The earlier adapter is listed as usable (list_runs runs recovery, as the app does), verifies, and is
+    """After the start-up recovery the app and the CLI run, the earlier adapter is listed as usable, verifies, and is
     byte-for-byte what it was."""
+    runs.recover_all(root)
     listed = {r.name: r for r in runs.list_runs(root)}
     assert digest(root / "earlier" / "adapter") == digest(earlier_run / "adapter")
     runs.verify_adapter(root / "earlier" / "adapter")
@@ -411,41 +413,66 @@ def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains
     assert {r.name: r for r in runs.list_runs(runs_root)}["small"].usable
 
 
+REAL_OOM = r"""
+import json, sys
+import torch
+from qlora import runs
+from qlora.config import TrainConfig
+from qlora.device import gpu_lock
+from qlora.jobs import JobManager
+from qlora.train import train
+
+huge, small = TrainConfig.from_yaml(sys.argv[1]), TrainConfig.from_yaml(sys.argv[2])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
+    x = torch.ones(64, 64, device="cuda", dtype=dtype)
+    (x @ x).sum().item()
+del x
+torch.cuda.empty_cache()
+baseline = torch.cuda.memory_allocated()
+total = torch.cuda.get_device_properties(0).total_memory
+# a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
+torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
+jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
+jobs.start(huge)
+first = jobs.wait(600)
+listed = {r.name: r for r in runs.list_runs(huge.output_dir)}
+out = dict(first=[first.status, first.error, first.hint], locked=gpu_lock.locked(), baseline=baseline,
+           after=torch.cuda.memory_allocated(), huge_usable=listed["huge"].usable)
+jobs.start(small)
+second = jobs.wait(600)
+out.update(second=[second.status, second.error],
+           small_usable={r.name: r for r in runs.list_runs(small.output_dir)}["small"].usable)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
 @pytest.mark.gpu
 def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(tiny_cfg, tmp_path):
-    """The GPU twin: a real OOM under a memory cap, not an injected one."""
-    import torch
-
+    """The GPU twin: a real OOM under a memory cap, not an injected one. It runs in a process of its own, so its
+    baseline and its cap are its own, whatever earlier GPU tests left on the card."""
     long = tmp_path / "long.jsonl"
     answer = "All work and no play makes Jack a dull boy. " * 400  # ~4,400 tokens a row
     long.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "output": answer}) + "\n" for i in range(64)),
                     encoding="utf-8")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
-        x = torch.ones(64, 64, device="cuda", dtype=dtype)
-        (x @ x).sum().item()
-    del x
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    total = torch.cuda.get_device_properties(0).total_memory
-    # a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
-    try:
-        jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=32, max_length=4096, max_steps=2, run_name="huge"))
-        state = jobs.wait(600)
-        assert state.status == "failed" and state.error == "out of GPU memory", state.error
-        assert "lower batch_size or max_length" in state.hint
-        assert not gpu_lock.locked()
-        # all the failed run took is back (the slack covers library workspaces, not a run)
-        assert torch.cuda.memory_allocated() <= baseline + 64 * 2**20, (baseline, torch.cuda.memory_allocated())
-        assert not {r.name: r for r in runs.list_runs(tmp_path / "runs")}["huge"].usable
-
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=1, max_length=256, max_steps=2, run_name="small"))
-        state = jobs.wait(600)
-        assert state.status == "finished", state.error
-        assert {r.name: r for r in runs.list_runs(tmp_path / "runs")}["small"].usable
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+    configs = []
+    for name, overrides in (("huge", dict(batch_size=32, max_length=4096)),
+                            ("small", dict(batch_size=1, max_length=256))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(tiny_cfg(dataset=str(long), max_steps=2, run_name=name, **overrides).to_yaml())
+        configs.append(str(path))
+    proc = run_script(tmp_path, REAL_OOM, *configs)
+    output, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, output[-3000:]
+    r = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    status, error, hint = r["first"]
+    assert status == "failed" and error == "out of GPU memory", error
+    assert "lower batch_size or max_length" in hint
+    assert not r["locked"]
+    # all the failed run took is back (the slack covers library workspaces, not a run)
+    assert r["after"] <= r["baseline"] + 64 * 2**20, (r["baseline"], r["after"])
+    assert not r["huge_usable"]
+    assert r["second"][0] == "finished", r["second"][1]
+    assert r["small_usable"]
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
@@ -573,6 +600,7 @@ def test_process_killed_during_adapter_save_leaves_the_previous_adapter_loadable
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
 
+    runs.recover_all(runs_root)  # the app's (and the CLI's) start-up step
     listed = {r.name: r for r in runs.list_runs(runs_root)}  # what the app shows after its restart
     assert listed["killed"].status == "interrupted" and not listed["killed"].usable
     assert not (runs_root / "killed" / "adapter").exists()
@@ -613,7 +641,7 @@ def test_process_killed_between_the_two_renames_of_an_adapter_swap_is_undone(run
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert not (runs_root / "earlier" / "adapter").exists()  # the worst moment: no adapter in place
-    assert_earlier_intact(runs_root, earlier_run)  # list_runs() -> recover() puts the old one back
+    assert_earlier_intact(runs_root, earlier_run)  # recover_all() -> recover() puts the old one back
     assert_no_junk(runs_root)
 
 
@@ -674,6 +702,49 @@ def test_app_restarted_mid_run_shows_interrupted_and_resumes_from_the_last_check
     assert listed["long"].status == "finished" and listed["long"].usable
     # the token the killed process was given is nowhere in its folder (checkpoints' training_args.bin included)
     assert_no_canary(run_dir)
+
+
+# === Poisoned run folders (issue #12 item 4) ==================================================================
+def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(runs_root, earlier_run, tiny_llama_dir):
+    """Each way a copied, truncated or hand-made folder can be broken: listing names it, nothing trusts a size from
+    the file (a header claiming 1 TB is refused from the file's size, not read), and the good run still chats."""
+    import re
+
+    from poisoned import ODD_TYPES, poison
+
+    from qlora.chat import ChatEngine
+    from qlora.config import GenerationSettings
+
+    expected = poison(earlier_run, runs_root)
+    assert runs.recover_all(runs_root) == []  # the start-up step passes over them (nothing to repair) without error
+    listed = {r.name: r for r in runs.list_runs(runs_root)}
+    for name, said in expected.items():
+        assert said in listed[name].damaged and not listed[name].usable, (name, listed[name])
+        with pytest.raises(ValueError, match=f"run {name} is damaged: .*{re.escape(said)}"):
+            runs.usable_run(runs_root, name)
+        if not name.startswith("run-json"):  # the adapter itself is what is broken
+            with pytest.raises(runs.DamagedRun, match=re.escape(said)):
+                runs.verify_adapter(runs_root / name / "adapter")
+    odd = listed[ODD_TYPES]  # fields of the wrong type are ignored, not fatal: its adapter is whole
+    assert not odd.damaged and odd.status == "unknown" and not odd.usable and odd.step == 0 and odd.metrics == {}
+    assert [r.name for r in runs.usable_runs(runs_root)] == ["earlier"]
+    assert_earlier_intact(runs_root, earlier_run)
+
+    engine = ChatEngine(str(tiny_llama_dir), quantize="nf4", precision="fp32")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        engine.load_adapter(runs_root / "lfs-pointer")
+    with pytest.raises(ValueError, match="half-complete adapter: .* no LoRA tensors for v_proj"):
+        engine.load_adapter(runs_root / "half-no-v-proj")
+    name = engine.load_adapter(runs_root / "earlier")
+    *_, (base, tuned) = engine.stream_pair([], [], "Question 1?", GenerationSettings(temperature=0, max_new_tokens=4),
+                                           name)
+    assert base and tuned
+
+
+def test_a_run_whose_targets_match_nothing_is_refused_before_training(tiny_cfg, tmp_path):
+    """peft only warns when a listed target matches no module; the adapter would then read as half-complete."""
+    with pytest.raises(ValueError, match="target_modules: w_proj matches no module of"):
+        train(tiny_cfg(output_dir=str(tmp_path / "runs"), max_steps=1, target_modules=["q_proj", "w_proj"]))
 
 
 # === Concurrency ===========================================================================================

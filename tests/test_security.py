@@ -403,6 +403,46 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
     assert out[3].startswith("done"), out[3]
 
 
+# === A poisoned run folder (issue #12 item 4) ===============================================================
+def test_one_poisoned_run_folder_does_not_stop_the_app_and_every_other_run_works(server, tmp_path):
+    """A runs folder holding, beside one good run, every kind of broken folder (a Git LFS pointer, a header claiming
+    1 TB, a header entry without offsets, a half-complete adapter, a run.json that is not an object...): the app
+    starts, lists each as "damaged: <reason>", and chat, download and listing work for the good run."""
+    import html
+    import shutil
+
+    from poisoned import poison
+
+    from apphelpers import launch
+
+    runs_root = tmp_path / "runs"
+    runs_root.mkdir()
+    shutil.copytree(server["runs_root"] / "earlier", runs_root / "earlier")
+    expected = poison(server["runs_root"] / "earlier", runs_root)
+    demo, client = launch(runs_root, admin_password=ADMIN)
+    try:
+        config = json.loads(c_get(client.src.rstrip("/") + "/config"))  # the page as it first loads
+        [table] = [c["props"]["value"] for c in config["components"]
+                   if c.get("type") == "dataframe" and "status" in str(c["props"].get("value", {}).get("headers"))]
+        status = {row[0]: row[1] for row in table["data"]}  # Past runs: run -> status
+        assert status["earlier"] == "finished"
+        for name, said in expected.items():
+            assert status[name].startswith("damaged: ") and said in status[name], (name, status[name])
+        adapters = client.predict(api_name="/adapters")
+        assert [choice[1] for choice in adapters["choices"]] == ["earlier"], adapters
+        out = client.predict("Question 1?", [], [], "earlier", 0.0, 0.9, 3, 0, "", api_name="/chat")
+        assert out[3].startswith("done"), out[3]
+        path, note = client.predict("earlier", ADMIN, api_name="/download")
+        assert path and note.startswith("📦"), note
+        for name in ("lfs-pointer", "huge-header", "no-offsets", "half-no-v-proj"):
+            said = html.unescape(client.predict("hi", [], [], name, 0.0, 0.9, 3, 0, "", api_name="/chat")[3])
+            assert said.startswith(f"❌ run {name} is damaged: ") and expected[name] in said, said
+            path, note = client.predict(name, ADMIN, api_name="/download")
+            assert path is None and f"run {name} is damaged" in note, note
+    finally:
+        demo.close()
+
+
 # === Secrets ===============================================================================================
 def test_a_pasted_token_never_appears_in_logs_files_args_metrics_the_page_or_browser_storage(server, capfd):
     """Push the fake token through every flow that takes one, then search everything."""

@@ -8,8 +8,9 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import GenerationSettings, TrainConfig
-from qlora.model import BusyError, ModelError, gpu_lock
+from qlora.config import GenerationSettings
+from qlora.device import BusyError, gpu_lock
+from qlora.model import ModelError
 from qlora.prompts import encode, format_prompt
 
 from . import hub, render
@@ -47,7 +48,7 @@ def _text(content: Any) -> str:
 def _run_model(info: runs.RunInfo) -> tuple[str, str]:
     """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
     try:
-        cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+        cfg = runs.run_config(info.path)
         return cfg.base_model, cfg.quantize
     except (OSError, ValueError):
         return info.base_model, "nf4"
@@ -90,7 +91,7 @@ def make_handlers(ctx: AppContext):
             if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
                 yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
                 return
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
@@ -141,7 +142,7 @@ def make_handlers(ctx: AppContext):
     def show_prompt(message: str, base_hist: list, tuned_hist: list, adapter: str, system_prompt: str) -> str:
         """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
         try:
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
             tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
             return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
                                system_prompt or "")

@@ -13,11 +13,12 @@ from qlora import runs
 from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
-from qlora.model import BusyError, ModelError
+from qlora.device import BusyError
+from qlora.model import ModelError
+from qlora.preflight import preflight
 
 from . import hub, render
 from .context import LOCKED, AppContext
-from .preflight import preflight
 
 log = logging.getLogger("qlora.app")
 
@@ -87,7 +88,7 @@ def make_handlers(ctx: AppContext):
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return preflight(cfg, ctx.token(hf_token), ctx.runs_root).markdown()
+        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root))
 
     def preview(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
@@ -124,7 +125,7 @@ def make_handlers(ctx: AppContext):
         token = ctx.token(hf_token)
         checked = preflight(cfg, token, ctx.runs_root)
         if not checked.ok:
-            return checked.markdown()
+            return render.preflight_markdown(checked)
         try:
             ctx.jobs.start(cfg, token=token)
         except BusyError as e:
@@ -147,7 +148,7 @@ def make_handlers(ctx: AppContext):
         if not ctx.is_admin(admin_password):
             return None, LOCKED
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
         except ValueError as e:
             return None, f"❌ {html.escape(str(e))}"
         return str(hub.zip_run(info)), f"📦 {html.escape(info.name)}: adapter zip ready."
@@ -157,7 +158,7 @@ def make_handlers(ctx: AppContext):
             return LOCKED
         token = ctx.token(hf_token)
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
             url = hub.push_run(info, str(repo_id or "")[:MAX_TEXT], token, bool(private))
         except (ValueError, hub.PushError) as e:
             return f"❌ {html.escape(hub.redact(str(e), token))}"
@@ -175,7 +176,7 @@ def make_handlers(ctx: AppContext):
 
     def run_curve(run: str):
         try:
-            return render.run_losses(hub.usable_run(ctx.runs_root, run).path)
+            return render.run_losses(runs.usable_run(ctx.runs_root, run).path)
         except ValueError:
             return render.loss_frame(JobState())
 
@@ -190,7 +191,7 @@ def make_handlers(ctx: AppContext):
             return (f"❌ {html.escape(info.name)} saved no checkpoint to resume from: set 'Checkpoint every N steps' "
                     "before training")
         try:
-            cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+            cfg = runs.run_config(info.path)
             ctx.jobs.start(cfg, token=ctx.token(hf_token), resume_from=info.path)
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
@@ -204,7 +205,7 @@ def make_handlers(ctx: AppContext):
 
 
 def resumable_choices(runs_root: Path) -> list[str]:
-    return [r.name for r in runs.list_runs(runs_root) if r.status == "interrupted" and runs.latest_checkpoint(r.path)]
+    return [r.name for r in runs.resumable_runs(runs_root)]
 
 
 # --- layout ---------------------------------------------------------------------------------------------
