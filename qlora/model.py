@@ -11,9 +11,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, TrainConfig
+from .config import EMBEDDED_MODEL, TrainConfig, is_hub_id
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The server owner's folder of local models: the only local folders the app loads a base model from.
+MODELS_DIR_ENV = "QLORA_MODELS_DIR"
+# What the app fetches of a Hub repo (top level only): config, tokenizer and safetensors files. Never pickles or code,
+# and never adapter_config.json, which would make transformers load the base that file names instead.
+HUB_TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+HUB_WEIGHT_FILES = ["*.safetensors"]
+HUB_SKIP = ["*/*", "adapter_config.json", "consolidated*"]  # consolidated*: a second copy of the weights (Mistral)
 
 # One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
 gpu_lock = threading.Lock()
@@ -33,21 +40,73 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
 
 
-def resolve(name: str) -> str:
-    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use."""
+def resolve(name: str, allow_local: bool = True, token: str | None = None, weights: bool = True) -> str:
+    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use.
+
+    allow_local=False (the app, where a visitor types the name): a Hub id is downloaded with huggingface_hub, which
+    never reads local files, and its snapshot folder is returned (from_pretrained would load a folder of the same
+    relative name from the working directory instead); a path is refused alike whether or not it exists, apart from
+    folders in models_dir(). weights=False fetches only what a tokenizer needs.
+    """
     if name == EMBEDDED_MODEL:
         return str(materialize_embedded())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "config.json").exists() and not any(path.glob("*.safetensors")):
+    folder = local_folder(name, allow_local)
+    if folder is not None:
+        if (folder / "config.json").exists() and not any(folder.glob("*.safetensors")):
             raise ModelError(f"{name}: no .safetensors weights in this folder; only safetensors are loaded "
                              "(pickled .bin files can run code)")
-        return str(path)
-    from .config import is_hub_id
-
+        return str(folder)
     if not is_hub_id(name):
         raise ModelError(f"{name[:100]!r}: not a folder and not a valid Hub model id (owner/name)")
-    return name
+    return name if allow_local else _hub_snapshot(name, token, weights)
+
+
+def models_dir() -> Path | None:
+    """QLORA_MODELS_DIR: where the server owner keeps local models the app may load (unset: none)."""
+    value = os.environ.get(MODELS_DIR_ENV, "").strip()
+    return Path(os.path.abspath(os.path.expanduser(value))) if value else None
+
+
+def local_models() -> list[str]:
+    """The model folders (a config.json inside) in models_dir(), as the app lists them."""
+    root = models_dir()
+    if root is None or not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def local_folder(name: str, allow_local: bool = True) -> Path | None:
+    """The folder `name` names on this machine, or None for a Hub id.
+
+    With allow_local=False only absolute paths inside models_dir() count (".." cannot leave it: the path is
+    normalized first); any other path gets one ModelError that does not say whether it exists.
+    """
+    path = Path(name).expanduser()
+    if allow_local:
+        return path if path.is_dir() else None
+    root = models_dir()
+    inside = Path(os.path.normpath(path))
+    if root is not None and path.is_absolute() and inside.is_relative_to(root) and inside != root:
+        if not inside.is_dir():
+            raise ModelError(f"{name}: no such folder in the models folder")
+        return inside
+    if is_hub_id(name):
+        return None
+    raise ModelError(f"{name[:100]!r}: not a Hub model id (owner/name); folders on this server are not loaded here, "
+                     f"apart from {EMBEDDED_MODEL} and the models folder the server owner sets ({MODELS_DIR_ENV})")
+
+
+def _hub_snapshot(repo: str, token: str | None, weights: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_TOKENIZER_FILES + (HUB_WEIGHT_FILES if weights else []),
+                                        ignore_patterns=HUB_SKIP, token=token or None))
+    except Exception as e:
+        raise _explain(repo, e) from None
+    if weights and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{repo}: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)")
+    return str(folder)
 
 
 def embedded_gguf() -> Path:
@@ -158,7 +217,21 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     except Exception as e:
         raise _explain(path, e) from None
     model.config.use_cache = False  # training; chat turns it back on
+    keep_cpu_4bit_layout(model)
     return model
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Keep bitsandbytes' standard nf4 layout on CPUs with AVX512-BF16.
+
+    There, bitsandbytes 0.50 repacks a Linear4bit's weight in place the first time it runs in eval mode without
+    grad, and from then on computes in bf16 through a native kernel: that kernel crashed the process (segfault) on
+    the 64-wide layers of the tests, the repacked weight is what the layer keeps when training resumes, and fp32 runs
+    lose precision. The layer's own switch for that path is turned off; other CPUs never take it.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: TrainConfig):

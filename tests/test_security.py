@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def server(tmp_path_factory, tiny_llama_dir):
     train(TrainConfig(base_model=str(tiny_llama_dir), dataset=str(memo), output_dir=str(runs_root), run_name="earlier",
                       quantize="nf4", batch_size=4, max_steps=2, max_length=64, gradient_checkpointing=False,
                       group_by_length=False, lora_dropout=0.0))
+    # the app loads local base models only from the owner's models folder
+    models = root / "models"
+    shutil.copytree(tiny_llama_dir, models / "tiny-llama")
+    old_models = os.environ.get("QLORA_MODELS_DIR")
+    os.environ["QLORA_MODELS_DIR"] = str(models)
     records = Records()
     logging.getLogger().addHandler(records)
     old_level = logging.getLogger().level
@@ -49,12 +55,16 @@ def server(tmp_path_factory, tiny_llama_dir):
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     url = f"http://127.0.0.1:{kwargs['server_port']}"
     yield dict(demo=demo, url=url, client=Client(url + "/", verbose=False), runs_root=runs_root, memo=memo,
-               records=records, outputs=[], tiny=str(tiny_llama_dir), root=root)
+               records=records, outputs=[], tiny=str(models / "tiny-llama"), models=models, root=root)
     demo.ctx.jobs.stop()
     demo.ctx.jobs.wait(60)
     demo.close()
     logging.getLogger().removeHandler(records)
     logging.getLogger().setLevel(old_level)
+    if old_models is None:
+        os.environ.pop("QLORA_MODELS_DIR", None)
+    else:
+        os.environ["QLORA_MODELS_DIR"] = old_models
 
 
 def http():
@@ -362,7 +372,7 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
     import shutil
 
     marker = tmp_path / "code-ran"
-    evil = tmp_path / "evil-model"
+    evil = server["models"] / "evil-model"  # the owner's models folder: the only local models the app loads
     evil.mkdir()
     (evil / "config.json").write_text(json.dumps({
         "model_type": "evil-llama", "architectures": ["EvilForCausalLM"], "hidden_size": 64,
@@ -375,7 +385,7 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
         if (Path(server["tiny"]) / name).exists():
             shutil.copy(Path(server["tiny"]) / name, evil / name)
 
-    pickled = tmp_path / "bin-only"
+    pickled = server["models"] / "bin-only"
     shutil.copytree(server["tiny"], pickled)
     (pickled / "model.safetensors").unlink()
 

@@ -60,7 +60,7 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
         if cfg.quantize == "nf4":
             pf.note("nf4 on the CPU works (bitsandbytes 0.50) but buys no speed; quantize=none is faster for small models")
 
-    model_config, where = _model_config(cfg.base_model, token)
+    model_config, where = _model_config(cfg.base_model, token, cfg.allow_local_model)
     if model_config is None:
         pf.refuse(where)
     else:
@@ -77,7 +77,8 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
             pf.note(line + ": tight")
         else:
             pf.good(line)
-        need_disk = _download_bytes(cfg.base_model, model_config) + 0.5 * GIB  # + adapters, checkpoints, logs
+        # + adapters, checkpoints, logs
+        need_disk = _download_bytes(cfg.base_model, model_config, cfg.allow_local_model) + 0.5 * GIB
         _check_disk(pf, runs_root, need_disk)
     return pf
 
@@ -137,19 +138,22 @@ def _billions(n: int) -> str:
 
 
 # --- the model's config: local, embedded or Hub ----------------------------------------------------------
-def _model_config(name: str, token: str | None) -> tuple[dict[str, Any] | None, str]:
-    """(config dict, a line saying where it came from) or (None, why it cannot be reached)."""
-    from qlora.config import is_hub_id
-    from qlora.model import ModelError, resolve
+def _model_config(name: str, token: str | None, allow_local: bool = True) -> tuple[dict[str, Any] | None, str]:
+    """(config dict, a line saying where it came from) or (None, why it cannot be reached).
 
-    if name == EMBEDDED_MODEL:
-        try:
+    allow_local=False (a visitor's form): only the embedded model, models_dir() and the Hub, as in training.
+    """
+    from qlora.config import is_hub_id
+    from qlora.model import ModelError, local_folder, resolve
+
+    try:
+        if name == EMBEDDED_MODEL:
             path = Path(resolve(name))
-        except ModelError as e:
-            return None, str(e)
-        return _read_config(path / "config.json"), f"model: {EMBEDDED_MODEL} (embedded, on disk, no download)"
-    path = Path(name).expanduser()
-    if path.is_dir():
+            return _read_config(path / "config.json"), f"model: {EMBEDDED_MODEL} (embedded, on disk, no download)"
+        path = local_folder(name, allow_local)
+    except ModelError as e:
+        return None, f"model: {e}"
+    if path is not None:
         if not (path / "config.json").is_file():
             return None, f"model: {name}: a folder without config.json"
         return _read_config(path / "config.json"), f"model: local folder {path.name}"
@@ -229,11 +233,13 @@ def _available_ram() -> float:
     return float("inf")
 
 
-def _download_bytes(name: str, c: dict[str, Any]) -> float:
+def _download_bytes(name: str, c: dict[str, Any], allow_local: bool = True) -> float:
     """What fetching the weights costs on disk: nothing for local or cached models, ~2 bytes a param otherwise."""
     from huggingface_hub import try_to_load_from_cache
 
-    if name == EMBEDDED_MODEL or Path(name).expanduser().is_dir():
+    from qlora.model import local_folder
+
+    if name == EMBEDDED_MODEL or local_folder(name, allow_local) is not None:
         return 0
     for weights in ("model.safetensors", "model.safetensors.index.json"):
         if isinstance(try_to_load_from_cache(name, weights), str):
