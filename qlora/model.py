@@ -247,10 +247,14 @@ def _explain(path: str, e: Exception) -> ModelError:
     """A one-line, actionable message for the ways a base model fails to load."""
     msg = str(e)
     name = type(e).__name__
-    if "GatedRepo" in name or "gated repo" in msg.lower():
-        return ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    gated = ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    if "GatedRepo" in name:
+        return gated
+    # the type before the text: huggingface_hub's not-found message says "if you are trying to access a ... gated repo"
     if "RepositoryNotFound" in name or "is not a valid model identifier" in msg or "not a local folder" in msg:
         return ModelError(f"{path}: no such model on the Hub (or it is private: give a token)")
+    if "gated repo" in msg.lower():  # transformers wraps GatedRepoError into an OSError
+        return gated
     if "trust_remote_code" in msg or "custom code" in msg:
         return ModelError(f"{path}: this model needs its own Python code to load; remote code is never run here")
     if "safetensors" in msg.lower() and ("does not appear to have" in msg or "no file named" in msg.lower()):
