@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from apphelpers import Records, free_port, wait_for
+from apphelpers import Records, free_port, tiny_form, wait_for
 from conftest import ROOT, TOKENIZER_DIR
 
 ADMIN = "hostile-Adm1n"
@@ -83,16 +83,8 @@ def server(tmp_path_factory, tiny_llama_dir):
 
 
 def form(server, **overrides) -> dict:
-    """The /start, /preview and /preflight form for a short 4-bit run of the tiny Llama on an uploaded file."""
-    from gradio_client import handle_file
-
-    values = dict(admin_password=ADMIN, base_model=server["tiny"], dataset_source="upload",
-                  upload=handle_file(str(server["memo"])), quantize="nf4", max_steps=2, max_length=64, batch_size=4,
-                  learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
-                  group_by_length=False, lora_dropout=0.0, eval_fraction=0.0, sample_every=0, save_steps=0,
-                  optimizer="adamw_torch", precision="auto", target_modules="q_proj,v_proj", epochs=1.0)
-    values.update(overrides)
-    return values
+    """The /start, /preview and /preflight form for a 2-step 4-bit run of the tiny Llama on an uploaded file."""
+    return tiny_form(server["tiny"], server["memo"], ADMIN, **{"max_steps": 2, **overrides})
 
 
 def run_names(server) -> list[str]:

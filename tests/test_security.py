@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apphelpers import Records, free_port, start_at_once, wait_for
+from apphelpers import Records, free_port, start_at_once, tiny_form, wait_for
 
 ADMIN = "adm1n-Pa55word"
 CANARY = "hf_SecuritySecuritySecurity00000Canary"  # a fake token shaped like a real one (hf_ + 34 characters)
@@ -79,15 +79,7 @@ def wait_status(client, until, timeout: float = 120) -> dict:
 
 def tiny_run(server, **overrides) -> dict:
     """The /start form for a short 4-bit run of the tiny Llama on an uploaded file."""
-    from gradio_client import handle_file
-
-    form = dict(admin_password=ADMIN, base_model=server["tiny"], dataset_source="upload",
-                upload=handle_file(str(server["memo"])), quantize="nf4", max_steps=3, max_length=64, batch_size=4,
-                learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
-                group_by_length=False, lora_dropout=0.0, eval_fraction=0.0, sample_every=0, save_steps=0,
-                optimizer="adamw_torch", precision="auto", target_modules="q_proj,v_proj", epochs=1.0)
-    form.update(overrides)
-    return form
+    return tiny_form(server["tiny"], server["memo"], ADMIN, **overrides)
 
 
 # === Gradio's file routes ==================================================================================
