@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -160,7 +161,7 @@ def read_yaml_fields(text_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     import yaml  # pyyaml ships with transformers' deps; imported here so config stays stdlib-only at import
 
     if isinstance(text_or_path, str) and ("\n" in text_or_path or not (
-            Path(text_or_path).exists() or text_or_path.endswith((".yaml", ".yml")))):
+            os.path.exists(text_or_path) or text_or_path.endswith((".yaml", ".yml")))):
         where, text = "config", text_or_path
     else:
         where = str(text_or_path)
