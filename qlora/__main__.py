@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
+import tempfile
 import threading
 import typing
 from pathlib import Path
@@ -12,6 +15,9 @@ from pathlib import Path
 from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults, read_yaml_fields
 
 USAGE_ERROR = 2
+# Linux's limits on a file name and a path, in bytes; a run adds up to ~320 bytes below --output-dir
+# (a 200-byte run name, checkpoints/checkpoint-N/..., the adapter's temp folder and files).
+NAME_MAX, PATH_MAX, RUN_TREE_BYTES = 255, 4096, 320
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +101,35 @@ def _convert(name: str, raw: str, hint) -> typing.Any:
         raise ValueError(f"--{name.replace('_', '-')}: expected {kind}, got {raw!r}") from None
 
 
-def _train(args) -> int:
-    import os
+def check_output_dir(folder: str) -> None:
+    """Refuse an --output-dir that cannot hold run folders (a file in the way, no write access, too long a path)
+    now, before any model loads. Creates nothing: the probe folder is removed at once."""
+    path = Path(folder).expanduser().absolute()
+    longest = max(len(os.fsencode(part)) for part in path.parts)
+    if longest > NAME_MAX:
+        raise ValueError(f"--output-dir: a folder name in it is {longest} bytes long; at most {NAME_MAX}")
+    size = len(os.fsencode(str(path)))
+    if size > PATH_MAX - RUN_TREE_BYTES:
+        raise ValueError(f"--output-dir: the path is {size} bytes long; at most {PATH_MAX - RUN_TREE_BYTES} leaves "
+                         "room for the run folders inside it")
+    existing = path
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output-dir: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"--output-dir: cannot create folders in {existing} ({e.strerror or e})") from None
 
+
+
+def _train(args) -> int:
     from . import runs
     from .preflight import preflight
 
     cfg = config_from_args(args)
+    check_output_dir(cfg.output_dir)
     token = os.environ.get(args.token_env) or None
     first = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 checks and recovers for all
     checked = preflight(cfg, token, cfg.output_dir) if first else None
@@ -117,7 +145,7 @@ def _train(args) -> int:
     from tqdm import tqdm
 
     from .events import Failed, Finished, Log, Progress, Started, Stopped, to_record
-    from .train import distributed, train
+    from .train import StopBeforeStart, distributed, train
 
     bar = None
     stop = threading.Event()
@@ -151,6 +179,9 @@ def _train(args) -> int:
         run_dir = train(cfg, show, stop, token=token, resume_from=args.resume_from)
     except (KeyboardInterrupt, ValueError, OSError):
         raise  # main() prints these as one line, exit status 2
+    except StopBeforeStart:
+        print("stopped before training started; nothing was saved", file=sys.stderr)
+        return 0
     except Exception as e:
         print(f"error: {f'[rank {rank}] ' if rank else ''}training failed: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -166,6 +197,8 @@ def _chat(args) -> int:
 
     from . import runs
 
+    if not args.prompt.strip():  # as the app: nothing is loaded for an empty question
+        raise ValueError("the prompt is empty: give a question to ask both models")
     run_dir = runs.run_folder(args.adapter)
     runs.recover(run_dir)  # an adapter swap cut short by a kill is put back before it is read
     cfg = runs.run_config(run_dir)
@@ -181,8 +214,6 @@ def _chat(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    import logging
-    import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -194,7 +225,17 @@ def _quiet_libraries() -> None:
     # on a CPU without the optional `kernels` package (a Hub download) bitsandbytes warns once per process that it
     # uses its own 4-bit kernel instead: true, and nothing to act on
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("qlora").addHandler(logging.StreamHandler())
+    logger = logging.getLogger("qlora")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):  # main() may run many times in one process
+        logger.addHandler(_Stderr())
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes, not as it was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _one_line(e: BaseException) -> str:

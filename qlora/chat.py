@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import runs
+from . import adapter_base, runs
 from .config import GenerationSettings
 from .device import BusyError, free_memory, gpu_lock, pick_precision
 from .model import load_base, load_tokenizer, resolve
@@ -74,6 +74,7 @@ class ChatEngine:
         if (folder / runs.ADAPTER).is_dir():
             folder = folder / runs.ADAPTER
         runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
+        adapter_base.check(folder, self.base_model, self._ensure_base)  # another base: say which, not a traceback
         name = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
         if self.adapters.get(name) == str(folder):
             return name

@@ -10,10 +10,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, TrainConfig
+from .config import EMBEDDED_MODEL, TrainConfig, is_hub_id
 from .device import current_gpu, torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The server owner's folder of local models: the only local folders the app loads a base model from.
+MODELS_DIR_ENV = "QLORA_MODELS_DIR"
+# What the app fetches of a Hub repo (top level only): config, tokenizer and safetensors files. Never pickles or code,
+# and never adapter_config.json, which would make transformers load the base that file names instead.
+HUB_TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+HUB_WEIGHT_FILES = ["*.safetensors"]
+HUB_SKIP = ["*/*", "adapter_config.json", "consolidated*"]  # consolidated*: a second copy of the weights (Mistral)
 
 
 class ModelError(ValueError):
@@ -26,21 +33,73 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
 
 
-def resolve(name: str) -> str:
-    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use."""
+def resolve(name: str, allow_local: bool = True, token: str | None = None, weights: bool = True) -> str:
+    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use.
+
+    allow_local=False (the app, where a visitor types the name): a Hub id is downloaded with huggingface_hub, which
+    never reads local files, and its snapshot folder is returned (from_pretrained would load a folder of the same
+    relative name from the working directory instead); a path is refused alike whether or not it exists, apart from
+    folders in models_dir(). weights=False fetches only what a tokenizer needs.
+    """
     if name == EMBEDDED_MODEL:
         return str(materialize_embedded())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "config.json").exists() and not any(path.glob("*.safetensors")):
+    folder = local_folder(name, allow_local)
+    if folder is not None:
+        if (folder / "config.json").exists() and not any(folder.glob("*.safetensors")):
             raise ModelError(f"{name}: no .safetensors weights in this folder; only safetensors are loaded "
                              "(pickled .bin files can run code)")
-        return str(path)
-    from .config import is_hub_id
-
+        return str(folder)
     if not is_hub_id(name):
         raise ModelError(f"{name[:100]!r}: not a folder and not a valid Hub model id (owner/name)")
-    return name
+    return name if allow_local else _hub_snapshot(name, token, weights)
+
+
+def models_dir() -> Path | None:
+    """QLORA_MODELS_DIR: where the server owner keeps local models the app may load (unset: none)."""
+    value = os.environ.get(MODELS_DIR_ENV, "").strip()
+    return Path(os.path.abspath(os.path.expanduser(value))) if value else None
+
+
+def local_models() -> list[str]:
+    """The model folders (a config.json inside) in models_dir(), as the app lists them."""
+    root = models_dir()
+    if root is None or not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def local_folder(name: str, allow_local: bool = True) -> Path | None:
+    """The folder `name` names on this machine, or None for a Hub id.
+
+    With allow_local=False only absolute paths inside models_dir() count (".." cannot leave it: the path is
+    normalized first); any other path gets one ModelError that does not say whether it exists.
+    """
+    path = Path(name).expanduser()
+    if allow_local:
+        return path if path.is_dir() else None
+    root = models_dir()
+    inside = Path(os.path.normpath(path))
+    if root is not None and path.is_absolute() and inside.is_relative_to(root) and inside != root:
+        if not inside.is_dir():
+            raise ModelError(f"{name}: no such folder in the models folder")
+        return inside
+    if is_hub_id(name):
+        return None
+    raise ModelError(f"{name[:100]!r}: not a Hub model id (owner/name); folders on this server are not loaded here, "
+                     f"apart from {EMBEDDED_MODEL} and the models folder the server owner sets ({MODELS_DIR_ENV})")
+
+
+def _hub_snapshot(repo: str, token: str | None, weights: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_TOKENIZER_FILES + (HUB_WEIGHT_FILES if weights else []),
+                                        ignore_patterns=HUB_SKIP, token=token or None))
+    except Exception as e:
+        raise _explain(repo, e) from None
+    if weights and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{repo}: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)")
+    return str(folder)
 
 
 def embedded_gguf() -> Path:
@@ -149,10 +208,14 @@ def _explain(path: str, e: Exception) -> ModelError:
     """A one-line, actionable message for the ways a base model fails to load."""
     msg = str(e)
     name = type(e).__name__
-    if "GatedRepo" in name or "gated repo" in msg.lower():
-        return ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    gated = ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    if "GatedRepo" in name:
+        return gated
+    # the type before the text: huggingface_hub's not-found message says "if you are trying to access a ... gated repo"
     if "RepositoryNotFound" in name or "is not a valid model identifier" in msg or "not a local folder" in msg:
         return ModelError(f"{path}: no such model on the Hub (or it is private: give a token)")
+    if "gated repo" in msg.lower():  # transformers wraps GatedRepoError into an OSError
+        return gated
     if "trust_remote_code" in msg or "custom code" in msg:
         return ModelError(f"{path}: this model needs its own Python code to load; remote code is never run here")
     if "safetensors" in msg.lower() and ("does not appear to have" in msg or "no file named" in msg.lower()):

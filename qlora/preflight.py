@@ -69,7 +69,7 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
             pf.note("nf4 on the CPU works (bitsandbytes 0.50) but buys no speed; no 4-bit quantization "
                     "(quantize: none) is faster for small models")
 
-    model_config, where = _model_config(cfg.base_model, token)
+    model_config, where = _model_config(cfg.base_model, token, cfg.allow_local_model)
     if model_config is None:
         pf.refuse(where)
         return pf
@@ -82,7 +82,7 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
                 "vocab_size): its memory is unknown")
     if arch is not None:
         _check_memory(pf, cfg, arch, precision, on)
-    _check_disk(pf, runs_root, _download_gib(cfg.base_model, arch) + RUN_FILES_GIB)
+    _check_disk(pf, runs_root, _download_gib(cfg.base_model, arch, cfg.allow_local_model) + RUN_FILES_GIB)
     return pf
 
 
@@ -131,18 +131,22 @@ def _billions(n: int) -> str:
 
 
 # --- the model's config: local, embedded or Hub ----------------------------------------------------------------
-def _model_config(name: str, token: str | None) -> tuple[dict[str, Any] | None, str]:
-    """(config dict, a line saying where it came from) or (None, why it cannot be reached)."""
-    from .model import ModelError, resolve
+def _model_config(name: str, token: str | None, allow_local: bool = True) -> tuple[dict[str, Any] | None, str]:
+    """(config dict, a line saying where it came from) or (None, why it cannot be reached).
 
-    if name == EMBEDDED_MODEL:
-        try:
+    allow_local=False (a visitor's form): only the embedded model, the server's models folder and the Hub, as in
+    training.
+    """
+    from .model import ModelError, local_folder, resolve
+
+    try:
+        if name == EMBEDDED_MODEL:
             path = Path(resolve(name))
-        except ModelError as e:
-            return None, str(e)
-        return _read_config(path / "config.json"), f"model: {EMBEDDED_MODEL} (embedded, on disk, no download)"
-    path = Path(name).expanduser()
-    if path.is_dir():
+            return _read_config(path / "config.json"), f"model: {EMBEDDED_MODEL} (embedded, on disk, no download)"
+        path = local_folder(name, allow_local)
+    except ModelError as e:
+        return None, f"model: {e}"
+    if path is not None:
         if not (path / "config.json").is_file():
             return None, f"model: {name}: a folder without config.json"
         return _read_config(path / "config.json"), f"model: local folder {path.name}"
@@ -206,11 +210,13 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 # --- disk --------------------------------------------------------------------------------------------------
-def _download_gib(name: str, arch: Arch | None) -> float:
+def _download_gib(name: str, arch: Arch | None, allow_local: bool = True) -> float:
     """What fetching the weights costs on disk: nothing for local or cached models, ~2 bytes a param otherwise."""
     from huggingface_hub import try_to_load_from_cache
 
-    if arch is None or name == EMBEDDED_MODEL or Path(name).expanduser().is_dir():
+    from .model import local_folder
+
+    if arch is None or name == EMBEDDED_MODEL or local_folder(name, allow_local) is not None:
         return 0
     for weights in ("model.safetensors", "model.safetensors.index.json"):
         if isinstance(try_to_load_from_cache(name, weights), str):

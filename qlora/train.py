@@ -41,12 +41,13 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     trainer = model = None
     try:
         # 1. Data: validated before any model is touched, so bad input costs seconds and writes nothing.
-        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows)
+        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows,
+                       allow_local=cfg.allow_local_dataset)
         emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape} format"
                  + (f", {data.dropped} empty rows skipped)" if data.dropped else ")")))
 
         # 2. Tokenizer and tokens: our own encode() so guanaco's literal <s> never becomes a doubled BOS.
-        model_path = resolve(cfg.base_model)
+        model_path = resolve(cfg.base_model, cfg.allow_local_model, token)
         tokenizer = load_tokenizer(model_path, token)
         train_ids = tokenize(data.train, tokenizer, cfg.max_length)
         eval_ids = tokenize(data.eval, tokenizer, cfg.max_length)
@@ -92,8 +93,11 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     except BaseException as e:
         error, hint = describe_failure(e)
         if run_dir is not None and main:
-            runs.finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
-                        trainer.state.global_step if trainer else 0, {"error": error})
+            try:
+                runs.finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
+                            trainer.state.global_step if trainer else 0, {"error": error})
+            except Exception:  # a full disk or a removed folder must not hide the error that ended the run
+                log.exception("could not record the failure in %s", run_dir / "run.json")
         if isinstance(e, StopBeforeStart):
             emit(Stopped(str(run_dir or ""), 0, {}))
             raise

@@ -36,6 +36,19 @@ def launch(runs_root: Path, admin_password: str | None = None):
     return demo, Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False)
 
 
+def tiny_form(tiny: str, dataset: Path, admin: str, **overrides) -> dict:
+    """The /start (and /preview, /preflight) form for a short 4-bit run of a tiny Llama on an uploaded file."""
+    from gradio_client import handle_file
+
+    form = dict(admin_password=admin, base_model=tiny, dataset_source="upload",
+                upload=handle_file(str(dataset)), quantize="nf4", max_steps=3, max_length=64, batch_size=4,
+                learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
+                group_by_length=False, lora_dropout=0.0, eval_fraction=0.0, sample_every=0, save_steps=0,
+                optimizer="adamw_torch", precision="auto", target_modules="q_proj,v_proj", epochs=1.0)
+    form.update(overrides)
+    return form
+
+
 def wait_for(client, until, timeout: float = 240, every: float = 0.5) -> dict:
     """Poll /job_status until `until(status)` holds."""
     deadline = time.monotonic() + timeout

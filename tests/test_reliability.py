@@ -131,7 +131,7 @@ BAD_FILES = {
     "broken.jsonl": (b'{"text": "a"}\n{"text": oops}\n{"text": "b"}\n', r"broken\.jsonl: line 2: not valid JSON"),
     "columns.jsonl": (b'{"prompt": "q", "completion": "a"}\n',
                       r"columns\.jsonl: no usable column: expected 'text'.*found columns: completion, prompt"),
-    "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: row 2: column 'text' must be a string, got int"),
+    "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: line 2: column 'text' must be a string, got int"),
     "nulls.jsonl": (b'{"text": null}\n{"text": null}\n', r"nulls\.jsonl: all 2 rows are empty"),
     "empty_strings.jsonl": (b'{"text": ""}\n{"text": "   "}\n', r"empty_strings\.jsonl: all 2 rows are empty"),
     "list.jsonl": (b'["not", "an", "object"]\n', r"list\.jsonl: line 1: expected a JSON object per line, got list"),
@@ -233,7 +233,8 @@ class Hub(http.server.BaseHTTPRequestHandler):
     def answer(self):
         requests.append(f"{self.command} {self.path}")
         if "bin-only" in self.path:
-            if self.path.startswith("/api/models/owner/bin-only") and self.path.count("/") == 4:
+            if self.path.startswith("/api/models/owner/bin-only") and (self.path.count("/") == 4
+                                                                         or "/revision/" in self.path):
                 info = {"id": "owner/bin-only", "sha": SHA, "private": False,
                         "siblings": [{"rfilename": "config.json"}, {"rfilename": "pytorch_model.bin"}]}
                 return self.send(200, json.dumps(info).encode(), Content_Type="application/json")
@@ -260,6 +261,8 @@ out = {}
 for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model", "owner/bin-only"):
     for what, call in (("tokenizer", lambda: load_tokenizer(resolve(name))),
                        ("model", lambda: load_base(resolve(name), "nf4", "fp32", token=sys.argv[2])),
+                       # the app's way: downloaded with huggingface_hub, loaded from the snapshot
+                       ("app model", lambda: resolve(name, allow_local=False, token=sys.argv[2])),
                        ("dataset", lambda: prepare(name))):
         try:
             call()
@@ -278,7 +281,7 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     line = [x for x in out.splitlines() if x.startswith("RESULT ")]
     assert line, out
     got = json.loads(line[0][len("RESULT "):])
-    for what in ("tokenizer", "model"):
+    for what in ("tokenizer", "model", "app model"):
         assert got[f"nobody-xyz/does-not-exist {what}"] == \
             "nobody-xyz/does-not-exist: no such model on the Hub (or it is private: give a token)"
         assert got[f"meta-llama/gated-model {what}"] == \
@@ -286,8 +289,9 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     assert got["nobody-xyz/does-not-exist dataset"].startswith("nobody-xyz/does-not-exist: no such dataset on the Hub")
     assert got["meta-llama/gated-model dataset"] == \
         "meta-llama/gated-model: gated dataset: accept its terms on the Hub and give a token"
-    assert got["owner/bin-only model"] == \
-        "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
+    for what in ("model", "app model"):
+        assert got[f"owner/bin-only {what}"] == \
+            "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
     bin_only = [r for r in got["requests"] if "bin-only" in r]
     assert not [r for r in bin_only if r.endswith(".bin")]  # the pickle is never downloaded
     # transformers' auto-conversion (which sends the token to a conversion Space and loads a PR branch) never starts

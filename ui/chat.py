@@ -45,13 +45,14 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _run_model(info: runs.RunInfo) -> tuple[str, str]:
-    """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
+def _run_model(info: runs.RunInfo) -> tuple[str, str, bool]:
+    """(base model, quantize, may it be a local path) as the adapter was trained: chat loads the same base the same
+    way. A run started from the app names a Hub id, resolved on the Hub only, as in training."""
     try:
         cfg = runs.run_config(info.path)
-        return cfg.base_model, cfg.quantize
+        return cfg.base_model, cfg.quantize, cfg.allow_local_model
     except (OSError, ValueError):
-        return info.base_model, "nf4"
+        return info.base_model, "nf4", False
 
 
 def _busy(ctx: AppContext) -> str:
@@ -143,7 +144,8 @@ def make_handlers(ctx: AppContext):
         """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
         try:
             info = runs.usable_run(ctx.runs_root, adapter)
-            tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
+            base, _, allow_local = _run_model(info)
+            tokenizer = ctx.engines.tokenizer(base, allow_local)
             return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
                                system_prompt or "")
         except (ValueError, ModelError, OSError) as e:

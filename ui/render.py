@@ -48,7 +48,7 @@ def status_markdown(s: JobState) -> str:
     if s.status == "idle":
         return "No run yet. Check the form, then **Start**."
     text = html.escape(s.summary())
-    if s.status == "stopped":
+    if s.status == "stopped" and s.run_dir:
         text += " — the partial adapter is saved and listed in the **Chat** tab."
     elif s.status == "finished":
         text += " — pick it in the **Chat** tab."

@@ -14,7 +14,7 @@ from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainCon
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
 from qlora.device import BusyError
-from qlora.model import ModelError
+from qlora.model import MODELS_DIR_ENV, ModelError, local_models
 from qlora.preflight import preflight
 
 from . import hub, render
@@ -65,8 +65,12 @@ def form_to_config(runs_root: Path, form: dict[str, Any]) -> TrainConfig:
     if len(base) > MAX_TEXT:
         raise ValueError("base_model: at most 200 characters")
     values["base_model"] = base
-    values["dataset"] = dataset_source(values.pop("dataset_source", "sample"), values.pop("hub_dataset", ""),
-                                       values.pop("upload", None))
+    source = values.pop("dataset_source", "sample")
+    values["dataset"] = dataset_source(source, values.pop("hub_dataset", ""), values.pop("upload", None))
+    # A visitor's ids are resolved on the Hub only (the core enforces it); a local file comes only as an upload,
+    # whose path Gradio vouches for ("was not uploaded by a user" otherwise).
+    values["allow_local_model"] = False
+    values["allow_local_dataset"] = source == "upload"
     values["run_name"] = str(values.get("run_name") or "").strip()
     values["output_dir"] = str(runs_root)
     for name, f in ((f.name, f) for f in dataclasses.fields(TrainConfig)):
@@ -103,8 +107,9 @@ def make_handlers(ctx: AppContext):
         try:
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
             token = ctx.token(hf_token)
-            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50))
-            tokenizer = load_tokenizer(resolve(cfg.base_model), token)
+            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50),
+                                    allow_local=cfg.allow_local_dataset)
+            tokenizer = load_tokenizer(resolve(cfg.base_model, cfg.allow_local_model, token, weights=False), token)
             rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length)
         except (ValueError, DataError, ModelError, OSError) as e:
             return empty, f"❌ {html.escape(hub.redact(str(e), ctx.token(hf_token)))}"
@@ -142,6 +147,8 @@ def make_handlers(ctx: AppContext):
         if not state.active:
             return f"Nothing is running ({html.escape(state.status)})."
         ctx.jobs.stop()
+        if not state.total_steps:  # still loading: train() ends before its first step and saves nothing
+            return "⏹️ Stopping: the model is still loading, so the run ends before training starts; nothing is saved."
         return "⏹️ Stopping at the end of the current step; the partial adapter will be saved and offered in Chat."
 
     def download(run: str, admin_password: str = ""):
@@ -219,9 +226,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             form = {
-                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL], value=d["base_model"], label="Base model",
-                                          allow_custom_value=True, info="a Hub id, a local folder, or the embedded "
-                                                                        f"{EMBEDDED_MODEL} (offline)"),
+                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL, *local_models()], value=d["base_model"],
+                                          label="Base model", allow_custom_value=True,
+                                          info=f"a Hub id, the embedded {EMBEDDED_MODEL} (offline), or a folder of "
+                                               f"the server's models folder ({MODELS_DIR_ENV})"),
             }
             with gr.Row():
                 src = "sample" if d["dataset"] == SAMPLE_DATASET else "hub"
