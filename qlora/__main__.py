@@ -130,7 +130,7 @@ def _train(args) -> int:
 
     cfg = config_from_args(args)
     check_output_dir(cfg.output_dir)
-    token = os.environ.get(args.token_env) or None
+    token = os.environ.get(args.token_env) or _stored_login()
     first = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 checks and recovers for all
     checked = preflight(cfg, token, cfg.output_dir) if first else None
     if checked is not None:
@@ -236,6 +236,13 @@ class _Stderr(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
+
+
+def _stored_login() -> str | None:
+    """The token `hf auth login` stored on this machine: the CLI's user owns it (the core never picks one itself)."""
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _one_line(e: BaseException) -> str:

@@ -26,6 +26,16 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value)) and ".." not in value and not value.endswith((".", "-"))
 
 
+def hub_token(token: str | None) -> str | bool:
+    """What to hand a Hub library as `token`: the caller's, or False.
+
+    Given None, huggingface_hub, transformers and datasets fall back by themselves to the HF_TOKEN variable or a stored
+    login: in an open app that would fetch gated models with the Space owner's account for any visitor. The caller
+    (the CLI reading its environment, the app's admin gate) decides which token applies; the libraries never do.
+    """
+    return token or False
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. Defaults are the reference recipe (Llama-2-7B chat on guanaco-1k, QLoRA)."""

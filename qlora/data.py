@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-from .config import is_hub_id
+from .config import hub_token, is_hub_id
 from .prompts import BOS, EOS, encode, format_chat
 
 SAMPLE_PATH = Path(__file__).with_name("sample_data.jsonl")
@@ -415,7 +415,7 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
 
     split = f"train[:{max_rows}]" if max_rows else "train"
     try:
-        ds = datasets.load_dataset(f"hf://datasets/{dataset_id}", split=split, token=token or None)
+        ds = datasets.load_dataset(f"hf://datasets/{dataset_id}", split=split, token=hub_token(token))
     except hub_errors.GatedRepoError:
         raise DataError(f"{dataset_id}: gated dataset: accept its terms on the Hub and give a token") from None
     except (hub_errors.RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:

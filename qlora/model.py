@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, TrainConfig, is_hub_id
+from .config import EMBEDDED_MODEL, TrainConfig, hub_token, is_hub_id
 from .device import current_gpu, torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,7 +94,7 @@ def _hub_snapshot(repo: str, token: str | None, weights: bool) -> str:
 
     try:
         folder = Path(snapshot_download(repo, allow_patterns=HUB_TOKENIZER_FILES + (HUB_WEIGHT_FILES if weights else []),
-                                        ignore_patterns=HUB_SKIP, token=token or None))
+                                        ignore_patterns=HUB_SKIP, token=hub_token(token)))
     except Exception as e:
         raise _explain(repo, e) from None
     if weights and not any(folder.glob("*.safetensors")):
@@ -148,7 +148,7 @@ def load_tokenizer(path: str, token: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, token=token or None, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, token=hub_token(token), trust_remote_code=False)
     except Exception as e:
         raise _explain(path, e) from None
     if tok.pad_token is None:  # Llama 2 ships none; padded positions are masked out of the loss anyway
@@ -166,7 +166,7 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     # Space to open a conversion PR, sending it the caller's token, and then load the weights from that PR branch.
     # Neither is wanted here: refuse the repo instead (its message comes from _explain).
     os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
-    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=token or None)
+    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=hub_token(token))
     if quantize == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, TrainConfig, is_hub_id
+from .config import EMBEDDED_MODEL, TrainConfig, hub_token, is_hub_id
 from .device import GIB, Card, available_ram_gib, card, pick_precision
 from .speed import HEADROOM, Arch, Plan, plan
 
@@ -166,7 +166,7 @@ def _hub_config(repo: str, token: str | None) -> tuple[dict[str, Any] | None, st
     if not _hub_reachable():  # fail in a second, not after the client's retries
         return None, unreachable
     try:
-        path = hf_hub_download(repo, "config.json", token=token or None, etag_timeout=5)
+        path = hf_hub_download(repo, "config.json", token=hub_token(token), etag_timeout=5)
     except hub_errors.GatedRepoError:
         return None, (f"model: {repo} is gated: accept its license on the Hub, then give a token (field or the "
                       "HF_TOKEN secret) that has access")

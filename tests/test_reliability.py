@@ -217,6 +217,7 @@ CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"
                      "vocab_size": 32000}).encode()
 SHA = "0" * 40
 requests = []
+authorizations = set()
 
 class Hub(http.server.BaseHTTPRequestHandler):
     # The real Hub's answers: 401 + X-Error-Code GatedRepo for a gated repo without a token, 404 RepoNotFound for a
@@ -232,6 +233,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
 
     def answer(self):
         requests.append(f"{self.command} {self.path}")
+        authorizations.add(self.headers.get("Authorization") or "")
         if "bin-only" in self.path:
             if self.path.startswith("/api/models/owner/bin-only") and (self.path.count("/") == 4
                                                                          or "/revision/" in self.path):
@@ -269,7 +271,16 @@ for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model", "owner/bin-o
             out[f"{name} {what}"] = "LOADED"
         except (ModelError, DataError) as e:
             out[f"{name} {what}"] = str(e)
+# a visitor of an open app (no token given) while the server has its own HF_TOKEN: the libraries must not use it
+os.environ["HF_TOKEN"] = "hf_OwnerOwnerOwnerOwnerOwnerOwner1234"
+for name in ("meta-llama/gated-model", "owner/open-model"):
+    for call in (lambda: resolve(name, allow_local=False, weights=False), lambda: prepare(name)):
+        try:
+            call()
+        except (ModelError, DataError):
+            pass
 out["requests"] = requests
+out["authorizations"] = sorted(authorizations)
 print("RESULT " + json.dumps(out))
 """
 
@@ -296,6 +307,9 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     assert not [r for r in bin_only if r.endswith(".bin")]  # the pickle is never downloaded
     # transformers' auto-conversion (which sends the token to a conversion Space and loads a PR branch) never starts
     assert not [r for r in bin_only if "/commits/" in r or "/discussions" in r], bin_only
+    # the caller's token went out where it was given; the server's own HF_TOKEN never did (a visitor gave none)
+    assert f"Bearer {CANARY}" in got["authorizations"]
+    assert not [a for a in got["authorizations"] if "Owner" in a], got["authorizations"]
 
 
 def test_no_hub_access_says_so():
