@@ -158,7 +158,21 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     except Exception as e:
         raise _explain(path, e) from None
     model.config.use_cache = False  # training; chat turns it back on
+    keep_cpu_4bit_layout(model)
     return model
+
+
+def keep_cpu_4bit_layout(model) -> None:
+    """Keep bitsandbytes' standard nf4 layout on CPUs with AVX512-BF16.
+
+    There, bitsandbytes 0.50 repacks a Linear4bit's weight in place the first time it runs in eval mode without
+    grad, and from then on computes in bf16 through a native kernel: that kernel crashed the process (segfault) on
+    the 64-wide layers of the tests, the repacked weight is what the layer keeps when training resumes, and fp32 runs
+    lose precision. The layer's own switch for that path is turned off; other CPUs never take it.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: TrainConfig):

@@ -126,3 +126,23 @@ def test_the_same_seed_gives_the_same_starting_adapter_twice_in_one_process(tiny
     assert first.keys() == again.keys() and first
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_a_cpu_4bit_base_keeps_its_layout_and_precision_in_eval_mode(tiny_llama_dir):
+    """bitsandbytes 0.50 on an AVX512-BF16 CPU repacks nf4 weights in place at the first eval forward and computes in
+    bf16 through a native kernel that crashed the tests (segfault); load_base turns that path off on every CPU."""
+    import torch
+    import bitsandbytes.functional as bnbf
+
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32").eval()
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    q = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = q(x)
+    assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
+    reference = x @ bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).t()
+    assert out.dtype == torch.float32 and torch.allclose(out, reference, atol=1e-5)
