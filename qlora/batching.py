@@ -8,7 +8,9 @@ work is the backend's (`slots.SlotBackend`, or `rowexact.GenerateBackend` for th
 
 A backend has `rows` (its capacity), `free_rows()`, `wait_reason(rows)` (None when the rows can join now),
 `join(rows)` (prefill: each row gets its first token), `step()` (every active row gets one more token, or ends),
-`leave(row)`, `forget(adapter names)` and `close()`.
+`leave(row)`, `forget(adapter names)` and `close()`. `wait_reason` may answer RELOAD: the backend must be built again
+to serve these rows (an adapter on layers the captured step has no adapter columns for); that happens once the rows
+being answered have ended.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .model import BusyError, gpu_lock
 log = logging.getLogger("qlora.chat")
 
 MAX_WAITING = 64  # visitors queued beyond the batch; more are told the chat is full
+RELOAD = "reload"  # a backend's wait_reason: serve this ticket after loading the backend again (new adapter layers)
 
 
 @dataclass(eq=False)
@@ -243,6 +246,7 @@ class Scheduler:
             log.exception("loading the chat model failed")
             with self._cond:
                 tickets, self._waiting = self._waiting, []
+            self._release_if_idle()
             for t in tickets:
                 t.ended = True
                 t.put("error", e)
@@ -262,6 +266,7 @@ class Scheduler:
         with self._cond:
             stopped = [t for t in self._waiting if t.stopped]
             self._waiting = [t for t in self._waiting if not t.stopped]
+        self._release_if_idle()
         for t in stopped:
             t.ended = True
             t.put("end", "stopped")
@@ -276,8 +281,17 @@ class Scheduler:
                 reason = self.backend.wait_reason(ticket.rows)
             except Exception as e:  # can never be served (too long for a slot, an adapter that does not fit)
                 self._pop_waiting(ticket)
+                self._release_if_idle()
                 ticket.ended = True
                 ticket.put("error", e)
+                continue
+            if reason == RELOAD:
+                if self._active:
+                    reason = "the chat model reloads for an adapter on other layers once the current answers end"
+                    break
+                self._reload()
+                if self.backend is None:
+                    return
                 continue
             if reason is not None:
                 break
@@ -287,6 +301,7 @@ class Scheduler:
             except Exception as e:
                 if not isinstance(e, ValueError):
                     log.exception("a chat request failed to start")
+                self._release_if_idle()
                 ticket.ended = True
                 ticket.put("error", e)
                 continue
@@ -302,6 +317,14 @@ class Scheduler:
                     t.waiting = message
                     t.put("wait", message)
 
+    def _reload(self) -> None:
+        try:
+            self.backend.close()
+        except Exception:
+            log.exception("closing the chat backend failed")
+        self.backend = None
+        self._open([])
+
     def _pop_waiting(self, ticket: Ticket) -> None:
         with self._cond:
             self._waiting.remove(ticket)
@@ -312,10 +335,12 @@ class Scheduler:
             self.backend.step()
         except Exception as e:  # the whole batch shares the step: every active visitor is told, the engine goes on
             log.exception("a chat decode step failed")
-            for t in list(self._active):
+            failed, self._active = self._active, []
+            for t in failed:
                 for row in t.rows:
                     self._leave(row)
-                self._active.remove(t)
+            self._release_if_idle()
+            for t in failed:
                 t.ended = True
                 t.put("error", e)
             return
@@ -340,9 +365,18 @@ class Scheduler:
             self._leave(row)
         if ticket in self._active:
             self._active.remove(ticket)
+        self._release_if_idle()
         if not ticket.ended:
             ticket.ended = True
             ticket.put("end", reason)
+
+    def _release_if_idle(self) -> None:
+        """Give the GPU lock back as soon as nothing is answered or waiting, before the last visitor hears the end:
+        whoever reads the end of a stream may start a training run at once."""
+        with self._cond:
+            if self._holding and not self._waiting and not self._active:
+                self._holding = False
+                self._lock.release()
 
     def _leave(self, row: Row) -> None:
         row.done = True

@@ -46,11 +46,12 @@ class PromptView:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """An adapter as the engine knows it: its name (unique per content), folder, content key and rank."""
+    """An adapter as the engine knows it: its name (unique per content), folder, content key, rank, module paths."""
     name: str
     folder: Path
     key: tuple
     rank: int
+    modules: frozenset
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ChatEngine:
         self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded
         self.fallback_reason: str | None = None
         self.capture_s: float | None = None
+        self.exactness: dict | None = None  # what the slot engine measured right after capture (slots.check_exact)
         self.adapters: dict[str, AdapterRef] = {}  # name -> adapter, one per folder content
         self._scheduler: Scheduler | None = None
         self._lock = threading.Lock()
@@ -114,7 +116,8 @@ class ChatEngine:
             for n in stale:
                 del self.adapters[n]
             if name not in self.adapters:
-                self.adapters[name] = AdapterRef(name, folder.resolve(), key, adapter_rank(folder))
+                self.adapters[name] = AdapterRef(name, folder.resolve(), key, adapter_rank(folder),
+                                                 adapter_modules(folder))
             scheduler = self._scheduler
         if stale and scheduler is not None:
             scheduler.forget(stale)
@@ -159,14 +162,20 @@ class ChatEngine:
             out.append(last.base)
         return out[0], out[1]
 
-    def rows_ids(self, rows_spec: list[tuple[list[int], str | None, GenerationSettings]],
-                 stop: threading.Event | None = None) -> list[list[int]]:
-        """Run rows given as (prompt ids, adapter name, settings) as one request; each row's token ids (benchmarks)."""
+    def submit_rows(self, rows_spec: list[tuple[list[int], str | None, GenerationSettings]],
+                    stop: threading.Event | None = None):
+        """Rows given as (prompt ids, adapter name or None, settings), as one request: its Ticket (`ticket.events()`
+        streams new token ids per row; `ticket.rows[i].ids` holds them all). For benchmarks and tests."""
         rows = [Row(list(p), self.adapters[a] if a else None, s, min(MIN_NEW_TOKENS, s.max_new_tokens),
                     s.max_new_tokens) for p, a, s in rows_spec]
-        for _ in self._submit(rows, stop).events():
+        return self._submit(rows, stop)
+
+    def rows_ids(self, rows_spec, stop: threading.Event | None = None) -> list[list[int]]:
+        """`submit_rows`, run to the end: each row's token ids."""
+        ticket = self.submit_rows(rows_spec, stop)
+        for _ in ticket.events():
             pass
-        return [list(r.ids) for r in rows]
+        return [list(r.ids) for r in ticket.rows]
 
     def unload(self) -> None:
         """Free the base and the decode graphs (training needs the memory)."""
@@ -235,23 +244,23 @@ class ChatEngine:
         if kind != "generate":
             from . import slots
 
-            decoder = None
             try:
                 context = min(getattr(model.config, "max_position_embeddings", 4096) or 4096, MAX_PROMPT_TOKENS + 4096)
-                rows, length, columns = slots.plan(model, context, self.max_rows)
-                decoder = slots.SlotDecoder(model, rows, length, columns, self.tokenizer.eos_token_id,
-                                            capture=None if kind == "eager" else kind)
+                with self._lock:  # adapter columns on the Linears the registered adapters target
+                    targets = set().union(*(a.modules for a in self.adapters.values()))
+                rows, length, columns = slots.plan(model, context, self.max_rows, targets)
+                t0 = time.perf_counter()
+                decoder = slots.open_decoder(model, rows, length, columns, self.tokenizer.eos_token_id,
+                                             None if kind == "eager" else kind, targets, progress)
                 if kind != "eager":
-                    t0 = time.perf_counter()
-                    decoder.capture(progress)
                     self.capture_s = time.perf_counter() - t0
-                    log.info("chat: %d rows of %d tokens, decode graphs (%s) for %d lengths captured in %.1f s",
-                             rows, length, kind, len(decoder.buckets), self.capture_s)
+                    self.exactness = decoder.exactness
+                    log.info("chat: %d rows of %d tokens, adapter columns on %d Linears, decode graphs (%s) for %d "
+                             "lengths captured and checked in %.1f s: %s", rows, length, len(decoder.columns.linears),
+                             kind, len(decoder.buckets), self.capture_s, decoder.exactness)
                 self.backend_kind = kind
                 return slots.SlotBackend(decoder, self.tokenizer.eos_token_id)
             except Exception as e:
-                if decoder is not None:
-                    decoder.close()
                 why = f"capturing the decode step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
                 log.debug("decode capture failed", exc_info=True)
         from .rowexact import GenerateBackend
@@ -271,11 +280,11 @@ class ChatEngine:
             return "generate", "QLORA_CHAT_DECODE=generate"
         if arch not in SUPPORTED:
             return "generate", f"the slot engine does not serve {arch} models (only {', '.join(SUPPORTED)})"
-        if self.decode == "eager":
-            return "eager", None
+        if self.decode in ("eager", "graphs", "compile"):  # asked for: tried (a failed capture falls back, logged)
+            return self.decode, None
         if model.device.type != "cuda" or not torch.cuda.is_available():
             return "generate", "no CUDA device, so no decode graphs"
-        return ("compile" if self.decode == "compile" else "graphs"), None
+        return "graphs", None
 
 
 def _pair(texts: list[str]) -> tuple[str, str]:
@@ -296,6 +305,19 @@ def _same_content(ref: AdapterRef) -> bool:
         return content_key(ref.folder) == ref.key
     except OSError:  # the folder is gone
         return False
+
+
+def adapter_modules(folder: Path) -> frozenset:
+    """The module paths an adapter's weights name (read from the safetensors header only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    out = set()
+    for key in keys:
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_[AB]\.weight", key)
+        out.add(m.group(1) if m else key)
+    return frozenset(out)
 
 
 def adapter_rank(folder: Path) -> int:

@@ -37,6 +37,7 @@ class GenerateBackend:
     def __init__(self, model, tokenizer, min_new_tokens: int):
         self.model, self.tokenizer, self.min_new_tokens = model, tokenizer, min_new_tokens
         self.adapters: dict[str, str] = {}  # peft adapter name -> folder
+        self._drop: set[str] = set()  # adapters whose folders are gone or changed: deleted once another is attached
         self._stream = None
         self._stop = threading.Event()
         self.active: list = []
@@ -52,6 +53,7 @@ class GenerateBackend:
         for row in rows:
             if row.adapter is not None:
                 self._attach(row.adapter)
+        self._delete_dropped(keep={r.adapter.name for r in rows if r.adapter is not None})
         self.active = list(rows)
         self._stop = threading.Event()
         self._stream = self._rows_stream(rows, self._stop)
@@ -72,10 +74,18 @@ class GenerateBackend:
             self._stream, self.active = None, []
 
     def forget(self, names) -> None:
-        for name in names:
-            if name in self.adapters and not any(r.adapter and r.adapter.name == name for r in self.active):
-                self.model.delete_adapter(name)
-                del self.adapters[name]
+        self._drop |= set(names) & set(self.adapters)
+
+    def _delete_dropped(self, keep: set) -> None:
+        """Delete dropped adapters from the peft model, keeping at least one (peft needs an active adapter)."""
+        for name in sorted(self._drop - keep):
+            if len(self.adapters) < 2:
+                break
+            if self.model.active_adapter == name:
+                self.model.set_adapter(next(n for n in self.adapters if n != name))
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+            self._drop.discard(name)
 
     def close(self) -> None:
         self._stop.set()
@@ -150,10 +160,12 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: lis
         raise ValueError("no adapter is loaded")
     errors: list[BaseException] = []
 
+    from .slots import deterministic_attention
+
     def run():
         try:
             torch.manual_seed(settings.seed)
-            with (torch.inference_mode(), adapter_rows_as_slices(model),
+            with (torch.inference_mode(), adapter_rows_as_slices(model), deterministic_attention(),
                   one_row_at_a_time(model, ROW_BY_ROW if len(prompts) > 1 else ())):
                 model.generate(**kwargs)
         except BaseException as e:  # surfaced in the caller's thread below

@@ -19,6 +19,7 @@ row's mask is empty and its update is an exact zero: base rows stay exactly base
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import time
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch  # this module is imported only when the slot engine starts (`import qlora` stays light)
+
+log = logging.getLogger("qlora.chat")
 
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
@@ -93,13 +96,31 @@ class SlotLinear(torch.nn.Module):
         xa = x.to(self.lora_a.dtype) @ self.lora_a
         # where, not multiply: a row without this adapter gets an exact 0 even if x A overflowed
         xa = torch.where(self.holder.mask[:, None, :], xa, 0)
-        return out + (xa @ self.lora_b).to(out.dtype)
+        return out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), self.lora_b).view(out.shape)
+
+
+class DequantLinear(torch.nn.Module):
+    """A 4-bit Linear computed as dequantize + one cuBLAS matmul at every row count: the strict path, for cards where
+    bitsandbytes' own small-batch kernels were found not to give the same bits run after run (see `check_exact`)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x):
+        import bitsandbytes.functional as bf
+
+        w = self.base.weight
+        weight = bf.dequantize_4bit(w.data, w.quant_state).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, self.base.bias)
 
 
 class AdapterColumns:
-    """The LoRA columns of every decoder Linear, which adapter owns which run of them, and each row's column mask."""
+    """The LoRA columns of the decoder Linears adapters target, which adapter owns which run of them, and each row's
+    column mask. Only the targeted Linears carry columns: each costs four kernels and its A/B reads every step."""
 
-    def __init__(self, model, columns: int, rows: int, dtype, device):
+    def __init__(self, model, columns: int, rows: int, dtype, device, targets=None, strict: bool = False):
 
         self.columns, self.dtype, self.device = columns, dtype, device
         self.decode_mask = torch.zeros(rows, columns, dtype=torch.bool, device=device)
@@ -110,14 +131,21 @@ class AdapterColumns:
         self._originals: list[tuple] = []
         layers = decoder_layers(model)
         prefix = next(name for name, m in model.named_modules() if m is layers)
+        self.served = set()  # every decoder Linear's path: what an adapter may target
         for name, module in list(layers.named_modules()):
             if isinstance(module, torch.nn.Linear):
-                parent_name, _, child = name.rpartition(".")
-                parent = layers.get_submodule(parent_name) if parent_name else layers
-                wrapped = SlotLinear(module, columns, self)
-                setattr(parent, child, wrapped)
-                self._originals.append((parent, child, module))
-                self.linears[f"{prefix}.{name}"] = wrapped
+                path = f"{prefix}.{name}"
+                self.served.add(path)
+                four_bit = getattr(module.weight, "quant_state", None) is not None
+                wrapped = DequantLinear(module) if strict and four_bit else module
+                if targets is None or path in targets:
+                    wrapped = SlotLinear(wrapped, columns, self)
+                    self.linears[path] = wrapped
+                if wrapped is not module:
+                    parent_name, _, child = name.rpartition(".")
+                    parent = layers.get_submodule(parent_name) if parent_name else layers
+                    setattr(parent, child, wrapped)
+                    self._originals.append((parent, child, module))
         for m in self.linears.values():
             torch._dynamo.mark_static_address(m.lora_a)
             torch._dynamo.mark_static_address(m.lora_b)
@@ -136,8 +164,8 @@ class AdapterColumns:
         width = _round_up(weights.rank, COLUMN_GRAIN)
         unknown = sorted(set(weights.modules) - set(self.linears))
         if unknown:
-            raise ValueError(f"the adapter targets {unknown[0]}, which is not a Linear of this model's decoder layers "
-                             "(the chat engine serves adapters on those)")
+            raise ValueError(f"the adapter targets {unknown[0]}, which has no adapter columns in this engine"
+                             + ("" if unknown[0] in self.served else " (not a Linear of the model's decoder layers)"))
         for path, m in self.linears.items():
             m.lora_a[:, start:start + width].zero_()
             m.lora_b[start:start + width].zero_()
@@ -222,13 +250,23 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def slots_sdpa(module, query, key, value, attention_mask, **kwargs):
-        if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        if attention_mask is not None:  # (a no-op slice in the prefill; no branch: the length stays symbolic)
             n = attention_mask.shape[-1]
             key, value = key[:, :, :n], value[:, :, :n]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        with deterministic_attention():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION, slots_sdpa)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def deterministic_attention():
+    """SDPA limited to flash and memory-efficient attention (math where neither applies): their forward passes give
+    the same bits run after run, and masked key blocks add exact zeros. Measured on the H200 (bench/README.md): SDPA
+    picked cuDNN attention for the masked decode step, and repeated requests drifted apart within 60 tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
@@ -263,10 +301,10 @@ class SlotDecoder:
     reads only those device buffers, the KV cache and the adapter columns, so it is one graph per length bucket.
     """
 
-    def __init__(self, model, rows: int, length: int, columns: int, eos_id: int | None, capture: str | None = "graphs"):
-
+    def __init__(self, model, rows: int, length: int, columns: int, eos_id: int | None, capture: str | None = "graphs",
+                 targets=None, strict: bool = False):
         self.model, self.rows, self.length, self.eos_id = model, rows, length, eos_id
-        self.capture_mode = capture
+        self.capture_mode, self.targets, self.strict = capture, targets, strict
         self.device = model.device
         self.dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
         cuda = self.device.type == "cuda"
@@ -279,7 +317,7 @@ class SlotDecoder:
         self.kv_index = torch.arange(length, device=self.device)
         for t in (self.ints, self.floats, self.kv_index):
             torch._dynamo.mark_static_address(t)
-        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device)
+        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict)
         self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
         self._configs = []
         register_attention()
@@ -290,29 +328,43 @@ class SlotDecoder:
                 c._attn_implementation = ATTENTION
         self.buckets = buckets(length)
         self._graphs: dict[int, tuple] = {}
-        self._forward_fn = self._forward
+        self.last_logits = None  # the last step's logits [rows, vocab] (teacher-forced checks)
+        self._logits_fn = self._logits
         self.capture_s = 0.0
+        self.exactness: dict = {}
 
     # --- the step ---------------------------------------------------------------------------------------------
-    def _forward(self, length: int, sampling: bool = True):
+    def _logits(self, positions):
+        """Every slot's next-token logits, attending over cache `positions` (a prefix of kv_index: the bucket)."""
         tokens, pos = self.ints[0], self.ints[1]
-        mask = (self.kv_index[:length][None, :] <= pos[:, None])[:, None, None, :]
+        mask = (positions[None, :] <= pos[:, None])[:, None, None, :]
         out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None], attention_mask=mask, cache=self.cache,
                          use_cache=True)
+        return out.logits[:, -1].float()
+
+    def _forward(self, positions, sampling: bool = True):
+        logits = self._logits_fn(positions)
         f = self.floats
-        return sample(out.logits[:, -1].float(), f[0], f[1], f[2], f[3] > 0.5, f[4] > 0.5, self.eos_id, sampling)
+        return sample(logits.clone(), f[0], f[1], f[2], f[3] > 0.5, f[4] > 0.5, self.eos_id, sampling), logits
+
+    def _positions(self, length: int):
+        positions = self.kv_index[:length]
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        return positions
 
     def bucket(self, max_pos: int) -> int:
         return next(b for b in self.buckets if b > max_pos)
 
     def capture(self, progress: Callable[[str], None] = lambda s: None) -> float:
         """Compile (if asked) and capture one graph per length bucket; the seconds it took."""
-
         t0 = time.perf_counter()
         if self.capture_mode == "compile":
             progress("compiling the decode step (once)")
-            self._forward_fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
+            # The model's forward only: inductor (torch 2.11) failed to lower the sampling's cumsum; the sampling's
+            # few kernels are captured eagerly. The attention length is symbolic: one compile serves the buckets.
+            self._logits_fn = torch.compile(self._logits, fullgraph=True)
         pool = torch.cuda.graph_pool_handle()
+        self._graphs.clear()
         for i, length in enumerate(self.buckets):
             progress(f"capturing decode graphs (once): {i + 1}/{len(self.buckets)}")
             with torch.no_grad():
@@ -320,44 +372,61 @@ class SlotDecoder:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     for _ in range(2):  # warm: compile, cuBLAS workspaces, bitsandbytes' lazy state
-                        self._forward_fn(length)
+                        self._forward(self._positions(length))
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward_fn(length)
+                    out = self._forward(self._positions(length))
             self._graphs[length] = (graph, out)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         return self.capture_s
 
-    def step(self, max_pos: int, sampling: bool = True) -> list[int]:
+    def step(self, max_pos: int, sampling: bool = True, length: int | None = None) -> list[int]:
         """Advance every slot one token (free slots too, harmlessly); each slot's next token."""
-
-        length = self.bucket(max_pos)
+        length = length or self.bucket(max_pos)
         self.ints.copy_(self.host_ints, non_blocking=True)
         self.floats.copy_(self.host_floats, non_blocking=True)
         if length in self._graphs:
-            graph, out = self._graphs[length]
+            graph, (out, self.last_logits) = self._graphs[length]
             graph.replay()
         else:
             with torch.no_grad():
-                out = self._forward_fn(length, sampling)
+                out, self.last_logits = self._forward(self._positions(length), sampling)
         self.host_next.copy_(out, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         return self.host_next.tolist()
 
-    def logits(self, max_pos: int):
-        """The step's logits for every slot, eagerly (teacher-forced comparisons in the benchmark and the tests)."""
+    def check_exact(self) -> dict:
+        """Measure what the design relies on, with every slot decoding: the same inputs give the same logits twice
+        (no run-to-run drift), a row's logits do not change when its neighbours' tokens and positions do, and a
+        longer attention bucket gives a row the same logits. The largest logit difference seen, and which held."""
+        rows = self.rows
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(3, 1000, (rows,), generator=g)
+        pos = torch.randint(1, MIN_BUCKET - 1, (rows,), generator=g)
 
-        self.ints.copy_(self.host_ints)
-        tokens, pos = self.ints[0], self.ints[1]
-        length = self.bucket(max_pos)
-        mask = (self.kv_index[:length][None, :] <= pos[:, None])[:, None, None, :]
-        with torch.no_grad():
-            out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None], attention_mask=mask,
-                             cache=self.cache, use_cache=True)
-        return out.logits[:, -1].float()
+        def run(tok, p, length=None):
+            self.host_ints[0], self.host_ints[1] = tok, p
+            self.step(int(p.max()), length=length)
+            return self.last_logits.clone()
+
+        first = run(tokens, pos)
+        again = run(tokens, pos)
+        others = tokens.clone()
+        others[1:] = torch.randint(3, 1000, (rows - 1,), generator=g)
+        other_pos = pos.clone()
+        other_pos[1:] = torch.randint(1, MIN_BUCKET - 1, (rows - 1,), generator=g)
+        neighbours = run(others, other_pos)[0]
+        run(tokens, pos)  # the neighbours' rows back as they were
+        longer = run(tokens, pos, self.buckets[1]) if len(self.buckets) > 1 else first
+        for i in range(rows):
+            self.clear(i)
+        diffs = dict(repeat=(first - again).abs().max(), neighbours=(first[0] - neighbours).abs().max(),
+                     bucket=(first - longer).abs().max())
+        self.exactness = dict(strict=self.strict, buckets=len(self.buckets), **{k: float(v) for k, v in diffs.items()})
+        return self.exactness
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def prefill(self, slot: int, prompt: list[int], columns):
@@ -381,7 +450,6 @@ class SlotDecoder:
         return out.logits[0, -1].float()
 
     def first_token(self, logits, u: float, temperature: float, top_p: float, greedy: bool, eos_ok: bool) -> int:
-
         f = lambda v: torch.tensor([v], dtype=torch.float32, device=self.device)  # noqa: E731
         token = sample(logits[None].clone(), f(u), f(temperature), f(top_p), f(greedy) > 0.5, f(eos_ok) > 0.5,
                        self.eos_id)
@@ -402,8 +470,43 @@ class SlotDecoder:
         self.cache = None
 
 
-# --- sizing --------------------------------------------------------------------------------------------------
-def plan(model, context: int, max_rows: int, min_rows: int = 8, reserve_gib: float = 1.5) -> tuple[int, int, int]:
+def open_decoder(model, rows: int, length: int, columns: int, eos_id, capture: str | None, targets,
+                 progress: Callable[[str], None] = lambda s: None) -> SlotDecoder:
+    """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
+
+    `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
+    again with the strict 4-bit path (dequantize + cuBLAS for every row count). A longer bucket that changes a row:
+    one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged."""
+    decoder = SlotDecoder(model, rows, length, columns, eos_id, capture, targets)
+    if capture is None:
+        return decoder
+    try:
+        decoder.capture(progress)
+        report = decoder.check_exact()
+        if report["repeat"] or report["neighbours"]:
+            progress("rows drifted: capturing again with the strict 4-bit path")
+            log.warning("chat: decode rows not exact (%s); capturing again with dequantize + cuBLAS", report)
+            decoder.close()
+            decoder = SlotDecoder(model, rows, length, columns, eos_id, capture, targets, strict=True)
+            decoder.capture(progress)
+            report = decoder.check_exact()
+        if report["bucket"]:
+            progress("attention lengths drifted: capturing one length")
+            log.warning("chat: a longer attention bucket changed a row's logits (%s); attending over the whole slot",
+                        report)
+            decoder.buckets = [decoder.length]
+            decoder.capture(progress)
+            report = decoder.check_exact()
+    except BaseException:
+        decoder.close()  # the model as it was, for the fallback
+        raise
+    if report["repeat"] or report["neighbours"]:
+        log.warning("chat: decode rows still not bit-exact on this card: %s", report)
+    return decoder
+
+
+def plan(model, context: int, max_rows: int, targets=None, min_rows: int = 8, reserve_gib: float = 1.5
+         ) -> tuple[int, int, int]:
     """(rows, slot length, adapter columns) that fit the KV-cache memory left on the card after the base.
 
     Every slot holds a whole conversation (`context` tokens) where memory allows `max_rows` of them; where it does not
@@ -417,10 +520,11 @@ def plan(model, context: int, max_rows: int, min_rows: int = 8, reserve_gib: flo
         return max_rows, context, 256
     dev = model.device
     free, total = torch.cuda.mem_get_info(dev)
-    cap = torch.cuda.get_per_process_memory_fraction(dev) * total - torch.cuda.memory_reserved(dev)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)
+    cap = fraction * total - torch.cuda.memory_reserved(dev)
     budget = min(free, cap) - reserve_gib * 2**30
     columns = 256 if budget > 20 * 2**30 else 128
-    budget -= _column_bytes(model, columns, torch.finfo(dtype).bits // 8)
+    budget -= _column_bytes(model, columns, torch.finfo(dtype).bits // 8, targets)
     rows = min(max_rows, int(budget // (context * per_token)))
     length = context
     if rows < min_rows:
@@ -432,12 +536,14 @@ def plan(model, context: int, max_rows: int, min_rows: int = 8, reserve_gib: flo
     return rows, min(length, context), columns
 
 
-def _column_bytes(model, columns: int, dtype_bytes: int) -> int:
-
+def _column_bytes(model, columns: int, dtype_bytes: int, targets=None) -> int:
     layers = decoder_layers(model)
-    return sum((m.in_features + m.out_features) * columns * dtype_bytes
-               for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    return sum((m.in_features + m.out_features) * columns * dtype_bytes for name, m in layers.named_modules()
+               if isinstance(m, torch.nn.Linear) and (targets is None or f"{prefix}.{name}" in targets))
 
+
+RELOAD = "reload"  # batching.RELOAD: an adapter needs columns on Linears this capture has none on
 
 # --- the scheduler's backend ---------------------------------------------------------------------------------
 class SlotBackend:
@@ -464,6 +570,12 @@ class SlotBackend:
             if row.adapter is not None and row.adapter.rank > self.decoder.columns.columns:
                 raise ValueError(f"the adapter's rank ({row.adapter.rank}) is over the chat engine's "
                                  f"{self.decoder.columns.columns} adapter columns")
+            if row.adapter is not None and not row.adapter.modules <= set(self.decoder.columns.linears):
+                outside = sorted(row.adapter.modules - self.decoder.columns.served)
+                if outside:
+                    raise ValueError(f"the adapter targets {outside[0]}, which is not a Linear of the model's decoder "
+                                     "layers; the chat engine serves adapters on those")
+                return RELOAD
         if len(self.free) < len(rows):
             return f"all {self.rows} rows are answering"
         placed = dict(self.decoder.columns.placed)
