@@ -49,8 +49,11 @@ def random_adapter(model_dir: Path, run_dir: Path, r: int = 64, seed: int = 1) -
     return run_dir
 
 
-def visitor_prompts(tokenizer, n: int) -> list[str]:
-    """n questions of very different lengths (a few tokens to ~1,500), so one batch spans several attention lengths."""
+def visitor_prompts(tokenizer, n: int, max_tokens: int = 10**9) -> list[str]:
+    """n questions of very different lengths (a few tokens to ~1,300, at most max_tokens), so one batch spans several
+    attention lengths."""
+    from qlora.prompts import encode, format_prompt
+
     from bench.common import DATA
     from qlora.data import prepare
 
@@ -63,6 +66,8 @@ def visitor_prompts(tokenizer, n: int) -> list[str]:
             out.append(PROMPTS[i // 4 % len(PROMPTS)])
         else:  # a long pasted document, cut to a length that grows with i
             doc = " ".join(texts[-(i + 1) * 3:])[: 700 * (i % 4) * (1 + i // 4)]
+            while len(encode(format_prompt([], f"Summarize this in one sentence:\n{doc}", ""), tokenizer)) > max_tokens:
+                doc = doc[: len(doc) * 4 // 5]  # a smaller card's slots are shorter (the T4 mode's 1,280 tokens)
             out.append(f"Summarize this in one sentence:\n{doc}")
     return out
 
@@ -160,7 +165,8 @@ def visitors(engine, tokenizer, adapters: list[str], settings, counts: list[int]
     from qlora.prompts import encode, format_prompt
 
     n_max = max(counts)
-    prompts = visitor_prompts(tokenizer, n_max)
+    decoder = getattr(engine._scheduler.backend, "decoder", None)
+    prompts = visitor_prompts(tokenizer, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9)
     requests = []
     for i, prompt in enumerate(prompts):
         ids = encode(format_prompt([], prompt, ""), tokenizer)
@@ -258,11 +264,11 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
     graph_ms = 1000 * (time.perf_counter() - t) / steps
     positions = decoder._positions(decoder.bucket(pos))
     with torch.no_grad():
-        decoder._forward_fn(positions)
+        decoder._forward(positions)
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                decoder._forward_fn(positions)
+                decoder._forward(positions)
             torch.cuda.synchronize()
     kinds: dict[str, float] = {}
     top = []
@@ -291,10 +297,11 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
 
     backend = engine._scheduler.backend
     model, columns = backend.model, backend.decoder.columns.columns
+    targets = set(backend.decoder.columns.linears)
     backend.decoder.close()
     out = {}
     for rows in rows_list:
-        d = slots.SlotDecoder(model, rows, length, columns, None, capture=kind)
+        d = slots.SlotDecoder(model, rows, length, columns, None, capture=kind, targets=targets)
         d.buckets = [256, length]
         t = time.perf_counter()
         d.capture()
@@ -403,16 +410,17 @@ def main(argv=None) -> int:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind)
+        names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()
         engine.load()
         load_s = time.perf_counter() - t
-        names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]
         decoder = getattr(engine._scheduler.backend, "decoder", None)
         v = dict(backend=engine.backend_kind, fallback_reason=engine.fallback_reason, load_s=round(load_s, 1),
                  capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
                  rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),
                  adapter_columns=decoder.columns.columns if decoder else None,
-                 buckets=getattr(decoder, "buckets", None), peak_gib_after_load=peak())
+                 buckets=getattr(decoder, "buckets", None), exactness=engine.exactness,
+                 adapter_column_linears=len(decoder.columns.linears) if decoder else None, peak_gib_after_load=peak())
         print("  ", json.dumps(v), flush=True)
         run_request(engine, [([1, 2, 3], None, settings), ([1, 2, 3], names[0], settings)])  # adapters resident
         v["one_visitor"] = one_visitor(engine, engine.tokenizer, names[0], settings, a.rounds)

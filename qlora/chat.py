@@ -80,6 +80,7 @@ class ChatEngine:
         self.exactness: dict | None = None  # what the slot engine measured right after capture (slots.check_exact)
         self.adapters: dict[str, AdapterRef] = {}  # name -> adapter, one per folder content
         self._scheduler: Scheduler | None = None
+        self._base = None  # the 4-bit base, once loaded (the scheduler's thread loads it)
         self._lock = threading.Lock()
 
     # --- loading -----------------------------------------------------------------------------------------------
@@ -185,6 +186,8 @@ class ChatEngine:
             scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
             scheduler.close()
+        with self._lock:
+            self._base = None
         self.backend_kind = None
         free_memory()
 
@@ -235,11 +238,16 @@ class ChatEngine:
         """Runs on the scheduler's thread, holding the GPU lock: load the base, then the slot engine or the fallback."""
         import time
 
-        progress("loading the base model")
         self._ensure_tokenizer()
-        model = load_base(resolve(self.base_model), self.quantize, pick_precision(self.precision), self._token)
-        model.config.use_cache = True
-        model.eval()
+        with self._lock:
+            model = self._base
+        if model is None:  # loaded once; a reload for an adapter on other layers reuses it
+            progress("loading the base model")
+            model = load_base(resolve(self.base_model), self.quantize, pick_precision(self.precision), self._token)
+            model.config.use_cache = True
+            model.eval()
+            with self._lock:
+                self._base = model
         kind, why = self._pick_backend(model)
         if kind != "generate":
             from . import slots

@@ -413,14 +413,14 @@ class SlotDecoder:
             return self.last_logits.clone()
 
         first = run(tokens, pos)
-        again = run(tokens, pos)
+        again = run(tokens, pos)  # the same inputs rewrite the same keys/values: the state is as before
+        longer = run(tokens, pos, self.buckets[1]) if len(self.buckets) > 1 else first
         others = tokens.clone()
         others[1:] = torch.randint(3, 1000, (rows - 1,), generator=g)
         other_pos = pos.clone()
         other_pos[1:] = torch.randint(1, MIN_BUCKET - 1, (rows - 1,), generator=g)
+        # last: the neighbours write their caches at new positions, which would change their own later logits
         neighbours = run(others, other_pos)[0]
-        run(tokens, pos)  # the neighbours' rows back as they were
-        longer = run(tokens, pos, self.buckets[1]) if len(self.buckets) > 1 else first
         for i in range(rows):
             self.clear(i)
         diffs = dict(repeat=(first - again).abs().max(), neighbours=(first[0] - neighbours).abs().max(),

@@ -236,3 +236,21 @@ def test_a_conversation_longer_than_a_slot_is_refused_with_the_limit(tiny_llama_
         list(e.stream_pair([], [], "word " * 300, greedy(), name))
     assert list(e.stream_pair([], [], "hi", greedy(4), name))[-1][1]  # and the engine goes on
     e.unload()
+
+
+def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_free(tiny_llama_dir):
+    """`check_exact` (run on the GPU right after capture) on the CPU's eager step: no drift, no neighbour effect, no
+    bucket effect; it must compare like with like (a check that rewrites a neighbour's cache then reads it is wrong)."""
+    from qlora import slots
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    model.config.use_cache = True
+    decoder = slots.SlotDecoder(model, 16, 1024, 64, 2, capture=None)
+    try:
+        report = decoder.check_exact()
+        assert report == dict(strict=False, buckets=3, repeat=0.0, neighbours=0.0, bucket=0.0)
+        assert decoder.host_ints.abs().sum() == 0 and not decoder.columns.decode_mask.any()
+    finally:
+        decoder.close()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # the model is given back as it was
