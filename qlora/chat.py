@@ -126,14 +126,12 @@ class ChatEngine:
 
     # --- prompts -----------------------------------------------------------------------------------------------
     def prompt_ids(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> list[int]:
-        """The token ids a pane sends: the one place chat prompts are built."""
-        self._ensure_tokenizer()
-        return encode(format_prompt(history, user, system), self.tokenizer)
+        """The token ids a pane sends."""
+        return prompt_view(self._ensure_tokenizer(), history, user, system).token_ids
 
     def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
         """The exact string and tokens a pane sends. Each pane's own history is used by the caller."""
-        ids = self.prompt_ids(history, user, system)
-        return PromptView(format_prompt(history, user, system), ids, self.tokenizer.convert_ids_to_tokens(ids))
+        return prompt_view(self._ensure_tokenizer(), history, user, system)
 
     # --- generation --------------------------------------------------------------------------------------------
     def stream(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]], user: str,
@@ -293,6 +291,14 @@ class ChatEngine:
         if model.device.type != "cuda" or not torch.cuda.is_available():
             return "generate", "no CUDA device, so no decode graphs"
         return "graphs", None
+
+
+def prompt_view(tokenizer, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
+    """The exact string, token ids and tokens a chat pane sends: the one place chat prompts are built (the engine
+    and the app's "show prompt" both call it)."""
+    text = format_prompt(history, user, system)
+    ids = encode(text, tokenizer)
+    return PromptView(text, ids, tokenizer.convert_ids_to_tokens(ids))
 
 
 def _pair(texts: list[str]) -> tuple[str, str]:
