@@ -454,7 +454,8 @@ def main(argv=None) -> int:
 def markdown(rep: dict) -> str:
     c = rep["card"]
     lines = [f"Card: {c['name']}{' capped at %s GiB' % rep['gib_cap'] if rep.get('gib_cap') else ''}; "
-             f"{rep.get('precision', '')}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`", ""]
+             f"{rep.get('precision', '')}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; "
+             f"`{rep['command']}`", ""]
     if "eager" in rep:
         e = rep["eager"]
         lines += [f"Today's eager path ({e['new_tokens']} tokens, {len(e['prompts'])} prompt): both panes "
@@ -468,8 +469,9 @@ def markdown(rep: dict) -> str:
                      f"| {o['tokens_per_s_per_pane']} ({alone}) | "
                      f"{[p['batched']['ttft_s'] for p in o['prompts']]} | {o['all_identical']} | {v['peak_gib']} |")
     for kind, v in rep["variants"].items():
-        lines += ["", f"**{kind}**: concurrent visitors (2 rows each, own prompt of {min(v['visitors'][max(v['visitors'], key=int)]['prompt_tokens'])}"
-                  f"-{max(v['visitors'][max(v['visitors'], key=int)]['prompt_tokens'])} tokens, adapters alternating)",
+        lengths = v["visitors"][max(v["visitors"], key=int)]["prompt_tokens"]
+        lines += ["", f"**{kind}**: concurrent visitors (2 rows each, own prompt of {min(lengths)}-{max(lengths)} "
+                  "tokens, adapters alternating)",
                   "", "| visitors | aggregate tok/s | tok/s a pane (min / mean) | TTFT s (max / mean) | "
                   "every pane = alone |", "|---|---|---|---|---|"]
         for n, r in v["visitors"].items():
@@ -479,7 +481,8 @@ def markdown(rep: dict) -> str:
         lines.append(f"\nSampling (seed 5, T=0.8, top-p 0.9) alone = next to 3 visitors: "
                      f"{v['sampled_alone_equals_batched']}")
         if "teacher_forced_logits" in v:
-            lines.append(f"Teacher-forced logits vs eager transformers + peft: {json.dumps(v['teacher_forced_logits'])}")
+            lines.append("Teacher-forced logits vs eager transformers + peft: "
+                         f"{json.dumps(v['teacher_forced_logits'])}")
         if "profile" in v:
             p = v["profile"]
             lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -147,7 +146,9 @@ class Scheduler:
             if self._closing:
                 raise BusyError("the chat model is being unloaded (a training run starts); try again when it ends")
             if len(self._waiting) >= self.max_waiting:
-                raise BusyError(f"the chat is full ({len(self._waiting)} visitors waiting); try again in a minute")
+                n = len(self._waiting)
+                raise BusyError(f"the chat is full ({n} visitor{'s' if n != 1 else ''} waiting); try again in a "
+                                "minute")
             if not self._holding:
                 if not self._lock.acquire(blocking=False):
                     raise BusyError("the GPU is busy (a training run holds it); chat is back when it ends")
@@ -188,8 +189,13 @@ class Scheduler:
     # --- the device thread ------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            while self._next_round():
-                pass
+            while True:
+                try:
+                    if not self._next_round():
+                        break
+                except Exception as e:  # a bug here must not leave visitors waiting forever on a dead thread
+                    log.exception("the chat scheduler failed")
+                    self._fail_all(e)
         finally:
             gone = BusyError("the chat model was unloaded (a training run started); chat is back when it ends")
             with self._cond:
@@ -369,6 +375,17 @@ class Scheduler:
         if not ticket.ended:
             ticket.ended = True
             ticket.put("end", reason)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            tickets, self._waiting, self._active = self._waiting + self._active, [], []
+        for t in tickets:
+            for row in t.rows:
+                self._leave(row)
+        self._release_if_idle()
+        for t in tickets:
+            t.ended = True
+            t.put("error", error)
 
     def _release_if_idle(self) -> None:
         """Give the GPU lock back as soon as nothing is answered or waiting, before the last visitor hears the end:

@@ -25,7 +25,6 @@ from .batching import Row, Scheduler
 from .config import GenerationSettings
 from .model import load_base, load_tokenizer, pick_precision, resolve
 from .prompts import encode, format_prompt
-from .rowexact import BASE  # noqa: F401  (peft's "no adapter" name; the benchmark and tests use it)
 
 log = logging.getLogger("qlora.chat")
 
@@ -34,7 +33,9 @@ MAX_PROMPT_TOKENS = 3072
 # nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
 MIN_NEW_TOKENS = 2
 DECODE_MODES = ("auto", "graphs", "compile", "eager", "generate")
-MAX_ROWS = 16  # 8 visitors at once: past that, on the cards measured, a step costs more than it serves
+# Rows per decode step where memory allows: 8 visitors at once. Every step runs at this shape, however many rows are
+# busy (that is what keeps a row's answer independent of the others), so more rows cost every visitor speed.
+MAX_ROWS = 16
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The eager fallback chat path: one batched peft `generate` per visitor, with the row-by-row kernels that keep its rows exact.
+"""The eager chat path (the fallback): one batched peft `generate` per visitor, row-by-row kernels keeping it exact.
 
 Both panes of one visitor run in one `generate` over the shared 4-bit base: peft's mixed-adapter batches run row 0
 through the bare base ("__base__") and row 1 through the adapter, with the same prompt ids, seed and sampling. This is
@@ -132,7 +132,7 @@ class GenerateBackend:
 
 def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: list[str], settings, min_new_tokens: int,
                   stop: threading.Event | None, streamer_out: list | None = None) -> Iterator[list[list[int]]]:
-    """One batched generate in a thread; yields each row's token ids (EOS cut) as they grow. Prompts have equal length."""
+    """One batched generate in a thread; yields each row's token ids (EOS cut) as they grow. Equal-length prompts."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 

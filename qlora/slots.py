@@ -46,7 +46,8 @@ class LoraWeights:
 
 
 def read_adapter(folder: Path) -> LoraWeights:
-    """A peft LoRA adapter folder, read with its scaling folded into B. Anything but plain LoRA on Linears is refused."""
+    """A peft LoRA adapter folder, read with its scaling folded into B. Anything but plain LoRA on Linears is
+    refused."""
     from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
@@ -87,8 +88,9 @@ class SlotLinear(torch.nn.Module):
     def __init__(self, base, columns: int, holder):
         super().__init__()
         self.base = base
-        self.register_buffer("lora_a", torch.zeros(base.in_features, columns, dtype=holder.dtype, device=holder.device))
-        self.register_buffer("lora_b", torch.zeros(columns, base.out_features, dtype=holder.dtype, device=holder.device))
+        where = dict(dtype=holder.dtype, device=holder.device)
+        self.register_buffer("lora_a", torch.zeros(base.in_features, columns, **where))
+        self.register_buffer("lora_b", torch.zeros(columns, base.out_features, **where))
         self.holder = holder  # a plain object: its `mask` is the current rows' column mask
 
     def forward(self, x):
@@ -244,7 +246,7 @@ def buckets(length: int) -> list[int]:
 
 
 def register_attention() -> None:
-    """SDPA that attends over the first `mask.shape[-1]` cache positions (the length bucket the step was captured for)."""
+    """SDPA over the first `mask.shape[-1]` cache positions (the length bucket the step was captured for)."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -309,7 +311,8 @@ class SlotDecoder:
         self.dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
         cuda = self.device.type == "cuda"
         self.ints = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # input token, position
-        self.floats = torch.zeros(5, rows, dtype=torch.float32, device=self.device)  # u, temperature, top-p, greedy, eos ok
+        # u, temperature, top-p, greedy, EOS allowed
+        self.floats = torch.zeros(5, rows, dtype=torch.float32, device=self.device)
         self.host_ints = torch.zeros(2, rows, dtype=torch.long, pin_memory=cuda)
         self.host_floats = torch.zeros(5, rows, dtype=torch.float32, pin_memory=cuda)
         self.host_floats[1:3] = 1.0
@@ -430,7 +433,8 @@ class SlotDecoder:
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def prefill(self, slot: int, prompt: list[int], columns):
-        """Run a prompt through the model alone (eager, any length), store its keys/values in the slot; its last logits."""
+        """Run a prompt through the model alone (eager, any length) and store its keys/values in the slot; returns
+        its last position's logits."""
         from transformers import DynamicCache
 
         self.columns.prefill_mask.copy_(columns[None])

@@ -64,7 +64,8 @@ def start_at_once(clients, form: dict) -> list[str]:
     return answers
 
 
-def tiny_run(runs_root: Path, name: str, base_dir: Path, targets=("q_proj", "v_proj"), seed: int = 0, r: int = 8) -> Path:
+def tiny_run(runs_root: Path, name: str, base_dir: Path, targets=("q_proj", "v_proj"), seed: int = 0,
+             r: int = 8) -> Path:
     """A finished run folder (run.json, config.yaml, adapter/) holding a random LoRA adapter (B non-zero, so it
     changes the answers) for the tiny Llama at base_dir: what a training run leaves, without training."""
     import torch

@@ -254,3 +254,21 @@ def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_fre
     finally:
         decoder.close()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # the model is given back as it was
+
+
+def test_a_full_queue_says_so_and_loading_is_shown_as_a_waiting_state(tiny_llama_dir, runs_root):
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    name = e.load_adapter(runs_root / "qv")
+    first = e.stream([], [], QUESTIONS[1], greedy(300), name)
+    updates = [next(first)]
+    while updates[-1].waiting is not None:  # the model loads while this visitor waits: it is told so
+        updates.append(next(first))
+    assert any(u.waiting and u.waiting.startswith("loading the chat model") for u in updates), updates
+    e._scheduler.max_waiting = 1
+    second = e.stream([], [], QUESTIONS[0], greedy(4), name)
+    assert "waiting for a free chat slot" in next(second).waiting  # both rows are taken by the first visitor
+    with pytest.raises(BusyError, match=r"the chat is full \(1 visitor waiting\)"):
+        next(e.stream([], [], QUESTIONS[2], greedy(4), name))
+    first.close()  # the first visitor leaves: the second is answered
+    assert [u for u in second if u.waiting is None][-1].tuned
+    e.unload()
