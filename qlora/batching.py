@@ -252,10 +252,7 @@ class Scheduler:
             log.exception("loading the chat model failed")
             with self._cond:
                 tickets, self._waiting = self._waiting, []
-            self._release_if_idle()
-            for t in tickets:
-                t.ended = True
-                t.put("error", e)
+            self._fail(tickets, e)
             for _, error in openers:
                 error.append(e)
 
@@ -342,13 +339,7 @@ class Scheduler:
         except Exception as e:  # the whole batch shares the step: every active visitor is told, the engine goes on
             log.exception("a chat decode step failed")
             failed, self._active = self._active, []
-            for t in failed:
-                for row in t.rows:
-                    self._leave(row)
-            self._release_if_idle()
-            for t in failed:
-                t.ended = True
-                t.put("error", e)
+            self._fail(failed, e)
             return
         for t in list(self._active):
             self._emit(t)
@@ -379,6 +370,10 @@ class Scheduler:
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
             tickets, self._waiting, self._active = self._waiting + self._active, [], []
+        self._fail(tickets, error)
+
+    def _fail(self, tickets: list[Ticket], error: Exception) -> None:
+        """These visitors' rows leave the batch; each is told `error` (after the lock is given back if idle)."""
         for t in tickets:
             for row in t.rows:
                 self._leave(row)
