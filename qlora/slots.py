@@ -11,10 +11,12 @@ own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at 
 mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step; prompts are prefilled
 eagerly one row at a time with a `DynamicCache`, then copied into the row's slot.
 
-Per-row adapters inside the graph: every Linear of the decoder gets two static buffers, A [in, C] and B [C, out]
-(`AdapterColumns`). An adapter loaded into the engine occupies a run of those C columns (A^T, and B^T with peft's
-scaling folded in); each row has a mask of the columns its adapter owns, so the update is x A, masked, times B. A base
-row's mask is empty and its update is an exact zero: base rows stay exactly base.
+Per-row adapters inside the graph: every decoder Linear that the engine's adapters target gets two static buffers,
+A [in, C] and B [C, out] (`AdapterColumns`). An adapter in use occupies a run of those C columns (A^T, and B^T with
+peft's scaling folded in); each row has a mask of the columns its adapter owns, so the update is x A, masked, times B.
+A base row's mask is empty and its update is an exact zero: base rows stay exactly base.
+
+Right after capture `check_exact` measures what this relies on, on the card at hand (`open_decoder`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ log = logging.getLogger("qlora.chat")
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
 COLUMN_GRAIN = 16  # adapters take columns in units of 16 (tensor-core tiles)
-SUPPORTED = ("llama", "mistral", "qwen2")  # decoders whose attention reads the cache and the 4D mask as Llama's does
+SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:
+# the eager path
 
 
 # --- adapters ------------------------------------------------------------------------------------------------
