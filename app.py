@@ -87,7 +87,8 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         demo.load(tick, [gr.State(""), c["adapter"]], outputs, queue=False, api_visibility="private")
         t["refresh"].click(lambda cur: (render.runs_frame(runs_root), adapter_dropdown(runs_root, cur)),
                            t["run_pick"], [t["runs"], t["run_pick"]], queue=False, api_visibility="private")
-    # One GPU: one training start and one chat answer at a time; a bounded queue answers "full" instead of piling up.
+    # One GPU: one training start at a time; chat has its own, higher limit (ui/chat.py: the engine batches visitors).
+    # A bounded queue answers "full" instead of piling up.
     demo.queue(default_concurrency_limit=1, max_size=20)
     demo.ctx = ctx  # tests reach the server-side state through this
     return demo

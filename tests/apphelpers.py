@@ -75,3 +75,29 @@ def start_at_once(clients, form: dict) -> list[str]:
     for t in threads:
         t.join(120)
     return answers
+
+
+def tiny_run(runs_root: Path, name: str, base_dir: Path, targets=("q_proj", "v_proj"), seed: int = 0,
+             r: int = 8) -> Path:
+    """A finished run folder (run.json, config.yaml, adapter/) holding a random LoRA adapter (B non-zero, so it
+    changes the answers) for the tiny Llama at base_dir: what a training run leaves, without training."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora import runs
+    from qlora.config import TrainConfig
+
+    run_dir = Path(runs_root) / name
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=16, init_lora_weights=False, target_modules=(
+        "all-linear" if list(targets) == ["all-linear"] else list(targets))))
+    peft_model.save_pretrained(run_dir / runs.ADAPTER)
+    cfg = TrainConfig(base_model=str(base_dir), dataset="sample", output_dir=str(runs_root), run_name=name,
+                      quantize="nf4", lora_r=r, target_modules=list(targets))
+    runs.write_text(run_dir / "config.yaml", cfg.to_yaml())
+    runs.write_json(run_dir / "run.json", dict(status="finished", base_model=str(base_dir), dataset="sample",
+                                               created=time.time(), step=1, final_loss=None))
+    return run_dir
