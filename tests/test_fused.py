@@ -257,6 +257,29 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
     assert out.shape == (1, 6)
 
 
+def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_syncs(tiny_cfg, tmp_path):
+    """Through build_trainer: the levers a T4 gets (memory-efficient attention with math as the fallback, gate/up kept
+    on the last layer, fewer elementwise passes, trl's per-step metrics off) give the stock layers' losses, step
+    after step; the metrics trl computes with a `.item()` each step are gone from the logs, and only those."""
+    # no dropout: the fused layer draws its own masks (the same ones forward and backward; the tests above give both
+    # paths the same masks), so with dropout the runs would train on different draws
+    cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
+    plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
+                      fewer_passes=True, trl_metrics=False)
+    mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
+    assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
+    layers = [m._qlora_parts for m in trainer.model.modules() if hasattr(m, "_qlora_parts")]
+    assert [parts.keep_bits for parts in layers] == [0, 16]  # the last layer keeps
+    assert all(parts.options.attention == "efficient" and parts.options.fewer_passes for parts in layers)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    stock_logged = [h for h in stock_trainer.state.log_history if "loss" in h]
+    assert all("entropy" in h and "mean_token_accuracy" in h for h in stock_logged)
+    assert not any("entropy" in h or "mean_token_accuracy" in h for h in logged)
+    assert {k for h in stock_logged for k in h} - {k for h in logged for k in h} == {
+        "entropy", "mean_token_accuracy", "num_tokens"}
+
+
 def test_layers_that_checkpoint_run_their_own_forward_next_to_fused_ones(tiny_cfg, tmp_path):
     """Where memory needs checkpointing (a long max_length on a T4), the first k layers recompute with their stock
     forward and the rest are fused: the first step's LoRA gradients are those of the plain recipe."""
