@@ -5,8 +5,9 @@
 
 MPS (`nvidia-cuda-mps-control -d`) lets every client process use only CUDA_MPS_ACTIVE_THREAD_PERCENTAGE % of the
 multiprocessors. The percentage is calibrated so that a large fp16 matmul runs at about what cuBLAS reaches on a T4
-(TARGET_TFLOPS); memory bandwidth, Turing's kernels and the host CPU stay those of the big card, which the bench
-report says. Where MPS is not there (no control binary, no permission), `available` is False and `why` says so.
+(TARGET_TFLOPS); memory bandwidth and the host CPU stay those of the big card, which the bench report says (the
+bench also turns off the attention kernels a T4 lacks, and tells the project's plan it is on a 7.5 card at this
+rate). Where MPS is not there (no control binary, no permission), `available` is False and `why` says so.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap.
-TARGET_TFLOPS = 40.0
+from qlora.device import T4_MATMUL_TFLOPS
+
+# A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap
+# (qlora/device.py owns the figure: the plan weighs the same fact).
+TARGET_TFLOPS = round(T4_MATMUL_TFLOPS)
 CONTROL = "nvidia-cuda-mps-control"
 
 _PROBE = r"""
@@ -54,6 +58,7 @@ class T4Compute:
         self.available = False
         self.why = ""
         self.calibration: list[dict] = []
+        self.concurrent: dict | None = None  # the probe's rate with several clients at once (bench --parallel)
         self._dirs: Path | None = None
 
     # --- the daemon --------------------------------------------------------------------------------------
@@ -106,6 +111,21 @@ class T4Compute:
         self.calibration.append(dict(percentage=percentage, tflops=round(tflops, 1)))
         return tflops
 
+    def concurrent_tflops(self, clients: int) -> list[float]:
+        """The probe's rate in `clients` processes at once, each under the calibrated percentage: whether arms run
+        side by side (bench --parallel) still get a T4's rate each, or crowd each other out."""
+        env = self.env(os.environ)
+        procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(clients)]
+        rates = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the matmul probe under MPS failed: {err.strip()[-300:]}")
+            rates.append(round(json.loads(out.strip().splitlines()[-1])["tflops"], 1))
+        self.concurrent = dict(clients=clients, tflops=rates)
+        return rates
+
     def _calibrate(self) -> None:
         """Rate is close to proportional to the share of multiprocessors: measure at 100 %, scale, check, refine."""
         self.full_tflops = self.matmul_tflops(100)
@@ -125,4 +145,5 @@ class T4Compute:
     def to_dict(self) -> dict:
         return dict(available=self.available, why=self.why, target_tflops=self.target, percentage=self.percentage,
                     measured_tflops=self.measured_tflops and round(self.measured_tflops, 1),
-                    full_card_tflops=self.full_tflops and round(self.full_tflops, 1), calibration=self.calibration)
+                    full_card_tflops=self.full_tflops and round(self.full_tflops, 1), calibration=self.calibration,
+                    concurrent=self.concurrent)
