@@ -40,7 +40,7 @@ class Options:
     Each option gives the loss and LoRA gradients of transformers + peft (tests/test_fused.py); `bench/train_bench.py`
     measures each one as a `project:key=value` lever."""
 
-    attention: str | None = None  # "efficient" or "math": sdpa restricted to that kernel (then math); None/"flash": torch's
+    attention: str | None = None  # "efficient", "math": sdpa held to it, math the fallback; None, "flash": torch's
     fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels and fewer fp32 temporaries
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op instead of dequantize + matmul
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the fp32 master weights (False: in fp32)

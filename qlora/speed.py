@@ -87,7 +87,7 @@ class Plan:
     padding_free: bool | None = None  # None: as the config says
     lora_fp32: bool | None = None  # None: fp32 unless bf16, where trl's bf16 cast is kept (fp16's scaler needs fp32)
     # how the fused layers compute and what they keep (fused.Options; each a bench lever, bench/README.md)
-    attention: str | None = None  # the sdpa kernel the card has: flash | efficient (Turing, Volta) | math; None: torch's
+    attention: str | None = None  # the sdpa kernel the card has: flash | efficient (Turing, Volta) | math (None: off)
     keep_mlp: int = 0  # fused layers (the last ones) that keep gate/up for backward instead of recomputing them
     keep_bits: int = 16  # ... in 16 bits (exact) or 8 (int8 with a scale a token: half the memory, not exact)
     fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels
@@ -255,7 +255,7 @@ def _choose_keep(p: Plan, cfg, arch: Arch, tflops: float | None, limit: float) -
     """On a compute-poor card, the most fused layers that keep gate/up and still fit the budget."""
     fused_layers = arch.layers - p.checkpoint_layers
     if not compute_poor(tflops):
-        why = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s: the GPU waits on the CPU here" if tflops else "matmul rate unknown"
+        why = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s: the GPU waits on the CPU" if tflops else "matmul rate unknown"
         p.notes.append(f"MLP recomputed in backward ({why})")
         return
     rate = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s"

@@ -155,6 +155,25 @@ def test_every_lever_gives_the_loss_and_lora_gradients_of_transformers_and_peft(
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("case", [
+    dict(dropout=0.1, targets=["q_proj", "v_proj"], quantize="none"),  # 16-bit frozen weights: q, k, v apart
+    dict(dropout=0.1, targets=["k_proj", "down_proj"], gqa=True),  # grouped-query attention: narrower k and v
+], ids=["16-bit weights", "gqa"])
+def test_the_levers_hold_on_16_bit_weights_and_grouped_query_attention(case, tiny_llama_dir, gqa_llama_dir,
+                                                                       monkeypatch):
+    import torch
+
+    case = dict(case)
+    model_dir = gqa_llama_dir if case.pop("gqa", False) else tiny_llama_dir
+    ref_loss, ref = reference(model_dir, **case)
+    for lever in ("a T4's plan", "all at once"):
+        loss, got = loss_and_grads(model_dir, True, monkeypatch=monkeypatch, **case, **LEVERS[lever])
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        assert got.keys() == ref.keys()
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{lever}: {name}")
+
+
 def test_gate_and_up_kept_in_8_bits_round_the_gradients_but_not_the_loss(tiny_llama_dir, monkeypatch):
     """Not exact, so never the default (speed.KEEP_BITS): forward is untouched, and backward reads gate and up
     rounded to 1/254 of each token's largest value, a small error in every gradient below the kept MLPs."""
