@@ -92,24 +92,28 @@ def test_the_fused_layer_gives_the_loss_and_lora_gradients_of_transformers_and_p
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lever", ["first version", "a T4's plan", "all at once"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_on_the_gpu_the_fused_layer_is_as_accurate_as_the_stock_one(precision, tiny_llama_dir, monkeypatch):
-    """The GPU path: flash attention, bitsandbytes' CUDA dequantize, autocast. In 16-bit both paths round; measured
-    against the same model in fp32 (no dropout: the CPU tests cover the masks), the fused layer's LoRA grads are no
-    further off than transformers' + peft's."""
+def test_on_the_gpu_the_fused_layer_is_as_accurate_as_the_stock_one(precision, lever, tiny_llama_dir, monkeypatch):
+    """The GPU path: flash attention (or the memory-efficient kernel a T4 has), bitsandbytes' CUDA dequantize and
+    gemm_4bit, autocast. In 16-bit both paths round; measured against the same model in fp32 (no dropout: the CPU
+    tests cover the masks), the fused layer's LoRA grads are no further off than transformers' + peft's, with the
+    first version's arithmetic and with the levers a T4 pulls."""
     import torch
 
     torch.backends.cuda.enable_cudnn_sdp(False)
+    levers = LEVERS.get(lever, {})
     exact_loss, exact = loss_and_grads(tiny_llama_dir, True, 0.0, "all-linear", monkeypatch=monkeypatch)
     ref_loss, ref = loss_and_grads(tiny_llama_dir, False, 0.0, "all-linear", precision=precision)
-    loss, got = loss_and_grads(tiny_llama_dir, True, 0.0, "all-linear", monkeypatch=monkeypatch, precision=precision)
+    loss, got = loss_and_grads(tiny_llama_dir, True, 0.0, "all-linear", monkeypatch=monkeypatch, precision=precision,
+                               **levers)
 
     def error(grads, name):
         return ((grads[name].float() - exact[name]).norm() / exact[name].norm()).item()
 
     for name in exact:
         mine, stock = error(got, name), error(ref, name)
-        print(f"{precision} {name}: relative error fused {mine:.2e}, stock {stock:.2e}")
+        print(f"{precision} {lever} {name}: relative error fused {mine:.2e}, stock {stock:.2e}")
         assert mine <= 1.5 * stock + 2e-3, name
     # measured on the H100 in bf16: 0.174 fused vs 0.159 stock off the fp32 loss of ~13.9 (both ~1.2%)
     assert abs(loss.item() - exact_loss.item()) <= 1.5 * abs(ref_loss.item() - exact_loss.item()) + 1e-2
