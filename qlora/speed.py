@@ -43,8 +43,8 @@ COMPUTE_POOR_TFLOPS = 200.0
 # one norm recompute (~0.1 us a token), 5x less per byte. 8-bit keeping fits twice the layers but rounds gate and up
 # to 1/254 of each token's largest value (not exact), so 16 stays the default until the t4c bench shows it pays.
 KEEP_BITS = 16
-# Fewer elementwise kernels in the fused layers (fused.Options.fewer_passes): the same arithmetic with fewer roundings,
-# about a third of the layer's elementwise memory traffic and fewer launches on every card.
+# Fewer elementwise kernels in the fused layers (fused.Options.fewer_passes): the same formulas with fewer 16-bit
+# roundings, about a third of the layer's elementwise memory traffic and fewer launches on every card.
 FEWER_PASSES = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
