@@ -385,7 +385,7 @@ def markdown(report: dict) -> str:
                       f"{c['tflops']} TFLOP/s and {c['copy_gbs']} GB/s each", ""]
     lines += [
              "| mode | arm | tokens/s | x seed | s/step | epoch s (est.) | peak alloc GiB | peak reserved GiB | "
-             "final loss | max abs loss diff vs seed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "plan's estimate GiB | final loss | max abs loss diff vs seed |", "|---" * 11 + "|"]
     for r in report["arms"]:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['arm']} | failed: {r['error'].splitlines()[-1][:80]} |")
@@ -393,7 +393,8 @@ def markdown(report: dict) -> str:
         s = report["speedup"].get(f"{r['mode']}:{r['arm']}", {})
         lines.append(f"| {r['mode']} | {r['arm']} | {r['tokens_per_s']:.0f} | {s.get('x', '1.00')} | "
                      f"{r['s_per_step']:.3f} | {r['epoch_s_est']} | {r['peak_allocated_gib']} | "
-                     f"{r['peak_reserved_gib']} | {r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
+                     f"{r['peak_reserved_gib']} | {(r.get('plan') or {}).get('estimated_peak_gib', '')} | "
+                     f"{r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
     plans = {f"{r['mode']}:{r['arm']}": "; ".join(r["plan"]["notes"]) for r in report["arms"] if r.get("plan")}
     lines += ["", "Plans:"] + [f"- {k}: {v}" for k, v in plans.items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
