@@ -168,7 +168,8 @@ def test_a_turing_card_gets_fp16_the_memory_efficient_kernel_and_no_bf16_anywher
 def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_allows():
     cfg = TrainConfig()
     p = speed.plan(cfg, LLAMA, "fp16", **T4_CARD)
-    limit = 15.0 * speed.HEADROOM
+    limit = 15.0 * speed.KEEP_HEADROOM  # keeping is optional speed: it leaves more room than fitting does
+    assert speed.KEEP_HEADROOM < speed.HEADROOM
     assert p.fused and p.checkpoint_layers == 0 and 0 < p.keep_mlp < 32 and p.keep_bits == 16
     assert p.estimated_peak_gib <= limit
     more = speed.estimate_peak_gib(LLAMA, cfg, 0, True, True, True, True, keep_mlp=p.keep_mlp + 1, keep_bits=16)
