@@ -1,4 +1,5 @@
-"""The device: which card this process trains on (or the CPU), its memory budget, precision, the lock, freeing memory.
+"""The device: which card this process trains on (or the CPU), its memory budget, precision, compute capability and
+fp16 matmul rate (the card facts the speed plan weighs), the lock, freeing memory.
 
 Also answers the deployment question: is there an NVIDIA GPU here that torch cannot use (a driver older than the CUDA
 that torch was built for)? Then everything would quietly run on the CPU, so the app, the CLI and the preflight say so.
@@ -39,6 +40,8 @@ class Card:
     bf16: bool = False
     budget_gib: float | None = None  # what one run may plan for (QLORA_GPU_MEMORY_GIB, else the card's memory)
     unusable: str = ""  # a GPU is present but torch cannot use it: why, in one line (see unusable_gpu)
+    capability: tuple[int, int] | None = None  # CUDA compute capability: (7, 5) on a T4; None where unknown
+    tflops: float | None = None  # large fp16 matmuls' sustained TFLOP/s (see matmul_tflops); None where unknown
 
 
 def card() -> Card:
@@ -49,7 +52,8 @@ def card() -> Card:
         return Card(cuda=False, unusable=unusable_gpu(cuda=False))
     free, total = torch.cuda.mem_get_info()
     return Card(cuda=True, name=torch.cuda.get_device_name(), total_gib=total / GIB, free_gib=free / GIB,
-                bf16=bf16_supported(), budget_gib=memory_budget_gib())
+                bf16=bf16_supported(), budget_gib=memory_budget_gib(), capability=compute_capability(),
+                tflops=matmul_tflops())
 
 
 def cuda_available() -> bool:
@@ -138,10 +142,13 @@ def pick_precision(requested: str = "auto", on: Card | None = None) -> str:
 
 
 def bf16_supported() -> bool:
-    """QLORA_NO_BF16=1 pretends the card has none: T4 mode on a bigger card."""
+    """QLORA_NO_BF16=1 (or QLORA_GPU_CAPABILITY below 8.0) pretends the card has none: T4 mode on a bigger card."""
     import torch
 
     if os.environ.get("QLORA_NO_BF16") == "1":
+        return False
+    capability = compute_capability()
+    if capability is not None and capability < (8, 0):  # Turing and older: no bf16 arithmetic
         return False
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
@@ -150,6 +157,73 @@ def torch_dtype(precision: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+# --- compute: what kernels exist, how fast matmuls run -------------------------------------------------------
+# Dense fp16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, fp32 accumulate, no sparsity), by a word of the
+# device name; the first match wins, so longer names come first. Cards not listed are measured (matmul_tflops).
+FP16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "RTX 4090": 165.0, "V100": 125.0, "T4": 65.0}
+# What a large cuBLAS fp16 matmul sustains, as a share of that peak: a T4 at its 70 W cap gives about 40 of its 65
+# (bench/mps.py calibrates the t4c mode to that), an H100 about 600-700 of 989.
+MATMUL_EFFICIENCY = 0.62
+T4_MATMUL_TFLOPS = FP16_PEAK_TFLOPS["T4"] * MATMUL_EFFICIENCY  # ~40: what the bench's t4c mode holds a big card to
+
+
+def compute_capability() -> tuple[int, int] | None:
+    """The card's CUDA compute capability, or None on the CPU. QLORA_GPU_CAPABILITY=7.5 pretends to be a T4 (Turing:
+    no bf16, no FlashAttention kernels), as the bench's t4c mode does on a bigger card."""
+    forced = os.environ.get("QLORA_GPU_CAPABILITY")
+    if forced:
+        major, _, minor = forced.partition(".")
+        return int(major), int(minor or 0)
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.cuda.current_device()))
+
+
+def matmul_tflops() -> float | None:
+    """Large fp16 matmuls' sustained rate on this card, TFLOP/s: QLORA_GPU_TFLOPS (the bench's compute-capped mode
+    sets the rate it calibrated), else the datasheet peak of a known card times MATMUL_EFFICIENCY, else measured once
+    (a fraction of a second). None on the CPU."""
+    if os.environ.get("QLORA_GPU_TFLOPS"):
+        return float(os.environ["QLORA_GPU_TFLOPS"])
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device()
+    peak = peak_tflops(torch.cuda.get_device_name(index))
+    return peak * MATMUL_EFFICIENCY if peak is not None else _measured_tflops(index)
+
+
+def peak_tflops(name: str) -> float | None:
+    """The datasheet fp16 peak of a card by its name ("Tesla T4" -> 65), or None for a card not in the table."""
+    return next((tflops for word, tflops in FP16_PEAK_TFLOPS.items()
+                 if re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", name)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_tflops(index: int, n: int = 4096, reps: int = 10) -> float:
+    """A 4096-square fp16 matmul's rate on an unknown card (96 MiB of GPU memory for a moment)."""
+    import torch
+
+    with torch.cuda.device(index):
+        a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+        a @ b  # cuBLAS picks its kernel on the first call
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000 / reps
+        del a, b
+    return 2 * n**3 / seconds / 1e12
 
 
 # --- a GPU that torch cannot use -------------------------------------------------------------------------

@@ -88,7 +88,8 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
 
 # --- memory: the plan's own estimate -------------------------------------------------------------------------
 def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, on: Card) -> None:
-    pf.plan = p = plan(cfg, arch, precision, budget_gib=on.budget_gib, cuda=on.cuda)
+    pf.plan = p = plan(cfg, arch, precision, budget_gib=on.budget_gib, cuda=on.cuda, capability=on.capability,
+                       tflops=on.tflops)
     pf.good(describe(p, cfg, arch))
     pf.estimate_gib = p.estimated_peak_gib
     pf.budget_gib = on.budget_gib if on.cuda else available_ram_gib()
@@ -123,7 +124,9 @@ def describe(p: Plan, cfg: TrainConfig, arch: Arch) -> str:
         return f"plan: the recipe as configured ({why}): {p.precision}, stock decoder layers, {layers}"
     lora = "fp32" if p.lora_fp32 else "bf16"
     kind = "fused decoder layers" if p.fused else "stock decoder layers with lean norms"
-    return f"plan: {p.precision} compute, LoRA weights in {lora}, {kind}, {layers}"
+    kept = f", gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} layers" if p.fused and p.keep_mlp else ""
+    attention = f", {p.attention} attention kernel" if p.attention not in (None, "flash") else ""
+    return f"plan: {p.precision} compute, LoRA weights in {lora}, {kind}, {layers}{kept}{attention}"
 
 
 def _billions(n: int) -> str:

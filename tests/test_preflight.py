@@ -16,6 +16,9 @@ from qlora.device import Card
 from qlora.preflight import preflight
 
 T4 = Card(cuda=True, name="Tesla T4", total_gib=15.0, free_gib=14.6, bf16=False, budget_gib=15.0)
+# as device.card() describes a real T4: compute capability 7.5, fp16 matmuls at ~40 TFLOP/s
+TURING_T4 = Card(cuda=True, name="Tesla T4", total_gib=15.0, free_gib=14.6, bf16=False, budget_gib=15.0,
+                 capability=(7, 5), tflops=40.0)
 SETTINGS = [dict(), dict(max_length=4096), dict(batch_size=16), dict(batch_size=16, max_length=4096)]
 
 
@@ -64,6 +67,21 @@ def test_the_reference_recipe_fits_a_t4_with_or_without_checkpointing(llama_7b_c
     huge = preflight(TrainConfig(base_model=str(llama_7b_config), batch_size=16, max_length=4096,
                                  gradient_checkpointing=False), runs_root=tmp_path, on=T4)
     assert not huge.ok and huge.estimate_gib > 15 and "lower batch_size or max_length" in huge.reasons[0]
+
+
+def test_on_a_t4_the_plan_keeps_what_fits_and_its_figure_counts_it(llama_7b_config, tmp_path):
+    """The card's compute rate and capability reach the plan: a T4 keeps gate/up on the layers its memory allows, runs
+    sdpa's memory-efficient kernel, and the preflight's figure is that plan's, kept activations included."""
+    from transformers import LlamaConfig
+
+    cfg = TrainConfig(base_model=str(llama_7b_config))
+    pf = preflight(cfg, runs_root=tmp_path, on=TURING_T4)
+    arch = speed.Arch.of(LlamaConfig.from_json_file(llama_7b_config / "config.json"))
+    planned = speed.plan(cfg, arch, "fp16", budget_gib=15.0, cuda=True, capability=(7, 5), tflops=40.0)
+    assert pf.plan == planned and pf.ok and pf.estimate_gib == planned.estimated_peak_gib
+    assert planned.keep_mlp > 0 and planned.attention == "efficient" and pf.estimate_gib <= 15 * speed.KEEP_HEADROOM
+    assert f"gate/up kept (16-bit) on {planned.keep_mlp} layers, efficient attention kernel" in pf.text()
+    assert pf.estimate_gib > preflight(cfg, runs_root=tmp_path, on=T4).estimate_gib  # what is kept is counted
 
 
 def test_precision_and_the_plan_follow_the_card(llama_7b_config, tmp_path):
