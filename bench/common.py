@@ -69,14 +69,7 @@ def card() -> dict:
 def versions() -> dict:
     from qlora.train import library_versions
 
-    v = library_versions()
-    try:
-        from importlib.metadata import version
-
-        v["liger-kernel"] = version("liger-kernel")
-    except Exception:
-        v["liger-kernel"] = "not installed"
-    return v
+    return library_versions()
 
 
 def cap_memory(gib: float) -> None:

@@ -106,7 +106,9 @@ def _any_rank(flag: bool) -> bool:
         return flag
     import torch
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    from .device import current_gpu
+
+    device = torch.device("cuda", current_gpu()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

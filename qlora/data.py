@@ -19,14 +19,22 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from . import prompts
+from .config import hub_token, is_hub_id
 from .prompts import PromptFormat
 
 SAMPLE_PATH = Path(__file__).with_name("sample_data.jsonl")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-MAX_FILE_BYTES = 200 * 1024 * 1024
+# Limits, checked before rows are built: a small parquet file can decompress into gigabytes.
+MAX_FILE_BYTES = 200 * 1024 * 1024  # a file on disk
+MAX_ROWS = 1_000_000  # rows in one dataset (the reference set has 1,000)
+MAX_DATA_BYTES = 512 * 1024 * 1024  # the rows once decompressed (parquet, a Hub dataset)
+PARQUET_BATCH = 256  # rows decoded at a time, so a batch of huge values is measured before the next is read
+# A compressed file under a plain name: its first bytes say so (gzip, zip, bzip2, xz, zstd).
+COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"\x28\xb5\x2f\xfd": "zstd"}
 
 Conversation = list[dict[str, str]]  # a checked conversation (prompts.conversation)
 
@@ -52,20 +60,45 @@ class PreparedData:
         return f"{self.dropped} row{'s' if self.dropped > 1 else ''} skipped ({why})"
 
 
-def load_rows(source: str, token: str | None = None, max_rows: int = 0) -> tuple[list[dict[str, Any]], str]:
-    """Raw rows and a display name for them. `source` is "sample", a local file path, or a Hub dataset id."""
+class Rows(list):
+    """Rows as read, each with its place in the source ("line 7" of a JSONL or CSV file, "row 3" of a parquet file),
+    so a message about a row points where the user looks: blank lines and multi-line CSV cells shift the two apart."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), places: Iterable[str] = ()):
+        super().__init__(rows)
+        self.places = list(places)
+
+
+def place(rows: list[dict[str, Any]], i: int) -> str:
+    """Where rows[i] is in its source; "row i+1" for rows that carry no places."""
+    places = getattr(rows, "places", None)
+    return places[i] if places and i < len(places) else f"row {i + 1}"
+
+
+def load_rows(source: str, token: str | None = None, max_rows: int = 0,
+              allow_local: bool = True) -> tuple[list[dict[str, Any]], str]:
+    """Raw rows and a display name for them. `source` is "sample", a local file path, or a Hub dataset id.
+
+    allow_local=False (the app's Hub id field, where a visitor types): a Hub id is loaded from the Hub only, never as a
+    relative path, and anything else is refused with one message whether or not such a path exists.
+    """
     if source == "sample":
         return _read_file(SAMPLE_PATH, max_rows), "built-in sample"
     path = Path(source).expanduser()
-    if path.suffix.lower() in SUFFIXES or path.exists():
+    if allow_local and (path.suffix.lower() in SUFFIXES or path.exists()):
         return _read_file(path, max_rows), path.name
+    if not is_hub_id(source):
+        if allow_local:
+            raise DataError(f"{source[:100]!r}: not a local file and not a valid Hub dataset id (owner/name)")
+        raise DataError(f"{source[:100]!r}: not a Hub dataset id (owner/name); files on this server are never "
+                        "read here: upload the file instead")
     return _load_hub(source, token, max_rows), source
 
 
 def prepare(source: str, eval_fraction: float = 0.0, seed: int = 42, token: str | None = None,
-            max_rows: int = 0) -> PreparedData:
+            max_rows: int = 0, allow_local: bool = True) -> PreparedData:
     """Load, validate and convert a dataset into training (and eval) conversations."""
-    rows, name = load_rows(source, token, max_rows)
+    rows, name = load_rows(source, token, max_rows, allow_local)
     convs, shape, dropped = to_conversations(rows, name)
     train, held_out = split(convs, eval_fraction, seed)
     return PreparedData(train=train, eval=held_out, shape=shape, dropped=sum(dropped.values()), source=name,
@@ -97,12 +130,12 @@ def to_conversations(rows: list[dict[str, Any]], name: str) -> tuple[list[Conver
     convs: list[Conversation] = []
     shapes: Counter = Counter()
     dropped: Counter = Counter()
-    for i, row in enumerate(rows, start=1):
-        shape = _shape_of(row)
+    for i, row in enumerate(rows):
+        shape, where = _shape_of(row), f"{name}: {place(rows, i)}"
         try:
             conv = _CONVERT[shape](row) if shape else _why_empty(row)
         except DataError as e:
-            raise DataError(f"{name}: row {i}: {e}") from None
+            raise DataError(f"{where}: {e}") from None
         if isinstance(conv, str):  # the kind of row it is, dropped
             dropped[conv] += 1
         else:
@@ -196,7 +229,8 @@ _CONVERT: dict[str, Callable[[dict[str, Any]], Conversation | str]] = {
 
 
 # --- readers -------------------------------------------------------------------------------------------
-def _read_file(path: Path, max_rows: int = 0) -> list[dict[str, Any]]:
+def _read_file(path: Path, max_rows: int = 0) -> Rows:
+    """The rows of a local file, each with its place; max_rows > 0 reads only that many (a preview)."""
     name = path.name
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
@@ -207,99 +241,227 @@ def _read_file(path: Path, max_rows: int = 0) -> list[dict[str, Any]]:
             raise DataError(f"{name}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
         if size == 0:
             raise DataError(f"{name}: the file is empty")
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(8)
+            for magic, kind in COMPRESSED.items():
+                if head.startswith(magic):
+                    raise DataError(f"{name}: a {kind}-compressed file, not plain {suffix}; decompress it first")
+            f.seek(0)
+            if suffix == ".parquet":
+                rows = _parquet_rows(f, name, max_rows)
+            elif suffix == ".csv":
+                rows = _csv_rows(_lines(f, name), name, max_rows)
+            elif suffix == ".json":
+                rows = _json_rows(f, name, max_rows)
+            else:
+                rows = _jsonl_rows(_lines(f, name), name, max_rows)
     except OSError as e:
         raise DataError(f"{name}: cannot read the file ({e.strerror or e})") from None
-    if suffix == ".parquet":
-        rows = _parquet_rows(raw, name)
-    else:
-        text = _decode(raw, name)
-        if not text.strip():
-            raise DataError(f"{name}: the file is empty")
-        if suffix == ".csv":
-            rows = _csv_rows(text, name)
-        elif suffix == ".json" and text.lstrip().startswith("["):
-            rows = _json_array_rows(text, name)
-        else:
-            rows = _jsonl_rows(text, name)
+    except MemoryError:  # the last guard: a file whose rows do not fit in memory even within the limits
+        raise DataError(f"{name}: too large to load into memory; use fewer or shorter rows") from None
     if not rows:
         raise DataError(f"{name}: no rows")
-    return rows[:max_rows] if max_rows else rows
+    return rows
 
 
-def _decode(raw: bytes, name: str) -> str:
-    try:
-        return raw.decode("utf-8-sig")  # a BOM is harmless; CRLF is handled by splitlines
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{name}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        "save the file as UTF-8") from None
+def _lines(f: BinaryIO, name: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each line of a UTF-8 file, its end of line kept; a BOM is dropped.
+
+    Split on "\\n" only (str.splitlines also splits on U+2028 and friends, which JSON strings may hold), so line
+    numbers are the ones an editor shows.
+    """
+    offset = 0
+    for n, raw in enumerate(f, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {offset + e.start}); "
+                            "save the file as UTF-8") from None
+        yield n, line[1:] if n == 1 and line.startswith("\ufeff") else line
+        offset += len(raw)
 
 
-def _jsonl_rows(text: str, name: str) -> list[dict[str, Any]]:
-    rows = []
-    lines = text.splitlines()
-    for n, line in enumerate(lines, start=1):
+def _too_many(name: str) -> DataError:
+    return DataError(f"{name}: more than {MAX_ROWS:,} rows, the limit; keep fewer rows (or set max_rows)")
+
+
+def _jsonl_rows(lines: Iterator[tuple[int, str]], name: str, max_rows: int = 0) -> Rows:
+    rows = Rows()
+    for n, line in lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            last = not any(x.strip() for x in lines[n:])
+            last = not any(rest.strip() for _, rest in lines)
             why = "truncated line: the file ends mid-record" if last else f"not valid JSON ({e.msg} at column {e.colno})"
             raise DataError(f"{name}: line {n}: {why}") from None
         if not isinstance(row, dict):
             raise DataError(f"{name}: line {n}: expected a JSON object per line, got {type(row).__name__}")
+        if len(rows) >= MAX_ROWS:
+            raise _too_many(name)
         rows.append(row)
+        rows.places.append(f"line {n}")
+        if len(rows) == max_rows:
+            break
+    if not rows:
+        raise DataError(f"{name}: the file is empty")
     return rows
 
 
-def _json_array_rows(text: str, name: str) -> list[dict[str, Any]]:
+def _json_rows(f: BinaryIO, name: str, max_rows: int = 0) -> Rows:
+    """A JSON array of objects, read one element at a time; a .json file of JSON Lines is read as such."""
+    raw = f.read()
+    text = "".join(line for _, line in _lines(io.BytesIO(raw), name))
+    start = len(text) - len(text.lstrip())
+    if not text[start:]:
+        raise DataError(f"{name}: the file is empty")
+    if text[start] == "[":
+        return _json_array_rows(text, start + 1, name, max_rows)
+    decoder = json.JSONDecoder()
     try:
-        data = json.loads(text)
+        value, end = decoder.raw_decode(text, start)
     except json.JSONDecodeError as e:
         raise DataError(f"{name}: line {e.lineno}: not valid JSON ({e.msg}); truncated file?") from None
-    for i, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{name}: row {i}: expected a JSON object, got {type(row).__name__}")
-    return data
+    if text[end:].strip():  # more values follow: JSON Lines under a .json name
+        return _jsonl_rows(_lines(io.BytesIO(raw), name), name, max_rows)
+    what = f"one {type(value).__name__}"
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        what = "one object" + (f" (are the rows its {lists[0]!r} list? save that list alone)" if lists else "")
+    raise DataError(f"{name}: expected a list of rows (a JSON array of objects, or one object per line), got {what}")
 
 
-def _csv_rows(text: str, name: str) -> list[dict[str, Any]]:
+def _json_array_rows(text: str, i: int, name: str, max_rows: int) -> Rows:
+    """The objects of the array that opens at text[i-1], decoded one by one: the row limit holds before the
+    whole array is built, and each row's place is its line."""
+    decoder, rows = json.JSONDecoder(), Rows()
+    line, seen = 1, 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if text.startswith("]", i) and not rows:
+            return rows
+        line += text.count("\n", seen, i)
+        seen = i
+        try:
+            value, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: line {e.lineno}: not valid JSON ({e.msg}); truncated file?") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{name}: row {len(rows) + 1} (line {line}): expected a JSON object, got "
+                            f"{type(value).__name__}")
+        if len(rows) >= MAX_ROWS:
+            raise _too_many(name)
+        rows.append(value)
+        rows.places.append(f"row {len(rows)} (line {line})")
+        if len(rows) == max_rows:
+            return rows
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if text.startswith("]", i):
+            return rows
+        if not text.startswith(",", i):
+            at = text.count("\n", 0, i) + 1
+            raise DataError(f"{name}: line {at}: not valid JSON (expected ',' or ']' after row {len(rows)}); "
+                            "truncated file?")
+        i += 1
+
+
+def _csv_rows(lines: Iterator[tuple[int, str]], name: str, max_rows: int = 0) -> Rows:
+    """Rows of a CSV file with a header line; a row's place is the line it starts on (cells may span lines)."""
+    # The csv module refuses cells over 128 KB; the file size cap already bounds a cell, as it bounds a JSONL row.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FILE_BYTES))
+    reader = csv.reader(line for _, line in lines)
+    rows = Rows()
     try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [dict(r) for r in reader]
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{name}: the file is empty")
+        ended = reader.line_num
+        for cells in reader:
+            begins, ended = ended + 1, reader.line_num
+            if not cells:  # a blank line
+                continue
+            if len(cells) > len(header):
+                raise DataError(f"{name}: line {begins}: more cells than header columns")
+            if len(rows) >= MAX_ROWS:
+                raise _too_many(name)
+            rows.append(dict(zip(header, cells + [None] * (len(header) - len(cells)))))
+            rows.places.append(f"line {begins}")
+            if len(rows) == max_rows:
+                break
     except csv.Error as e:
-        raise DataError(f"{name}: not a readable CSV ({e})") from None
-    if reader.fieldnames is None:
-        raise DataError(f"{name}: the file is empty")
-    for i, r in enumerate(rows, start=2):  # line 1 is the header
-        if None in r:
-            raise DataError(f"{name}: line {i}: more cells than header columns")
+        raise DataError(f"{name}: line {reader.line_num}: not a readable CSV ({e})") from None
     return rows
 
 
-def _parquet_rows(raw: bytes, name: str) -> list[dict[str, Any]]:
+def _parquet_rows(f: BinaryIO, name: str, max_rows: int = 0) -> Rows:
+    """Rows of a parquet file, checked against the limits before they are built.
+
+    The footer gives the row count and the uncompressed size; both are checked first. The footer can lie, and
+    dictionary-encoded text decodes far larger than it is stored (one value, repeated by index), so text columns are
+    read as dictionaries and each batch's decoded size is measured from its indices before a second pass builds the
+    rows. A preview reads only its first rows. Text nested in lists (messages) is decoded a row group at a time;
+    a bomb hidden there ends in the memory guard of _read_file.
+    """
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    def batches():
+        count = 0
+        for batch in pf.iter_batches(batch_size=min(max_rows or PARQUET_BATCH, PARQUET_BATCH)):
+            batch = batch.slice(0, max_rows - count) if max_rows else batch
+            count += batch.num_rows
+            yield batch
+            if count == max_rows:
+                return
+
+    def decoded_size(column) -> int:
+        if pa.types.is_dictionary(column.type):
+            return pc.sum(pc.take(pc.binary_length(column.dictionary), column.indices)).as_py() or 0
+        return column.nbytes
+
     try:
-        return pq.read_table(pa.BufferReader(raw)).to_pylist()
+        text = [c.name for c in pq.read_schema(f) if pa.types.is_string(c.type) or pa.types.is_large_string(c.type)
+                or pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type)]
+        pf = pq.ParquetFile(f, read_dictionary=text)
+        meta = pf.metadata
+        stored = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        if (max_rows == 0 or max_rows > MAX_ROWS) and meta.num_rows > MAX_ROWS:
+            raise DataError(f"{name}: {meta.num_rows:,} rows, over the {MAX_ROWS:,}-row limit; keep fewer rows "
+                            "(or set max_rows)")
+        if stored > MAX_DATA_BYTES:
+            raise DataError(f"{name}: {stored / 2**20:,.0f} MB once decompressed, over the "
+                            f"{MAX_DATA_BYTES // 2**20:,} MB limit")
+        count = decoded = 0
+        for batch in batches():
+            count += batch.num_rows
+            decoded += sum(decoded_size(column) for column in batch.columns)
+            if count > MAX_ROWS:
+                raise _too_many(name)
+            if decoded > MAX_DATA_BYTES:
+                raise DataError(f"{name}: over {MAX_DATA_BYTES // 2**20:,} MB once decompressed, the limit (its "
+                                f"first {count:,} rows already are)")
+        rows = Rows(row for batch in batches() for row in batch.to_pylist())
     except (pa.ArrowException, OSError) as e:
+        if isinstance(e, MemoryError):
+            raise
         raise DataError(f"{name}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+    rows.places = [f"row {i}" for i in range(1, len(rows) + 1)]
+    return rows
 
 
-def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> list[dict[str, Any]]:
-    from .config import is_hub_id
-
-    if not is_hub_id(dataset_id):
-        raise DataError(f"{dataset_id[:100]!r}: not a local file and not a valid Hub dataset id (owner/name)")
+def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
+    """A Hub dataset through `datasets`. The hf://datasets/ form is resolved on the Hub only: without it,
+    load_dataset would read a folder of the same relative name from the working directory first."""
     import datasets
     from huggingface_hub import errors as hub_errors
 
     split = f"train[:{max_rows}]" if max_rows else "train"
     try:
-        ds = datasets.load_dataset(dataset_id, split=split, token=token or None)
+        ds = datasets.load_dataset(f"hf://datasets/{dataset_id}", split=split, token=hub_token(token))
     except hub_errors.GatedRepoError:
         raise DataError(f"{dataset_id}: gated dataset: accept its terms on the Hub and give a token") from None
     except (hub_errors.RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -310,7 +472,14 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> list[dict[st
         raise DataError(f"{dataset_id}: cannot reach the Hub ({type(e).__name__}); use a local file or the sample") from None
     except Exception as e:  # datasets raises plain Exceptions for scripts, bad configs, ...
         raise DataError(f"{dataset_id}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return ds.to_list()
+    # The rows sit memory-mapped on disk: check the limits before they become Python objects.
+    if ds.num_rows > MAX_ROWS:
+        raise DataError(f"{dataset_id}: {ds.num_rows:,} rows, over the {MAX_ROWS:,}-row limit; set max_rows")
+    if ds.data.nbytes > MAX_DATA_BYTES:
+        raise DataError(f"{dataset_id}: {ds.data.nbytes / 2**20:,.0f} MB, over the {MAX_DATA_BYTES // 2**20:,} MB "
+                        "limit; set max_rows")
+    rows = ds.to_list()
+    return Rows(rows, (f"row {i}" for i in range(1, len(rows) + 1)))
 
 
 def _short(value: Any) -> str:

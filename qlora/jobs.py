@@ -8,7 +8,7 @@ from typing import Callable
 
 from .config import TrainConfig
 from .events import Event, Failed, JobState, Log
-from .model import BusyError, gpu_lock
+from .device import BusyError, gpu_count, gpu_lock
 
 
 class JobManager:
@@ -83,9 +83,9 @@ class JobManager:
 
 def default_train_fn() -> Callable:
     """train() in this process on one GPU or the CPU; data parallel over every GPU through accelerate when several."""
-    from .launch import gpu_count, launched_train
-
     if gpu_count() > 1:
+        from .launch import launched_train
+
         return launched_train(gpu_count())
     from .train import train  # heavy imports only when a run really starts
 

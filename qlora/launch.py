@@ -24,15 +24,6 @@ log = logging.getLogger("qlora")
 TOKEN_VAR = "QLORA_CHILD_HUB_TOKEN"  # set only in the child's environment, never in this process's
 
 
-def gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except ImportError:
-        return 0
-
-
 def accelerate_command(processes: int, cli_args: list[str]) -> list[str]:
     # --multi_gpu is accelerate's torchrun launcher; on a machine without GPUs the processes use the CPU and gloo
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),

@@ -3,7 +3,8 @@
 Every prompt is made by `build`: training rows, the dataset preview, both chat panes, the "show prompt" inspector and
 the sample answers during training. A conversation (role/content messages) is rendered in the run's format and
 tokenized by its structure. The formats (`choose` picks one from the tokenizer; TrainConfig.prompt_format overrides;
-the run folder keeps it in prompt_format.json, so an adapter is always prompted the way it was trained):
+the run folder keeps it (`PromptFormat.to_json`, read back by runs.prompt_format), so an adapter is always prompted
+the way it was trained):
 
   llama2         <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user 1} [/INST] {answer 1} </s><s>[INST] {user 2} [/INST]
                  for Llama 2 (a tokenizer whose template is Llama 2's, or that has none and spells BOS/EOS <s>/</s>);
@@ -18,11 +19,9 @@ EOS or a turn boundary. stdlib only: the tokenizer is passed in.
 """
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .config import PROMPT_FORMATS
@@ -31,7 +30,6 @@ BOS, EOS = "<s>", "</s>"
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 LLAMA2, CHAT_TEMPLATE = "llama2", "chat_template"
-FORMAT_FILE = "prompt_format.json"  # in each run folder
 
 # For a model with neither a chat template nor Llama 2's markers (a base model): plain headers, the tokenizer's EOS
 # after each answer (it is what generation stops on), and its BOS first when it has one of its own.
@@ -115,17 +113,6 @@ def _is_llama2(tokenizer, template: str | None) -> bool:
     if template:
         return B_INST in template and "<<SYS>>" in template  # Meta's Llama 2 chat template
     return getattr(tokenizer, "bos_token", None) == BOS and getattr(tokenizer, "eos_token", None) == EOS
-
-
-def read_format(run_dir: str | Path) -> PromptFormat:
-    """The format a run was trained in. Runs made before formats were chosen carry Llama 2's (or no file): Llama 2."""
-    path = Path(run_dir) / FORMAT_FILE
-    if not path.is_file():
-        return PromptFormat(LLAMA2)
-    try:
-        return PromptFormat.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{Path(run_dir).name}/{FORMAT_FILE}: damaged ({str(e)[:100]})") from None
 
 
 # --- conversations -----------------------------------------------------------------------------------------

@@ -1,11 +1,8 @@
 """The recipe, top to bottom: data -> tokenizer -> 4-bit base -> LoRA -> SFTTrainer -> atomic save -> free memory."""
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import threading
-import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -14,8 +11,9 @@ from . import prompts, runs
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
 from .data import DataError, keep_answered, prepare, tokenize
+from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
 from .events import Event, Failed, Finished, Log, Stopped
-from .model import ModelError, load_base, load_tokenizer, lora_config, pick_precision, resolve
+from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 
 if TYPE_CHECKING:
     from .data import Row
@@ -35,7 +33,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     `token` is a Hub token for gated models; it is passed to each call and never stored or logged.
     """
     stop = stop or threading.Event()
-    dist = _distributed()  # under `accelerate launch`: one process per GPU, each with its own 4-bit base
+    dist = distributed()  # under `accelerate launch`: one process per GPU, each with its own 4-bit base
     main = dist.is_main_process
     if not main:
         emit = _silent  # only rank 0 reports, writes the run folder and saves
@@ -43,15 +41,16 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     trainer = model = None
     try:
         # 1. Data: validated before any model is touched, so bad input costs seconds and writes nothing.
-        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows)
-        emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape}"
+        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows,
+                       allow_local=cfg.allow_local_dataset)
+        emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape} format"
                  + (f"; {data.skipped()})" if data.dropped else ")")))
 
         # 2. Tokenizer, prompt format and tokens: the format is the model's own (prompts.choose), chosen once (a
         # resumed run keeps its own); rows are tokenized by their structure, so text in them is never a special token.
-        model_path = resolve(cfg.base_model)
+        model_path = resolve(cfg.base_model, cfg.allow_local_model, token)
         tokenizer = load_tokenizer(model_path, token)
-        fmt = prompts.read_format(resume_from) if resume_from else prompts.choose(tokenizer, cfg.prompt_format)
+        fmt = runs.prompt_format(Path(resume_from)) if resume_from else prompts.choose(tokenizer, cfg.prompt_format)
         emit(Log(fmt.describe()))
         train_rows, lost = keep_answered(tokenize(data.train, tokenizer, cfg.max_length, fmt), cfg.max_length)
         if lost:
@@ -71,12 +70,13 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         # 4. The run folder exists only once data and model are known good.
         run_dir = _shared_run_dir(cfg, resume_from, dist)
         if main:
-            _write_run_files(run_dir, cfg, precision, fmt)
+            runs.start(run_dir, cfg, precision, fmt.to_json(), library_versions())
 
         # 5. SFTTrainer with LoRA on the frozen base.
         trainer = build_trainer(cfg, model, tokenizer, train_rows, eval_rows, precision, run_dir)
         emit(Log("speed: " + "; ".join(trainer.speed_plan.notes)))  # what qlora/speed.py picked for this card
-        events = EventCallback(_recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model, data.source)
+        events = EventCallback(runs.recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model,
+                               data.source)
         trainer.add_callback(events)
         if cfg.sample_every:
             trainer.add_callback(SampleCallback(emit, tokenizer, fmt, cfg.sample_every))
@@ -93,14 +93,17 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         metrics = final_metrics(trainer, result, tokenizer)
         status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
         if main:
-            _finish(run_dir, status, step, metrics)
+            runs.finish(run_dir, status, step, metrics)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:
         error, hint = describe_failure(e)
         if run_dir is not None and main:
-            _finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
-                    trainer.state.global_step if trainer else 0, {"error": error})
+            try:
+                runs.finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
+                            trainer.state.global_step if trainer else 0, {"error": error})
+            except Exception:  # a full disk or a removed folder must not hide the error that ended the run
+                log.exception("could not record the failure in %s", run_dir / "run.json")
         if isinstance(e, StopBeforeStart):
             emit(Stopped(str(run_dir or ""), 0, {}))
             raise
@@ -113,12 +116,11 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         free_memory()
 
 
-def _distributed():
+def distributed():
     """accelerate's view of the launch: a single process unless started by `accelerate launch`."""
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes talk over gloo
+    return PartialState(cpu=not cuda_available())  # cpu=True: several CPU processes talk over gloo
 
 
 def _silent(event: Event) -> None:
@@ -141,14 +143,13 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
                   run_dir: Path, plan: "Plan | None" = None):
     """SFTTrainer for the recipe on pre-tokenized rows (data.tokenize: ids, and labels with -100 where the loss does
     not train); `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
-    import torch
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from . import speed
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
     if plan is None:
         plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
     padding_free = cfg.padding_free if plan.padding_free is None else plan.padding_free
@@ -156,7 +157,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
     speed.before_peft(model, plan)
     optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
     args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
@@ -177,23 +178,25 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
         # the Trainer's default replaces a NaN/inf step loss by the window's mean in the logs, which would hide it
         # from EventCallback's NaN check: report the real loss
         logging_nan_inf_filter=False,
+        # every LoRA weight gets a gradient each step; the Trainer's default (True without checkpointing) costs DDP a
+        # second pass over the graph per step and prints a warning from every rank
+        ddp_find_unused_parameters=False,
     )
     # LoRA's A matrices start random: seed them from the config, or a second run in the same process (the app)
     # would start from other weights than the first with the same seed
     set_seed(cfg.seed)
     peft_model = get_peft_model(model, lora_config(cfg))
+    if cfg.target_modules != ["all-linear"]:  # peft only warns; the adapter would then read as half-complete
+        found = peft_model.base_model.targeted_module_names
+        unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in found)]
+        if unmatched:
+            raise ValueError(f"target_modules: {', '.join(unmatched)} matches no module of {cfg.base_model}")
     trainer = SFTTrainer(
         model=peft_model, args=args, processing_class=tokenizer,
         train_dataset=_dataset(train_rows), eval_dataset=_dataset(eval_rows) if eval_rows else None,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our events report progress instead
-    if precision != "bf16":
-        # trl 1.16 casts a 4-bit model's LoRA weights to bf16 in its constructor whatever fp16 says; fp16's grad
-        # scaler cannot unscale bf16 grads and a T4 has no fast bf16: train them in fp32, as the QLoRA recipe does.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    speed.after_trainer(trainer, plan)
+    speed.after_trainer(trainer, plan)  # LoRA weights in fp32 unless bf16 (undoing trl's cast), layers, fusing
     trainer.speed_plan = plan  # read by the benchmark and the run folder
     return trainer
 
@@ -211,13 +214,8 @@ def final_metrics(trainer, result, tokenizer) -> dict:
     m.update(step=trainer.state.global_step, max_steps=trainer.state.max_steps,
              first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
              final_eval_loss=evals[-1] if evals else None, tokens_seen=trainer.state.num_input_tokens_seen)
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            m["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except Exception:
-        pass
+    if peak_allocated_gib() is not None:
+        m["peak_gpu_memory_gib"] = peak_allocated_gib()
     return m
 
 
@@ -236,51 +234,6 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, (DataError, ModelError, ValueError)):
         return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
     return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
-
-
-def free_memory() -> None:
-    """Give the GPU back however the run ended: the next run and chat need it."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:
-        pass
-
-
-# --- the run folder's files ----------------------------------------------------------------------------
-def _write_run_files(run_dir: Path, cfg: TrainConfig, precision: str, fmt: prompts.PromptFormat) -> None:
-    runs.write_text(run_dir / "config.yaml", cfg.to_yaml())
-    runs.write_json(run_dir / prompts.FORMAT_FILE, fmt.to_json())  # chat prompts the adapter the way it was trained
-    runs.write_json(run_dir / "versions.json", library_versions())
-    meta = runs.read_json(run_dir / "run.json")
-    meta.update(status="running", base_model=cfg.base_model, dataset=cfg.dataset, precision=precision,
-                created=meta.get("created", time.time()), pid=os.getpid(), boot=runs.boot_id())
-    runs.write_json(run_dir / "run.json", meta)
-
-
-def _finish(run_dir: Path, status: str, step: int, metrics: dict) -> None:
-    meta = runs.read_json(run_dir / "run.json")
-    meta.update(status=status, step=step, finished=time.time(), final_loss=metrics.get("final_loss"), metrics=metrics)
-    runs.write_json(run_dir / "run.json", meta)
-
-
-def _recording(emit: Callable[[Event], None], run_dir: Path) -> Callable[[Event], None]:
-    """emit, plus one metrics.jsonl line for every logged step, so history outlives the process."""
-    from dataclasses import asdict
-
-    from .events import EvalLoss, Progress
-
-    def record(event: Event) -> None:
-        if isinstance(event, (Progress, EvalLoss)):
-            runs.append_jsonl(run_dir / "metrics.jsonl", {"type": type(event).__name__, "time": time.time(),
-                                                          **asdict(event)})
-        emit(event)
-
-    return record
 
 
 def library_versions() -> dict[str, str]:

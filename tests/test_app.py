@@ -216,19 +216,6 @@ def test_preflight_reads_well_and_refuses_what_cannot_work(server):
     assert "upload" in no_file
 
 
-def test_reference_recipe_estimate_fits_a_t4_and_batch_drives_it():
-    from qlora.config import TrainConfig
-    from ui.preflight import count_params, estimate_peak_bytes
-
-    llama7b = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
-                   num_attention_heads=32, num_key_value_heads=32)
-    assert 6.5e9 < count_params(llama7b) < 7e9
-    ref = estimate_peak_bytes(llama7b, TrainConfig(), "fp16") / 2**30
-    assert 6 < ref < 15  # the seed trains it on a 15 GB T4
-    big = estimate_peak_bytes(llama7b, TrainConfig(batch_size=16, max_length=4096), "fp16") / 2**30
-    assert big > 15
-
-
 # --- admin gate ---------------------------------------------------------------------------------------------
 def test_with_an_admin_password_only_the_admin_trains_but_anyone_chats(tmp_path):
     demo, client = launch(tmp_path / "runs", admin_password="s3cret-pw")
@@ -290,15 +277,16 @@ def test_preflight_on_a_gpu_names_the_card_and_uses_fp16_in_t4_mode(tmp_path, mo
     import json
 
     from qlora.config import TrainConfig
-    from ui.preflight import preflight
+    from qlora.preflight import preflight
+    from ui.render import preflight_markdown
 
     (tmp_path / "config.json").write_text(json.dumps(dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,
         num_key_value_heads=32)))
     monkeypatch.setenv("QLORA_NO_BF16", "1")  # a T4 has no bf16
     pf = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample"), runs_root=tmp_path)
-    text = pf.markdown()
+    text = preflight_markdown(pf)
     assert pf.ok and "GPU:" in text and "precision fp16" in text and "estimated peak GPU memory" in text, text
     tight = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample", batch_size=512, max_length=4096),
                       runs_root=tmp_path)
-    assert not tight.ok and "lower batch_size or max_length" in tight.markdown()
+    assert not tight.ok and "lower batch_size or max_length" in preflight_markdown(tight)

@@ -79,16 +79,16 @@ def test_eval_split_is_seeded_and_disjoint(tmp_path):
     ("mid.jsonl", b'{"text": "x"}\n{oops}\n{"text": "y"}\n', r"mid.jsonl: line 2: not valid JSON"),
     ("cols.jsonl", b'{"prompt": "a", "completion": "b"}\n', r"cols.jsonl: no usable column.*found columns: completion, prompt"),
     ("nums.jsonl", b'{"text": "[INST] ok [/INST] ok"}\n{"text": 42}\n',
-     r"nums.jsonl: row 2: column 'text' must be a string, got int 42"),
-    ("plain.jsonl", b'{"text": "[INST] ok [/INST] ok"}\n{"text": "just some prose"}\n',
-     r"plain.jsonl: row 2: column 'text': not a Llama 2 chat row: expected '<s>\[INST\] question \[/INST\] answer"),
+     r"nums.jsonl: line 2: column 'text' must be a string, got int 42"),
+    ("plain.jsonl", b'{"text": "[INST] ok [/INST] ok"}\n\n{"text": "just some prose"}\n',
+     r"plain.jsonl: line 3: column 'text': not a Llama 2 chat row: expected '<s>\[INST\] question \[/INST\] answer"),
     ("turns.jsonl", b'{"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "a"}]}\n',
-     r"turns.jsonl: row 1: column 'messages': message 2: expected role 'user', got 'assistant'"),
+     r"turns.jsonl: line 1: column 'messages': message 2: expected role 'user', got 'assistant'"),
     ("nulls.jsonl", b'{"text": null}\n{"text": ""}\n', r"nulls.jsonl: all 2 rows are empty"),
     ("list.jsonl", b'[1, 2]\n', r"list.jsonl: line 1: expected a JSON object"),
     ("bad.parquet", b"not parquet at all", r"bad.parquet: not a readable parquet file"),
     ("data.txt", b"hello", r"data.txt: unsupported file type .txt"),
-    ("msgs.jsonl", b'{"messages": [{"role": "user", "content": "q"}]}\n', r"msgs.jsonl: row 1: the last message must be"),
+    ("msgs.jsonl", b'{"messages": [{"role": "user", "content": "q"}]}\n', r"msgs.jsonl: line 1: the last message must be"),
 ])
 def test_bad_files_get_one_clear_error(tmp_path, name, content, match):
     path = tmp_path / name

@@ -83,3 +83,31 @@ def test_job_manager_runs_several_processes_and_stops_them_together(tiny_cfg):
 
     [info] = runs.list_runs(os.path.dirname(state.run_dir))
     assert info.usable and info.status == "stopped"
+
+
+def test_the_cli_under_accelerate_launch_speaks_from_rank_0_alone(tiny_llama_dir, tmp_path):
+    """What a user sees from `accelerate launch --num_processes 2 -m qlora train`: one bar, one final line."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(16)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "-m", "qlora", "train", "--model", str(tiny_llama_dir), "--dataset", str(data),
+                        "--output-dir", str(tmp_path / "runs"), "--batch-size", "2", "--max-steps", "4",
+                        "--max-length", "64", "--optimizer", "adamw_torch", "--group-by-length", "false",
+                        "--gradient-checkpointing", "false", "--learning-rate", "0.01"],
+                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("adapter saved:") == 1 and r.stdout.count("chat with it:") == 1, r.stdout
+    screen = r.stderr.replace("\r", "\n")
+    assert screen.count("training:   0%") == 1, screen  # one progress bar
+    assert screen.count("data: 16 train rows") == 1 and screen.count("loading ") == 1, screen
+    for noise in ("[rank1]", "[rank0]", "find_unused_parameters", "Building labels", "Writing model shards",
+                  "kernels-community"):
+        assert noise not in screen, (noise, screen)
+    # the bar's last loss is the logged one: the mean over both ranks that metrics.jsonl records
+    [run] = list((tmp_path / "runs").iterdir())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [rec for rec in logged if rec["type"] == "Progress"][-1]
+    assert f"loss={last['loss']:.3f}" in screen.split("training:")[-1], screen[-500:]

@@ -144,12 +144,12 @@ def test_the_embedded_adapter_beats_the_base_on_held_out_rows_in_its_own_format(
     """The embedded preset (30 steps) on 80% of the sample; the loss on the answers of the other 20%, in ChatML."""
     from qlora.data import prepare, tokenize
     from qlora.model import load_base, load_tokenizer, resolve
-    from qlora.prompts import read_format
+    from qlora.runs import prompt_format
 
     cfg = TrainConfig.from_dict(dict(embedded_defaults(), output_dir=str(tmp_path), run_name="heldout",
                                      eval_fraction=0.2))
     run = train(cfg)
-    fmt = read_format(run)
+    fmt = prompt_format(run)
     assert fmt.name == "chat_template"
     path = resolve(cfg.base_model)
     tok = load_tokenizer(path)

@@ -21,7 +21,8 @@ def test_t4_mode_7b_trains_loss_falls_and_peak_fits_15_gib(tmp_path, monkeypatch
 
     from bench.common import build_random_model, cap_memory, guanaco_ids
     from qlora.config import TrainConfig
-    from qlora.model import load_base, load_tokenizer, pick_precision
+    from qlora.device import pick_precision
+    from qlora.model import load_base, load_tokenizer
     from qlora.train import build_trainer
 
     monkeypatch.setenv("QLORA_NO_BF16", "1")

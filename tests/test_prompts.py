@@ -67,7 +67,8 @@ def test_encode_gives_one_bos_and_eos_after_each_answer(llama_tokenizer):
 from conftest import CHATML_TEMPLATE, GUANACO, chatml_tokenizer  # noqa: E402
 
 from qlora.prompts import (CHAT_TEMPLATE, FALLBACK_TEMPLATE, choose, conversation, format_llama2,  # noqa: E402
-                           read_format, stop_ids)
+                           stop_ids)
+from qlora.runs import prompt_format  # noqa: E402  (runs owns the run folder's files)
 
 ROW = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
@@ -228,14 +229,14 @@ def test_a_non_special_added_token_in_content_is_plain_text_too():
 
 def test_the_format_is_saved_and_read_back(tmp_path, chatml):
     fmt = choose(chatml)
-    assert read_format(tmp_path) == PromptFormat(LLAMA2)  # a run from before formats were chosen: Llama 2
+    assert prompt_format(tmp_path) == PromptFormat(LLAMA2)  # a run from before formats were chosen: Llama 2
     (tmp_path / "prompt_format.json").write_text(json.dumps(fmt.to_json()))
-    assert read_format(tmp_path) == fmt
+    assert prompt_format(tmp_path) == fmt
     (tmp_path / "prompt_format.json").write_text(json.dumps(LLAMA.to_json()))
-    assert read_format(tmp_path) == LLAMA
+    assert prompt_format(tmp_path) == LLAMA
     (tmp_path / "prompt_format.json").write_text('{"name": "chat_template"}')
-    with pytest.raises(ValueError, match="prompt_format.json: damaged"):
-        read_format(tmp_path)
+    with pytest.raises(ValueError, match="prompt_format.json: unknown prompt format 'chat_template'"):
+        prompt_format(tmp_path)
 
 
 def test_smollm2s_own_tokenizer_gets_its_chatml_template():

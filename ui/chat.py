@@ -8,9 +8,11 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import GenerationSettings, TrainConfig
-from qlora.model import BusyError, ModelError, gpu_lock
-from qlora.prompts import PromptFormat, chat_prompt, read_format
+from qlora.chat import prompt_view
+from qlora.config import GenerationSettings
+from qlora.device import BusyError
+from qlora.model import ModelError
+from qlora.prompts import PromptFormat
 
 from . import hub, render
 from .context import AppContext
@@ -18,6 +20,9 @@ from .context import AppContext
 log = logging.getLogger("qlora.app")
 
 MAX_MESSAGE = 4000  # characters; the core also caps the prompt in tokens
+# Visitors answered at once: the engine batches them (8 visitors fill its 16 rows on a big card) and tells the rest
+# their place in its queue; Gradio's own queue (max_size in app.py) holds whoever comes after.
+CHAT_CONCURRENCY = 16
 
 
 def pairs(messages: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
@@ -44,32 +49,33 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _run_model(info: runs.RunInfo) -> tuple[str, str]:
-    """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
+def _run_model(info: runs.RunInfo) -> tuple[str, str, bool]:
+    """(base model, quantize, may it be a local path) as the adapter was trained: chat loads the same base the same
+    way. A run started from the app names a Hub id, resolved on the Hub only, as in training."""
     try:
-        cfg = TrainConfig.from_yaml(info.path / "config.yaml")
-        return cfg.base_model, cfg.quantize
+        cfg = runs.run_config(info.path)
+        return cfg.base_model, cfg.quantize, cfg.allow_local_model
     except (OSError, ValueError):
-        return info.base_model, "nf4"
+        return info.base_model, "nf4", False
 
 
-def _busy(ctx: AppContext) -> str:
+def _busy(ctx: AppContext, e: Exception | None = None) -> str:
     s = ctx.jobs.state()
     if s.active:
         return f"⏳ Training holds the GPU ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
-    return "⏳ The GPU is busy with another chat; try again in a moment."
+    return f"⏳ {html.escape(str(e)) if e else 'The GPU is busy'}; try again in a moment."
 
 
 def prompt_text(tokenizer, fmt: PromptFormat, base_hist, tuned_hist, message: str, system: str) -> str:
     """The exact string and tokens each pane sends (the same string on the first turn), in the run's prompt format:
-    the same prompts.chat_prompt the chat engine sends."""
+    prompt_view, the call the chat engine makes."""
     out = []
     views = [("both panes", base_hist)] if pairs(base_hist) == pairs(tuned_hist) else [
         ("base pane", base_hist), ("fine-tuned pane", tuned_hist)]
     for who, hist in views:
-        p = chat_prompt(fmt, tokenizer, pairs(hist), message, system)
-        tokens = tokenizer.convert_ids_to_tokens(p.ids)
-        out.append(f"### {who}: {len(p.ids)} tokens\n{p.text}\n\n### token ids\n{p.ids}\n\n### tokens\n{tokens}")
+        v = prompt_view(tokenizer, fmt, pairs(hist), message, system)
+        out.append(f"### {who}: {len(v.token_ids)} tokens\n{v.text}\n\n### token ids\n{v.token_ids}\n\n"
+                   f"### tokens\n{v.tokens}")
     return "\n\n".join(out)
 
 
@@ -90,14 +96,11 @@ def make_handlers(ctx: AppContext):
             if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
                 yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
                 return
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
-        if not gpu_lock.acquire(blocking=False):
-            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
-            return
-        try:  # load under the lock, so a training run cannot start while the base is loading
+        try:  # registers the adapter; the base loads in the engine's thread, which holds the GPU lock meanwhile
             engine = ctx.engines.get(*_run_model(info))
             name = engine.load_adapter(info.path)
         except (ModelError, OSError, ValueError) as e:
@@ -108,8 +111,6 @@ def make_handlers(ctx: AppContext):
             yield base_hist, tuned_hist, message, f"❌ cannot load the adapter ({type(e).__name__}); see the server " \
                 "log", gr.skip()
             return
-        finally:
-            gpu_lock.release()
         stop = ctx.chat_stop(request.session_hash if request else "")
         stop.clear()
         shown = prompt_text(engine.tokenizer, engine.prompt_format(name), base_hist, tuned_hist, message,
@@ -118,12 +119,16 @@ def make_handlers(ctx: AppContext):
         base_new, tuned_new = base_hist + [dict(m) for m in turn], tuned_hist + [dict(m) for m in turn]
         yield base_new, tuned_new, "", "generating…", shown
         try:
-            for base_text, tuned_text in engine.stream_pair(pairs(base_hist), pairs(tuned_hist), message, settings,
-                                                            name, stop):
-                base_new[-1]["content"], tuned_new[-1]["content"] = base_text, tuned_text
+            # The engine streams this visitor's rows alone, whoever else is being answered; while the model loads
+            # (graphs are captured once) or every slot is taken, updates say why and the place in the queue.
+            for update in engine.stream(pairs(base_hist), pairs(tuned_hist), message, settings, name, stop):
+                if update.waiting is not None:
+                    yield base_new, tuned_new, "", f"⏳ {html.escape(update.waiting)}", shown
+                    continue
+                base_new[-1]["content"], tuned_new[-1]["content"] = update.base, update.tuned
                 yield base_new, tuned_new, "", "generating…", shown
-        except BusyError:
-            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
+        except BusyError as e:
+            yield base_hist, tuned_hist, message, _busy(ctx, e), gr.skip()
             return
         except ValueError as e:  # the conversation outgrew the prompt limit
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
@@ -142,9 +147,10 @@ def make_handlers(ctx: AppContext):
     def show_prompt(message: str, base_hist: list, tuned_hist: list, adapter: str, system_prompt: str) -> str:
         """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
         try:
-            info = hub.usable_run(ctx.runs_root, adapter)
-            tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
-            return prompt_text(tokenizer, read_format(info.path), base_hist, tuned_hist,
+            info = runs.usable_run(ctx.runs_root, adapter)
+            base, _, allow_local = _run_model(info)
+            tokenizer = ctx.engines.tokenizer(base, allow_local)
+            return prompt_text(tokenizer, runs.prompt_format(info.path), base_hist, tuned_hist,
                                (message or "").strip()[:MAX_MESSAGE] or "…", system_prompt or "")
         except (ValueError, ModelError, OSError) as e:
             return f"cannot show the prompt: {e}"
@@ -193,10 +199,11 @@ def build(ctx: AppContext) -> dict[str, Any]:
 
     inputs = [message, base_pane, tuned_pane, c["adapter"], temperature, top_p, max_new, seed, system]
     outputs = [base_pane, tuned_pane, message, status, prompt_box]
-    # Chat shares the "gpu" queue with itself (one answer at a time); during training it answers "busy" at once.
-    send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="gpu", concurrency_limit=1)
-    submit_evt = message.submit(h["send"], inputs, outputs, api_visibility="private", concurrency_id="gpu",
-                                concurrency_limit=1)
+    # Many visitors stream at once (the engine batches their rows); during training chat answers "busy" at once.
+    send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="chat",
+                              concurrency_limit=CHAT_CONCURRENCY)
+    submit_evt = message.submit(h["send"], inputs, outputs, api_visibility="private", concurrency_id="chat",
+                                concurrency_limit=CHAT_CONCURRENCY)
     stop_btn.click(h["stop_chat"], None, status, api_name="stop_chat", queue=False, cancels=[send_evt, submit_evt])
     clear_btn.click(lambda: ([], [], "", "", ""), None, [base_pane, tuned_pane, message, status, prompt_box],
                     api_name="clear_chat", queue=False)

@@ -25,15 +25,19 @@ class Engines:
         self._engines: dict[tuple[str, str], object] = {}
         self._tokenizers: dict[str, object] = {}
 
-    def get(self, base_model: str, quantize: str):
+    def get(self, base_model: str, quantize: str, allow_local: bool = True):
+        """The engine for a run's base. allow_local is the run's own (False when it was trained from the app): the
+        name is then resolved on the Hub, and the engine gets the downloaded folder."""
         from qlora.chat import ChatEngine
+        from qlora.model import resolve
 
         with self._lock:
             key = (base_model, quantize)
             if key not in self._engines:
                 for engine in self._engines.values():
                     engine.unload()
-                self._engines = {key: ChatEngine(base_model, quantize=quantize)}
+                path = base_model if allow_local else resolve(base_model, allow_local=False)
+                self._engines = {key: ChatEngine(path, quantize=quantize)}
             return self._engines[key]
 
     def unload_all(self) -> None:
@@ -43,7 +47,7 @@ class Engines:
                 engine.unload()
             self._engines.clear()
 
-    def tokenizer(self, base_model: str):
+    def tokenizer(self, base_model: str, allow_local: bool = True):
         """The tokenizer alone (no weights): 'show prompt' works even while training holds the GPU."""
         from qlora.model import load_tokenizer, resolve
 
@@ -52,7 +56,7 @@ class Engines:
                 if base == base_model and engine.tokenizer is not None:
                     return engine.tokenizer
             if base_model not in self._tokenizers:
-                self._tokenizers[base_model] = load_tokenizer(resolve(base_model))
+                self._tokenizers[base_model] = load_tokenizer(resolve(base_model, allow_local, weights=False))
             return self._tokenizers[base_model]
 
 

@@ -16,10 +16,6 @@ from pathlib import Path
 from qlora import prompts, runs
 from qlora.config import is_hub_id
 
-# What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
-ZIP_FILES = ("config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl", "run.json")
-PUSH_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
-                 "prompt_format.json", "versions.json"]
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
@@ -33,18 +29,6 @@ def redact(text: str, token: str | None = None) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-def usable_run(runs_root: str | Path, name: str) -> runs.RunInfo:
-    """The run called `name` under runs_root, if its adapter is usable; names never escape the folder."""
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,100}", name) or ".." in name:
-        raise ValueError("pick a run from the list")
-    for info in runs.list_runs(runs_root):
-        if info.name == name:
-            if not info.usable:
-                raise ValueError(f"run {name} has no usable adapter (status: {info.status})")
-            return info
-    raise ValueError(f"no run called {name}")
-
-
 def zip_run(info: runs.RunInfo) -> Path:
     """A zip of the adapter plus its config, prompt format, versions, metrics and a model card, in a temp folder."""
     out_dir = Path(tempfile.gettempdir()) / "qlora-zips"
@@ -54,19 +38,14 @@ def zip_run(info: runs.RunInfo) -> Path:
             old.unlink(missing_ok=True)
     target = out_dir / f"{info.name}-adapter-{uuid.uuid4().hex[:6]}.zip"
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        for name in runs.ADAPTER_FILES:
-            z.write(info.adapter_dir / name, f"{info.name}/{name}")
-        for name in ZIP_FILES:
-            if (info.path / name).is_file():
-                z.write(info.path / name, f"{info.name}/{name}")
+        for path in runs.portable_files(info, history=True):
+            z.write(path, f"{info.name}/{path.name}")
         z.writestr(f"{info.name}/README.md", model_card(info))
     return target
 
 
 def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
-    meta = runs.read_json(info.path / "run.json")
-    metrics = meta.get("metrics") or {}
-    loss = metrics.get("final_loss")
+    loss = info.metrics.get("final_loss")
     lines = [
         "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora]", "---",
         f"# {repo_id or info.name}", "",
@@ -84,7 +63,7 @@ def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
 def _prompt_note(info: runs.RunInfo) -> str:
     """How to prompt the adapter: the format it was trained in, as its run folder records it."""
     try:
-        fmt = prompts.read_format(info.path)
+        fmt = runs.prompt_format(info.path)
     except ValueError:
         return "The prompt format it was trained in is unknown (prompt_format.json is damaged)."
     if fmt.name == prompts.LLAMA2:
@@ -106,15 +85,15 @@ def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool 
 
     staging = Path(tempfile.mkdtemp(prefix="qlora-push-"))
     try:
-        for name in runs.ADAPTER_FILES:
-            shutil.copy2(info.adapter_dir / name, staging / name)
-        for name in ("config.yaml", "prompt_format.json", "versions.json"):
-            if (info.path / name).is_file():
-                shutil.copy2(info.path / name, staging / name)
+        files = runs.portable_files(info)
+        for path in files:
+            shutil.copy2(path, staging / path.name)
         (staging / "README.md").write_text(model_card(info, repo_id), encoding="utf-8")
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(staging), allow_patterns=PUSH_PATTERNS,
+        # only what was staged: nothing else of this machine can ride along
+        api.upload_folder(repo_id=repo_id, folder_path=str(staging),
+                          allow_patterns=[path.name for path in files] + ["README.md"],
                           commit_message=f"adapter from run {info.name} ({time.strftime('%Y-%m-%d %H:%M')})")
     except PushError:
         raise

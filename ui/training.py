@@ -13,11 +13,12 @@ from qlora import runs
 from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, PROMPT_FORMATS, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
-from qlora.model import BusyError, ModelError
+from qlora.device import BusyError
+from qlora.model import MODELS_DIR_ENV, ModelError, local_models
+from qlora.preflight import preflight
 
 from . import hub, render
 from .context import LOCKED, AppContext
-from .preflight import preflight
 
 log = logging.getLogger("qlora.app")
 
@@ -64,8 +65,12 @@ def form_to_config(runs_root: Path, form: dict[str, Any]) -> TrainConfig:
     if len(base) > MAX_TEXT:
         raise ValueError("base_model: at most 200 characters")
     values["base_model"] = base
-    values["dataset"] = dataset_source(values.pop("dataset_source", "sample"), values.pop("hub_dataset", ""),
-                                       values.pop("upload", None))
+    source = values.pop("dataset_source", "sample")
+    values["dataset"] = dataset_source(source, values.pop("hub_dataset", ""), values.pop("upload", None))
+    # A visitor's ids are resolved on the Hub only (the core enforces it); a local file comes only as an upload,
+    # whose path Gradio vouches for ("was not uploaded by a user" otherwise).
+    values["allow_local_model"] = False
+    values["allow_local_dataset"] = source == "upload"
     values["run_name"] = str(values.get("run_name") or "").strip()
     values["output_dir"] = str(runs_root)
     for name, f in ((f.name, f) for f in dataclasses.fields(TrainConfig)):
@@ -87,7 +92,7 @@ def make_handlers(ctx: AppContext):
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return preflight(cfg, ctx.token(hf_token), ctx.runs_root).markdown()
+        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root))
 
     def preview(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
@@ -102,8 +107,9 @@ def make_handlers(ctx: AppContext):
         try:
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
             token = ctx.token(hf_token)
-            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50))
-            tokenizer = load_tokenizer(resolve(cfg.base_model), token)
+            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50),
+                                    allow_local=cfg.allow_local_dataset)
+            tokenizer = load_tokenizer(resolve(cfg.base_model, cfg.allow_local_model, token, weights=False), token)
             fmt = prompts.choose(tokenizer, cfg.prompt_format)
             rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length, fmt)
             _, lost = data.keep_answered(data.tokenize(prepared.train, tokenizer, cfg.max_length, fmt),
@@ -129,7 +135,7 @@ def make_handlers(ctx: AppContext):
         token = ctx.token(hf_token)
         checked = preflight(cfg, token, ctx.runs_root)
         if not checked.ok:
-            return checked.markdown()
+            return render.preflight_markdown(checked)
         try:
             ctx.jobs.start(cfg, token=token)
         except BusyError as e:
@@ -146,13 +152,15 @@ def make_handlers(ctx: AppContext):
         if not state.active:
             return f"Nothing is running ({html.escape(state.status)})."
         ctx.jobs.stop()
+        if not state.total_steps:  # still loading: train() ends before its first step and saves nothing
+            return "⏹️ Stopping: the model is still loading, so the run ends before training starts; nothing is saved."
         return "⏹️ Stopping at the end of the current step; the partial adapter will be saved and offered in Chat."
 
     def download(run: str, admin_password: str = ""):
         if not ctx.is_admin(admin_password):
             return None, LOCKED
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
         except ValueError as e:
             return None, f"❌ {html.escape(str(e))}"
         return str(hub.zip_run(info)), f"📦 {html.escape(info.name)}: adapter zip ready."
@@ -162,7 +170,7 @@ def make_handlers(ctx: AppContext):
             return LOCKED
         token = ctx.token(hf_token)
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
             url = hub.push_run(info, str(repo_id or "")[:MAX_TEXT], token, bool(private))
         except (ValueError, hub.PushError) as e:
             return f"❌ {html.escape(hub.redact(str(e), token))}"
@@ -180,7 +188,7 @@ def make_handlers(ctx: AppContext):
 
     def run_curve(run: str):
         try:
-            return render.run_losses(hub.usable_run(ctx.runs_root, run).path)
+            return render.run_losses(runs.usable_run(ctx.runs_root, run).path)
         except ValueError:
             return render.loss_frame(JobState())
 
@@ -195,7 +203,7 @@ def make_handlers(ctx: AppContext):
             return (f"❌ {html.escape(info.name)} saved no checkpoint to resume from: set 'Checkpoint every N steps' "
                     "before training")
         try:
-            cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+            cfg = runs.run_config(info.path)
             ctx.jobs.start(cfg, token=ctx.token(hf_token), resume_from=info.path)
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
@@ -209,7 +217,7 @@ def make_handlers(ctx: AppContext):
 
 
 def resumable_choices(runs_root: Path) -> list[str]:
-    return [r.name for r in runs.list_runs(runs_root) if r.status == "interrupted" and runs.latest_checkpoint(r.path)]
+    return [r.name for r in runs.resumable_runs(runs_root)]
 
 
 # --- layout ---------------------------------------------------------------------------------------------
@@ -223,9 +231,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             form = {
-                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL], value=d["base_model"], label="Base model",
-                                          allow_custom_value=True, info="a Hub id, a local folder, or the embedded "
-                                                                        f"{EMBEDDED_MODEL} (offline)"),
+                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL, *local_models()], value=d["base_model"],
+                                          label="Base model", allow_custom_value=True,
+                                          info=f"a Hub id, the embedded {EMBEDDED_MODEL} (offline), or a folder of "
+                                               f"the server's models folder ({MODELS_DIR_ENV})"),
             }
             with gr.Row():
                 src = "sample" if d["dataset"] == SAMPLE_DATASET else "hub"
