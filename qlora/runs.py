@@ -426,9 +426,18 @@ def _read_run(run_dir: Path) -> RunInfo:
                    if _number(meta.get("final_loss")) else None, usable=False,
                    metrics=meta["metrics"] if isinstance(meta.get("metrics"), dict) else {})
     if (run_dir / ADAPTER).exists():
-        info.damaged = adapter_problem(run_dir / ADAPTER)
+        info.damaged = adapter_problem(run_dir / ADAPTER) or _format_problem(run_dir)
         info.usable = not info.damaged and status in USABLE
     return info
+
+
+def _format_problem(run_dir: Path) -> str:
+    """'' when chat can read the prompt format the adapter was trained in, else why not."""
+    try:
+        prompt_format(run_dir)
+        return ""
+    except DamagedRun as e:
+        return str(e)
 
 
 def _damaged(run_dir: Path, reason: str) -> RunInfo:

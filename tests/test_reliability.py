@@ -741,7 +741,7 @@ def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(ru
         assert said in listed[name].damaged and not listed[name].usable, (name, listed[name])
         with pytest.raises(ValueError, match=f"run {name} is damaged: .*{re.escape(said)}"):
             runs.usable_run(runs_root, name)
-        if not name.startswith("run-json"):  # the adapter itself is what is broken
+        if not name.startswith(("run-json", "format-")):  # the adapter itself is what is broken
             with pytest.raises(runs.DamagedRun, match=re.escape(said)):
                 runs.verify_adapter(runs_root / name / "adapter")
     odd = listed[ODD_TYPES]  # fields of the wrong type are ignored, not fatal: its adapter is whole
@@ -754,6 +754,8 @@ def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(ru
         engine.load_adapter(runs_root / "lfs-pointer")
     with pytest.raises(ValueError, match="half-complete adapter: .* no LoRA tensors for v_proj"):
         engine.load_adapter(runs_root / "half-no-v-proj")
+    with pytest.raises(ValueError, match="prompt_format.json: unknown prompt format"):  # never prompted in a guess
+        engine.load_adapter(runs_root / "format-unknown")
     name = engine.load_adapter(runs_root / "earlier")
     *_, (base, tuned) = engine.stream_pair([], [], "Question 1?", GenerationSettings(temperature=0, max_new_tokens=4),
                                            name)
