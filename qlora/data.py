@@ -36,7 +36,16 @@ PARQUET_BATCH = 256  # rows decoded at a time, so a batch of huge values is meas
 COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
               b"\x28\xb5\x2f\xfd": "zstd"}
 
-Conversation = list[dict[str, str]]  # a checked conversation (prompts.conversation)
+Messages = list[dict[str, str]]  # role/content messages, checked (prompts.conversation)
+
+
+class Conversation(list):
+    """A row's checked messages, and where the row is in its source ("data.jsonl: line 7"): a problem found later (a
+    chat template that refuses the conversation) still names the row."""
+
+    def __init__(self, messages: Iterable[dict[str, str]] = (), where: str = ""):
+        super().__init__(messages)
+        self.where = where
 
 
 class DataError(ValueError):
@@ -139,7 +148,7 @@ def to_conversations(rows: list[dict[str, Any]], name: str) -> tuple[list[Conver
         if isinstance(conv, str):  # the kind of row it is, dropped
             dropped[conv] += 1
         else:
-            convs.append(conv)
+            convs.append(Conversation(conv, where))
             shapes[shape] += 1
     if not convs:
         why = ", ".join(f"{n} {kind}" for kind, n in dropped.most_common())
@@ -173,7 +182,7 @@ def _why_empty(row: dict[str, Any]) -> str:
     return "null" if {"text", "messages", "instruction", "output"} & row.keys() else "no usable column"
 
 
-def _checked(conv: Conversation) -> Conversation | str:
+def _checked(conv: Messages) -> Messages | str:
     """The conversation, or why it is dropped: a turn with nothing in it teaches an empty prompt or answer."""
     conv = [m for m in conv if m["role"] != "system" or m["content"].strip()]
     for m in conv:
@@ -182,7 +191,7 @@ def _checked(conv: Conversation) -> Conversation | str:
     return conv
 
 
-def _from_text(row: dict[str, Any]) -> Conversation | str:
+def _from_text(row: dict[str, Any]) -> Messages | str:
     text = row["text"]
     if not isinstance(text, str):
         raise DataError(f"column 'text' must be a string, got {type(text).__name__} {_short(text)}")
@@ -192,7 +201,7 @@ def _from_text(row: dict[str, Any]) -> Conversation | str:
         raise DataError(f"column 'text': {e}") from None
 
 
-def _from_messages(row: dict[str, Any]) -> Conversation | str:
+def _from_messages(row: dict[str, Any]) -> Messages | str:
     msgs = row["messages"]
     if isinstance(msgs, str):  # CSV cells hold JSON text
         try:
@@ -211,7 +220,7 @@ def _from_messages(row: dict[str, Any]) -> Conversation | str:
         raise DataError(f"column 'messages': {e}") from None
 
 
-def _from_alpaca(row: dict[str, Any]) -> Conversation | str:
+def _from_alpaca(row: dict[str, Any]) -> Messages | str:
     instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
     for col, val in (("instruction", instruction), ("input", extra), ("output", output)):
         if val is not None and not isinstance(val, str):
@@ -224,7 +233,7 @@ def _from_alpaca(row: dict[str, Any]) -> Conversation | str:
     return prompts.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
 
 
-_CONVERT: dict[str, Callable[[dict[str, Any]], Conversation | str]] = {
+_CONVERT: dict[str, Callable[[dict[str, Any]], Messages | str]] = {
     "text": _from_text, "messages": _from_messages, "alpaca": _from_alpaca}
 
 
@@ -506,7 +515,8 @@ def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptF
         try:
             p = prompts.build(fmt, tokenizer, conv)
         except ValueError as e:  # a chat template that refuses a conversation (roles it does not support, ...)
-            raise DataError(f"the row that begins {conv[0]['content'][:40]!r}: {e}") from None
+            where = getattr(conv, "where", "") or f"the row that begins {conv[0]['content'][:40]!r}"
+            raise DataError(f"{where}: {e}") from None
         ids, answer = p.ids[:max_length], p.answer[:max_length]
         labels = list(ids) if fmt.loss == "all" else [i if a else -100 for i, a in zip(ids, answer)]
         rows.append(Row(ids, labels, sum(answer)))

@@ -192,6 +192,8 @@ def test_a_row_the_chat_template_refuses_is_named():
     convs = to_conversations([{"messages": [{"role": "system", "content": "Be a pirate"},
                                             {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
                              "t")[0]
-    with pytest.raises(DataError, match=r"the row that begins 'Be a pirate': the chat template refused this "
-                                        r"conversation \(.*System role not supported\)"):
+    with pytest.raises(DataError, match=r"^t: row 1: the chat template refused this conversation \(.*System role "
+                                        r"not supported\)"):
         tokenize(convs, tok, 64, choose(tok))
+    with pytest.raises(DataError, match=r"^the row that begins 'Be a pirate': the chat template refused"):
+        tokenize([list(convs[0])], tok, 64, choose(tok))  # messages that carry no place
