@@ -1,7 +1,8 @@
-"""The device: the cards (or the CPU), which job holds which card, memory budget, precision, freeing memory.
+"""The device: which card this process trains on (or the CPU), its memory budget, precision, the lock, freeing memory.
 
 Also answers the deployment question: is there an NVIDIA GPU here that torch cannot use (a driver older than the CUDA
 that torch was built for)? Then everything would quietly run on the CPU, so the app, the CLI and the preflight say so.
+On a host with several GPUs it also owns which job holds which card (`Cards`): chat on one, training on the others.
 torch is imported on first use, never at import.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 GIB = 2**30
@@ -38,22 +39,22 @@ class Card:
 
 
 def card(index: int | None = None) -> Card:
-    """A card as it is now: this process's own, or GPU `index` of this host (where a launched run will train)."""
+    """A card as it is now: this thread's, or GPU `index` of this host (where a launched run will train). For another
+    card, its name and memory are its own and the rest (precision, compute) this one's: the GPUs of a host are alike."""
     import torch
 
+    if index is not None and torch.cuda.is_available() and index != torch.cuda.current_device():
+        props = torch.cuda.get_device_properties(index)
+        free = _smi_free_gib(str(props.uuid))
+        if free is None:  # no nvidia-smi: ask CUDA, at the price of this process's context on that card
+            free = torch.cuda.mem_get_info(index)[0] / GIB
+        return replace(card(), name=props.name, total_gib=props.total_memory / GIB, free_gib=free,
+                       budget_gib=memory_budget_gib(index))
     if not torch.cuda.is_available():
         return Card(cuda=False, unusable=unusable_gpu(cuda=False))
-    if index is None or index == torch.cuda.current_device():
-        free, total = torch.cuda.mem_get_info()
-        return Card(cuda=True, name=torch.cuda.get_device_name(), total_gib=total / GIB, free_gib=free / GIB,
-                    bf16=bf16_supported(), budget_gib=memory_budget_gib())
-    props = torch.cuda.get_device_properties(index)
-    free = _smi_free_gib(str(props.uuid))
-    if free is None:  # no nvidia-smi: ask CUDA, at the price of a context on that card
-        free = torch.cuda.mem_get_info(index)[0] / GIB
-    bf16 = props.major >= 8 and os.environ.get("QLORA_NO_BF16") != "1"
-    return Card(cuda=True, name=props.name, total_gib=props.total_memory / GIB, free_gib=free, bf16=bf16,
-                budget_gib=memory_budget_gib(index))
+    free, total = torch.cuda.mem_get_info()
+    return Card(cuda=True, name=torch.cuda.get_device_name(), total_gib=total / GIB, free_gib=free / GIB,
+                bf16=bf16_supported(), budget_gib=memory_budget_gib())
 
 
 def cuda_available() -> bool:
@@ -111,14 +112,14 @@ TRAIN, CHAT = "training", "chat"
 CHAT_CARD = 0  # torch's default device: the chat code needs no device juggling
 
 
-def gpu_names(cards) -> str:
+def gpu_names(which) -> str:
     """'GPU 2', 'GPUs 1-3', 'GPUs 0, 2'."""
-    cards = sorted(cards)
-    if len(cards) == 1:
-        return f"GPU {cards[0]}"
-    if cards == list(range(cards[0], cards[-1] + 1)):
-        return f"GPUs {cards[0]}-{cards[-1]}"
-    return "GPUs " + ", ".join(map(str, cards))
+    which = sorted(which)
+    if len(which) == 1:
+        return f"GPU {which[0]}"
+    if which == list(range(which[0], which[-1] + 1)):
+        return f"GPUs {which[0]}-{which[-1]}"
+    return "GPUs " + ", ".join(map(str, which))
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ class Cards:
         self._gpus = gpus
         self._cond = threading.Condition()
         self._holders: dict[int, str] = {}  # card -> job
-        self._loaded: set[str] = set()  # jobs whose model stays on their card between uses (chat)
+        self._loaded: set[Lease] = set()  # leases whose model stays on their cards between uses (a chat engine's)
 
     @property
     def gpus(self) -> int:
@@ -210,18 +211,14 @@ class Cards:
                 del self._holders[c]
             self._cond.notify_all()
 
-    def holder(self, card: int) -> str | None:
-        with self._cond:
-            return self._holders.get(card)
-
     def held(self) -> dict[int, str]:
         with self._cond:
             return dict(self._holders)
 
-    def set_loaded(self, job: str, loaded: bool) -> None:
-        """`job`'s model stays on its card between uses (chat's, once loaded), or no longer does."""
+    def set_loaded(self, lease: "Lease", loaded: bool) -> None:
+        """The lease's model stays on its cards between uses (a chat engine's, once loaded), or no longer does."""
         with self._cond:
-            (self._loaded.add if loaded else self._loaded.discard)(job)
+            (self._loaded.add if loaded else self._loaded.discard)(lease)
 
     def lease(self, job: str, which=None) -> "Lease":
         return Lease(self, job, None if which is None else tuple(which))
@@ -239,7 +236,7 @@ class Cards:
                     "was loaded); chat is back when it ends")
 
     def _chat_present(self) -> bool:
-        return CHAT in self._loaded or self._holders.get(CHAT_CARD) == CHAT
+        return any(lease.job == CHAT for lease in self._loaded) or self._holders.get(CHAT_CARD) == CHAT
 
     def _free(self, which) -> bool:
         return all(c not in self._holders for c in which)
@@ -281,7 +278,7 @@ class Lease:
 
     def loaded(self, loaded: bool) -> None:
         """This job's model stays on its cards between uses, or no longer does."""
-        self.cards.set_loaded(self.job, loaded)
+        self.cards.set_loaded(self, loaded)
 
     def why_busy(self) -> str:
         return self.cards.why_busy(self.which)

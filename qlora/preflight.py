@@ -1,7 +1,7 @@
 """The check before a run, for the app and the CLI alike: the card and precision, which cards the run and chat use
 (several GPUs), the plan that will run and its memory estimate (qlora/speed.py's own: the figure that decides what
-runs), free disk, and whether the model can be reached. No model loads: only the model's config.json is read (a local folder, the embedded model, the Hub cache or
-the Hub).
+runs), free disk, and whether the model can be reached. No model loads: only the model's config.json is read (a
+local folder, the embedded model, the Hub cache or the Hub).
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_on_one_gpu_or_the_cpu_training_and_chat_take_turns_as_before(gpus):
     with pytest.raises(BusyError, match="the GPU is busy answering a chat"):
         cards.take_training()
     chat.release()
-    cards.set_loaded(CHAT, True)  # loaded but idle: the run takes the card (the app then unloads the chat model)
+    chat.loaded(True)  # loaded but idle: the run takes the card (the app then unloads the chat model)
     run = cards.take_training()
     assert run.train == (0,) and run.shared
     assert not chat.acquire(blocking=False) and chat.locked()
@@ -81,14 +81,20 @@ def test_on_several_gpus_chat_keeps_its_card_unless_nobody_chats(gpus):
     chat.release()
     cards.give_back(TRAIN, run.train)
     # the chat model is loaded but nobody is being answered: still the other cards, so a visitor never waits
-    cards.set_loaded(CHAT, True)
+    chat.loaded(True)
     assert cards.placement().train == others
     run = cards.take_training()
     assert run.train == others and chat.acquire(blocking=False)
     chat.release()
     cards.give_back(TRAIN, run.train)
+    # two chat engines loaded (a base replaced by another): one unloading leaves the other's card alone
+    other = cards.lease(CHAT, (CHAT_CARD,))
+    other.loaded(True)
+    chat.loaded(True)  # the same engine saying so twice (a reload) counts once
+    chat.loaded(False)
+    assert cards.placement().train == others
+    other.loaded(False)
     # no chat model: the run takes every card, and a visitor is told why, at once
-    cards.set_loaded(CHAT, False)
     run = cards.take_training()
     assert run.train == tuple(range(gpus)) and run.shared
     assert not chat.acquire(blocking=False)

@@ -207,7 +207,8 @@ def make_handlers(ctx: AppContext):
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
         where = _made_room(ctx)
-        return f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows below."
+        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+                "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
                 job_status=job_status, resume=resume)
