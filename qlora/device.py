@@ -21,6 +21,7 @@ GIB = 2**30
 PROC_DRIVER = Path("/proc/driver/nvidia")
 SMI_QUERY = ["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"]
 
+
 class BusyError(RuntimeError):
     """The device is taken (a training run, or another chat): say so at once instead of queueing for hours."""
 
