@@ -100,6 +100,9 @@ def test_on_several_gpus_chat_keeps_its_card_unless_nobody_chats(gpus):
     assert not chat.acquire(blocking=False)
     assert chat.why_busy() == (f"every GPU is busy: the training run uses GPUs 0-{gpus - 1} (it started while no "
                                "chat model was loaded); chat is back when it ends")
+    # the run's state says it ended, but its processes still hold the cards: a new start says so
+    with pytest.raises(BusyError, match="the last run's processes are still exiting"):
+        cards.take_training()
     cards.give_back(TRAIN, run.train)
     assert cards.held() == {}
 
