@@ -7,10 +7,9 @@ from typing import Any
 
 import gradio as gr
 
-from qlora import runs
+from qlora import device, runs
 from qlora.chat import prompt_view
 from qlora.config import GenerationSettings
-from qlora import device
 from qlora.device import BusyError
 from qlora.model import ModelError
 
