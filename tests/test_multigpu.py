@@ -168,6 +168,27 @@ def chat_runs(tmp_path_factory, tiny_llama_dir):
     return root
 
 
+def test_the_chat_engine_answers_beside_a_run_on_other_cards_and_says_why_when_a_run_holds_them_all(
+        tiny_llama_dir, chat_runs):
+    cards = Cards(4)
+    engine = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2, cards=cards)
+    name = engine.load_adapter(chat_runs / "qv")
+    run = cards.take_training()  # no chat model loaded yet: the run takes every card
+    t0 = time.perf_counter()
+    with pytest.raises(BusyError, match=r"^every GPU is busy: the training run uses GPUs 0-3 \(it started while no "
+                                        r"chat model was loaded\); chat is back when it ends$"):
+        next(engine.stream_pair([], [], QUESTION, greedy(), name))
+    assert time.perf_counter() - t0 < 1 and engine.model is None  # said at once, nothing loaded
+    cards.give_back(TRAIN, run.train)
+    alone = list(engine.stream_pair([], [], QUESTION, greedy(), name))[-1]  # loads on GPU 0, then idles
+    run = cards.take_training()
+    assert run.train == (1, 2, 3)
+    assert list(engine.stream_pair([], [], QUESTION, greedy(), name))[-1] == alone  # no "busy", the same answer
+    cards.give_back(TRAIN, run.train)
+    engine.unload()
+    assert cards.placement().train == (0, 1, 2, 3)  # no chat model: the next run may take every card
+
+
 @pytest.mark.parametrize("gpus", [2, 3])
 def test_a_run_trains_on_the_other_cards_while_chat_answers_exactly(gpus, tiny_cfg, tiny_llama_dir, chat_runs):
     """2 pretend GPUs: the run is one plain child on GPU 1; 3: two data-parallel processes (accelerate) on GPUs 1-2.
