@@ -93,7 +93,7 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
 
 def _check_cards(pf: Preflight, placement: Placement) -> None:
     n = len(placement.train)
-    line = (f"GPUs: {placement.describe()}; " + (f"{n} processes, data parallel, one 4-bit base each" if n > 1
+    line = (f"GPUs: {placement.describe()}; " + (f"{n} processes, data parallel, one base each" if n > 1
                                                   else "one process") + "; the figures below are each card's")
     if placement.shared:  # visitors will be told chat waits, for the whole run
         pf.note(line)
