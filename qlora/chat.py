@@ -23,7 +23,8 @@ from typing import Iterator, Sequence
 from . import adapter_base, runs
 from .batching import Row, Scheduler
 from .config import GenerationSettings, hub_token
-from .device import free_memory, pick_precision
+from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, use_gpu
+from .device import cards as host_cards
 from .model import load_base, load_tokenizer, resolve
 from .prompts import PromptFormat, chat_prompt, choose, stop_ids
 
@@ -67,8 +68,9 @@ class ChatEngine:
     """One base model, the adapters registered with it, and the scheduler that serves every visitor's rows."""
 
     def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None,
-                 decode: str | None = None, max_rows: int = MAX_ROWS):
+                 decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None):
         self.base_model, self.quantize, self.precision = base_model, quantize, precision
+        self.cards = cards or host_cards  # the host's cards: chat serves on CHAT_CARD, which a training run may hold
         self._token = token
         self.decode = decode or os.environ.get("QLORA_CHAT_DECODE") or "auto"
         if self.decode not in DECODE_MODES:
@@ -154,8 +156,8 @@ class ChatEngine:
                settings: GenerationSettings, adapter: str | None, stop: threading.Event | None = None
                ) -> Iterator[ChatUpdate]:
         """Both panes' answers as they grow, each pane continuing its own history; while the answer waits (the model
-        loads, the batch is full) updates carry `waiting`. BusyError at once while training holds the GPU."""
-        self._scheduler_().check()  # training holds the GPU: say so before anything else
+        loads, the batch is full) updates carry `waiting`. BusyError at once while training holds chat's card."""
+        self._scheduler_().check()  # training holds chat's card: say so before anything else
         fmt = self.prompt_format(adapter)  # both panes: the adapter's format
         rows = [self._row(base_history, user, settings, None, fmt),
                 self._row(tuned_history, user, settings, adapter, fmt)]
@@ -210,7 +212,7 @@ class ChatEngine:
     # --- helpers -----------------------------------------------------------------------------------------------
     def _layer_shapes(self):
         """The base's layers, for the adapter check's shapes: the loaded base, or the same model built on the meta
-        device from its config (no weights, no device, nothing waits for the GPU lock)."""
+        device from its config (no weights, no device, nothing waits for chat's card)."""
         with self._lock:
             if self._base is not None:
                 return self._base
@@ -245,7 +247,7 @@ class ChatEngine:
     def _scheduler_(self) -> Scheduler:
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self._open_backend)
+                self._scheduler = Scheduler(self._open_backend, self.cards.lease(CHAT, (CHAT_CARD,)))
             return self._scheduler
 
     def _submit(self, rows: list[Row], stop):
@@ -266,9 +268,10 @@ class ChatEngine:
             yield ChatUpdate(*_pair(texts))
 
     def _open_backend(self, progress):
-        """Runs on the scheduler's thread, holding the GPU lock: load the base, then the slot engine or the fallback."""
+        """Runs on the scheduler's thread, holding chat's card: load the base, then the slot engine or the fallback."""
         import time
 
+        use_gpu(CHAT_CARD)  # this thread's device: chat's card, whatever the training run holds
         self._ensure_tokenizer()
         with self._lock:
             model = self._base

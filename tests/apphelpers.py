@@ -25,12 +25,12 @@ class Records(logging.Handler):
         self.lines.append(record.getMessage() + ("\n" + record.exc_text if record.exc_text else ""))
 
 
-def launch(runs_root: Path, admin_password: str | None = None):
-    """The real app on a loopback port, and a gradio_client for it."""
+def launch(runs_root: Path, admin_password: str | None = None, jobs=None):
+    """The real app on a loopback port, and a gradio_client for it. `jobs`: its JobManager (pretend GPU counts)."""
     import app
     from gradio_client import Client
 
-    demo = app.build_demo(runs_root=runs_root, admin_password=admin_password)
+    demo = app.build_demo(jobs=jobs, runs_root=runs_root, admin_password=admin_password)
     kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     return demo, Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False)

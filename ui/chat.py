@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from qlora import runs
+from qlora import device, runs
 from qlora.chat import prompt_view
 from qlora.config import GenerationSettings
 from qlora.device import BusyError
@@ -61,9 +61,20 @@ def _run_model(info: runs.RunInfo) -> tuple[str, str, bool]:
 
 def _busy(ctx: AppContext, e: Exception | None = None) -> str:
     s = ctx.jobs.state()
-    if s.active:
-        return f"⏳ Training holds the GPU ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
+    if ctx.jobs.holds_chat_card():  # a run on other cards (several GPUs) is no reason for chat to wait
+        held = ("holds the GPU" if ctx.jobs.placement.gpus <= 1
+                else f"uses every GPU ({device.gpu_names(ctx.jobs.placement.train)}: no chat model was loaded when "
+                     "it started)")
+        return f"⏳ Training {held} ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
     return f"⏳ {html.escape(str(e)) if e else 'The GPU is busy'}; try again in a moment."
+
+
+def _where(ctx: AppContext) -> str:
+    """'; chat on GPU 0, training on GPUs 1-3' on a host with several GPUs while a run trains; '' otherwise."""
+    placement = ctx.jobs.placement
+    if placement is None or placement.gpus <= 1 or not ctx.jobs.state().active:
+        return ""
+    return f"; chat on GPU {placement.chat}, training on {device.gpu_names(placement.train)}"
 
 
 def prompt_text(tokenizer, fmt: PromptFormat, base_hist, tuned_hist, message: str, system: str) -> str:
@@ -93,14 +104,14 @@ def make_handlers(ctx: AppContext):
                 raise ValueError(f"the message is {len(message)} characters; at most {MAX_MESSAGE}")
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p), seed=int(seed), system_prompt=system_prompt or "")
-            if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
+            if ctx.jobs.holds_chat_card():  # say so first: no adapter choice helps while training holds it
                 yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
                 return
             info = runs.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
-        try:  # registers the adapter; the base loads in the engine's thread, which holds the GPU lock meanwhile
+        try:  # registers the adapter; the base loads in the engine's thread, which holds chat's card meanwhile
             engine = ctx.engines.get(*_run_model(info))
             name = engine.load_adapter(info.path)
         except (ModelError, OSError, ValueError) as e:
@@ -138,7 +149,8 @@ def make_handlers(ctx: AppContext):
             yield base_hist, tuned_hist, message, f"❌ generation failed ({type(e).__name__}); see the server log", \
                 gr.skip()
             return
-        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", shown
+        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}{_where(ctx)}", \
+            shown
 
     def stop_chat(request: gr.Request = None) -> str:
         ctx.chat_stop(request.session_hash if request else "").set()
@@ -199,7 +211,8 @@ def build(ctx: AppContext) -> dict[str, Any]:
 
     inputs = [message, base_pane, tuned_pane, c["adapter"], temperature, top_p, max_new, seed, system]
     outputs = [base_pane, tuned_pane, message, status, prompt_box]
-    # Many visitors stream at once (the engine batches their rows); during training chat answers "busy" at once.
+    # Many visitors stream at once (the engine batches their rows); while training holds chat's card (one GPU), chat
+    # answers "busy" at once.
     send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="chat",
                               concurrency_limit=CHAT_CONCURRENCY)
     submit_evt = message.submit(h["send"], inputs, outputs, api_visibility="private", concurrency_id="chat",

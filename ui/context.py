@@ -18,9 +18,11 @@ LOCKED = "🔒 Only the admin can do this: enter the admin password at the top o
 
 
 class Engines:
-    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4)."""
+    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4). `cards`:
+    the host's cards its engines serve on (the job manager's)."""
 
-    def __init__(self):
+    def __init__(self, cards=None):
+        self.cards = cards
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, str], object] = {}
         self._tokenizers: dict[str, object] = {}
@@ -37,7 +39,7 @@ class Engines:
                 for engine in self._engines.values():
                     engine.unload()
                 path = base_model if allow_local else resolve(base_model, allow_local=False)
-                self._engines = {key: ChatEngine(path, quantize=quantize)}
+                self._engines = {key: ChatEngine(path, quantize=quantize, cards=self.cards)}
             return self._engines[key]
 
     def unload_all(self) -> None:
@@ -67,6 +69,10 @@ class AppContext:
     admin_password: str | None = None
     engines: Engines = field(default_factory=Engines)
     chat_stops: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> stop flag
+
+    def __post_init__(self):
+        if self.engines.cards is None:  # chat and training share one account of the cards
+            self.engines.cards = self.jobs.cards
 
     @property
     def locked(self) -> bool:

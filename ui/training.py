@@ -92,7 +92,8 @@ def make_handlers(ctx: AppContext):
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root))
+        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root,
+                                                   placement=ctx.jobs.cards.placement()))
 
     def preview(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
@@ -133,17 +134,17 @@ def make_handlers(ctx: AppContext):
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
         token = ctx.token(hf_token)
-        checked = preflight(cfg, token, ctx.runs_root)
+        checked = preflight(cfg, token, ctx.runs_root, placement=ctx.jobs.cards.placement())
         if not checked.ok:
             return render.preflight_markdown(checked)
         try:
             ctx.jobs.start(cfg, token=token)
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        # The job holds the GPU lock now, so no chat is mid-answer: free the chat model for training.
-        ctx.engines.unload_all()
-        log.info("training started: %s on %s", cfg.base_model, cfg.dataset)
-        return f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}. Progress shows below."
+        where = _made_room(ctx)
+        log.info("training started: %s on %s%s", cfg.base_model, cfg.dataset, where)
+        return (f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
+                "Progress shows below.")
 
     def stop(admin_password: str = "") -> str:
         if not ctx.is_admin(admin_password):
@@ -184,7 +185,8 @@ def make_handlers(ctx: AppContext):
                 "eval_losses": [list(x) for x in s.eval_losses], "samples": len(s.samples),
                 "latest_samples": [{"step": x.step, "prompt": x.prompt, "base": x.base, "tuned": x.tuned}
                                    for x in s.samples[-2:]],
-                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:])}
+                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:]),
+                "gpus": _where(ctx.jobs.placement) if s.active else ""}
 
     def run_curve(run: str):
         try:
@@ -209,11 +211,26 @@ def make_handlers(ctx: AppContext):
             return f"❌ {html.escape(str(e))}"
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        ctx.engines.unload_all()
-        return f"▶️ Resuming {html.escape(info.name)} from its last checkpoint. Progress shows below."
+        where = _made_room(ctx)
+        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+                "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
                 job_status=job_status, resume=resume)
+
+
+def _made_room(ctx: AppContext) -> str:
+    """After a start: free the chat model if the run trains on its card (one GPU; several, when none was loaded), since
+    the run holds that card now and no chat is mid-answer. Returns ', <where the run trains>' for the message."""
+    if ctx.jobs.placement.shared:
+        ctx.engines.unload_all()
+    where = _where(ctx.jobs.placement)
+    return f", {where}" if where else ""
+
+
+def _where(placement) -> str:
+    """'training on GPUs 1-3, chat on GPU 0' on a host with several GPUs; '' on one GPU or the CPU (as before)."""
+    return placement.describe() if placement is not None and placement.gpus > 1 else ""
 
 
 def resumable_choices(runs_root: Path) -> list[str]:
