@@ -18,6 +18,7 @@ from typing import Any
 
 import gradio as gr
 
+from qlora import device, runs
 from qlora.events import JobState
 from qlora.jobs import JobManager
 from ui import chat, render, training
@@ -37,24 +38,24 @@ def default_runs_root() -> Path:
     return data / "runs" if data.is_dir() and os.access(data, os.W_OK) else Path("runs")
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = None,
                admin_password: str | None = None, defaults: dict[str, Any] | None = None) -> gr.Blocks:
     """The whole app. Tests pass their own JobManager and runs folder; the admin password defaults to the env."""
     runs_root = Path(runs_root) if runs_root else default_runs_root()
+    for done in runs.recover_all(runs_root):  # start-up: what a killed earlier process left in the runs folder
+        log.info("recovered run %s", done)
+    cuda = device.cuda_available()
+    gpu_problem = device.unusable_gpu(cuda)
+    if gpu_problem:
+        log.warning("%s", gpu_problem)
     ctx = AppContext(jobs=jobs or JobManager(), runs_root=runs_root,
                      admin_password=admin_password if admin_password is not None else os.environ.get(ADMIN_ENV))
-    defaults = defaults or training.form_defaults(cuda_available())
+    defaults = defaults or training.form_defaults(cuda)
     # delete_cache: uploaded files are served to anyone holding their URL, so they do not outlive a few hours.
     with gr.Blocks(title="QLoRA fine-tune and chat", delete_cache=(3600, 6 * 3600)) as demo:
         gr.Markdown("# QLoRA fine-tune & compare\nTrain a LoRA adapter on a 4-bit base, then ask the base and the "
                     "fine-tuned model the same question side by side.")
-        banner = storage_banner(runs_root, ctx.locked)
+        banner = page_banner(runs_root, ctx.locked, gpu_problem)
         if banner:
             gr.Markdown(banner, elem_id="banner")
         with gr.Tabs():
@@ -86,7 +87,8 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         demo.load(tick, [gr.State(""), c["adapter"]], outputs, queue=False, api_visibility="private")
         t["refresh"].click(lambda cur: (render.runs_frame(runs_root), adapter_dropdown(runs_root, cur)),
                            t["run_pick"], [t["runs"], t["run_pick"]], queue=False, api_visibility="private")
-    # One GPU: one training start and one chat answer at a time; a bounded queue answers "full" instead of piling up.
+    # One GPU: one training start at a time; chat has its own, higher limit (ui/chat.py: the engine batches visitors).
+    # A bounded queue answers "full" instead of piling up.
     demo.queue(default_concurrency_limit=1, max_size=20)
     demo.ctx = ctx  # tests reach the server-side state through this
     return demo
@@ -97,8 +99,9 @@ def _newest(s: JobState, current: str | None) -> str | None:
     return Path(s.run_dir).name if s.status in ("finished", "stopped") and s.run_dir else current
 
 
-def storage_banner(runs_root: Path, locked: bool) -> str:
-    lines = []
+def page_banner(runs_root: Path, locked: bool, gpu_problem: str = "") -> str:
+    """What the page header warns about: a GPU torch cannot use, storage that does not last, an open app."""
+    lines = [f"⚠️ {gpu_problem}"] if gpu_problem else []
     on_space = bool(os.environ.get("SPACE_ID"))
     if on_space and not str(runs_root.absolute()).startswith("/data"):
         lines.append("⚠️ No persistent storage: runs and adapters are lost when the Space restarts. Download or "

@@ -1,19 +1,25 @@
-"""Side-by-side chat benchmark: one batched 2-row pass (base + adapter) vs two sequential generations, greedy.
+"""Chat serving benchmark: the slot engine (captured decode steps, many visitors in one batch) against today's eager
+path, greedy, on the 7B-shaped random 4-bit base with random r=64 q/v adapters.
 
-    python -m bench.chat_bench                 # 7B-shaped random 4-bit base, random r=64 q/v adapter, 128 new tokens
+    python -m bench.chat_bench                                   # bf16
+    QLORA_NO_BF16=1 python -m bench.chat_bench --gib 15 --tag t4  # T4 mode: fp16 compute, 15 GiB for this process
 
-Reports time to first token and tokens/s per pane, the combined speedup, and whether the outputs are identical.
+Reports, for each capture variant: the one-time load and capture seconds, the slots (rows x tokens) planned from the
+memory left, one visitor's panes (both in one pass, and each alone), 1/2/4/8 concurrent visitors (time to first
+token, tokens/s per pane, aggregate), whether every pane in every batch equals its answer alone, the teacher-forced
+logits against eager transformers + peft, a kernel-time profile of the 16-row step, and peak memory. Today's eager path
+(one peft `generate` per visitor, both panes batched) runs in the same process first.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
-from bench.common import build_random_model, card, versions, write_json
+from bench.common import build_random_model, cap_memory, card, versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
@@ -43,187 +49,433 @@ def random_adapter(model_dir: Path, run_dir: Path, r: int = 64, seed: int = 1) -
     return run_dir
 
 
-def timed(rows_iter, engine, t0):
-    """Consume a generation; (time to first yield, end time, token ids per row)."""
-    first = None
-    for _ in rows_iter:
-        if first is None:
-            first = time.perf_counter() - t0
-    return first, time.perf_counter() - t0, [list(r) for r in engine.last_streamer.ids]
+def visitor_prompts(engine, n: int, max_tokens: int = 10**9) -> list[str]:
+    """n questions of very different lengths (a few tokens to ~1,300, at most max_tokens), so one batch spans several
+    attention lengths."""
+    from bench.common import DATA
+    from qlora.data import prepare
+
+    convs = prepare(str(DATA / "guanaco-llama2-1k.parquet")).train
+    texts = sorted((" ".join(m["content"] for m in c) for c in convs), key=len)
+    out = []
+    for i in range(n):
+        if i % 4 == 0:
+            out.append(PROMPTS[i // 4 % len(PROMPTS)])
+        else:  # a long pasted document, cut to a length that grows with i
+            doc = " ".join(texts[-(i + 1) * 3:])[: 700 * (i % 4) * (1 + i // 4)]
+            while len(engine.prompt_ids([], f"Summarize this in one sentence:\n{doc}")) > max_tokens:
+                doc = doc[: len(doc) * 4 // 5]  # a smaller card's slots are shorter (the T4 mode's 1,280 tokens)
+            out.append(f"Summarize this in one sentence:\n{doc}")
+    return out
 
 
+# --- running requests -----------------------------------------------------------------------------------------
+def run_request(engine, rows_spec, t0: float | None = None) -> dict:
+    """Submit rows as one request and follow it: per row the token ids, first-token and end seconds since t0."""
+    t0 = t0 if t0 is not None else time.perf_counter()
+    ticket = engine.submit_rows(rows_spec)
+    n = len(rows_spec)
+    first, end = [None] * n, [None] * n
+    for kind, value in ticket.events():
+        now = time.perf_counter() - t0
+        if kind == "tokens":
+            for i, new in enumerate(value):
+                if new and first[i] is None:
+                    first[i] = now
+    now = time.perf_counter() - t0
+    ids = [list(r.ids) for r in ticket.rows]
+    for i in range(n):
+        end[i] = now
+        first[i] = first[i] if first[i] is not None else now
+    return dict(ids=ids, first=first, end=end)
+
+
+def concurrent(engine, requests: list[list], barrier_timeout: float = 600) -> tuple[list[dict], float]:
+    """Every request submitted at the same instant from its own thread (as many visitors would); results, wall s."""
+    out: list = [None] * len(requests)
+    start = threading.Barrier(len(requests) + 1)
+    t0 = [0.0]
+
+    def go(i):
+        start.wait(barrier_timeout)
+        out[i] = run_request(engine, requests[i], t0[0])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    t0[0] = time.perf_counter()
+    start.wait(barrier_timeout)
+    for t in threads:
+        t.join()
+    return out, time.perf_counter() - t0[0]
+
+
+def compare(prompt, ids, batched: dict, alone: list[dict]) -> dict:
+    """One visitor's pass (both panes at once) against each pane alone; keeps the fields of earlier results."""
+    n_b = [len(x) for x in batched["ids"]]
+    n_s = [len(a["ids"][0]) for a in alone]
+    b_end = max(batched["end"])
+    s_wall = alone[0]["end"][0] + alone[1]["end"][0]
+    return dict(
+        prompt=prompt, prompt_tokens=len(ids),
+        batched=dict(ttft_s=round(min(batched["first"]), 4), ttft_per_pane_s=[round(x, 4) for x in batched["first"]],
+                     wall_s=round(b_end, 3), tokens=n_b,
+                     tokens_per_s_per_pane=[round(n / e, 1) for n, e in zip(n_b, batched["end"])],
+                     decode_tokens_per_s_per_pane=[round((n - 1) / max(e - f, 1e-9), 1) for n, f, e in
+                                                   zip(n_b, batched["first"], batched["end"])],
+                     combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
+        sequential=dict(ttft_s=[round(a["first"][0], 4) for a in alone],
+                        ttft_from_click_s=[round(alone[0]["first"][0], 4),
+                                           round(alone[0]["end"][0] + alone[1]["first"][0], 4)],
+                        wall_s=round(s_wall, 3), tokens=n_s,
+                        tokens_per_s_per_pane=[round(n_s[i] / alone[i]["end"][0], 1) for i in range(2)],
+                        combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
+        identical=[batched["ids"][0] == alone[0]["ids"][0], batched["ids"][1] == alone[1]["ids"][0]],
+        first_difference=[next((k for k, (x, y) in enumerate(zip(batched["ids"][i], alone[i]["ids"][0])) if x != y),
+                               None) for i in range(2)],
+        adapter_changes_answer=batched["ids"][0] != batched["ids"][1])
+
+
+def one_visitor(engine, adapter: str, settings, rounds: int, prompts=PROMPTS) -> dict:
+    rows = []
+    for _ in range(rounds):
+        for prompt in prompts:
+            ids = engine.prompt_ids([], prompt, "", adapter)  # both panes: the adapter's prompt format
+            alone = [run_request(engine, [(ids, None, settings)]), run_request(engine, [(ids, adapter, settings)])]
+            batched = run_request(engine, [(ids, None, settings), (ids, adapter, settings)])
+            rows.append(r := compare(prompt, ids, batched, alone))
+            print(f"  {prompt[:40]!r}: both panes {r['batched']['tokens_per_s_per_pane']} tok/s/pane, TTFT "
+                  f"{r['batched']['ttft_s']} s; alone {r['sequential']['tokens_per_s_per_pane']}; identical "
+                  f"{r['identical']}", flush=True)
+    b = sum(sum(r["batched"]["tokens"]) for r in rows) / sum(r["batched"]["wall_s"] for r in rows)
+    s = sum(sum(r["sequential"]["tokens"]) for r in rows) / sum(r["sequential"]["wall_s"] for r in rows)
+    return dict(prompts=rows, combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
+                speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in rows),
+                tokens_per_s_per_pane=round(sum(sum(r["batched"]["tokens"]) for r in rows) / 2
+                                            / sum(r["batched"]["wall_s"] for r in rows), 1))
+
+
+def visitors(engine, adapters: list[str], settings, counts: list[int]) -> dict:
+    """N visitors at once (two rows each, own prompt, adapters alternating): TTFT, tok/s, and each equal to alone."""
+    n_max = max(counts)
+    decoder = getattr(engine._scheduler.backend, "decoder", None)
+    prompts = visitor_prompts(engine, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = engine.prompt_ids([], prompt, "", adapters[i % len(adapters)])
+        requests.append([(ids, None, settings), (ids, adapters[i % len(adapters)], settings)])
+    alone = [run_request(engine, r) for r in requests]  # each visitor alone: the reference
+    out = {}
+    for n in counts:
+        results, wall = concurrent(engine, requests[:n])
+        tokens = sum(len(x) for r in results for x in r["ids"])
+        pane = [len(x) / e for r in results for x, e in zip(r["ids"], r["end"])]
+        ttft = [min(r["first"]) for r in results]
+        identical = [r["ids"] == a["ids"] for r, a in zip(results, alone[:n])]
+        out[str(n)] = dict(visitors=n, prompt_tokens=[len(q[0][0]) for q in requests[:n]], wall_s=round(wall, 3),
+                           aggregate_tokens_per_s=round(tokens / wall, 1),
+                           tokens_per_s_per_pane=dict(min=round(min(pane), 1), mean=round(sum(pane) / len(pane), 1)),
+                           ttft_s=dict(max=round(max(ttft), 3), mean=round(sum(ttft) / len(ttft), 3)),
+                           all_identical_to_alone=all(identical), identical=identical)
+        print(f"  {n} visitor(s): aggregate {out[str(n)]['aggregate_tokens_per_s']} tok/s, per pane "
+              f"{out[str(n)]['tokens_per_s_per_pane']}, TTFT {out[str(n)]['ttft_s']}, identical to alone "
+              f"{all(identical)}", flush=True)
+    return out
+
+
+def sampled_alone_vs_batched(engine, adapter: str, new_tokens: int) -> bool:
+    """A seeded sampling visitor gives the same answer alone and next to 3 other visitors."""
+    from qlora.config import GenerationSettings
+
+    s = GenerationSettings(max_new_tokens=new_tokens, temperature=0.8, top_p=0.9, seed=5)
+    ids = engine.prompt_ids([], PROMPTS[1], "", adapter)
+    req = [(ids, None, s), (ids, adapter, s)]
+    alone = run_request(engine, req)
+    others = [[(engine.prompt_ids([], p), None, s)] for p in PROMPTS]
+    results, _ = concurrent(engine, [req] + others)
+    return results[0]["ids"] == alone["ids"]
+
+
+def teacher_forced(slot_engine, eager_engine, adapter_slot: str, adapter_eager: str, n: int) -> dict:
+    """Largest |logit difference| between the captured step and eager transformers + peft on the same tokens."""
+    import torch
+
+    backend = slot_engine._scheduler.backend
+    decoder = backend.decoder
+    peft_model = eager_engine.model
+    ids = slot_engine.prompt_ids([], PROMPTS[2], "", adapter_slot)
+    forced = list(range(1000, 1000 + n))  # any tokens: the check is the arithmetic, not the answer
+    out = {}
+    for row_name, name_slot, name_eager in (("base", None, None), ("adapter", adapter_slot, adapter_eager)):
+        if name_slot is not None and name_slot not in decoder.columns.placed:
+            decoder.columns.place(name_slot, backend._read(slot_engine.adapters[name_slot].folder),
+                                  backend._make_room(decoder.columns.placed, 64))
+        first = decoder.prefill(0, ids, decoder.columns.row_mask(name_slot))
+        mine = [first]
+        for k, t in enumerate(forced[:-1]):
+            decoder.host_ints[0, 0], decoder.host_ints[1, 0] = t, len(ids) + k
+            decoder.step(len(ids) + k)
+            mine.append(decoder.last_logits[0].clone())
+        decoder.clear(0)
+        full = torch.tensor([ids + forced[:-1]], device=decoder.device)
+        with torch.no_grad():
+            if name_eager is None:
+                with peft_model.disable_adapter():
+                    ref = peft_model(input_ids=full).logits[0, len(ids) - 1:].float()
+            else:
+                peft_model.set_adapter(name_eager)
+                ref = peft_model(input_ids=full).logits[0, len(ids) - 1:].float()
+        mine_t = torch.stack(mine)
+        diff = (mine_t - ref).abs()
+        out[row_name] = dict(max_abs_diff=round(float(diff.max()), 5), mean_abs_diff=round(float(diff.mean()), 6),
+                             logit_scale=round(float(ref.abs().max()), 3),
+                             argmax_agree=round(float((mine_t.argmax(-1) == ref.argmax(-1)).float().mean()), 4))
+    print("  teacher-forced logits vs eager peft:", json.dumps(out), flush=True)
+    return out
+
+
+def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
+    """Kernel time of the full-batch step (every slot decoding at position ~pos), by kind, from the eager (uncaptured)
+    run of the same step code, plus the replayed graph's wall time per step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    decoder = slot_engine._scheduler.backend.decoder
+    rows = decoder.rows
+    decoder.host_ints[0] = torch.arange(rows) + 500
+    decoder.host_ints[1] = pos
+    decoder.host_floats[1:3] = 1.0
+    decoder.host_floats[3] = 1.0
+    decoder.step(pos)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(pos)
+    graph_ms = 1000 * (time.perf_counter() - t) / steps
+    positions = decoder._positions(decoder.bucket(pos))
+    with torch.no_grad():
+        decoder._forward(positions)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                decoder._forward(positions)
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    top = []
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA" or e.self_device_time_total <= 0:
+            continue
+        ms = e.self_device_time_total / 1000 / 5
+        kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + ms
+        top.append((ms, e.key[:90], e.count // 5))
+    top.sort(reverse=True)
+    for i in range(rows):
+        decoder.clear(i)
+    out = dict(rows=rows, position=pos, bucket=decoder.bucket(pos), graph_ms_per_step=round(graph_ms, 3),
+               kernel_ms_per_step={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+               kernel_ms_total=round(sum(kinds.values()), 3),
+               top_kernels=[dict(ms=round(ms, 3), kernel=k, per_step=c) for ms, k, c in top[:15]])
+    print("  profile:", json.dumps({k: out[k] for k in ("graph_ms_per_step", "kernel_ms_per_step")}), flush=True)
+    return out
+
+
+def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> dict:
+    """Step time of the captured decode at several slot counts (the engine's own decoder is given back first)."""
+    import torch
+
+    from qlora import slots
+
+    backend = engine._scheduler.backend
+    model, columns = backend.model, backend.decoder.columns.columns
+    targets = set(backend.decoder.columns.linears)
+    backend.decoder.close()
+    out = {}
+    for rows in rows_list:
+        d = slots.SlotDecoder(model, rows, length, columns, capture=kind, targets=targets)
+        d.buckets = [256, length]
+        t = time.perf_counter()
+        d.capture()
+        cap = time.perf_counter() - t
+        d.host_ints[0] = torch.arange(rows) + 500
+        d.host_floats[1:4] = 1.0
+        res = dict(capture_s=round(cap, 1))
+        for pos in (200, length - 100):
+            d.host_ints[1] = pos
+            d.step(pos)
+            t = time.perf_counter()
+            for _ in range(30):
+                d.step(pos)
+            ms = 1000 * (time.perf_counter() - t) / 30
+            res[f"ms_per_step_at_{pos}"] = round(ms, 3)
+            res[f"tokens_per_s_per_row_at_{pos}"] = round(1000 / ms, 1)
+        out[str(rows)] = res
+        print(f"  {rows} rows: {res}", flush=True)
+        d.close()
+        del d
+        torch.cuda.empty_cache()
+    return out
+
+
+def _kind(name: str) -> str:
+    n = name.lower()
+    if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
+        return "4-bit matmul (bitsandbytes fused)"
+    if "dequantize" in n:
+        return "4-bit dequantize (bitsandbytes)"
+    if "fmha" in n or "attention" in n or "flash" in n:
+        return "attention"
+    if "sort" in n or "scan" in n or "radix" in n or "cumsum" in n:
+        return "sampling (sort, cumsum)"
+    if "gemm" in n or "gemv" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
+        return "16-bit matmul (LM head, LoRA, dequantized 4-bit)"
+    if "triton" in n:
+        return "fused elementwise (inductor)"
+    return "elementwise / copies / other"
+
+
+# --- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="/tmp/llama7b-random")
-    ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke test of the script)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="")
-    ap.add_argument("--row-by-row", default=None,
-                    help="variants of qlora.chat.ROW_BY_ROW to measure, e.g. 'none;linear;linear,attention' "
-                         "(default: the product's setting)")
-    ap.add_argument("--rounds", type=int, default=1, help="times over the prompts (each pass next to its reference)")
-    ap.add_argument("--stock-lora", action="store_true",
-                    help="peft's own mixed-adapter forward (rows picked by lists, the adapter in fp32): the path before")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="also profile N greedy tokens of each path: CUDA syncs, launches and GPU-busy share")
+    ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
+    ap.add_argument("--capture", default="graphs", help="slot-engine variants, comma-separated: graphs, compile, eager")
+    ap.add_argument("--visitors", default="1,2,4,8")
+    ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
+    ap.add_argument("--eager-tokens", type=int, default=64)
+    ap.add_argument("--gib", type=float, default=0.0, help="cap this process's GPU memory (15: a T4)")
+    ap.add_argument("--profile", action="store_true", help="kernel-time profile of the full-batch step")
+    ap.add_argument("--logits", action="store_true", help="teacher-forced logits against eager transformers + peft")
+    ap.add_argument("--rows-sweep", default="", help="also time the captured step at these slot counts, e.g. 2,4,8,16")
+    ap.add_argument("--no-buckets", action="store_true", help="attend over the whole slot every step (one graph)")
     a = ap.parse_args(argv)
 
     import torch
 
     from bench.common import LLAMA_7B
-    from qlora import chat
-    from qlora.chat import BASE, ChatEngine
+    from qlora.chat import ChatEngine
     from qlora.config import GenerationSettings
-    from qlora.prompts import encode, format_prompt
 
+    if a.no_buckets:
+        from qlora import slots
+
+        slots.buckets = lambda length: [length]
+    if a.gib:
+        import os
+
+        os.environ["QLORA_GPU_MEMORY_GIB"] = str(a.gib)
+        cap_memory(a.gib)
     shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4) if a.tiny else None
-    if a.stock_lora:
-        chat.adapter_rows_as_slices = lambda model: contextlib.nullcontext()
     model_dir = build_random_model(Path(a.model), shape)
-    run_dir = random_adapter(model_dir, Path(a.out) / ".chat-run")
-    engine = ChatEngine(str(model_dir), "nf4", "auto")
-    t0 = time.perf_counter()
-    name = engine.load_adapter(run_dir)
-    load_s = time.perf_counter() - t0
+    runs_dir = Path(a.model).parent / (Path(a.model).name + "-chat-runs")  # adapters: not in the results
+    run_a = random_adapter(model_dir, runs_dir / "a", seed=1)
+    run_b = random_adapter(model_dir, runs_dir / "b", seed=2)
     settings = GenerationSettings(max_new_tokens=a.new_tokens, temperature=0.0)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-
-    # warm-up: kernels, allocator, both code paths
-    warm = GenerationSettings(max_new_tokens=8, temperature=0.0)
-    for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):
-        pass
-    engine.generate_sequential(PROMPTS[0], warm, name)
-
-    variants = [tuple(p for p in v.split(",") if p and p != "none") for v in a.row_by_row.split(";")] \
-        if a.row_by_row is not None else [tuple(chat.ROW_BY_ROW)]
-    for variant in variants:  # warm each variant's kernels
-        chat.ROW_BY_ROW = variant
-        for _ in engine.stream_pair([], [], PROMPTS[0], warm, name):
-            pass
-    # The host's speed drifts by tens of percent over minutes (decoding here is bound by the CPU launching kernels),
-    # so each batched pass runs right after its sequential reference, prompt by prompt, round by round.
-    rows: list[list[dict]] = [[] for _ in variants]
-    for _round in range(a.rounds):
-        for prompt in PROMPTS:
-            ids = encode(format_prompt([], prompt, ""), engine.tokenizer)
-            seq = []
-            for adapter in (BASE, name):  # the reference: each pane on its own, one row
-                sync()
-                t = time.perf_counter()
-                seq.append(timed(engine._generate([ids], [adapter], settings, None), engine, t))
-            for variant, vrows in zip(variants, rows):
-                chat.ROW_BY_ROW = variant
-                sync()
-                t = time.perf_counter()
-                b_first, b_end, b_ids = timed(engine.stream_pair([], [], prompt, settings, name), engine, t)
-                vrows.append(r := compare(prompt, ids, seq, b_first, b_end, b_ids))
-                print(f"[{','.join(variant) or 'none'}] {prompt[:40]!r}: batched "
-                      f"{r['batched']['combined_tokens_per_s']} tok/s combined, TTFT {r['batched']['ttft_s']} s; "
-                      f"sequential {r['sequential']['combined_tokens_per_s']} tok/s, TTFT {r['sequential']['ttft_s']}; "
-                      f"identical {r['identical']} (first difference at {r['first_difference']})", flush=True)
-    reports = []
-    for variant, vrows in zip(variants, rows):
-        b = sum(sum(r["batched"]["tokens"]) for r in vrows) / sum(r["batched"]["wall_s"] for r in vrows)
-        s = sum(sum(r["sequential"]["tokens"]) for r in vrows) / sum(r["sequential"]["wall_s"] for r in vrows)
-        reports.append(dict(row_by_row=list(variant), prompts=vrows,
-                            combined_tokens_per_s=dict(batched=round(b, 1), sequential=round(s, 1)),
-                            speedup=round(b / s, 2), all_identical=all(all(r["identical"]) for r in vrows)))
-    profiles = {path: profile(engine, names, a.profile) for path, names in
-                (("base", [BASE]), ("adapter", [name]), ("batched", [BASE, name]))} if a.profile else None
     report = dict(card=card(), versions=versions(), new_tokens=a.new_tokens, rounds=a.rounds,
-                  adapter_load_s=round(load_s, 2),
-                  lora_rows="peft lists" if a.stock_lora else "slices", profiles=profiles,
-                  precision=str(engine.model.dtype) if engine.model is not None else None,
                   command="python -m bench.chat_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), variants=reports,
-                  **{k: reports[0][k] for k in ("prompts", "combined_tokens_per_s", "speedup", "all_identical")})
+                  when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), gib_cap=a.gib or None)
+    peak = lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None  # noqa
+
+    eager = None
+    if a.eager_prompts:
+        print("today's eager path (one peft generate per visitor):", flush=True)
+        eager = ChatEngine(str(model_dir), "nf4", "auto", decode="generate")
+        t = time.perf_counter()
+        eager.load()
+        name_e = eager.load_adapter(run_a)
+        load_s = time.perf_counter() - t
+        run_request(eager, [([1, 2, 3], None, GenerationSettings(max_new_tokens=4, temperature=0)),
+                            ([1, 2, 3], name_e, GenerationSettings(max_new_tokens=4, temperature=0))])  # warm
+        es = GenerationSettings(max_new_tokens=a.eager_tokens, temperature=0.0)
+        report["eager"] = dict(load_s=round(load_s, 1), new_tokens=a.eager_tokens,
+                               **one_visitor(eager, name_e, es, 1, PROMPTS[:a.eager_prompts]))
+        report["precision"] = str(eager.model.dtype)
+    variants = {}
+    for kind in a.capture.split(","):
+        print(f"slot engine, {kind}:", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind)
+        names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
+        t = time.perf_counter()
+        engine.load()
+        load_s = time.perf_counter() - t
+        decoder = getattr(engine._scheduler.backend, "decoder", None)
+        v = dict(backend=engine.backend_kind, fallback_reason=engine.fallback_reason, load_s=round(load_s, 1),
+                 capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
+                 rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),
+                 adapter_columns=decoder.columns.columns if decoder else None,
+                 buckets=getattr(decoder, "buckets", None), exactness=engine.exactness,
+                 adapter_column_linears=len(decoder.columns.linears) if decoder else None, peak_gib_after_load=peak())
+        print("  ", json.dumps(v), flush=True)
+        run_request(engine, [([1, 2, 3], None, settings), ([1, 2, 3], names[0], settings)])  # adapters resident
+        v["one_visitor"] = one_visitor(engine, names[0], settings, a.rounds)
+        counts = [int(c) for c in a.visitors.split(",") if c]
+        v["visitors"] = visitors(engine, names, settings, counts)
+        v["sampled_alone_equals_batched"] = sampled_alone_vs_batched(engine, names[0], min(a.new_tokens, 48))
+        if a.logits and eager is not None and decoder is not None:
+            v["teacher_forced_logits"] = teacher_forced(engine, eager, names[0], name_e, 32)
+        if a.profile and decoder is not None and torch.cuda.is_available():
+            v["profile"] = profile_step(engine)
+        v["peak_gib"] = peak()
+        if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
+            v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
+        variants[kind] = v
+        engine.unload()
+        report["variants"] = variants
+        main_v = next(iter(variants.values()))
+        report.update({k: main_v["one_visitor"][k] for k in ("prompts", "combined_tokens_per_s", "speedup",
+                                                              "all_identical")})
+        write_json(Path(a.out) / f"chat{'-' + a.tag if a.tag else ''}.json", report)  # after each variant
+    if eager is not None:
+        eager.unload()
     name_ = f"chat{'-' + a.tag if a.tag else ''}"
-    write_json(Path(a.out) / f"{name_}.json", report)
     md = markdown(report)
     (Path(a.out) / f"{name_}.md").write_text(md, encoding="utf-8")
     print(md)
     return 0
 
 
-def compare(prompt, ids, seq, b_first, b_end, b_ids) -> dict:
-    """One prompt's batched pass against its two sequential generations (each: first-yield s, end s, ids per row)."""
-    s_wall = seq[0][1] + seq[1][1]
-    n_b = [len(x) for x in b_ids]
-    n_s = [len(s[2][0]) for s in seq]
-    return dict(
-        prompt=prompt, prompt_tokens=len(ids),
-        batched=dict(ttft_s=round(b_first, 4), wall_s=round(b_end, 3), tokens=n_b,
-                     tokens_per_s_per_pane=[round(n / b_end, 1) for n in n_b],
-                     combined_tokens_per_s=round(sum(n_b) / b_end, 1)),
-        sequential=dict(ttft_s=[round(seq[0][0], 4), round(seq[1][0], 4)],
-                        ttft_from_click_s=[round(seq[0][0], 4), round(seq[0][1] + seq[1][0], 4)],
-                        wall_s=round(s_wall, 3), tokens=n_s,
-                        tokens_per_s_per_pane=[round(n_s[i] / seq[i][1], 1) for i in range(2)],
-                        combined_tokens_per_s=round(sum(n_s) / s_wall, 1)),
-        identical=[b_ids[0] == seq[0][2][0], b_ids[1] == seq[1][2][0]],
-        first_difference=[next((k for k, (x, y) in enumerate(zip(b_ids[i], seq[i][2][0])) if x != y), None)
-                          for i in range(2)],
-        adapter_changes_answer=b_ids[0] != b_ids[1])
-
-
-def profile(engine, adapter_names: list[str], tokens: int) -> dict:
-    """Per generated token: CUDA runtime calls that make the CPU wait (syncs, blocking copies), kernel launches, and
-    GPU time against wall time (well under 1 means the GPU waits on Python)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    from qlora import chat
-    from qlora.prompts import encode, format_prompt
-
-    model = engine.model
-    ids = torch.tensor([encode(format_prompt([], PROMPTS[0], ""), engine.tokenizer)] * len(adapter_names),
-                       device=model.device)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                  do_sample=False, temperature=None, top_p=None, top_k=None, adapter_names=adapter_names,
-                  pad_token_id=engine.tokenizer.pad_token_id)
-    parts = chat.ROW_BY_ROW if len(adapter_names) > 1 else ()
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    with torch.inference_mode(), chat.adapter_rows_as_slices(model), chat.one_row_at_a_time(model, parts):
-        model.generate(**kwargs)  # warm
-        sync()
-        t = time.perf_counter()
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            model.generate(**kwargs)
-            sync()
-        wall = time.perf_counter() - t
-    events = prof.key_averages()
-    calls = {e.key: e.count for e in events}
-    waits = {k: v for k, v in calls.items() if "Synchronize" in k or k in ("cudaMemcpy", "cudaMemcpyAsync")}
-    gpu_s = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    out = dict(rows=adapter_names, tokens=tokens, wall_ms_per_token=round(1000 * wall / tokens, 2),
-               gpu_ms_per_token=round(1000 * gpu_s / tokens, 2),
-               waits_per_token={k: round(v / tokens, 1) for k, v in waits.items()},
-               launches_per_token=round(sum(v for k, v in calls.items() if "LaunchKernel" in k) / tokens, 1),
-               top_cpu_ops_ms_per_token={e.key: round(e.self_cpu_time_total / 1000 / tokens, 2) for e in top})
-    print("profile", json.dumps(out), flush=True)
-    return out
-
-
 def markdown(rep: dict) -> str:
     c = rep["card"]
-    lines = [f"Card: {c['name']}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; `{rep['command']}`; "
-             f"adapter rows picked by {rep['lora_rows']}"]
-    for v in rep["variants"]:
-        lines += ["", f"Rows computed one at a time in the batched pass: {', '.join(v['row_by_row']) or 'none'}. "
-                  f"Combined tokens/s: batched {v['combined_tokens_per_s']['batched']}, sequential "
-                  f"{v['combined_tokens_per_s']['sequential']}: **{v['speedup']}x**; outputs identical: "
-                  f"{v['all_identical']}", "",
-                  "| prompt | batched TTFT s | batched tok/s per pane | sequential TTFT s (own; from click) | "
-                  "sequential tok/s per pane | identical (base, tuned) | adapter changes answer |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in v["prompts"]:
-            b, s = r["batched"], r["sequential"]
-            lines.append(f"| {r['prompt'][:30]} | {b['ttft_s']} | {b['tokens_per_s_per_pane']} | {s['ttft_s']}; "
-                         f"{s['ttft_from_click_s']} | {s['tokens_per_s_per_pane']} | {r['identical']} | "
-                         f"{r['adapter_changes_answer']} |")
+    lines = [f"Card: {c['name']}{' capped at %s GiB' % rep['gib_cap'] if rep.get('gib_cap') else ''}; "
+             f"{rep.get('precision', '')}; {rep['new_tokens']} new tokens, greedy; {rep['when']}; "
+             f"`{rep['command']}`", ""]
+    if "eager" in rep:
+        e = rep["eager"]
+        lines += [f"Today's eager path ({e['new_tokens']} tokens, {len(e['prompts'])} prompt): both panes "
+                  f"{e['tokens_per_s_per_pane']} tok/s a pane; identical to each pane alone: {e['all_identical']}", ""]
+    lines += ["| engine | load s (capture s) | rows x tokens | 1 visitor tok/s a pane (alone) | TTFT s | "
+              "identical | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for kind, v in rep["variants"].items():
+        o = v["one_visitor"]
+        alone = [p["sequential"]["tokens_per_s_per_pane"] for p in o["prompts"]]
+        lines.append(f"| {kind} ({v['backend']}) | {v['load_s']} ({v['capture_s']}) | {v['rows']} x {v['slot_tokens']} "
+                     f"| {o['tokens_per_s_per_pane']} ({alone}) | "
+                     f"{[p['batched']['ttft_s'] for p in o['prompts']]} | {o['all_identical']} | {v['peak_gib']} |")
+    for kind, v in rep["variants"].items():
+        lengths = v["visitors"][max(v["visitors"], key=int)]["prompt_tokens"]
+        lines += ["", f"**{kind}**: concurrent visitors (2 rows each, own prompt of {min(lengths)}-{max(lengths)} "
+                  "tokens, adapters alternating)",
+                  "", "| visitors | aggregate tok/s | tok/s a pane (min / mean) | TTFT s (max / mean) | "
+                  "every pane = alone |", "|---|---|---|---|---|"]
+        for n, r in v["visitors"].items():
+            lines.append(f"| {n} | {r['aggregate_tokens_per_s']} | {r['tokens_per_s_per_pane']['min']} / "
+                         f"{r['tokens_per_s_per_pane']['mean']} | {r['ttft_s']['max']} / {r['ttft_s']['mean']} | "
+                         f"{r['all_identical_to_alone']} |")
+        lines.append(f"\nSampling (seed 5, T=0.8, top-p 0.9) alone = next to 3 visitors: "
+                     f"{v['sampled_alone_equals_batched']}")
+        if "teacher_forced_logits" in v:
+            lines.append("Teacher-forced logits vs eager transformers + peft: "
+                         f"{json.dumps(v['teacher_forced_logits'])}")
+        if "profile" in v:
+            p = v["profile"]
+            lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "
+                         f"{p['graph_ms_per_step']} ms a step; kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
     return "\n".join(lines) + "\n"
 
 

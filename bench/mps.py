@@ -5,8 +5,9 @@
 
 MPS (`nvidia-cuda-mps-control -d`) lets every client process use only CUDA_MPS_ACTIVE_THREAD_PERCENTAGE % of the
 multiprocessors. The percentage is calibrated so that a large fp16 matmul runs at about what cuBLAS reaches on a T4
-(TARGET_TFLOPS); memory bandwidth, Turing's kernels and the host CPU stay those of the big card, which the bench
-report says. Where MPS is not there (no control binary, no permission), `available` is False and `why` says so.
+(TARGET_TFLOPS); memory bandwidth and the host CPU stay those of the big card, which the bench report says (the
+bench also turns off the attention kernels a T4 lacks, and tells the project's plan it is on a 7.5 card at this
+rate). Where MPS is not there (no control binary, no permission), `available` is False and `why` says so.
 """
 from __future__ import annotations
 
@@ -19,28 +20,37 @@ import tempfile
 import time
 from pathlib import Path
 
-# A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap.
-TARGET_TFLOPS = 40.0
+from qlora.device import T4_MATMUL_TFLOPS
+
+# A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap
+# (qlora/device.py owns the figure: the plan weighs the same fact).
+TARGET_TFLOPS = round(T4_MATMUL_TFLOPS)
 CONTROL = "nvidia-cuda-mps-control"
 
 _PROBE = r"""
 import json, sys, torch
+def timed(fn, reps=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
 n = 8192
 a = torch.randn(n, n, device="cuda", dtype=torch.float16)
 b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-for _ in range(3):
-    a @ b
-torch.cuda.synchronize()
-start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-start.record()
-reps = 10
-for _ in range(reps):
-    a @ b
-end.record()
-torch.cuda.synchronize()
-seconds = start.elapsed_time(end) / 1000 / reps
-print(json.dumps({"tflops": 2 * n ** 3 / seconds / 1e12}))
+tflops = 2 * n ** 3 / timed(lambda: a @ b) / 1e12
+del a, b
+x = torch.empty(2 ** 29, device="cuda", dtype=torch.float16)  # 1 GiB, copied: what memory-bound kernels get
+y = torch.empty_like(x)
+copy_gbs = 2 * 2 ** 30 / timed(lambda: y.copy_(x)) / 1e9
+print(json.dumps({"tflops": tflops, "copy_gbs": copy_gbs}))
 """
+T4_COPY_GBS = 320.0  # a T4's memory bandwidth (datasheet); the probe reports what t4c leaves an arm beside it
 
 
 class T4Compute:
@@ -54,6 +64,7 @@ class T4Compute:
         self.available = False
         self.why = ""
         self.calibration: list[dict] = []
+        self.concurrent: dict | None = None  # the probe's rate with several clients at once (bench --parallel)
         self._dirs: Path | None = None
 
     # --- the daemon --------------------------------------------------------------------------------------
@@ -97,14 +108,35 @@ class T4Compute:
 
     # --- calibration -------------------------------------------------------------------------------------
     def matmul_tflops(self, percentage: int) -> float:
-        """A large fp16 matmul's rate in a fresh process under `percentage` % of the multiprocessors."""
-        proc = subprocess.run([sys.executable, "-c", _PROBE], env=self.env(os.environ, percentage),
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the matmul probe under MPS failed: {proc.stderr.strip()[-300:]}")
-        tflops = json.loads(proc.stdout.strip().splitlines()[-1])["tflops"]
-        self.calibration.append(dict(percentage=percentage, tflops=round(tflops, 1)))
-        return tflops
+        """A large fp16 matmul's rate in a fresh process under `percentage` % of the multiprocessors (the same probe
+        measures a 1 GiB copy's bandwidth: both go into `calibration`)."""
+        result = self._probes(self.env(os.environ, percentage), 1)[0]
+        self.calibration.append(dict(percentage=percentage, **result))
+        return result["tflops"]
+
+    def concurrent_tflops(self, clients: int) -> list[float]:
+        """The probe in `clients` processes at once, each under the calibrated percentage: whether arms run side by
+        side (bench --parallel) still get a T4's matmul rate and their bandwidth each, or crowd each other out."""
+        results = self._probes(self.env(os.environ), clients)
+        self.concurrent = dict(clients=clients, tflops=[r["tflops"] for r in results],
+                               copy_gbs=[r["copy_gbs"] for r in results])
+        return self.concurrent["tflops"]
+
+    def _probes(self, env: dict, clients: int) -> list[dict]:
+        procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(clients)]
+        results = []
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=180)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"the matmul probe under MPS failed: {err.strip()[-300:]}")
+            found = json.loads(out.strip().splitlines()[-1])
+            results.append({k: round(v, 1) for k, v in found.items()})
+        return results
 
     def _calibrate(self) -> None:
         """Rate is close to proportional to the share of multiprocessors: measure at 100 %, scale, check, refine."""
@@ -125,4 +157,5 @@ class T4Compute:
     def to_dict(self) -> dict:
         return dict(available=self.available, why=self.why, target_tflops=self.target, percentage=self.percentage,
                     measured_tflops=self.measured_tflops and round(self.measured_tflops, 1),
-                    full_card_tflops=self.full_tflops and round(self.full_tflops, 1), calibration=self.calibration)
+                    full_card_tflops=self.full_tflops and round(self.full_tflops, 1), calibration=self.calibration,
+                    concurrent=self.concurrent, t4_copy_gbs=T4_COPY_GBS)

@@ -1,17 +1,22 @@
 """Training benchmark: the seed stack vs the project's own path, same recipe, data and order, each arm in its own process.
 
     python -m bench.train_bench                      # H100 mode and T4 mode, seed vs project, writes bench/results/
-    python -m bench.train_bench --modes h100 --arms seed,project,project:liger=0 --steps 40
+    python -m bench.train_bench --modes h100 --arms seed,project,project:fused=0 --steps 40
 
 Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compute, fp32 LoRA weights, gradient
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
-picks for the card. `project:key=value+key=value` overrides that plan (liger, lean, causal, pf, ckpt, lora32,
-compile, fused) to measure one lever (arms are separated by commas, overrides by '+').
+picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
+commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
+compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes), mm4bit
+(bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
+(flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
 calibrates the thread percentage on a large fp16 matmul, and stops it; it says so and skips the mode where MPS is
-missing).
+missing) and to a T4's kernels: no FlashAttention or cuDNN attention for any arm, and the project plans for compute
+capability 7.5 at the calibrated TFLOP/s. `--parallel N` runs the t4c arms N at a time (each under its own MPS share
+of the multiprocessors), so one call can measure many levers side by side with the seed.
 """
 from __future__ import annotations
 
@@ -39,15 +44,59 @@ def recipe(steps: int, out_dir: str):
                        logging_steps=1, seed=42)
 
 
+def _flag(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise ValueError(f"expected 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def _one_of(*choices):
+    def parse(value: str):
+        kind = type(choices[0])
+        if kind(value) not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return kind(value)
+    return parse
+
+
+# project:key=value -> the Plan field it sets and how its value reads
+OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag), "ckpt": ("checkpoint_layers", int),
+             "lora32": ("lora_fp32", _flag), "lean": ("lean", _flag), "fused": ("fused", _flag),
+             "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
+             "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
+             "metrics": ("trl_metrics", _flag), "attn": ("attention", _one_of("flash", "efficient", "math"))}
+
+
+def apply_overrides(plan, overrides: str, cfg, arch) -> None:
+    """Set the plan fields an arm names ("keep_mlp=32+fewer=0"), then re-estimate its memory."""
+    for item in filter(None, overrides.split("+")):
+        key, _, value = item.partition("=")
+        if key not in OVERRIDES:
+            raise SystemExit(f"unknown override {key!r} in {overrides!r}; known: {', '.join(OVERRIDES)}")
+        field, parse = OVERRIDES[key]
+        try:
+            setattr(plan, field, parse(value))
+        except ValueError as e:
+            raise SystemExit(f"override {item!r}: {e}") from None
+        plan.notes.append(f"override {field}={getattr(plan, field)}")
+    if plan.padding_free:
+        plan.causal_attention = False  # packed rows need their block mask
+    plan.estimated_peak_gib = plan.estimate(cfg, arch)
+
+
 def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     import torch
 
     from qlora import speed
-    from qlora.model import load_base, load_tokenizer, pick_precision
+    from qlora.device import pick_precision
+    from qlora.model import load_base, load_tokenizer
 
     if mode in ("t4", "t4c"):
         cap_memory(T4_GIB)
     cuda = torch.cuda.is_available()
+    if mode == "t4c" and cuda:  # a T4 has neither FlashAttention-2 nor cuDNN attention: no arm may use them
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
     tok = load_tokenizer(model_dir)
     ids = guanaco_ids(tok)
     cfg = recipe(steps, str(out.parent / "runs"))
@@ -61,16 +110,9 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     else:
         precision = pick_precision("auto")
         model = load_base(model_dir, "nf4", precision)
-        plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
-        for item in filter(None, overrides.split("+")):
-            key, _, value = item.partition("=")
-            field = {"liger": "liger", "causal": "causal_attention", "pf": "padding_free", "ckpt": "checkpoint_layers",
-                     "lora32": "lora_fp32", "compile": "compile", "lean": "lean",
-                     "fused": "fused"}[key]
-            setattr(plan, field, int(value) if field == "checkpoint_layers" else value == "1")
-            plan.notes.append(f"override {field}={getattr(plan, field)}")
-        if plan.padding_free:
-            plan.causal_attention = False  # packed rows need their block mask
+        arch = speed.Arch.of(model.config)
+        plan = speed.plan(cfg, arch, precision)
+        apply_overrides(plan, overrides, cfg, arch)
         from qlora.train import build_trainer
 
         trainer = build_trainer(cfg, model, tok, ids, [], precision, out.parent / "runs" / arm.replace(":", "_"),
@@ -149,7 +191,7 @@ def seed_trainer(cfg, model, tok, ids, precision, run_dir):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
     trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
-                         train_dataset=Dataset.from_dict({"input_ids": ids}))
+                         train_dataset=Dataset.from_dict({"input_ids": [r.ids for r in ids]}))
     trainer.remove_callback(PrinterCallback)
     for p in trainer.model.parameters():  # fp32 trainable weights (trl casts them to bf16; fp16's scaler needs fp32)
         if p.requires_grad:
@@ -180,7 +222,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="file name suffix")
     ap.add_argument("--arm-timeout", type=int, default=420)
     ap.add_argument("--mps-percentage", type=int, help="t4c: this thread percentage instead of calibrating one")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="t4c: run this many arms at once, each under its own MPS share (at most 8 on a 141 GB card: "
+                         "every arm may take 15 GiB)")
     ap.add_argument("--run-arm", help=argparse.SUPPRESS)
+    ap.add_argument("--build-model", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="h100", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -189,33 +235,49 @@ def main(argv=None) -> int:
         result = run_arm(a.run_arm, a.model, a.steps, a.mode, Path(a.json))
         write_json(Path(a.json), result)
         return 0
+    if a.build_model:  # child process
+        from bench.common import LLAMA_7B
 
-    from bench.common import LLAMA_7B
+        shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4) if a.tiny else None
+        build_random_model(Path(a.model), shape)
+        return 0
 
-    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4) if a.tiny else None
+    for arm in a.arms.split(","):  # a typo fails now, not minutes later in a child
+        name, _, overrides = arm.partition(":")
+        for item in filter(None, overrides.split("+")):
+            if item.partition("=")[0] not in OVERRIDES:
+                raise SystemExit(f"arm {arm!r}: unknown override {item!r}; known: {', '.join(OVERRIDES)}")
     t0 = time.perf_counter()
-    model_dir = build_random_model(Path(a.model), shape)
+    # in a child: this process must hold no CUDA context of its own while the t4c mode's MPS daemon runs
+    build = [sys.executable, "-m", "bench.train_bench", "--build-model", "--model", a.model] + (["--tiny"] * a.tiny)
+    subprocess.run(build, check=True)
+    model_dir = Path(a.model)
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
     from qlora.model import load_tokenizer
 
-    epoch_tokens = sum(map(len, guanaco_ids(load_tokenizer(str(model_dir)))))
+    epoch_tokens = sum(len(r.ids) for r in guanaco_ids(load_tokenizer(str(model_dir))))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     modes = a.modes.split(",")
-    with contextlib.ExitStack() as stack:
-        t4c = stack.enter_context(T4Compute(percentage=a.mps_percentage)) if "t4c" in modes else None
-        if t4c is not None:
+    results = run_arms(a, model_dir, [m for m in modes if m != "t4c"], out, epoch_tokens)
+    t4c = None
+    if "t4c" in modes:  # last, with the MPS daemon up only for it
+        with T4Compute(percentage=a.mps_percentage) as t4c:
+            if t4c.available and a.parallel > 1:
+                try:
+                    t4c.concurrent_tflops(min(a.parallel, len(a.arms.split(","))))
+                except RuntimeError as e:  # said in the report; the arms still run
+                    print(f"t4c: the probe with several clients failed: {e}", flush=True)
             print(f"t4c: {json.dumps(t4c.to_dict())}", flush=True)
-            if not t4c.available:
+            if t4c.available:
+                results += run_arms(a, model_dir, ["t4c"], out, epoch_tokens, t4c, a.parallel)
+            else:
                 print(f"t4c skipped: {t4c.why}", flush=True)
-                modes.remove("t4c")
-        results = run_arms(a, model_dir, modes, out, epoch_tokens, t4c)
     report = dict(card=card(), versions=versions(), steps=a.steps, warmup=a.warmup, epoch_tokens=epoch_tokens,
                   command="python -m bench.train_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                   when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), arms=results,
-                  t4c=t4c.to_dict() if t4c is not None else None)
+                  t4c=t4c.to_dict() if t4c is not None else None, parallel=a.parallel)
     report["speedup"] = speedups(results)
     name = f"train{'-' + a.tag if a.tag else ''}"
     write_json(out / f"{name}.json", report)
@@ -224,44 +286,68 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_arms(a, model_dir: Path, modes: list[str], out: Path, epoch_tokens: int, t4c) -> list[dict]:
-    """Each (mode, arm) in its own process, so one arm's memory and compiled state never reach the next."""
-    results = []
-    for mode in modes:
-        for arm in a.arms.split(","):
-            env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
-            env.pop("QLORA_GPU_MEMORY_GIB", None)
-            env.pop("QLORA_NO_BF16", None)
-            if mode in ("h100", "t4", "t4c"):
-                env["QLORA_GPU_MEMORY_GIB"] = str(T4_GIB)  # the project plans for a T4's memory
-            if mode in ("t4", "t4c"):
-                env["QLORA_NO_BF16"] = "1"
-            if mode == "t4c":
-                env = t4c.env(env)
-            tmp = out / f".arm-{mode}-{arm.replace(':', '_').replace(',', '_').replace('=', '')}.json"
-            cmd = [sys.executable, "-m", "bench.train_bench", "--run-arm", arm, "--mode", mode, "--model",
-                   str(model_dir), "--steps", str(a.steps), "--json", str(tmp)]
-            print(f"== {mode} {arm}", flush=True)
-            t1 = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, env=env, timeout=a.arm_timeout, capture_output=True, text=True)
-                err = None if proc.returncode == 0 else proc.stderr[-3000:]
-            except subprocess.TimeoutExpired:
-                err = f"timed out after {a.arm_timeout} s"
-            if err:
-                print(f"   FAILED: {err}", flush=True)
-                results.append(dict(arm=arm, mode=mode, error=err))
+def run_arms(a, model_dir: Path, modes: list[str], out: Path, epoch_tokens: int, t4c=None,
+             parallel: int = 1) -> list[dict]:
+    """Each (mode, arm) in its own process, so one arm's memory and compiled state never reach the next; `parallel`
+    of them at once (t4c only: elsewhere arms would share the whole card and measure each other)."""
+    jobs = [(mode, arm) for mode in modes for arm in a.arms.split(",")]
+    pending, running, done = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            running.append(_start_arm(a, model_dir, *pending.pop(0), out, t4c))
+        time.sleep(0.2)
+        for job in list(running):
+            if job["proc"].poll() is None and time.perf_counter() - job["t1"] < a.arm_timeout:
                 continue
-            r = json.loads(tmp.read_text())
-            tmp.unlink()
-            r.update(summarize(r, a.warmup, epoch_tokens), wall_s=round(time.perf_counter() - t1, 1))
-            print(f"   {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.3f} s/step, peak {r['peak_allocated_gib']} GiB"
-                  f" alloc / {r['peak_reserved_gib']} reserved, loss {r['final_loss']}, wall {r['wall_s']} s"
-                  f"{', plan: ' + '; '.join(r['plan']['notes']) if r.get('plan') else ''}", flush=True)
-            if r.get("profile"):
-                print(r["profile"][-6000:], flush=True)
-            results.append(r)
-    return results
+            running.remove(job)
+            done[job["key"]] = _finish_arm(a, job, epoch_tokens)
+    return [done[key] for key in jobs]
+
+
+def _start_arm(a, model_dir: Path, mode: str, arm: str, out: Path, t4c) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")
+    for name in ("QLORA_GPU_MEMORY_GIB", "QLORA_NO_BF16", "QLORA_GPU_CAPABILITY", "QLORA_GPU_TFLOPS"):
+        env.pop(name, None)
+    if mode in ("h100", "t4", "t4c"):
+        env["QLORA_GPU_MEMORY_GIB"] = str(T4_GIB)  # the project plans for a T4's memory
+    if mode in ("t4", "t4c"):
+        env["QLORA_NO_BF16"] = "1"
+    if mode == "t4c":  # a T4's compute: MPS's share of the card, and the plan told what card it is on
+        env = t4c.env(env)
+        env["QLORA_GPU_CAPABILITY"] = "7.5"
+        env["QLORA_GPU_TFLOPS"] = f"{t4c.measured_tflops:.1f}"
+    tmp = out / f".arm-{mode}-{arm.replace(':', '_').replace(',', '_').replace('=', '').replace('+', '_')}.json"
+    cmd = [sys.executable, "-m", "bench.train_bench", "--run-arm", arm, "--mode", mode, "--model",
+           str(model_dir), "--steps", str(a.steps), "--json", str(tmp)]
+    print(f"== {mode} {arm}", flush=True)
+    log = open(tmp.with_suffix(".log"), "w+", encoding="utf-8")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    return dict(key=(mode, arm), mode=mode, arm=arm, proc=proc, log=log, tmp=tmp, t1=time.perf_counter())
+
+
+def _finish_arm(a, job: dict, epoch_tokens: int) -> dict:
+    proc, log, tmp, mode, arm = job["proc"], job["log"], job["tmp"], job["mode"], job["arm"]
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        err = f"timed out after {a.arm_timeout} s"
+    else:
+        log.seek(0)
+        err = None if proc.returncode == 0 else log.read()[-3000:]
+    log.close()
+    Path(log.name).unlink(missing_ok=True)
+    if err:
+        print(f"== {mode} {arm} FAILED: {err}", flush=True)
+        return dict(arm=arm, mode=mode, error=err)
+    r = json.loads(tmp.read_text())
+    tmp.unlink()
+    r.update(summarize(r, a.warmup, epoch_tokens), wall_s=round(time.perf_counter() - job["t1"], 1))
+    print(f"== {mode} {arm}: {r['tokens_per_s']:.0f} tok/s, {r['s_per_step']:.3f} s/step, peak "
+          f"{r['peak_allocated_gib']} GiB alloc / {r['peak_reserved_gib']} reserved, loss {r['final_loss']}, wall "
+          f"{r['wall_s']} s{', plan: ' + '; '.join(r['plan']['notes']) if r.get('plan') else ''}", flush=True)
+    if r.get("profile"):
+        print(r["profile"][-6000:], flush=True)
+    return r
 
 
 def speedups(results: list[dict]) -> dict:
@@ -290,9 +376,16 @@ def markdown(report: dict) -> str:
         lines += [f"t4c: MPS at {m['percentage']}% of the multiprocessors, a large fp16 matmul at "
                   f"{m['measured_tflops']} TFLOP/s (target {m['target_tflops']}, whole card {m['full_card_tflops']}); "
                   f"calibration {m['calibration']}" if m["available"] else f"t4c: not run ({m['why']})", ""]
+        if m["available"]:
+            copy = next((c["copy_gbs"] for c in m["calibration"] if c["percentage"] == m["percentage"]), None)
+            lines += [f"t4c memory: a 1 GiB copy at {copy} GB/s under that share (a T4: {m['t4_copy_gbs']:.0f})", ""]
+        if m["available"] and m.get("concurrent"):
+            c = m["concurrent"]
+            lines += [f"t4c arms ran {report['parallel']} at a time; the probe in {c['clients']} processes at once: "
+                      f"{c['tflops']} TFLOP/s and {c['copy_gbs']} GB/s each", ""]
     lines += [
              "| mode | arm | tokens/s | x seed | s/step | epoch s (est.) | peak alloc GiB | peak reserved GiB | "
-             "final loss | max abs loss diff vs seed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "plan's estimate GiB | final loss | max abs loss diff vs seed |", "|---" * 11 + "|"]
     for r in report["arms"]:
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['arm']} | failed: {r['error'].splitlines()[-1][:80]} |")
@@ -300,7 +393,8 @@ def markdown(report: dict) -> str:
         s = report["speedup"].get(f"{r['mode']}:{r['arm']}", {})
         lines.append(f"| {r['mode']} | {r['arm']} | {r['tokens_per_s']:.0f} | {s.get('x', '1.00')} | "
                      f"{r['s_per_step']:.3f} | {r['epoch_s_est']} | {r['peak_allocated_gib']} | "
-                     f"{r['peak_reserved_gib']} | {r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
+                     f"{r['peak_reserved_gib']} | {(r.get('plan') or {}).get('estimated_peak_gib', '')} | "
+                     f"{r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
     plans = {f"{r['mode']}:{r['arm']}": "; ".join(r["plan"]["notes"]) for r in report["arms"] if r.get("plan")}
     lines += ["", "Plans:"] + [f"- {k}: {v}" for k, v in plans.items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]

@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
+import tempfile
 import threading
 import typing
 from pathlib import Path
@@ -12,6 +15,9 @@ from pathlib import Path
 from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults, read_yaml_fields
 
 USAGE_ERROR = 2
+# Linux's limits on a file name and a path, in bytes; a run adds up to ~320 bytes below --output-dir
+# (a 200-byte run name, checkpoints/checkpoint-N/..., the adapter's temp folder and files).
+NAME_MAX, PATH_MAX, RUN_TREE_BYTES = 255, 4096, 320
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token (never a flag: "
                                                            "flags end up in shell history and process lists)")
     t.add_argument("--resume-from", help="a run folder whose last checkpoint to resume (runs saved with --save-steps)")
+    t.add_argument("--dry-run", action="store_true", help="print the preflight (card, plan, estimated peak memory, "
+                                                          "disk) and exit without loading the model")
     t.add_argument("--events-jsonl", help=argparse.SUPPRESS)  # used by qlora.launch to relay events
     t.add_argument("--stop-file", help=argparse.SUPPRESS)  # qlora.launch creates it to ask every rank to stop
     for f in dataclasses.fields(TrainConfig):
@@ -104,15 +112,51 @@ def _convert(name: str, raw: str, hint) -> typing.Any:
         raise ValueError(f"--{name.replace('_', '-')}: expected {kind}, got {raw!r}") from None
 
 
+def check_output_dir(folder: str) -> None:
+    """Refuse an --output-dir that cannot hold run folders (a file in the way, no write access, too long a path)
+    now, before any model loads. Creates nothing: the probe folder is removed at once."""
+    path = Path(folder).expanduser().absolute()
+    longest = max(len(os.fsencode(part)) for part in path.parts)
+    if longest > NAME_MAX:
+        raise ValueError(f"--output-dir: a folder name in it is {longest} bytes long; at most {NAME_MAX}")
+    size = len(os.fsencode(str(path)))
+    if size > PATH_MAX - RUN_TREE_BYTES:
+        raise ValueError(f"--output-dir: the path is {size} bytes long; at most {PATH_MAX - RUN_TREE_BYTES} leaves "
+                         "room for the run folders inside it")
+    existing = path
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--output-dir: {existing} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-probe-", dir=existing))
+    except OSError as e:
+        raise ValueError(f"--output-dir: cannot create folders in {existing} ({e.strerror or e})") from None
+
+
+
 def _train(args) -> int:
-    import os
+    from . import runs
+    from .preflight import preflight
 
     cfg = config_from_args(args)
-    token = os.environ.get(args.token_env) or None
+    check_output_dir(cfg.output_dir)
+    token = os.environ.get(args.token_env) or _stored_login()
+    first = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 checks and recovers for all
+    checked = preflight(cfg, token, cfg.output_dir) if first else None
+    if checked is not None:
+        print(checked.text(), file=sys.stdout if args.dry_run else sys.stderr)
+    if args.dry_run:
+        return 0
+    if checked is not None and not checked.ok:
+        raise ValueError(f"preflight: {checked.reasons[0]}")
+    if first:
+        for done in runs.recover_all(cfg.output_dir):  # what a killed earlier run left behind
+            print(f"recovered {done}", file=sys.stderr)
     from tqdm import tqdm
 
     from .events import Failed, Finished, Log, Progress, Started, Stopped, to_record
-    from .train import distributed, train
+    from .train import StopBeforeStart, distributed, train
 
     bar = None
     stop = threading.Event()
@@ -146,6 +190,9 @@ def _train(args) -> int:
         run_dir = train(cfg, show, stop, token=token, resume_from=args.resume_from)
     except (KeyboardInterrupt, ValueError, OSError):
         raise  # main() prints these as one line, exit status 2
+    except StopBeforeStart:
+        print("stopped before training started; nothing was saved", file=sys.stderr)
+        return 0
     except Exception as e:
         print(f"error: {f'[rank {rank}] ' if rank else ''}training failed: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -159,8 +206,12 @@ def _chat(args) -> int:
     from .chat import ChatEngine
     from .config import GenerationSettings
 
-    run_dir = _run_dir(args.adapter)
-    cfg = TrainConfig.from_yaml(run_dir / "config.yaml")
+    from . import runs
+
+    if not args.prompt.strip():  # as the app: nothing is loaded for an empty question
+        raise ValueError("the prompt is empty: give a question to ask both models")
+    run_dir = _run_folder(args.adapter)
+    cfg = runs.run_config(run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
     engine = ChatEngine(cfg.base_model, cfg.quantize, cfg.precision)
@@ -173,14 +224,14 @@ def _chat(args) -> int:
 
 
 def _eval(args) -> int:
-    import os
-
     from tqdm import tqdm
 
+    from . import runs
     from .evaluate import evaluate_run, summary
 
     if args.rows < 0:
         raise ValueError(f"--rows: must be 0 (all) or more, got {args.rows}")
+    run_dir = _run_folder(args.adapter)
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -189,39 +240,36 @@ def _eval(args) -> int:
             bar = tqdm(total=total, desc="evaluating", unit="step", file=sys.stderr)
         bar.update(done - bar.n)
 
-    card = evaluate_run(_run_dir(args.adapter), args.dataset, args.rows, os.environ.get(args.token_env) or None,
-                        progress)
+    card = evaluate_run(run_dir, args.dataset, args.rows, os.environ.get(args.token_env) or _stored_login(), progress)
     if bar is not None:
         bar.close()
     print("\n".join(summary(card)))
     for title, rows in (("helped most", card["helped_most"]), ("hurt most", card["hurt_most"])):
         for r in rows:
-            print(f"\n{title}: row {r['row']}, loss {r['base_loss']:.4f} -> {r['adapter_loss']:.4f}\n  {_indent(r['text'])}")
+            print(f"\n{title}: row {r['row']}, loss {r['base_loss']:.4f} -> {r['adapter_loss']:.4f}\n"
+                  f"  {_indent(r['text'])}")
     for a in card["answers"]:
         print(f"\n=== prompt ===\n{a['prompt']}\n--- base ---\n{a['base']}\n--- fine-tuned ---\n{a['adapter']}")
-    print(f"\nsaved: {_run_dir(args.adapter) / 'eval.json'}")
+    print(f"\nsaved: {run_dir / runs.EVAL_CARD}")
     return 0
 
 
 def _export(args) -> int:
-    import os
-
     from .export import export_run
 
-    out = export_run(_run_dir(args.adapter), os.environ.get(args.token_env) or None,
+    out = export_run(_run_folder(args.adapter), os.environ.get(args.token_env) or _stored_login(),
                      lambda line: print(line, file=sys.stderr))
     print(f"merged model: {out}")
     print(f"load it:      AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
-def _run_dir(adapter: str) -> Path:
-    """The run folder a --adapter flag names (the folder `train` printed, or its adapter/ subfolder)."""
-    run_dir = Path(adapter)
-    if run_dir.name == "adapter":
-        run_dir = run_dir.parent
-    if not (run_dir / "config.yaml").exists():
-        raise ValueError(f"{adapter}: not a run folder (no config.yaml); pass the folder `train` printed")
+def _run_folder(adapter: str) -> Path:
+    """The run folder --adapter names, with what a killed process left in it undone before it is read."""
+    from . import runs
+
+    run_dir = runs.run_folder(adapter)
+    runs.recover(run_dir)  # an adapter or export swap cut short by a kill is put back first
     return run_dir
 
 
@@ -230,8 +278,6 @@ def _indent(text: str) -> str:
 
 
 def _quiet_libraries() -> None:
-    import logging
-    import os
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -243,7 +289,24 @@ def _quiet_libraries() -> None:
     # on a CPU without the optional `kernels` package (a Hub download) bitsandbytes warns once per process that it
     # uses its own 4-bit kernel instead: true, and nothing to act on
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("qlora").addHandler(logging.StreamHandler())
+    logger = logging.getLogger("qlora")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):  # main() may run many times in one process
+        logger.addHandler(_Stderr())
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record comes, not as it was when the handler was made."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _stored_login() -> str | None:
+    """The token `hf auth login` stored on this machine: the CLI's user owns it (the core never picks one itself)."""
+    from huggingface_hub import get_token
+
+    return get_token()
 
 
 def _one_line(e: BaseException) -> str:

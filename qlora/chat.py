@@ -1,38 +1,40 @@
-"""Side-by-side chat: one shared base, answers with the adapter disabled (left) and enabled (right), streamed.
+"""Side-by-side chat: one shared 4-bit base; every visitor's base and fine-tuned answers stream from one batch.
 
-Both answers come from one batched generate over the shared 4-bit base: peft's mixed-adapter batches run row 0
-through the bare base ("__base__") and row 1 through the adapter, with the same prompt ids, seed and sampling.
+`ChatEngine` is what the app and the CLI talk to. It turns a visitor's turn into two rows (base pane, tuned pane),
+hands them to the scheduler (`batching`) and decodes the tokens each row gets back. The device work is a backend
+chosen when the base loads: on a CUDA card and a Llama-style model, the slot engine (`slots`: a static KV cache of
+fixed row slots, per-row adapter columns, one-token steps captured in CUDA graphs, many visitors per batch); anywhere
+else (the CPU, another architecture, a capture error) today's eager path (`rowexact`: one peft `generate` per visitor),
+with one log line saying why. `QLORA_CHAT_DECODE` = auto | graphs | compile | eager | generate overrides the choice
+(eager: the slot engine without graphs, e.g. on the CPU).
 """
 from __future__ import annotations
 
-import queue
+import hashlib
+import json
+import logging
+import os
 import re
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import runs
-from .config import GenerationSettings
-from .model import BusyError, gpu_lock, load_base, load_tokenizer, pick_precision, resolve
-from .prompts import encode, format_prompt
+from . import adapter_base, runs
+from .batching import Row, Scheduler
+from .config import GenerationSettings, hub_token
+from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, use_gpu
+from .device import cards as host_cards
+from .model import load_base, load_tokenizer, resolve
+from .prompts import PromptFormat, chat_prompt, choose, stop_ids
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+log = logging.getLogger("qlora.chat")
+
 MAX_PROMPT_TOKENS = 3072
-# A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
-# nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
-MIN_NEW_TOKENS = 2
-# On a GPU some kernels pick their algorithm (and so their rounding) by the number of rows: bitsandbytes' 4-bit
-# matmul, cuBLAS, the RMSNorm reduction. A near-tie in the logits then flips a greedy token and the batched pane drifts
-# from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
-# generate; everything else (and all the Python around it) is shared. The parts: "linear": every frozen Linear and
-# the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model); "linear-prefill": the 4-bit ones on the
-# prompt only; "attention": the attention kernel; "norm": RMSNorm (for Llama's, only its mean of squares).
-# Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
-# identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
-ROW_BY_ROW = ("head", "linear-prefill", "norm")
-ROWS_ATTENTION = "qlora_rows"
+DECODE_MODES = ("auto", "graphs", "compile", "eager", "generate")
+# Rows per decode step where memory allows: 8 visitors at once. Every step runs at this shape, however many rows are
+# busy (that is what keeps a row's answer independent of the others), so more rows cost every visitor speed.
+MAX_ROWS = 16
 
 
 @dataclass
@@ -42,345 +44,334 @@ class PromptView:
     tokens: list[str]
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as the engine knows it: its name (unique per content), folder, content key, rank, module paths, and
+    the prompt format its run was trained in (both panes of a visitor who picks it are prompted in it)."""
+    name: str
+    folder: Path
+    key: tuple
+    rank: int
+    modules: frozenset
+    fmt: PromptFormat
+
+
+@dataclass
+class ChatUpdate:
+    """One streamed update: both panes' text so far, or (waiting set) why the answer has not started yet."""
+    base: str
+    tuned: str
+    waiting: str | None = None
+
+
 class ChatEngine:
-    """Holds one base model and the adapters loaded onto it; loads lazily, on first use."""
+    """One base model, the adapters registered with it, and the scheduler that serves every visitor's rows."""
 
-    def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None):
+    def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None,
+                 decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None):
         self.base_model, self.quantize, self.precision = base_model, quantize, precision
+        self.cards = cards or host_cards  # the host's cards: chat serves on CHAT_CARD, which a training run may hold
         self._token = token
-        self.model = None  # a PeftModel once an adapter is attached, the bare base before
+        self.decode = decode or os.environ.get("QLORA_CHAT_DECODE") or "auto"
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"QLORA_CHAT_DECODE: one of {', '.join(DECODE_MODES)} (got {self.decode!r})")
+        self.max_rows = max_rows
         self.tokenizer = None
-        self.adapters: dict[str, str] = {}  # adapter name -> folder
-        self._load_lock = threading.Lock()
+        self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded
+        self.fallback_reason: str | None = None
+        self.capture_s: float | None = None
+        self.exactness: dict | None = None  # what the slot engine measured right after capture (slots.check_exact)
+        self.adapters: dict[str, AdapterRef] = {}  # name -> adapter, one per folder content
+        self._scheduler: Scheduler | None = None
+        self._base = None  # the 4-bit base, once loaded (the scheduler's thread loads it)
+        self._lock = threading.Lock()
 
-    # --- loading ---------------------------------------------------------------------------------------
-    def _ensure_base(self):
-        with self._load_lock:
-            if self.model is None:
-                path = resolve(self.base_model)
-                self.tokenizer = load_tokenizer(path, self._token)
-                model = load_base(path, self.quantize, pick_precision(self.precision), self._token)
-                model.config.use_cache = True
-                model.eval()  # mixed-adapter batches are exact only in eval mode
-                self.model = model
-        return self.model
+    # --- loading -----------------------------------------------------------------------------------------------
+    def load(self, timeout: float | None = None) -> None:
+        """Load the base and capture the decode graphs now, before any visitor asks (else the first request does)."""
+        self._scheduler_().open(timeout)
 
+    @property
+    def model(self):
+        """The model the backend runs (None until loaded): the base, wrapped by peft once the fallback attaches one."""
+        scheduler = self._scheduler
+        backend = scheduler.backend if scheduler is not None else None
+        return backend.model if backend is not None else None
+
+    # --- adapters ----------------------------------------------------------------------------------------------
     def load_adapter(self, adapter_dir: str | Path) -> str:
-        """Attach an adapter folder (a run folder or its adapter/ subfolder); returns its name in this engine."""
-        from peft import PeftModel
+        """Register an adapter folder (a run folder or its adapter/ subfolder); returns its name in this engine.
 
+        The name is keyed on the files' content (their inode, size and modification time): a folder whose adapter was
+        replaced gets a new name, so chat never answers with the old weights, and adapters of folders that are gone
+        or changed are dropped. The prompt format is read from the run folder each time (runs.prompt_format; an
+        adapter folder outside a run is taken as Llama 2's, as runs made before formats were chosen). Weights reach
+        the device when a visitor first uses them.
+        """
         folder = Path(adapter_dir)
         if (folder / runs.ADAPTER).is_dir():
             folder = folder / runs.ADAPTER
         runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
-        name = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
-        if self.adapters.get(name) == str(folder):
-            return name
-        model = self._ensure_base()
-        with self._load_lock:
-            if name in self.adapters:
-                model.delete_adapter(name)
-            if hasattr(model, "peft_config"):
-                model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-            else:
-                self.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
-            self.model.eval()
-            self.adapters[name] = str(folder)
+        adapter_base.check(folder, self.base_model, self._layer_shapes)  # another base: say which, not a traceback
+        fmt = runs.prompt_format(folder.parent if folder.name == runs.ADAPTER else folder)
+        self._ensure_tokenizer()
+        key = content_key(folder)
+        stem = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
+        name = f"{stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}"
+        with self._lock:
+            stale = [n for n, a in self.adapters.items()
+                     if n != name and (a.folder == folder.resolve() or not _same_content(a))]
+            for n in stale:
+                del self.adapters[n]
+            if name not in self.adapters or self.adapters[name].fmt != fmt:
+                self.adapters[name] = AdapterRef(name, folder.resolve(), key, adapter_rank(folder),
+                                                 adapter_modules(folder), fmt)
+            scheduler = self._scheduler
+        if stale and scheduler is not None:
+            scheduler.forget(stale)
         return name
 
-    def unload(self) -> None:
-        """Free the base (training needs the memory)."""
-        from .train import free_memory
+    # --- prompts -----------------------------------------------------------------------------------------------
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """The format both panes of a visitor using `adapter` are prompted in: the one its run trained in (so the
+        base pane is asked exactly what the tuned pane is, and the comparison is fair); without one, the base's own."""
+        tokenizer = self._ensure_tokenizer()
+        with self._lock:
+            ref = self.adapters.get(adapter) if adapter is not None else None
+        return ref.fmt if ref is not None else choose(tokenizer)
 
-        with self._load_lock:
-            self.model = None
-            self.adapters.clear()
-        free_memory()
+    def prompt_ids(self, history: Sequence[tuple[str, str]], user: str, system: str = "",
+                   adapter: str | None = None) -> list[int]:
+        """The token ids a pane sends, in `adapter`'s format."""
+        return self.prompt(history, user, system, adapter).token_ids
 
-    # --- prompts ---------------------------------------------------------------------------------------
-    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
-        """The exact string and tokens both panes send. Each pane's own history is used by the caller."""
-        self._ensure_base()
-        text = format_prompt(history, user, system)
-        ids = encode(text, self.tokenizer)
-        return PromptView(text, ids, self.tokenizer.convert_ids_to_tokens(ids))
+    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "",
+               adapter: str | None = None) -> PromptView:
+        """The exact string and tokens a pane sends, in `adapter`'s format. Each pane's own history is used by the
+        caller."""
+        return prompt_view(self._ensure_tokenizer(), self.prompt_format(adapter), history, user, system)
 
-    # --- generation ------------------------------------------------------------------------------------
-    def stream_pair(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]],
-                    user: str, settings: GenerationSettings, adapter: str | None,
+    # --- generation --------------------------------------------------------------------------------------------
+    def stream(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]], user: str,
+               settings: GenerationSettings, adapter: str | None, stop: threading.Event | None = None
+               ) -> Iterator[ChatUpdate]:
+        """Both panes' answers as they grow, each pane continuing its own history; while the answer waits (the model
+        loads, the batch is full) updates carry `waiting`. BusyError at once while training holds chat's card."""
+        self._scheduler_().check()  # training holds chat's card: say so before anything else
+        fmt = self.prompt_format(adapter)  # both panes: the adapter's format
+        rows = [self._row(base_history, user, settings, None, fmt),
+                self._row(tuned_history, user, settings, adapter, fmt)]
+        yield from self._follow(self._submit(rows, stop), rows)
+
+    def stream_pair(self, base_history, tuned_history, user: str, settings: GenerationSettings, adapter: str | None,
                     stop: threading.Event | None = None) -> Iterator[tuple[str, str]]:
-        """Yield (base answer so far, tuned answer so far) as tokens arrive.
-
-        Each pane keeps its own history (their answers differ). When both histories are equal, which is always the
-        case on the first turn, both rows share one batched pass; otherwise each row runs on its own, in turn.
-        """
-        if not gpu_lock.acquire(blocking=False):
-            raise BusyError("the GPU is busy (training or another chat is running); try again when it is done")
-        try:
-            self._ensure_base()
-            if adapter is None:
-                raise ValueError("pick an adapter first")
-            prompts = [encode(format_prompt(h, user, settings.system_prompt), self.tokenizer)
-                       for h in (base_history, tuned_history)]
-            for ids in prompts:
-                if len(ids) > MAX_PROMPT_TOKENS:
-                    raise ValueError(f"the conversation is {len(ids)} tokens, over the {MAX_PROMPT_TOKENS} limit; "
-                                     "clear it and start again")
-            if prompts[0] == prompts[1]:
-                yield from self._generate([prompts[0], prompts[0]], [BASE, adapter], settings, stop)
-            else:
-                base_text = ""
-                for (base_text,) in self._generate([prompts[0]], [BASE], settings, stop):
-                    yield base_text, ""
-                for (tuned_text,) in self._generate([prompts[1]], [adapter], settings, stop):
-                    yield base_text, tuned_text
-        finally:
-            gpu_lock.release()
+        """Yield (base answer so far, tuned answer so far) as tokens arrive (`stream` without the waiting updates)."""
+        for update in self.stream(base_history, tuned_history, user, settings, adapter, stop):
+            if update.waiting is None:
+                yield update.base, update.tuned
 
     def generate_sequential(self, user: str, settings: GenerationSettings, adapter: str) -> tuple[str, str]:
-        """Two separate generations (base, then adapter): the reference the batched pass must match."""
-        self._ensure_base()
-        ids = encode(format_prompt([], user, settings.system_prompt), self.tokenizer)
-        base = list(self._generate([ids], [BASE], settings, None))[-1][0]
-        tuned = list(self._generate([ids], [adapter], settings, None))[-1][0]
-        return base, tuned
+        """Each pane alone (base, then adapter), each its own request: what the batched panes must equal."""
+        out, fmt = [], self.prompt_format(adapter)
+        for name in (None, adapter):
+            row = self._row([], user, settings, name, fmt)
+            last = ChatUpdate("", "")
+            for last in self._follow(self._submit([row], None), [row]):
+                pass
+            out.append(last.base)
+        return out[0], out[1]
 
-    def _generate(self, prompts: list[list[int]], adapter_names: list[str], settings: GenerationSettings,
-                  stop: threading.Event | None) -> Iterator[tuple[str, ...]]:
-        """Run one batched generate in a thread and yield the decoded rows as they grow. Prompts have equal length."""
+    def submit_rows(self, rows_spec: list[tuple[list[int], str | None, GenerationSettings]],
+                    stop: threading.Event | None = None):
+        """Rows given as (prompt ids, adapter name or None, settings), as one request: its Ticket (`ticket.events()`
+        streams new token ids per row; `ticket.rows[i].ids` holds them all). Each row stops on its adapter's format's
+        stop ids (a base row: the base's own). For benchmarks and tests."""
+        tokenizer = self._ensure_tokenizer()
+        rows = [Row(list(p), self.adapters[a] if a else None, s, s.max_new_tokens,
+                    frozenset(stop_ids(self.prompt_format(a), tokenizer))) for p, a, s in rows_spec]
+        return self._submit(rows, stop)
+
+    def rows_ids(self, rows_spec, stop: threading.Event | None = None) -> list[list[int]]:
+        """`submit_rows`, run to the end: each row's token ids."""
+        ticket = self.submit_rows(rows_spec, stop)
+        for _ in ticket.events():
+            pass
+        return [list(r.ids) for r in ticket.rows]
+
+    def unload(self) -> None:
+        """Free the base and the decode graphs (training needs the memory)."""
+        with self._lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+        with self._lock:
+            self._base = None
+        self.backend_kind = None
+        free_memory()
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+    def _layer_shapes(self):
+        """The base's layers, for the adapter check's shapes: the loaded base, or the same model built on the meta
+        device from its config (no weights, no device, nothing waits for chat's card)."""
+        with self._lock:
+            if self._base is not None:
+                return self._base
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        model, tok = self.model, self.tokenizer
-        ids = torch.tensor(prompts, device=model.device)
-        streamer = RowStreamer(len(prompts), tok)
-        self.last_streamer = streamer  # its token ids per row: the benchmark counts and compares them
-        stop = stop or threading.Event()
+        config = AutoConfig.from_pretrained(resolve(self.base_model), token=hub_token(self._token))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
 
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
+    def _ensure_tokenizer(self):
+        with self._lock:
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(resolve(self.base_model), self._token)
+        return self.tokenizer
 
-        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                      min_new_tokens=min(MIN_NEW_TOKENS, settings.max_new_tokens),
-                      streamer=streamer, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      stopping_criteria=StoppingCriteriaList([_Stop()]), use_cache=True)
-        if settings.greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=None)
-        if hasattr(model, "peft_config"):
-            kwargs["adapter_names"] = adapter_names
-        elif adapter_names != [BASE] * len(adapter_names):
-            raise ValueError("no adapter is loaded")
-        errors: list[BaseException] = []
+    def _row(self, history, user: str, settings: GenerationSettings, adapter: str | None, fmt: PromptFormat) -> Row:
+        """A pane's row: its prompt in `fmt` (the visitor's adapter's, for both panes), ending on fmt's stop ids."""
+        tokenizer = self._ensure_tokenizer()
+        ids = prompt_view(tokenizer, fmt, history, user, settings.system_prompt).token_ids
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"the conversation is {len(ids)} tokens, over the {MAX_PROMPT_TOKENS} limit; "
+                             "clear it and start again")
+        ref = None
+        if adapter is not None:
+            with self._lock:
+                ref = self.adapters.get(adapter)
+            if ref is None:
+                raise ValueError(f"adapter {adapter!r} is not loaded; pick it again")
+        return Row(ids, ref, settings, settings.max_new_tokens, frozenset(stop_ids(fmt, tokenizer)))
 
-        def run():
-            try:
-                torch.manual_seed(settings.seed)
-                with (torch.inference_mode(), adapter_rows_as_slices(model),
-                      one_row_at_a_time(model, ROW_BY_ROW if len(prompts) > 1 else ())):
-                    model.generate(**kwargs)
-            except BaseException as e:  # surfaced in the caller's thread below
-                errors.append(e)
-            finally:
-                streamer.end()
+    def _scheduler_(self) -> Scheduler:
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self._open_backend, self.cards.lease(CHAT, (CHAT_CARD,)))
+            return self._scheduler
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
-            for rows in streamer:
-                yield rows
-        finally:
-            stop.set()  # a consumer that stops early (client gone) stops generation too
-            thread.join()
-        if errors:
-            raise errors[0]
+    def _submit(self, rows: list[Row], stop):
+        return self._scheduler_().submit(rows, stop)
 
-
-@contextmanager
-def adapter_rows_as_slices(model):
-    """Within the block, each LoRA Linear adds its adapter to that adapter's rows with two matmuls on a slice.
-
-    peft's mixed-adapter forward picks an adapter's rows with a Python list of indices (`x[[1]]`, then
-    `result[[1]] += ...`): each use is a host-to-device copy that waits for the GPU, three per LoRA module and token,
-    so the CPU can never run ahead (27 ms a token for the 7B q/v adapter on the H100, a quarter of the step). Here each
-    adapter's rows are one contiguous run (the pane order), so a slice picks them without waiting. Decoding is then
-    bound by kernel launches, and peft spends six a module (casts to fp32 and back, scaling, add) where two do: A and
-    B*scaling are cast once per generation to the model's compute dtype and the update is `rows.addmm_(x A, B)`.
-    The 1-row and the 2-row passes both run this, on row slices of the same shape, so they give the same bits.
-    Anything else (one adapter's rows apart, autocast, training mode, LoRA variants such as DoRA) goes to peft.
-    """
-    from peft.tuners.lora import Linear, bnb
-
-    kinds = (Linear, *(getattr(bnb, k) for k in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, k)))
-    layers = [m for m in model.modules() if type(m) in kinds]  # plain LoRA on a Linear: x A B * scaling
-    try:
-        for layer in layers:
-            layer._mixed_batch_forward = _sliced_mixed_batch_forward(layer, layer._mixed_batch_forward)
-        yield
-    finally:
-        for layer in layers:
-            del layer._mixed_batch_forward
-
-
-def _sliced_mixed_batch_forward(layer, peft_forward):
-    import torch
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    weights = {}  # (adapter, dtype) -> (A^T, (B * scaling)^T), made on first use
-
-    def forward(x, *args, adapter_names, **kwargs):
-        row_runs = _row_runs(adapter_names)
-        if row_runs is None or torch.is_autocast_enabled() or layer.training or layer.lora_variant:
-            return peft_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        for key in VARIANT_KWARG_KEYS:
-            kwargs.pop(key, None)
-        result = layer.base_layer(x, *args, **kwargs).contiguous()  # contiguous already: views of its rows below
-        for name, rows in row_runs:
-            if name == BASE or name not in layer.lora_A:
+    def _follow(self, ticket, rows: list[Row]) -> Iterator[ChatUpdate]:
+        """Decode a ticket's tokens into text as they come (in the visitor's thread, not the device's)."""
+        ids: list[list[int]] = [[] for _ in rows]
+        texts = ["" for _ in rows]
+        for kind, value in ticket.events():
+            if kind == "wait":
+                yield ChatUpdate(*_pair(texts), waiting=value)
                 continue
-            if (name, result.dtype) not in weights:
-                weights[name, result.dtype] = (
-                    layer.lora_A[name].weight.t().to(result.dtype),
-                    (layer.lora_B[name].weight * layer.scaling[name]).t().to(result.dtype))
-            a, b = weights[name, result.dtype]
-            x_rows = x[rows].reshape(-1, x.shape[-1]).to(result.dtype)
-            result[rows].view(-1, result.shape[-1]).addmm_(x_rows @ a, b)
-        return result
+            for i, new in enumerate(value):
+                if new:
+                    ids[i].extend(new)
+                    texts[i] = self.tokenizer.decode(ids[i], skip_special_tokens=True).strip()
+            yield ChatUpdate(*_pair(texts))
 
-    return forward
+    def _open_backend(self, progress):
+        """Runs on the scheduler's thread, holding chat's card: load the base, then the slot engine or the fallback."""
+        import time
+
+        use_gpu(CHAT_CARD)  # this thread's device: chat's card, whatever the training run holds
+        self._ensure_tokenizer()
+        with self._lock:
+            model = self._base
+        if model is None:  # loaded once; a reload for an adapter on other layers reuses it
+            progress("loading the base model")
+            model = load_base(resolve(self.base_model), self.quantize, pick_precision(self.precision), self._token)
+            model.config.use_cache = True
+            model.eval()
+            with self._lock:
+                self._base = model
+        kind, why = self._pick_backend(model)
+        if kind != "generate":
+            from . import slots
+
+            try:
+                context = min(getattr(model.config, "max_position_embeddings", 4096) or 4096, MAX_PROMPT_TOKENS + 4096)
+                with self._lock:  # adapter columns on the Linears the registered adapters target
+                    targets = set().union(*(a.modules for a in self.adapters.values()))
+                rows, length, columns = slots.plan(model, context, self.max_rows, targets)
+                t0 = time.perf_counter()
+                decoder = slots.open_decoder(model, rows, length, columns, None if kind == "eager" else kind, targets,
+                                             progress)
+                if kind != "eager":
+                    self.capture_s = time.perf_counter() - t0
+                    self.exactness = decoder.exactness
+                    log.info("chat: %d rows of %d tokens, adapter columns on %d Linears, decode graphs (%s) for %d "
+                             "lengths captured and checked in %.1f s: %s", rows, length, len(decoder.columns.linears),
+                             kind, len(decoder.buckets), self.capture_s, decoder.exactness)
+                self.backend_kind = kind
+                return slots.SlotBackend(decoder)
+            except Exception as e:
+                why = f"capturing the decode step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                log.debug("decode capture failed", exc_info=True)
+        from .rowexact import GenerateBackend
+
+        log.warning("chat: %s; using the eager generate path, one visitor at a time", why)
+        self.backend_kind, self.fallback_reason = "generate", why
+        return GenerateBackend(model, self.tokenizer)
+
+    def _pick_backend(self, model) -> tuple[str, str | None]:
+        """(backend kind, why the fallback) for this model on this machine."""
+        import torch
+
+        from .slots import SUPPORTED
+
+        arch = getattr(model.config, "model_type", "?")
+        if self.decode == "generate":
+            return "generate", "QLORA_CHAT_DECODE=generate"
+        if arch not in SUPPORTED:
+            return "generate", f"the slot engine does not serve {arch} models (only {', '.join(SUPPORTED)})"
+        if self.decode in ("eager", "graphs", "compile"):  # asked for: tried (a failed capture falls back, logged)
+            return self.decode, None
+        if model.device.type != "cuda" or not torch.cuda.is_available():
+            return "generate", "no CUDA device, so no decode graphs"
+        return "graphs", None
 
 
-def _row_runs(names: Sequence[str]) -> list[tuple[str, slice]] | None:
-    """Each name with the slice of its rows, or None when some name's rows are not one contiguous run."""
-    runs: list[tuple[str, slice]] = []
-    start = 0
-    for i in range(1, len(names) + 1):
-        if i == len(names) or names[i] != names[start]:
-            runs.append((names[start], slice(start, i)))
-            start = i
-    return runs if len({name for name, _ in runs}) == len(runs) else None
+def prompt_view(tokenizer, fmt: PromptFormat, history: Sequence[tuple[str, str]], user: str,
+                system: str = "") -> PromptView:
+    """The exact string, token ids and tokens a chat pane sends, in the run's format (prompts.chat_prompt): the one
+    place chat prompts are built (the engine and the app's "show prompt" both call it)."""
+    p = chat_prompt(fmt, tokenizer, history, user, system)
+    return PromptView(p.text, p.ids, tokenizer.convert_ids_to_tokens(p.ids))
 
 
-@contextmanager
-def one_row_at_a_time(model, parts: Sequence[str]):
-    """Within the block, the chosen parts of `model` compute each batch row on its own (see ROW_BY_ROW)."""
-    import torch
+def _pair(texts: list[str]) -> tuple[str, str]:
+    return (texts[0], texts[1]) if len(texts) > 1 else (texts[0], "")
 
-    def split(forward, prefill_only=False):
-        def each_row(x, *args, **kwargs):
-            if x.dim() < 3 or x.shape[0] == 1 or (prefill_only and x.shape[1] == 1):
-                return forward(x, *args, **kwargs)
-            return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(x.shape[0])])
-        return each_row
 
-    patched = []
-    configs = []
+def content_key(folder: Path) -> tuple:
+    """What identifies an adapter's content without reading it: each file's inode, size and modification time."""
+    out = []
+    for name in runs.ADAPTER_FILES:
+        st = (folder / name).stat()
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _same_content(ref: AdapterRef) -> bool:
     try:
-        for m in model.modules() if parts else ():
-            # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
-            linear = isinstance(m, torch.nn.Linear)
-            four_bit = linear and getattr(m.weight, "quant_state", None) is not None
-            prefill_only = four_bit and "linear-prefill" in parts and "linear" not in parts
-            if ((linear and "linear" in parts) or prefill_only
-                    or (linear and not four_bit and "head" in parts)
-                    or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
-                patched.append((m, m.__dict__.get("forward")))
-                m.forward = _rms_norm_rows(m) if _is_llama_rms_norm(m) else split(m.forward, prefill_only)
-        if "attention" in parts:
-            _register_rows_attention()
-            for m in model.modules():
-                c = getattr(m, "config", None)
-                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
-                    configs.append((c, c._attn_implementation))
-                    c._attn_implementation = ROWS_ATTENTION
-        yield
-    finally:
-        for m, own in patched:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
-        for c, name in configs:
-            c._attn_implementation = name
+        return content_key(ref.folder) == ref.key
+    except OSError:  # the folder is gone
+        return False
 
 
-def _is_llama_rms_norm(module) -> bool:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+def adapter_modules(folder: Path) -> frozenset:
+    """The module paths an adapter's weights name (read from the safetensors header only)."""
+    from safetensors import safe_open
 
-    return type(module).forward is LlamaRMSNorm.forward
-
-
-def _rms_norm_rows(norm):
-    """Llama's RMSNorm, step for step, with only its reduction (the mean of squares) run one row at a time.
-
-    The pointwise steps give the same bits for any number of rows; the reduction does not (PyTorch shapes its
-    thread block by the number of rows reduced). Splitting only the mean costs 2 more kernel launches a norm for
-    2 rows instead of 9, and decoding on the GPU is bound by launches.
-    """
-    import torch
-
-    def forward(hidden_states):
-        if hidden_states.shape[0] == 1:
-            return type(norm).forward(norm, hidden_states)
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        squares = hidden_states.pow(2)
-        variance = torch.cat([squares[i:i + 1].mean(-1, keepdim=True) for i in range(squares.shape[0])])
-        hidden_states = hidden_states * torch.rsqrt(variance + norm.variance_epsilon)
-        return norm.weight * hidden_states.to(input_dtype)
-
-    return forward
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    out = set()
+    for key in keys:
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_[AB]\.weight", key)
+        out.add(m.group(1) if m else key)
+    return frozenset(out)
 
 
-def _register_rows_attention() -> None:
-    """An attention implementation that runs sdpa one batch row at a time, with the sdpa mask."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
-        outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1], value[i:i + 1],
-                                       None if attention_mask is None else attention_mask[i:i + 1], **kwargs)[0]
-                for i in range(query.shape[0])]
-        return torch.cat(outs), None
-
-    AttentionInterface.register(ROWS_ATTENTION, rows_sdpa)
-    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
-
-
-class RowStreamer:
-    """A transformers streamer for a batch: decodes each row on its own and cuts it at its first EOS.
-
-    TextIteratorStreamer handles batch size 1 only; the side-by-side pass has two rows.
-    """
-
-    def __init__(self, rows: int, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.done = [False] * rows
-        self.queue: queue.Queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        for row, token in enumerate(value.reshape(len(self.ids), -1).tolist()):
-            for t in token:
-                if self.done[row]:
-                    break
-                if t == self.tokenizer.eos_token_id:
-                    self.done[row] = True
-                else:
-                    self.ids[row].append(t)
-        self.queue.put(tuple(self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in self.ids))
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-    def __iter__(self):
-        while (item := self.queue.get()) is not None:
-            yield item
+def adapter_rank(folder: Path) -> int:
+    """The widest LoRA rank an adapter folder declares (its r, or the largest of its rank_pattern)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    ranks = [cfg.get("r") or 8, *(cfg.get("rank_pattern") or {}).values()]
+    return max(int(r) for r in ranks)

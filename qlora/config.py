@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,13 +12,30 @@ EMBEDDED_MODEL = "smollm2-135m"
 SAMPLE_DATASET = "sample"
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
+# auto: Llama 2 for a Llama 2 tokenizer, else the tokenizer's chat template, else a plain fallback (qlora/prompts.py)
+PROMPT_FORMATS = ("auto", "llama2", "chat_template")
 
 # A Hub id is "name" or "owner/name"; no "..", no leading/trailing punctuation (huggingface_hub's rule, simplified).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+# A run name is a folder name. A file name holds 255 bytes (not characters: a CJK letter is 3 bytes in UTF-8), and the
+# name gets suffixes: "-N" from runs.new_run_dir, "-adapter-xxxxxx.zip" for a download.
+RUN_NAME_MAX_BYTES = 200
+# Folder names Windows cannot create (a downloaded zip is unpacked there too), with or without an extension.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 
 def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value)) and ".." not in value and not value.endswith((".", "-"))
+
+
+def hub_token(token: str | None) -> str | bool:
+    """What to hand a Hub library as `token`: the caller's, or False.
+
+    Given None, huggingface_hub, transformers and datasets fall back by themselves to the HF_TOKEN variable or a stored
+    login: in an open app that would fetch gated models with the Space owner's account for any visitor. The caller
+    (the CLI reading its environment, the app's admin gate) decides which token applies; the libraries never do.
+    """
+    return token or False
 
 
 @dataclass
@@ -26,6 +44,11 @@ class TrainConfig:
 
     base_model: str = DEFAULT_MODEL
     dataset: str = DEFAULT_DATASET  # Hub id, local .jsonl/.json/.csv/.parquet, or "sample"
+    # May base_model / dataset name paths on this machine? The CLI: yes, its user owns the machine. The app: never for
+    # the model (Hub ids, the embedded model and the owner's QLORA_MODELS_DIR only); for the dataset only an upload.
+    # False means a Hub id is resolved on the Hub alone, never as a relative path (qlora.model.resolve, data.load_rows).
+    allow_local_model: bool = True
+    allow_local_dataset: bool = True
     output_dir: str = "runs"
     run_name: str = ""  # empty: a timestamped name is chosen at start
     # LoRA
@@ -62,19 +85,24 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0: only the final save; > 0 also writes resumable checkpoints
     sample_every: int = 0  # > 0: answer the sample prompts with the current adapter every N steps
+    prompt_format: str = "auto"  # auto | llama2 | chat_template: how rows and chat prompts are written
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
                 raise ValueError(f"{name}: {what} (got {getattr(self, name)!r})")
 
+        for f in fields(self):  # YAML's "field:" with no value, or "field: null"
+            if getattr(self, f.name) is None:
+                raise ValueError(f"{f.name}: has no value (null); give one, or leave the field out for its default")
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         need(isinstance(self.base_model, str) and self.base_model.strip() != "", "base_model", "must not be empty")
         need(isinstance(self.dataset, str) and self.dataset.strip() != "", "dataset", "must not be empty")
         need(isinstance(self.output_dir, str) and self.output_dir.strip() != "", "output_dir", "must not be empty")
-        need(re.fullmatch(r"[\w.-]{0,100}", self.run_name or "") is not None and ".." not in self.run_name,
-             "run_name", "letters, digits, '_', '-', '.' only, at most 100")
+        need(isinstance(self.run_name, str), "run_name", "must be text (in YAML, quote a name made of digits)")
+        problem = run_name_problem(self.run_name)
+        need(problem is None, "run_name", problem or "")
         need(_is_int(self.lora_r) and 1 <= self.lora_r <= 1024, "lora_r", "must be an integer from 1 to 1024")
         need(_is_num(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(_is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
@@ -98,6 +126,7 @@ class TrainConfig:
         need(_is_int(self.max_length) and 16 <= self.max_length <= 32768, "max_length", "must be an integer from 16 to 32768")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32")
         need(self.speed in ("auto", "off"), "speed", "must be auto or off")
+        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", "must be auto, llama2 or chat_template")
         need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
         need(_is_int(self.max_rows) and self.max_rows >= 0, "max_rows", "must be >= 0")
         need(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "must be an integer from 0 to 2**32-1")
@@ -105,7 +134,8 @@ class TrainConfig:
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "must be an integer >= 1")
         for name in ("save_steps", "sample_every"):
             need(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "must be an integer >= 0")
-        for name in ("group_by_length", "gradient_checkpointing", "padding_free"):
+        for name in ("group_by_length", "gradient_checkpointing", "padding_free", "allow_local_model",
+                     "allow_local_dataset"):
             need(isinstance(getattr(self, name), bool), name, "must be true or false")
 
     # --- serialisation -------------------------------------------------------------------------------
@@ -138,25 +168,66 @@ class TrainConfig:
 
 
 def read_yaml_fields(text_or_path: str | Path) -> tuple[str, dict[str, Any]]:
-    """(where, the fields a YAML file or text sets), unvalidated; errors name the file."""
+    """(where, the fields a YAML file or text sets), unvalidated; errors name the file.
+
+    A Path is always a file; a str is a file if it names one (or ends in .yaml/.yml), YAML text otherwise.
+    """
     import yaml  # pyyaml ships with transformers' deps; imported here so config stays stdlib-only at import
 
-    path = Path(text_or_path) if not isinstance(text_or_path, str) or "\n" not in text_or_path else None
-    where = "config"
-    if path is not None and path.exists():
-        where = str(path)
-        text = path.read_text(encoding="utf-8")
-    elif path is not None and str(text_or_path).endswith((".yaml", ".yml")):
-        raise ValueError(f"{text_or_path}: config file not found")
+    if isinstance(text_or_path, str) and ("\n" in text_or_path or not (
+            os.path.exists(text_or_path) or text_or_path.endswith((".yaml", ".yml")))):
+        where, text = "config", text_or_path
     else:
-        text = str(text_or_path)
+        where = str(text_or_path)
+        try:
+            text = Path(text_or_path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"{where}: config file not found") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte at offset {e.start}); save the config as UTF-8") from None
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read the config file ({e.strerror or e})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping of field: value")
-    return where, data
+    return where, _yaml_floats(data)
+
+
+def _yaml_floats(data: dict[str, Any]) -> dict[str, Any]:
+    """YAML reads 1e-4 (no dot) as the string "1e-4": for a float field, a numeric string is the number it spells."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    out = dict(data)
+    for name, value in data.items():
+        if hints.get(name) is float and isinstance(value, str):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass  # validation names the field
+    return out
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run folder (which `runs.list_runs` must list and Windows must unpack), or None."""
+    if re.fullmatch(r"[\w.-]{0,100}", name) is None:
+        return "letters, digits, '_', '-', '.' only, at most 100"
+    if name.startswith("."):
+        return "must not start with '.': the folder would be hidden, and hidden folders are never listed"
+    if ".." in name:
+        return "must not contain '..'"
+    if name.endswith(".") or name.split(".")[0].upper() in _RESERVED:
+        return "a reserved folder name (Windows cannot create it, nor a name ending in '.')"
+    size = len(name.encode("utf-8"))
+    if size > RUN_NAME_MAX_BYTES:
+        return (f"at most {RUN_NAME_MAX_BYTES} bytes in UTF-8 (this one is {size}, for {len(name)} characters): "
+                "a folder name holds 255 bytes, and runs get suffixes")
+    return None
 
 
 def embedded_defaults() -> dict[str, Any]:

@@ -57,7 +57,8 @@ class Finished:
 
 @dataclass(frozen=True)
 class Stopped:
-    """The user asked to stop; the partial adapter at `step` was saved to run_dir."""
+    """The user asked to stop; the partial adapter at `step` was saved to run_dir. An empty run_dir: it stopped
+    before training began, and nothing was saved."""
 
     run_dir: str
     step: int
@@ -116,6 +117,8 @@ class JobState:
             return f"{self.status}: {self.base_model} on {self.dataset}, {where}, started {when}"
         if self.status == "failed":
             return f"failed: {self.error}" + (f" ({self.hint})" if self.hint else "")
+        if self.status == "stopped" and not self.run_dir:
+            return "stopped before training started; nothing was saved"
         if self.status in ("finished", "stopped"):
             return f"{self.status} at {where}; adapter in {self.run_dir}"
         return self.status

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 from . import runs
-from .config import EMBEDDED_MODEL, TrainConfig
-from .model import BusyError, ModelError
+from .config import EMBEDDED_MODEL
+from .config import hub_token
+from .device import BusyError
+from .model import HUB_SKIP
+from .prompts import LLAMA2, PromptFormat
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -76,16 +79,17 @@ def export_run(run_dir: str | Path, token: str | None = None,
         raise BusyError("another export is running; try again when it is done")
     try:
         run_dir = Path(run_dir)
-        cfg = _run_config(run_dir)
+        cfg = runs.run_config(run_dir)
+        fmt = runs.prompt_format(run_dir)
         lora = read_adapter(run_dir / runs.ADAPTER)
-        base = base_folder(cfg.base_model, token, progress)
+        base = base_folder(cfg.base_model, token, progress, cfg.allow_local_model)
         shards = shard_files(base)
         _refuse_quantized(base)
         progress(f"merging {len(lora)} LoRA weights into {len(shards)} shard(s) of {cfg.base_model}")
 
         def write(tmp: Path) -> None:
             tmp.mkdir()
-            _write_config_and_tokenizer(base, tmp, run_dir)  # first: a tokenizer that cannot load fails in seconds
+            _write_config_and_tokenizer(base, tmp, fmt)  # first: a tokenizer that cannot load fails in seconds
             merged: set[str] = set()
             for i, shard in enumerate(shards, start=1):
                 merged |= merge_shard(base / shard, tmp / shard, lora)
@@ -109,31 +113,28 @@ def export_run(run_dir: str | Path, token: str | None = None,
 
 
 # --- the inputs ------------------------------------------------------------------------------------------
-def _run_config(run_dir: Path) -> TrainConfig:
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir}: not a run folder (no config.yaml)")
-    return TrainConfig.from_yaml(run_dir / "config.yaml")
-
-
-def base_folder(base_model: str, token: str | None = None, progress: Callable[[str], None] = lambda line: None) -> Path:
-    """A local folder with the base's safetensors, config and tokenizer (a Hub base is downloaded, safetensors only)."""
-    from .model import materialize_embedded, resolve
+def base_folder(base_model: str, token: str | None = None, progress: Callable[[str], None] = lambda line: None,
+                allow_local: bool = True) -> Path:
+    """A local folder with the base's safetensors, config and tokenizer (a Hub base is downloaded, safetensors only).
+    allow_local as the run had it: a run started from the app reads no folder of this machine but the models folder."""
+    from .model import local_folder, materialize_embedded, resolve
 
     if base_model == EMBEDDED_MODEL:
         return materialize_embedded()
-    path = Path(base_model).expanduser()
-    if not path.is_dir():
-        resolve(base_model)  # a malformed id gets the loader's message
-        from huggingface_hub import snapshot_download
+    folder = local_folder(base_model, allow_local)
+    if folder is not None:
+        return folder
+    resolve(base_model)  # a malformed id gets the loader's message
+    from huggingface_hub import snapshot_download
 
-        progress(f"fetching {base_model}'s safetensors (once; from the local cache if training downloaded them)")
-        try:
-            path = Path(snapshot_download(base_model, allow_patterns=HUB_FILES, token=token or None))
-        except Exception as e:
-            from .model import _explain
+    progress(f"fetching {base_model}'s safetensors (once; from the local cache if training downloaded them)")
+    try:
+        return Path(snapshot_download(base_model, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP,
+                                      token=hub_token(token)))
+    except Exception as e:
+        from .model import _explain
 
-            raise _explain(base_model, e) from None
-    return path
+        raise _explain(base_model, e) from None
 
 
 def shard_files(base: Path) -> list[str]:
@@ -235,8 +236,9 @@ def merge_shard(src: Path, dst: Path, lora: dict[str, LoraWeight]) -> set[str]:
     return set(targets)
 
 
-def _write_config_and_tokenizer(base: Path, out: Path, run_dir: Path) -> None:
-    """config.json as the base has it, a generation config, and the tokenizer in the format the adapter learnt."""
+def _write_config_and_tokenizer(base: Path, out: Path, fmt: PromptFormat) -> None:
+    """config.json as the base has it, a generation config, and the tokenizer with a chat template that writes the
+    format the adapter learnt: Llama 2's, or the template the run saved (the model's own, or the fallback)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     shutil.copyfile(base / "config.json", out / "config.json")
@@ -245,15 +247,14 @@ def _write_config_and_tokenizer(base: Path, out: Path, run_dir: Path) -> None:
     else:
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(base)).save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
-    if runs.read_json(run_dir / "prompt_format.json").get("name") == "llama2":
-        tokenizer.chat_template = LLAMA2_TEMPLATE
+    tokenizer.chat_template = LLAMA2_TEMPLATE if fmt.name == LLAMA2 else fmt.template
     tokenizer.save_pretrained(out)
 
 
 def verify_export(folder: Path, shards: list[str]) -> None:
     """Raise unless every shard is complete and the config and tokenizer files are there and parse."""
     for shard in shards:
-        runs.verify_safetensors(folder / shard)
+        runs.safetensors_header(folder / shard)  # raises unless whole: the size its header says, no more
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "README.md"):
         if not (folder / name).is_file():
             raise OSError(f"{folder}: {name} missing after the export")
@@ -273,15 +274,24 @@ def model_card(run_dir: Path, repo_id: str = "") -> str:
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = AutoModelForCausalLM.from_pretrained({repo_id or 'path/to/this/folder'!r})",
         f"tokenizer = AutoTokenizer.from_pretrained({repo_id or 'path/to/this/folder'!r})", "```", "",
-        "The tokenizer's chat template writes the prompt format the adapter was trained on (prompt_format.json).",
-        "", reproducibility(run_dir)]
+        "", _format_note(run_dir), "", reproducibility(run_dir)]
     return "\n".join(lines) + "\n"
+
+
+def _format_note(run_dir: Path) -> str:
+    """The prompt format the adapter was trained in, which the exported tokenizer's chat template writes."""
+    try:
+        what = runs.prompt_format(run_dir).describe()
+    except ValueError:
+        return "The prompt format it was trained in is unknown (prompt_format.json is damaged)."
+    return (f"Trained in this {what}. The tokenizer's chat template writes that format: prompt the model with "
+            "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` (prompt_format.json has it too).")
 
 
 def reproducibility(run_dir: Path) -> str:
     """The run's reproducibility card as markdown: status, data, figures, config, versions, the command."""
     meta = runs.read_json(run_dir / "run.json")
-    metrics = meta.get("metrics") or {}
+    metrics = meta["metrics"] if isinstance(meta.get("metrics"), dict) else {}
     created = meta.get("created")
     out = ["## Reproducibility card", "",
            f"- run: `{run_dir.name}`, {meta.get('status', '?')} at step {meta.get('step', '?')}"
@@ -292,10 +302,10 @@ def reproducibility(run_dir: Path) -> str:
                        ("final eval loss", "final_eval_loss")):
         if isinstance(metrics.get(key), (int, float)):
             out.append(f"- {label}: {metrics[key]:.4f}")
-    card = runs.read_json(run_dir / runs.EVAL_CARD)
-    if card:
-        from .evaluate import summary
+    from .evaluate import load, summary
 
+    card = load(run_dir)
+    if card:
         out += ["", "### Evaluation (eval.json)", "", "```", *summary(card), "```"]
     if (run_dir / "config.yaml").is_file():
         out += ["", "### Training config (config.yaml)", "", "```yaml",

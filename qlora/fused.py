@@ -3,15 +3,22 @@
 Why: on a fast card this job waits on the CPU, which issues ~4,700 kernels a step through peft's, bitsandbytes' and
 transformers' Python layers and records an autograd node for each (bench/README.md). The same arithmetic written once,
 under one node, costs a fraction of that CPU time. It also keeps much less for backward: the layer's input, q/k/v and
-the attention output (flash attention needs them), the post-attention residual, two fp32 scales a token and the
-LoRA rank-r activations. Norms, dropout masks and the whole MLP are recomputed in backward, which is cheap on a GPU
-that is otherwise waiting. The saved memory is what lets a 7B run skip gradient checkpointing within a T4's 15 GiB.
+the attention output (the attention kernel needs them), the post-attention residual, two fp32 scales a token and the
+LoRA rank-r activations. Norms, dropout masks and, by default, the MLP are recomputed in backward, which is cheap on a
+GPU that is otherwise waiting. The saved memory is what lets a 7B run skip gradient checkpointing within a T4's 15 GiB.
+On a compute-poor card (a T4) recomputing is not free: speed.plan then has some layers keep their gate/up outputs
+(`keep_mlp`, in 16 bits, or in 8 with a scale per token) and picks the other `Options` below from the card.
 
 The forward is transformers' LlamaDecoderLayer with peft's LoRA, op for op: RMSNorm in fp32, q/k/v/o, RoPE, causal
 sdpa with no mask, SiLU*up, and `base(x) + lora_B(lora_A(dropout(x))) * scaling` on every adapted projection.
 Used only where that is exact: training mode with grad on, no KV cache, no attention mask (right-padded batches,
 `speed.CAUSAL_ATTENTION`), a layer that does not checkpoint, plain LoRA (no DoRA, no LoRA bias) on any of the seven
 projections over 4-bit or 16-bit frozen weights. Anything else runs the layer's own forward.
+
+Kernels: the project builds none. Everything here is torch and bitsandbytes operators, which run on any CUDA card
+torch supports, sm_75 (a T4) included; attention is sdpa restricted to the kernel the card has (memory-efficient on
+Turing, math as the fallback, `Options.attention`), and `gemm_4bit` is bitsandbytes' own op, which ships an sm_75 path
+and falls back to dequantize + matmul where its kernel does not pay.
 """
 from __future__ import annotations
 
@@ -24,6 +31,19 @@ QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # the g
 
 class NotFusable(Exception):
     """This layer has something the fused forward does not reproduce exactly."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How fused layers compute; speed.Plan picks them from the card. The defaults are the first version's arithmetic.
+
+    Each option gives the loss and LoRA gradients of transformers + peft (tests/test_fused.py); `bench/train_bench.py`
+    measures each one as a `project:key=value` lever."""
+
+    attention: str | None = None  # "efficient", "math": sdpa held to it, math the fallback; None, "flash": torch's
+    fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels and fewer fp32 temporaries
+    gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op instead of dequantize + matmul
+    lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the fp32 master weights (False: in fp32)
 
 
 @dataclass
@@ -76,6 +96,8 @@ class LayerParts:
     trainable: list = field(default_factory=list)  # A, B of every adapted projection, in PROJECTIONS order
     qkv: Packed | None = None
     gate_up: Packed | None = None
+    options: Options = field(default_factory=Options)
+    keep_bits: int = 0  # 0: the MLP recomputes in backward; 16 or 8: gate/up outputs are kept in that many bits
 
     def group(self, names) -> list[Projection]:
         return [self.proj[n] for n in names]
@@ -160,12 +182,19 @@ def pack(projections: list[Projection]) -> Packed | None:
                   first.quant_type)
 
 
-def install(model) -> int:
-    """Give every Llama decoder layer of `model` the fused training forward; returns how many layers took it."""
+def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: int = 16) -> int:
+    """Give every Llama decoder layer of `model` the fused training forward; returns how many layers took it.
+
+    The last `keep_mlp` layers keep their gate/up outputs for backward in `keep_bits` bits (16 or 8) instead of
+    recomputing them; layers that checkpoint are the first ones (speed.Plan), so the two never meet."""
+    if keep_bits not in (16, 8):
+        raise ValueError(f"keep_bits must be 16 or 8, not {keep_bits}")
     layers = [(m, layer_parts(m)) for m in model.modules()  # every layer checked before any is changed
               if type(m).__name__ == "LlamaDecoderLayer" and not hasattr(m, "_qlora_parts")]
-    for module, parts in layers:
+    for index, (module, parts) in enumerate(layers):
         parts.qkv, parts.gate_up = pack(parts.group(QKV)), pack(parts.group(GATE_UP))
+        parts.options = options
+        parts.keep_bits = keep_bits if index >= len(layers) - keep_mlp else 0
         module._qlora_parts = parts
         module._qlora_stock_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
@@ -206,6 +235,17 @@ def _weight(base, dtype):
     return dequantize_4bit(w.data, state).to(dtype)
 
 
+def _gemm_4bit(x, data, state_or_packed):
+    """x @ W.T for a 4-bit W through bitsandbytes' gemm_4bit op: its fused kernel where it pays for this many rows
+    on this card (a few hundred at most), dequantize + matmul otherwise. The op knows the forward orientation only,
+    so backward still dequantizes."""
+    import torch
+
+    s = state_or_packed
+    out = torch.ops.bitsandbytes.gemm_4bit.default(x, data, list(s.shape), s.absmax, s.blocksize, s.quant_type)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 _GENERATORS: dict = {}
 
 
@@ -220,83 +260,125 @@ def _keep_mask(x, p: float, seed: int, index: int):
     return torch.empty_like(x).bernoulli_(1 - p, generator=gen).mul_(1 / (1 - p))
 
 
-def _lora(P: Projection, x, seed: int):
+def _lora(P: Projection, x, seed: int, fp16: bool = True):
     """lora_B(lora_A(dropout(x))) * scaling, and lora_A's output (kept for backward). The scaling multiplies the
-    rank-r activations rather than the full-width output: the same product, on a tensor out/r times smaller."""
+    rank-r activations rather than the full-width output: the same product, on a tensor out/r times smaller. The
+    matmuls run in x's dtype (fp16: the master weights are cast per use) or, with fp16=False, in the weights'."""
     import torch.nn.functional as F
 
+    dtype = x.dtype if fp16 else P.A.dtype
     xd = x * _keep_mask(x, P.dropout, seed, P.index) if P.dropout else x
-    t = F.linear(xd, P.A.to(x.dtype))
-    return F.linear(t * P.scaling, P.B.to(x.dtype)), t
+    t = F.linear(xd.to(dtype), P.A.to(dtype))
+    return F.linear(t * P.scaling, P.B.to(dtype)).to(x.dtype), t
 
 
-def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict):
-    """d(input) through the LoRA branch; the LoRA weights' grads go into `grads`."""
-    dy2, t2 = dy.flatten(0, -2), t.flatten(0, -2)
+def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict, need_dx: bool = True):
+    """d(input) through the LoRA branch (None without need_dx); the LoRA weights' grads go into `grads`. Computes in
+    t's dtype."""
+    dtype = t.dtype
+    dy2, t2 = dy.flatten(0, -2).to(dtype), t.flatten(0, -2)
     keep = _keep_mask(x, P.dropout, seed, P.index) if P.dropout else None
-    xd = (x * keep if keep is not None else x).flatten(0, -2)
+    xd = (x * keep if keep is not None else x).flatten(0, -2).to(dtype)
     grads[id(P.B)] = (dy2.t() @ (t2 * P.scaling)).to(P.B.dtype)
-    dt = (dy2 @ P.B.to(dy.dtype)) * P.scaling
+    dt = (dy2 @ P.B.to(dtype)) * P.scaling
     grads[id(P.A)] = (dt.t() @ xd).to(P.A.dtype)
-    dxd = (dt @ P.A.to(dy.dtype)).view(*dy.shape[:-1], -1)
+    if not need_dx:
+        return None
+    dxd = (dt @ P.A.to(dtype)).to(dy.dtype).view(*dy.shape[:-1], -1)
     return dxd * keep if keep is not None else dxd
 
 
-def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, t_saved=None):
+def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, opts: Options, t_saved=None):
     """The outputs of projections reading the same x, and their lora_A outputs. With `t_saved` (backward's
     recompute), LoRA reuses the kept lora_A outputs instead of redrawing dropout. Also returns the frozen weight
-    when it was one packed matrix, so backward can reuse it."""
+    when it was dequantized as one packed matrix, so backward can reuse it."""
     import torch.nn.functional as F
 
+    w = None
     if packed is not None:
-        w = packed.weight(x.dtype)
-        ys = list(F.linear(x, w).split([p.out_features for p in projs], dim=-1))
+        if opts.gemm_4bit:
+            y = _gemm_4bit(x, packed.data, packed)
+        else:
+            w = packed.weight(x.dtype)
+            y = F.linear(x, w)
+        ys = list(y.split([p.out_features for p in projs], dim=-1))
     else:
-        w, ys = None, [F.linear(x, _weight(p.base, x.dtype)) for p in projs]
+        ys = [_gemm_4bit(x, p.base.weight.data, p.base.weight.quant_state)
+              if opts.gemm_4bit and not getattr(getattr(p.base.weight, "quant_state", None), "nested", True)
+              else F.linear(x, _weight(p.base, x.dtype)) for p in projs]
     ts = []
     for i, p in enumerate(projs):
         if p.A is None:
             ts.append(None)
         elif t_saved is not None:
-            ts.append(t_saved[i])
-            ys[i] = ys[i] + F.linear(t_saved[i] * p.scaling, p.B.to(x.dtype))
+            t = t_saved[i]
+            ts.append(t)
+            ys[i] = ys[i] + F.linear(t * p.scaling, p.B.to(t.dtype)).to(x.dtype)
         else:
-            delta, t = _lora(p, x, seed)
+            delta, t = _lora(p, x, seed, opts.lora_fp16)
             ys[i] = ys[i] + delta
             ts.append(t)
     return ys, ts, w
 
 
 def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, ts: list, seed: int, grads: dict,
-                  w=None):
-    """d(x) for projections reading the same x: one matmul against the packed weight, or one per projection."""
+                  w=None, need_dx: bool = True, dy_cat=None):
+    """d(x) for projections reading the same x: one matmul against the packed weight, or one per projection.
+
+    `x` may be a function that makes it: it is only read where a projection has LoRA (its lora_A's gradient), so
+    backward never rebuilds an input nothing reads. need_dx=False (the first layer's input, which needs no gradient)
+    skips the frozen weights' matmul. `dy_cat`: the dys already side by side, as packed weights read them."""
     import torch
 
-    if packed is not None:
-        w = w if w is not None else packed.weight(dys[0].dtype)
-        dx = torch.matmul(torch.cat(dys, dim=-1), w)
-    else:
-        dx = sum(torch.matmul(dy, _weight(p.base, dy.dtype)) for p, dy in zip(projs, dys))
+    if any(p.A is not None for p in projs):
+        x = x() if callable(x) else x
+    dx = None
+    if need_dx:
+        if packed is not None:
+            w = w if w is not None else packed.weight(dys[0].dtype)
+            dx = torch.matmul(dy_cat if dy_cat is not None else torch.cat(dys, dim=-1), w)
+        else:
+            dx = sum(torch.matmul(dy, _weight(p.base, dy.dtype)) for p, dy in zip(projs, dys))
     for p, dy, t in zip(projs, dys, ts):
         if p.A is not None:
-            dx = dx + _lora_backward(p, dy, x, t, seed, grads)
+            d = _lora_backward(p, dy, x, t, seed, grads, need_dx)
+            if d is not None:
+                dx = d if dx is None else dx + d
     return dx
 
 
-def _norm(h, norm, r=None):
-    """transformers' LlamaRMSNorm: fp32 statistics, weight times the result cast back; also returns the fp32 scale."""
+def _norm(h, norm, r=None, fewer: bool = False):
+    """transformers' LlamaRMSNorm: fp32 statistics, weight times the result cast back; also returns the fp32 scale.
+
+    fewer: the same arithmetic with the scaled input written straight in 16 bits (no fp32 copy of it to read back)
+    and the weight applied in place; the statistics are squared in place in their own fp32 copy. (Reading the sum of
+    squares with one vector_norm would save more traffic, but its sqrt-then-square moves the fp32 result by an ulp,
+    which this exact path's tests notice.)"""
     import torch
 
+    if fewer:
+        if r is None:
+            r = h.to(torch.float32, copy=True).pow_(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
+        return torch.mul(h, r, out=torch.empty_like(h)).mul_(norm.weight), r
     h32 = h.float()
     if r is None:
         r = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return (norm.weight * (h32 * r).to(h.dtype)).to(h.dtype), r
 
 
-def _norm_backward(dy, h, r, norm):
+def _norm_backward(dy, h, r, norm, residual, fewer: bool = False):
+    """residual + d(input) of the norm. fewer: six kernels instead of eleven, and three fp32 temporaries, not six."""
+    import torch
+
+    if fewer:
+        dn = dy * norm.weight  # the 16-bit product that the fp32 formula below reads
+        n = torch.mul(h, r)  # fp32
+        c = (n * dn).mean(-1, keepdim=True)
+        g = torch.addcmul(dn, n, c, value=-1)  # fp32: dn - n * c
+        return torch.addcmul(residual, g, r, out=torch.empty_like(residual))
     n = h.float() * r
     dn = (dy * norm.weight).float()
-    return (r * (dn - n * (dn * n).mean(-1, keepdim=True))).to(h.dtype)
+    return residual + (r * (dn - n * (dn * n).mean(-1, keepdim=True))).to(h.dtype)
 
 
 def _rotate_half(x):
@@ -306,20 +388,54 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope(x, cos, sin):
+def _signed_sin(sin):
+    """sin with its first half negated: rotate_half(x) * sin == x.roll(half) * _signed_sin(sin), with no cat of x."""
+    import torch
+
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rope(x, cos, sin, fewer: bool = False):
+    """RoPE; with fewer, `sin` is _signed_sin's and the rotation is one roll and one fused multiply-add."""
+    import torch
+
+    if fewer:
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
     return x * cos + _rotate_half(x) * sin
 
 
-def _rope_backward(g, cos, sin):
+def _rope_backward(g, cos, sin, fewer: bool = False, out=None):
+    """RoPE's transpose; with fewer, `sin` is _signed_sin's, and the result may go straight into `out`."""
     import torch
 
-    gs = g * sin
     half = g.shape[-1] // 2
+    if fewer:
+        return torch.addcmul(g * cos, g.roll(half, -1), sin.roll(half, -1), out=out)
+    gs = g * sin
     return g * cos + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)  # rotate_half's transpose
 
 
+def _attention_kernel(parts: LayerParts):
+    """The sdpa kernel the plan picked (speed.attention_kernel): restricted to it, math as the fallback."""
+    import contextlib
+
+    if parts.options.attention in (None, "flash"):  # torch's own order (cuDNN is off: speed.before_peft)
+        return contextlib.nullcontext()
+    return sdpa_kernel_context(parts.options.attention)
+
+
+def sdpa_kernel_context(kernel: str):
+    """torch.nn.attention.sdpa_kernel for "efficient" or "math" (math also backs up efficient, e.g. on the CPU)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH],
+                "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[kernel]
+    return sdpa_kernel(backends)
+
+
 def _attention(parts: LayerParts, q, k, v):
-    """Causal sdpa (flash on a GPU) on a small graph of its own: backward asks it for d(q, k, v)."""
+    """Causal sdpa on a small graph of its own: backward asks it for d(q, k, v)."""
     import torch
     import torch.nn.functional as F
 
@@ -331,8 +447,30 @@ def _attention(parts: LayerParts, q, k, v):
             groups = parts.heads // parts.kv_heads
             kk = k[:, :, None].expand(b, n, groups, s, d).reshape(b, n * groups, s, d)
             vv = v[:, :, None].expand(b, n, groups, s, d).reshape(b, n * groups, s, d)
-        o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=parts.scale)
+        with _attention_kernel(parts):
+            o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=parts.scale)
     return q, k, v, o
+
+
+def _kept(t, bits: int) -> tuple:
+    """A gate/up output kept for backward: itself (16 bits), or int8 with one fp32 scale per token (8 bits: half the
+    memory; the values come back rounded to 1/254 of their token's largest, so this one is not exact)."""
+    import torch
+
+    if bits == 16:
+        return (t,)
+    scale = torch.linalg.vector_norm(t, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = scale.clamp_(min=1e-30).div_(127)
+    return torch.div(t, scale).round_().to(torch.int8), scale
+
+
+def _unkept(kept: tuple, dtype):
+    import torch
+
+    if len(kept) == 1:
+        return kept[0]
+    q, scale = kept
+    return torch.mul(q, scale, out=torch.empty(q.shape, dtype=dtype, device=q.device))
 
 
 def _autocast_off(device):
@@ -348,69 +486,103 @@ def _layer_function():
     class LayerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, cos, sin, parts: LayerParts, seed: int, *trainable):
-            P = parts.proj
+            P, opts, fewer = parts.proj, parts.options, parts.options.fewer_passes
             qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
             b, s, _ = h.shape
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            if fewer:
+                sin = _signed_sin(sin)
             with _autocast_off(h.device):
-                x, r1 = _norm(h, parts.norm_in)
-                (q, k, v), (tq, tk, tv), _ = _project_all(qkv, parts.qkv, x, seed)
-                q = _rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2), cos, sin)
-                k = _rope(k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin)
+                x, r1 = _norm(h, parts.norm_in, fewer=fewer)
+                (q, k, v), (tq, tk, tv), _ = _project_all(qkv, parts.qkv, x, seed, opts)
+                q = _rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2), cos, sin, fewer)
+                k = _rope(k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin, fewer)
                 v = v.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2)
                 q, k, v, o = _attention(parts, q, k, v)
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
-                (a,), (to,), _ = _project_all([P["o_proj"]], None, attn, seed)
+                (a,), (to,), _ = _project_all([P["o_proj"]], None, attn, seed, opts)
                 h2 = h + a
-                y, r2 = _norm(h2, parts.norm_post)
-                (g, u), (tg, tu), _ = _project_all(gate_up, parts.gate_up, y, seed)
-                (d,), (td,), _ = _project_all([P["down_proj"]], None, F.silu(g) * u, seed)
+                y, r2 = _norm(h2, parts.norm_post, fewer=fewer)
+                (g, u), (tg, tu), _ = _project_all(gate_up, parts.gate_up, y, seed, opts)
+                m = F.silu(g).mul_(u) if fewer else F.silu(g) * u
+                (d,), (td,), _ = _project_all([P["down_proj"]], None, m, seed, opts)
                 out = h2 + d
+                kept = _kept(g, parts.keep_bits) + _kept(u, parts.keep_bits) if parts.keep_bits else ()
             ctx.parts, ctx.seed = parts, seed
             ctx.attention = (q, k, v, o)  # o carries its own little graph back to q, k, v
             ctx.save_for_backward(h, r1, h2, r2, cos, sin, *[t if t is not None else h.new_empty(0)
-                                                             for t in (tq, tk, tv, to, tg, tu, td)])
+                                                             for t in (tq, tk, tv, to, tg, tu, td)], *kept)
             return out
 
         @staticmethod
         def backward(ctx, dout):
             parts, seed = ctx.parts, ctx.seed
-            P = parts.proj
+            P, opts, fewer = parts.proj, parts.options, parts.options.fewer_passes
             qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
-            h, r1, h2, r2, cos, sin, *ts = ctx.saved_tensors
-            tq, tk, tv, to, tg, tu, td = (t if t.numel() else None for t in ts)
+            h, r1, h2, r2, cos, sin, *rest = ctx.saved_tensors
+            tq, tk, tv, to, tg, tu, td = (t if t.numel() else None for t in rest[:7])
+            kept = rest[7:]
             q, k, v, o = ctx.attention
             b, s, _ = h.shape
             dout = dout.to(h.dtype)
             grads: dict = {}
+
+            def post_norm():  # the MLP's input, rebuilt from the saved residual
+                return _norm(h2, parts.norm_post, r2, fewer)[0]
+
             with _autocast_off(h.device):
-                # MLP, recomputed from the saved residual: norm, gate and up (with the kept lora_A outputs), SiLU*up
-                y, _ = _norm(h2, parts.norm_post, r2)
-                (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, t_saved=(tg, tu))
+                if parts.keep_bits:  # gate and up as forward made them (16 bits) or as kept (8 bits)
+                    half = len(kept) // 2
+                    g, u = _unkept(kept[:half], h.dtype), _unkept(kept[half:], h.dtype)
+                    y, w_gate_up = post_norm, None
+                else:  # recomputed: norm, gate and up (with the kept lora_A outputs)
+                    y = post_norm()
+                    (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, opts, t_saved=(tg, tu))
                 sg = F.silu(g)
-                dm = _backward_all([P["down_proj"]], None, [dout], sg * u, [td], seed, grads)
+                dm = _backward_all([P["down_proj"]], None, [dout], lambda: sg * u, [td], seed, grads)
                 dg = torch.ops.aten.silu_backward(dm * u, g)
-                du = dm * sg
+                du = sg.mul_(dm) if fewer else dm * sg
                 del g, u, sg, dm
                 dy = _backward_all(gate_up, parts.gate_up, [dg, du], y, [tg, tu], seed, grads, w_gate_up)
                 del dg, du, w_gate_up
-                dh2 = dout + _norm_backward(dy, h2, r2, parts.norm_post)
+                dh2 = _norm_backward(dy, h2, r2, parts.norm_post, dout, fewer)
                 del dy
                 # attention
-                attn = o.detach().transpose(1, 2).reshape(b, s, -1)
-                da = _backward_all([P["o_proj"]], None, [dh2], attn, [to], seed, grads)
+                da = _backward_all([P["o_proj"]], None, [dh2], lambda: o.detach().transpose(1, 2).reshape(b, s, -1),
+                                   [to], seed, grads)
                 do = da.view(b, s, parts.heads, parts.head_dim).transpose(1, 2)
                 dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
                 ctx.attention = None
-                dq = _rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, -1)
-                dk = _rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, -1)
-                dv = dv.transpose(1, 2).reshape(b, s, -1)
-                x, _ = _norm(h, parts.norm_in, r1)
-                dx = _backward_all(qkv, parts.qkv, [dq, dk, dv], x, [tq, tk, tv], seed, grads)
-                dh = dh2 + _norm_backward(dx, h, r1, parts.norm_in) if ctx.needs_input_grad[0] else None
+                dys, dy_cat = _qkv_grads(parts, dq, dk, dv, cos, sin, fewer)
+                need_dx = ctx.needs_input_grad[0]
+                dx = _backward_all(qkv, parts.qkv, dys, lambda: _norm(h, parts.norm_in, r1, fewer)[0],
+                                   [tq, tk, tv], seed, grads, need_dx=need_dx, dy_cat=dy_cat)
+                dh = _norm_backward(dx, h, r1, parts.norm_in, dh2, fewer) if need_dx else None
             return (dh, None, None, None, None, *[grads.get(id(t)) for t in parts.trainable])
 
     return LayerFunction
+
+
+def _qkv_grads(parts: LayerParts, dq, dk, dv, cos, sin, fewer: bool):
+    """The gradients of q, k and v before RoPE, as (b, s, width) tensors; with fewer, written straight into one
+    (b, s, q+k+v) tensor (returned too), which the packed weight reads without a cat."""
+    import torch
+
+    b, _, s, d = dq.shape
+    if not fewer:
+        dq = _rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, -1)
+        dk = _rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, -1)
+        return [dq, dk, dv.transpose(1, 2).reshape(b, s, -1)], None
+    widths = [parts.heads * d, parts.kv_heads * d, parts.kv_heads * d]
+    cat = torch.empty(b, s, sum(widths), dtype=dq.dtype, device=dq.device)
+    dys = list(cat.split(widths, dim=-1))
+    for grad, into, rotate in zip((dq, dk, dv), dys, (True, True, False)):
+        view = into.view(b, s, grad.shape[1], d).transpose(1, 2)  # (b, heads, s, d) over the slice of `cat`
+        if rotate:
+            _rope_backward(grad, cos, sin, True, out=view)
+        else:
+            view.copy_(grad)
+    return dys, cat
 
 
 _BUILT: list = []

@@ -4,24 +4,23 @@ Never runs remote code and loads safetensors only: a model id is a download of s
 """
 from __future__ import annotations
 
-import gc
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_MODEL, TrainConfig
+from .config import EMBEDDED_MODEL, TrainConfig, hub_token, is_hub_id
+from .device import current_gpu, torch_dtype
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
-gpu_lock = threading.Lock()
-
-
-class BusyError(RuntimeError):
-    """The device is taken (a training run, or another chat): say so at once instead of queueing for hours."""
+# The server owner's folder of local models: the only local folders the app loads a base model from.
+MODELS_DIR_ENV = "QLORA_MODELS_DIR"
+# What the app fetches of a Hub repo (top level only): config, tokenizer and safetensors files. Never pickles or code,
+# and never adapter_config.json, which would make transformers load the base that file names instead.
+HUB_TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+HUB_WEIGHT_FILES = ["*.safetensors"]
+HUB_SKIP = ["*/*", "adapter_config.json", "consolidated*"]  # consolidated*: a second copy of the weights (Mistral)
 
 
 class ModelError(ValueError):
@@ -34,21 +33,73 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_CACHE") or Path.home() / ".cache" / "qlora")
 
 
-def resolve(name: str) -> str:
-    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use."""
+def resolve(name: str, allow_local: bool = True, token: str | None = None, weights: bool = True) -> str:
+    """A path or Hub id that from_pretrained can load; the embedded model is materialized on first use.
+
+    allow_local=False (the app, where a visitor types the name): a Hub id is downloaded with huggingface_hub, which
+    never reads local files, and its snapshot folder is returned (from_pretrained would load a folder of the same
+    relative name from the working directory instead); a path is refused alike whether or not it exists, apart from
+    folders in models_dir(). weights=False fetches only what a tokenizer needs.
+    """
     if name == EMBEDDED_MODEL:
         return str(materialize_embedded())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if (path / "config.json").exists() and not any(path.glob("*.safetensors")):
+    folder = local_folder(name, allow_local)
+    if folder is not None:
+        if (folder / "config.json").exists() and not any(folder.glob("*.safetensors")):
             raise ModelError(f"{name}: no .safetensors weights in this folder; only safetensors are loaded "
                              "(pickled .bin files can run code)")
-        return str(path)
-    from .config import is_hub_id
-
+        return str(folder)
     if not is_hub_id(name):
         raise ModelError(f"{name[:100]!r}: not a folder and not a valid Hub model id (owner/name)")
-    return name
+    return name if allow_local else _hub_snapshot(name, token, weights)
+
+
+def models_dir() -> Path | None:
+    """QLORA_MODELS_DIR: where the server owner keeps local models the app may load (unset: none)."""
+    value = os.environ.get(MODELS_DIR_ENV, "").strip()
+    return Path(os.path.abspath(os.path.expanduser(value))) if value else None
+
+
+def local_models() -> list[str]:
+    """The model folders (a config.json inside) in models_dir(), as the app lists them."""
+    root = models_dir()
+    if root is None or not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def local_folder(name: str, allow_local: bool = True) -> Path | None:
+    """The folder `name` names on this machine, or None for a Hub id.
+
+    With allow_local=False only absolute paths inside models_dir() count (".." cannot leave it: the path is
+    normalized first); any other path gets one ModelError that does not say whether it exists.
+    """
+    path = Path(name).expanduser()
+    if allow_local:
+        return path if path.is_dir() else None
+    root = models_dir()
+    inside = Path(os.path.normpath(path))
+    if root is not None and path.is_absolute() and inside.is_relative_to(root) and inside != root:
+        if not inside.is_dir():
+            raise ModelError(f"{name}: no such folder in the models folder")
+        return inside
+    if is_hub_id(name):
+        return None
+    raise ModelError(f"{name[:100]!r}: not a Hub model id (owner/name); folders on this server are not loaded here, "
+                     f"apart from {EMBEDDED_MODEL} and the models folder the server owner sets ({MODELS_DIR_ENV})")
+
+
+def _hub_snapshot(repo: str, token: str | None, weights: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, allow_patterns=HUB_TOKENIZER_FILES + (HUB_WEIGHT_FILES if weights else []),
+                                        ignore_patterns=HUB_SKIP, token=hub_token(token)))
+    except Exception as e:
+        raise _explain(repo, e) from None
+    if weights and not any(folder.glob("*.safetensors")):
+        raise ModelError(f"{repo}: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)")
+    return str(folder)
 
 
 def embedded_gguf() -> Path:
@@ -92,56 +143,12 @@ def materialize_embedded() -> Path:
     return target
 
 
-# --- precision -----------------------------------------------------------------------------------------
-def pick_precision(requested: str = "auto") -> str:
-    """bf16 where the card has it, fp16 on older cards (a T4), fp32 on the CPU."""
-    import torch
-
-    if requested != "auto":
-        if requested == "bf16" and torch.cuda.is_available() and not bf16_supported():
-            raise ModelError("precision: bf16 is not supported by this GPU; use fp16 or auto")
-        if requested in ("bf16", "fp16") and not torch.cuda.is_available():
-            return "fp32"  # mixed precision needs a GPU; the CPU path computes in fp32
-        return requested
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if bf16_supported() else "fp16"
-
-
-def bf16_supported() -> bool:
-    """QLORA_NO_BF16=1 pretends the card has none: T4 mode on a bigger card."""
-    import torch
-
-    if os.environ.get("QLORA_NO_BF16") == "1":
-        return False
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def torch_dtype(precision: str):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-
-
-def free_memory() -> None:
-    """Give the GPU back however the run ended: the next run and chat need it."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-    except Exception:
-        pass
-
-
 # --- loading -------------------------------------------------------------------------------------------
 def load_tokenizer(path: str, token: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, token=token or None, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(path, token=hub_token(token), trust_remote_code=False)
     except Exception as e:
         raise _explain(path, e) from None
     if tok.pad_token is None:  # Llama 2 ships none; padded positions are masked out of the loss anyway
@@ -152,7 +159,6 @@ def load_tokenizer(path: str, token: str | None = None):
 
 def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: str | None = None):
     """The frozen base, 4-bit nf4 (QLoRA) or in its float dtype, on the GPU if there is one."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(precision)
@@ -160,13 +166,13 @@ def load_base(path: str, quantize: str = "nf4", precision: str = "fp32", token: 
     # Space to open a conversion PR, sending it the caller's token, and then load the weights from that PR branch.
     # Neither is wanted here: refuse the repo instead (its message comes from _explain).
     os.environ["DISABLE_SAFETENSORS_CONVERSION"] = "1"
-    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=token or None)
+    kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, token=hub_token(token))
     if quantize == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)  # the seed's setting; double quant saves ~0.4 GB on 7B at some speed
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if current_gpu() is not None:
+        kwargs["device_map"] = {"": current_gpu()}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
@@ -202,10 +208,14 @@ def _explain(path: str, e: Exception) -> ModelError:
     """A one-line, actionable message for the ways a base model fails to load."""
     msg = str(e)
     name = type(e).__name__
-    if "GatedRepo" in name or "gated repo" in msg.lower():
-        return ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    gated = ModelError(f"{path}: gated model: accept its license on the Hub, then give a token that has access")
+    if "GatedRepo" in name:
+        return gated
+    # the type before the text: huggingface_hub's not-found message says "if you are trying to access a ... gated repo"
     if "RepositoryNotFound" in name or "is not a valid model identifier" in msg or "not a local folder" in msg:
         return ModelError(f"{path}: no such model on the Hub (or it is private: give a token)")
+    if "gated repo" in msg.lower():  # transformers wraps GatedRepoError into an OSError
+        return gated
     if "trust_remote_code" in msg or "custom code" in msg:
         return ModelError(f"{path}: this model needs its own Python code to load; remote code is never run here")
     if "safetensors" in msg.lower() and ("does not appear to have" in msg or "no file named" in msg.lower()):

@@ -1,7 +1,10 @@
-"""The fast training path: settings picked from the card and the model's shape, applied around SFTTrainer."""
+"""The fast training path: settings picked from the card and the model's shape, applied around SFTTrainer.
+
+Also the one memory model: `plan` says what runs and what it is estimated to need; the preflight reports that figure.
+The card's facts it weighs (memory budget, compute capability, fp16 matmul rate) come from qlora/device.py.
+"""
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 GIB = 2**30
@@ -9,21 +12,47 @@ CAUSAL_ATTENTION = "qlora_causal"  # registered below: sdpa with is_causal and n
 
 # Activation bytes kept for backward, per token and decoder layer, in units of hidden (h) and intermediate (i) widths
 # at 2 bytes an element. Counted from what each op saves, then fitted to the H100 run (bench/README.md: 0.58 GiB
-# stock and 0.42 GiB liger per layer at 4 x 1024 tokens, i.e. about 148 and 109 KB a token):
+# stock and 0.42 GiB with liger's kernels, which keep what lean keeps, per layer at 4 x 1024 tokens, i.e. about 148
+# and 109 KB a token):
 #   stock HF: the two RMSNorms keep fp32 and 16-bit copies of their input (~8h), sdpa keeps q, k, v, out (8h), every
 #   LoRA target keeps its dropout mask and dropped input (3 x in_features), SiLU*up keeps gate, silu(gate), up (6i);
 #   frozen 4-bit matmuls keep nothing (bitsandbytes saves only the packed weight).
-#   liger: RMSNorm keeps its 16-bit input (2h each), SwiGLU keeps gate and up (4i).
 STOCK = dict(norm_h=8, attn_h=8, mlp_i=6)
-LIGER = dict(norm_h=4, attn_h=8, mlp_i=4)
 #   lean (below, plain torch): each RMSNorm keeps its 16-bit input and one fp32 scale a token (2h), SiLU*up keeps
-#   gate and up and recomputes silu in backward (4i). Same memory as liger without Triton's per-launch CPU cost.
+#   gate and up and recomputes silu in backward (4i).
 LEAN = dict(norm_h=4, attn_h=8, mlp_i=4)
 #   fused (qlora/fused.py): the layer input and the post-attention residual (4h), q, k, v and the attention output
 #   (8h), two fp32 scales and lora_A's rank-r outputs; norms, dropout masks and the MLP recompute in backward.
 FUSED = dict(norm_h=4, attn_h=8, mlp_i=0)
+#   a fused layer that keeps its MLP (Plan.keep_mlp) also keeps gate and up: 4i in 16 bits, or 2i and two fp32
+#   scales a token in 8 bits
+KEPT_MLP_I = {16: 4, 8: 2}
 WORKSPACE_GIB = 0.5  # the fused LM head's chunks, cuBLAS workspaces (the estimate ran 1-1.5 GiB high at 1.0)
 HEADROOM = 0.90  # plan to at most this share of the budget: allocator fragmentation varies by batch
+
+# --- what a compute-poor card keeps (the thresholds to flip after a measurement: bench/README.md, T4-class compute) ---
+# Below this fp16 matmul rate (TFLOP/s sustained, device.matmul_tflops) the GPU, not the CPU, sets the pace of this job,
+# so recomputing in backward costs time and the plan spends spare memory on keeping instead. The fused 7B step issues
+# its kernels in ~0.2 s of CPU (H100, bench/README.md) and does ~33 GFLOP a token: at ~1,700 tokens a step that is
+# ~0.09 s of matmuls at an H100's ~600 TFLOP/s (waits on the CPU: recompute is free) but ~1.4 s at a T4's ~40.
+COMPUTE_POOR_TFLOPS = 200.0
+# What a kept layer saves, per token: the gate/up recompute, 2 x 2 x hidden x intermediate FLOPs (180 MFLOP for the 7B
+# shape, ~4.5 us on a T4) for 4 x intermediate bytes (44 KB). The other candidates pay far less per byte, so they are
+# not kept: a layer's dequantized 16-bit weights (404 MB for the 7B shape) would save one dequantize (~1.6 ms a step
+# on a T4's 320 GB/s), 25x less per byte than the MLP at 4 x 1024 tokens; a norm's output (8 KB a token) would save
+# one norm recompute (~0.1 us a token), 5x less per byte. 8-bit keeping fits twice the layers but rounds gate and up
+# to 1/254 of each token's largest value (not exact), so 16 stays the default until the t4c bench shows it pays.
+KEEP_BITS = 16
+# Keeping is optional speed, not what the run needs to fit, so it may fill less of the budget than checkpointing
+# decisions do (HEADROOM): the 7B runs' allocator reserved ~1.3 GiB above this estimate (bench/README.md), and a real
+# T4 leaves ~14.4 of its 14.7 GiB to torch; at 0.85 the reference recipe keeps 7 layers on the bench's 15 GiB budget.
+KEEP_HEADROOM = 0.85
+# Fewer elementwise kernels in the fused layers (fused.Options.fewer_passes): the same formulas with fewer 16-bit
+# roundings, about a third of the layer's elementwise memory traffic and fewer launches on every card.
+FEWER_PASSES = True
+# trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
+# for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
+TRL_METRICS = False
 
 
 @dataclass
@@ -54,42 +83,51 @@ class Plan:
     """How one run trains. `off()` is the reference recipe exactly as configured."""
 
     precision: str  # bf16 | fp16 | fp32
+    as_configured: bool = False  # off(): speed=off, or the CPU
     checkpoint_layers: int = -1  # decoder layers that recompute in backward; -1: as the config says (all or none)
-    liger: bool = False  # fused RMSNorm / SwiGLU / RoPE kernels (liger-kernel): less memory, but slower here
     lean: bool = False  # RMSNorm and SiLU*up that keep only their 16-bit inputs for backward (less memory)
-    compile: bool = False  # RMSNorm, SiLU*up and RoPE as torch.compile'd kernels (fewer launches; eager if it fails)
     causal_attention: bool = False  # right-padded batches run sdpa with is_causal and no mask: the flash kernel
     fused: bool = False  # Llama decoder layers that do not checkpoint run as one hand-written autograd node (fused.py)
     padding_free: bool | None = None  # None: as the config says
-    lora_fp32: bool | None = None  # None: fp32 unless bf16 (fp16's grad scaler needs fp32 master weights)
-    estimated_peak_gib: float | None = None
+    lora_fp32: bool | None = None  # None: fp32 unless bf16, where trl's bf16 cast is kept (fp16's scaler needs fp32)
+    # how the fused layers compute and what they keep (fused.Options; each a bench lever, bench/README.md)
+    attention: str | None = None  # the sdpa kernel the card has: flash | efficient (Turing, Volta) | math (None: off)
+    keep_mlp: int = 0  # fused layers (the last ones) that keep gate/up for backward instead of recomputing them
+    keep_bits: int = 16  # ... in 16 bits (exact) or 8 (int8 with a scale a token: half the memory, not exact)
+    fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels
+    gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op, not dequantize + matmul
+    lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the master weights (False: in theirs)
+    trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
+    estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @classmethod
     def off(cls, precision: str) -> "Plan":
-        return cls(precision=precision, notes=["speed=off: the recipe as configured"])
+        return cls(precision=precision, as_configured=True, notes=["speed=off: the recipe as configured"])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def checkpointed(self, cfg, arch: Arch) -> int:
+        """How many decoder layers recompute in backward (-1 in the plan means all or none, as configured)."""
+        if self.checkpoint_layers >= 0:
+            return self.checkpoint_layers
+        return arch.layers if cfg.gradient_checkpointing else 0
 
-# --- card ------------------------------------------------------------------------------------------------
-def memory_budget_gib() -> float | None:
-    """What this process may use on the GPU: QLORA_GPU_MEMORY_GIB (a T4's 15 when emulating one), else the card."""
-    import torch
+    def estimate(self, cfg, arch: Arch) -> float:
+        """This plan's peak memory (estimate_peak_gib with its settings), GiB to two decimals."""
+        lora_fp32 = self.lora_fp32 if self.lora_fp32 is not None else self.precision != "bf16"
+        return round(estimate_peak_gib(arch, cfg, self.checkpointed(cfg, arch), self.lean, cfg.quantize == "nf4",
+                                       lora_fp32, self.fused, 4 if self.precision == "fp32" else 2,
+                                       self.keep_mlp if self.fused else 0, self.keep_bits), 2)
 
-    if os.environ.get("QLORA_GPU_MEMORY_GIB"):
-        return float(os.environ["QLORA_GPU_MEMORY_GIB"])
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    def fused_options(self):
+        """What the fused layers compute with (qlora/fused.py's Options)."""
+        from .fused import Options
 
-
-def liger_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+        return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
+                       lora_fp16=self.lora_fp16)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -99,10 +137,10 @@ def _lora_widths(arch: Arch, cfg) -> dict[str, int]:
     return widths if cfg.target_modules == ["all-linear"] else {t: widths.get(t, h) for t in cfg.target_modules}
 
 
-def activation_bytes_per_token(arch: Arch, cfg, liger: bool, fused: bool = False) -> float:
-    """Bytes one token keeps for backward in one decoder layer that does not recompute (liger: or lean)."""
+def activation_bytes_per_token(arch: Arch, cfg, lean: bool, fused: bool = False) -> float:
+    """Bytes one token keeps for backward in one decoder layer that does not recompute, at 2 bytes an element."""
     h, i = arch.hidden, arch.intermediate
-    k = FUSED if fused else LIGER if liger else STOCK
+    k = FUSED if fused else LEAN if lean else STOCK
     total = (k["norm_h"] + k["attn_h"]) * h + k["mlp_i"] * i
     if fused:  # two fp32 scales and lora_A's rank-r outputs; dropout masks are redrawn in backward, not kept
         return total + 8 + 2 * cfg.lora_r * len(_lora_widths(arch, cfg))
@@ -111,89 +149,148 @@ def activation_bytes_per_token(arch: Arch, cfg, liger: bool, fused: bool = False
     return total
 
 
-def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, liger: bool, quantized: bool = True,
-                      lora_fp32: bool = True, fused: bool = False) -> float:
-    """Peak GPU memory of one run: weights, LoRA state, activations of the longest batch, workspace."""
-    weight_bytes = arch.params * (0.5 + 4 / 64) if quantized else arch.params * 2  # nf4 + fp32 absmax per 64
-    weight_bytes += arch.vocab * arch.hidden * 2 * 2 * (1 if quantized else 0)  # embeddings and head stay 16-bit
+def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, lean: bool, quantized: bool = True,
+                      lora_fp32: bool = True, fused: bool = False, element_bytes: int = 2, keep_mlp: int = 0,
+                      keep_bits: int = 16) -> float:
+    """Peak memory of one run: weights, LoRA state, activations of the longest batch, workspace.
+
+    element_bytes: 2 for 16-bit compute on a GPU, 4 for the CPU's fp32 (weights and activations twice as big).
+    keep_mlp: fused layers that also keep gate and up (in keep_bits bits) instead of recomputing them."""
+    width = element_bytes
+    weight_bytes = arch.params * (0.5 + 4 / 64) if quantized else arch.params * width  # nf4 + fp32 absmax per 64
+    weight_bytes += arch.vocab * arch.hidden * 2 * width * (1 if quantized else 0)  # embeddings and head stay 16-bit
     lora_params = arch.layers * cfg.lora_r * 2 * arch.hidden * (7 if cfg.target_modules == ["all-linear"]
                                                                else len(cfg.target_modules))
     lora_bytes = lora_params * ((4 if lora_fp32 else 2) * 2 + 8)  # weights, grads, two Adam states in fp32
     tokens = cfg.batch_size * cfg.max_length  # group_by_length runs the longest batch first; rows are pre-truncated
-    per_layer = activation_bytes_per_token(arch, cfg, liger) * tokens
+    per_layer = activation_bytes_per_token(arch, cfg, lean) * tokens
     kept = arch.layers - checkpoint_layers
-    acts = (kept * activation_bytes_per_token(arch, cfg, liger, fused) * tokens
+    acts = (kept * activation_bytes_per_token(arch, cfg, lean, fused) * tokens
             + checkpoint_layers * 2 * arch.hidden * tokens)
     if checkpoint_layers:
         acts += per_layer  # one layer's activations exist again while it recomputes
     if fused and kept:
         acts += 12 * arch.intermediate * tokens  # a fused layer's backward: the recomputed MLP and its grads
-    return (weight_bytes + lora_bytes + acts) / GIB + WORKSPACE_GIB
+        keep_mlp = min(keep_mlp, kept)
+        acts += keep_mlp * (KEPT_MLP_I[keep_bits] * arch.intermediate + (8 if keep_bits == 8 else 0)) * tokens
+    return (weight_bytes + lora_bytes + acts * width / 2) / GIB + WORKSPACE_GIB
 
 
 # --- the plan --------------------------------------------------------------------------------------------
 def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None, cuda: bool | None = None,
-         liger: bool = False) -> Plan:
-    """The fast settings for this card: precision as picked (bf16 LoRA weights where the card has bf16), flash
-    attention on right-padded batches, Llama decoder layers fused into one autograd node each (qlora/fused.py: fewer
-    launches, less kept for backward), and gradient checkpointing on only as many layers as the memory budget needs.
+         capability: tuple[int, int] | None = None, tflops: float | None = None) -> Plan:
+    """The fast settings for this card: precision as picked (bf16 LoRA weights where the card has bf16), the attention
+    kernel the card has, Llama decoder layers fused into one autograd node each (qlora/fused.py: fewer launches, less
+    kept for backward), gradient checkpointing on only as many layers as the memory budget needs and, on a card whose
+    matmuls are slow (COMPUTE_POOR_TFLOPS), the MLP's gate/up outputs kept instead of recomputed on as many more
+    layers as the budget allows. With the model's shape known, every plan (off and the CPU's too) carries its
+    estimated peak memory.
 
-    liger-kernel is off by default: on the H100 its Triton launches cost more CPU time than its kernels save, and
-    this job is bound by the CPU issuing kernels (bench/README.md), so it made the step slower."""
+    The card: `cuda=None` asks this process's (qlora/device.py); with `cuda` given, `budget_gib`, `capability` (CUDA
+    compute capability, e.g. (7, 5) for a T4) and `tflops` (sustained fp16 matmul rate) describe it, None where
+    unknown (then: a modern card, flash attention, recompute)."""
     if cuda is None:
-        import torch
+        from . import device
 
-        cuda = torch.cuda.is_available()
+        cuda = device.cuda_available()
+        if cuda:
+            budget_gib = device.memory_budget_gib() if budget_gib is None else budget_gib
+            capability = device.compute_capability() if capability is None else capability
+            tflops = device.matmul_tflops() if tflops is None else tflops
     if getattr(cfg, "speed", "auto") == "off" or not cuda or arch is None:
-        return Plan.off(precision)  # the CPU path (the embedded model, tests) keeps the recipe as configured
-    if budget_gib is None:
-        budget_gib = memory_budget_gib()
-    liger = liger and liger_available()
+        p = Plan.off(precision)  # the CPU path (the embedded model, tests) keeps the recipe as configured
+        if arch is not None:  # stock layers; all or none recompute, as configured; fp32 on the CPU
+            p.estimated_peak_gib = p.estimate(cfg, arch)
+        return p
+    kernel = attention_kernel(capability)
+    if precision == "bf16" and capability is not None and capability < (8, 0):
+        raise ValueError(f"bf16 on a card of compute capability {capability[0]}.{capability[1]}, which has none")
     lora_fp32 = precision != "bf16"
-    # compile stays off: measured on the H100 it gave nothing (4173 vs 4185 tokens/s); the lean eager path keeps
-    # the same memory savings without compile time or a compiler toolchain on the Space
-    p = Plan(precision=precision, liger=liger, lean=not liger, compile=False,
-             causal_attention=not cfg.padding_free, lora_fp32=lora_fp32, padding_free=cfg.padding_free,
-             budget_gib=budget_gib)
+    p = Plan(precision=precision, lean=True, causal_attention=not cfg.padding_free, lora_fp32=lora_fp32,
+             padding_free=cfg.padding_free, budget_gib=budget_gib, attention=kernel, fewer_passes=FEWER_PASSES,
+             trl_metrics=TRL_METRICS, keep_bits=KEEP_BITS)
     # the fused layer reproduces Llama's decoder layer on right-padded batches exactly; other models keep theirs
     p.fused = p.causal_attention and arch.model_type == "llama"
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
-    p.notes.append("liger fused RMSNorm/SwiGLU/RoPE" if liger else
-                   "lean RMSNorm and SiLU*up (keep 16-bit inputs)" + (", compiled with RoPE" if p.compile else ""))
+    p.notes.append("lean RMSNorm and SiLU*up (keep 16-bit inputs)")
+    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "capability unknown"
     if p.causal_attention:
-        p.notes.append("right-padded batches: sdpa is_causal without a mask, flash kernel (not cuDNN)")
+        p.notes.append(f"right-padded batches: sdpa is_causal without a mask, {kernel} kernel ({where}; not cuDNN)")
+    else:
+        p.notes.append(f"attention: the {kernel} kernel where sdpa runs ({where})")
     if p.fused:
-        p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward)")
-    quantized = cfg.quantize == "nf4"
+        p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
+                       + (", fewer elementwise passes)" if p.fewer_passes else ")"))
+    limit = (budget_gib or 0) * HEADROOM
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0
         p.notes.append("gradient checkpointing off (config)")
     else:
         # the fewest recomputing layers whose estimate fits the budget; all of them if none does
-        limit = (budget_gib or 0) * HEADROOM
         p.checkpoint_layers = arch.layers
         for k in range(arch.layers + 1):
-            if estimate_peak_gib(arch, cfg, k, liger or p.lean, quantized, lora_fp32, p.fused) <= limit:
+            if estimate_peak_gib(arch, cfg, k, p.lean, cfg.quantize == "nf4", lora_fp32, p.fused) <= limit:
                 p.checkpoint_layers = k
                 break
         p.notes.append(f"gradient checkpointing on {p.checkpoint_layers} of {arch.layers} layers "
                        f"(budget {budget_gib:.1f} GiB)")
-    p.estimated_peak_gib = round(estimate_peak_gib(arch, cfg, p.checkpoint_layers, liger or p.lean, quantized,
-                                                   lora_fp32, p.fused), 2)
+    if p.fused:
+        _choose_keep(p, cfg, arch, tflops, (budget_gib or 0) * KEEP_HEADROOM)
+    if not p.trl_metrics:
+        p.notes.append("trl's per-step entropy and token accuracy off (each waited for the GPU)")
+    p.estimated_peak_gib = p.estimate(cfg, arch)
     return p
 
 
+def attention_kernel(capability: tuple[int, int] | None) -> str:
+    """The sdpa kernel a card has: FlashAttention-2 from Ampere (8.0) on; the memory-efficient kernel on Volta and
+    Turing (a T4 is 7.5: no flash kernels there); math before that. An unknown card is taken for a modern one."""
+    if capability is None or capability >= (8, 0):
+        return "flash"
+    return "efficient" if capability >= (5, 0) else "math"
+
+
+def compute_poor(tflops: float | None) -> bool:
+    """Does recomputing in backward cost this card time (see COMPUTE_POOR_TFLOPS)? Unknown: no."""
+    return tflops is not None and tflops < COMPUTE_POOR_TFLOPS
+
+
+def _choose_keep(p: Plan, cfg, arch: Arch, tflops: float | None, limit: float) -> None:
+    """On a compute-poor card, the most fused layers that keep gate/up with the estimate still within `limit`."""
+    fused_layers = arch.layers - p.checkpoint_layers
+    if not compute_poor(tflops):
+        why = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s: the GPU waits on the CPU" if tflops else "matmul rate unknown"
+        p.notes.append(f"MLP recomputed in backward ({why})")
+        return
+    rate = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s"
+    for keep in range(fused_layers, 0, -1):
+        if estimate_peak_gib(arch, cfg, p.checkpoint_layers, p.lean, cfg.quantize == "nf4", p.lora_fp32, True,
+                             keep_mlp=keep, keep_bits=p.keep_bits) <= limit:
+            p.keep_mlp = keep
+            break
+    p.notes.append(f"gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} of {fused_layers} fused layers, the rest "
+                   f"recompute ({rate}, below {COMPUTE_POOR_TFLOPS:.0f}: recomputing costs time)")
+
+
 # --- applying it -----------------------------------------------------------------------------------------
-def register_causal_attention() -> None:
+def register_causal_attention(kernel: str | None = None) -> None:
     """sdpa with is_causal=True and no mask. Exact for right-padded batches: a real token only ever looks left, at
-    real tokens, and padded positions carry label -100. Never for left padding, packed rows or a KV cache."""
+    real tokens, and padded positions carry label -100. Never for left padding, packed rows or a KV cache.
+
+    kernel: "efficient" or "math" restricts sdpa to that kernel (the plan's attention_kernel: what a T4 has), with
+    math as the fallback; None or "flash": torch's own order."""
+    import contextlib
+
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
 
+    from .fused import sdpa_kernel_context
+
     def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
         kwargs.pop("is_causal", None)
-        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+        with sdpa_kernel_context(kernel) if kernel not in (None, "flash") else contextlib.nullcontext():
+            return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
     def no_mask(*args, **kwargs):
         return None
@@ -203,25 +300,16 @@ def register_causal_attention() -> None:
 
 
 def before_peft(model, p: Plan) -> None:
-    """Patches on the bare base model: fused kernels, the attention kernel."""
-    if p.liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        # the LM head stays trl's fused one (chunked log-probs), so liger's fused cross entropy is left out
-        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
-    elif p.lean:
-        compiled = p.compile and compiled_kernels_work()
-        if p.compile and not compiled:
-            p.notes.append("torch.compile unavailable here: eager lean kernels")
-            p.compile = False
-        use_lean_activations(model, compiled)
+    """Patches on the bare base model: lean kernels, the attention kernel."""
+    if p.lean:
+        use_lean_activations(model)
     if p.causal_attention:
         import torch
 
         # cuDNN's attention builds a graph for each new sequence length: ~2 ms of CPU per backward call measured on
         # the H100, where this job waits on the CPU. Flash has no such set-up.
         torch.backends.cuda.enable_cudnn_sdp(False)
-        register_causal_attention()
+        register_causal_attention(p.attention)
         model.config._attn_implementation = CAUSAL_ATTENTION
         for sub in model.modules():  # sub-configs of the text model read the same attribute
             if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
@@ -229,25 +317,62 @@ def before_peft(model, p: Plan) -> None:
 
 
 def after_trainer(trainer, p: Plan) -> None:
-    """Dtype of the trainable weights, and which layers recompute once the Trainer has turned checkpointing on."""
-    if p.lora_fp32 is not None:
-        import torch
-
-        dtype = torch.float32 if p.lora_fp32 else torch.bfloat16
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(dtype)
+    """Dtype of the trainable weights, which layers recompute once the Trainer has turned checkpointing on, the
+    fused layers and what they keep, and trl's per-step metrics."""
+    _set_lora_dtype(trainer.model, p)
     if p.checkpoint_layers > 0:
         trainer.add_callback(_checkpoint_some_layers(p.checkpoint_layers))
     if p.fused:
         from . import fused
 
-        try:
-            layers = fused.install(trainer.model)  # layers that checkpoint keep their own forward (fused.py)
+        try:  # layers that checkpoint keep their own forward (fused.py)
+            layers = fused.install(trainer.model, p.fused_options(), p.keep_mlp, p.keep_bits)
             p.notes.append(f"{layers} decoder layers fused")
         except fused.NotFusable as e:
             p.fused = False
             p.notes.append(f"not fused: {e}")
+    if not p.trl_metrics:
+        import types
+
+        trainer.compute_loss = types.MethodType(_loss_without_metrics, trainer)
+
+
+def _loss_without_metrics(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """trl 1.16's training loss without its per-step metrics. SFTTrainer.compute_loss takes the loss from its fused LM
+    head (the mean negative log-probability of the label tokens), then computes the entropy and token accuracy for the
+    logs and the batch's token count, whose `.item()` calls and `num_valid > 0` wait for the GPU between forward and
+    backward; no argument turns them off. Here the same loss, in the same operations, without them. Every other case
+    (eval, outputs asked for, a custom or smoothed loss, MoE aux loss, sequence parallelism) is trl's own."""
+    import torch
+
+    parallel = getattr(self.accelerator, "parallelism_config", None)
+    if (not model.training or return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+            or self.args.loss_type != "nll" or self.aux_loss_enabled or getattr(parallel, "sp_enabled", False)):
+        return type(self).compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    inputs["use_cache"] = False
+    outputs = model(**inputs, fused_lm_head=True)
+    num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    if self.args.average_tokens_across_devices and num_items_in_batch is not None:  # as trl: DDP averages ranks
+        loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+    return loss
+
+
+def _set_lora_dtype(model, p: Plan) -> None:
+    """The one place that undoes trl's cast: trl 1.16 casts a 4-bit model's LoRA weights to bf16 in SFTTrainer's
+    constructor whatever fp16 says. fp16's grad scaler cannot unscale bf16 grads and a T4 has no fast bf16, so they
+    train in fp32 unless the run is in bf16 (as the QLoRA recipe does); a plan may also ask for bf16 or fp32."""
+    import torch
+
+    if p.lora_fp32 is None:
+        if p.precision == "bf16":
+            return  # as built: trl's bf16 on a 4-bit model
+        dtype = torch.float32
+    else:
+        dtype = torch.float32 if p.lora_fp32 else torch.bfloat16
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
 
 
 def decoder_layers(model) -> list:
@@ -270,30 +395,23 @@ def _checkpoint_some_layers(k: int):
 
 
 # --- lean activations ------------------------------------------------------------------------------------
-def use_lean_activations(model, compiled: bool = False) -> int:
+def use_lean_activations(model) -> int:
     """Give every Llama-style RMSNorm and SiLU MLP of `model` a forward that keeps only 16-bit inputs for backward.
 
-    Same forward arithmetic as transformers' modules; returns how many modules were switched. `compiled`: the same
-    math as torch.compile'd functions (one or two fused kernels instead of 6-10 launches each; the compiler's
-    partitioner also keeps only the 16-bit inputs), and RoPE too."""
+    Same forward arithmetic as transformers' modules; returns how many modules were switched. (Compiling these with
+    torch.compile, RoPE too, measured no gain on the H100, 4,185 vs 4,173 tokens/s: bench/README.md.)"""
     import types
 
-    norm_fn, mlp_fn = (_compiled_norm_forward, _compiled_mlp_forward) if compiled else (_lean_rmsnorm_forward,
-                                                                                      _lean_mlp_forward)
     count = 0
     for module in model.modules():
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and hasattr(module, "weight"):
-            module.forward = types.MethodType(norm_fn, module)
+            module.forward = types.MethodType(_lean_rmsnorm_forward, module)
             count += 1
         elif (kind.endswith("MLP") and hasattr(module, "gate_proj") and hasattr(module, "up_proj")
               and type(getattr(module, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")):
-            module.forward = types.MethodType(mlp_fn, module)
+            module.forward = types.MethodType(_lean_mlp_forward, module)
             count += 1
-    if compiled and getattr(model.config, "model_type", "") == "llama":
-        from transformers.models.llama import modeling_llama
-
-        modeling_llama.apply_rotary_pos_emb = _compiled()["rope"]
     return count
 
 
@@ -303,62 +421,6 @@ def _lean_rmsnorm_forward(self, hidden_states):
 
 def _lean_mlp_forward(self, x):
     return self.down_proj(_SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
-
-
-def _compiled_norm_forward(self, hidden_states):
-    return _compiled()["norm"](hidden_states, self.weight, self.variance_epsilon)
-
-
-def _compiled_mlp_forward(self, x):
-    return self.down_proj(_compiled()["silu_mul"](self.gate_proj(x), self.up_proj(x)))
-
-
-_COMPILED: dict = {}
-
-
-def _compiled() -> dict:
-    """transformers' RMSNorm, SiLU*up and RoPE math, each compiled once for all shapes (dynamic)."""
-    if not _COMPILED:
-        import torch
-
-        def norm(x, weight, eps: float):
-            xf = x.to(torch.float32)
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * xf.to(x.dtype)
-
-        def silu_mul(gate, up):
-            return torch.nn.functional.silu(gate) * up
-
-        def rotate_half(x):
-            half = x.shape[-1] // 2
-            return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-        def rope(q, k, cos, sin, unsqueeze_dim=1):
-            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-            return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-        _COMPILED.update({name: torch.compile(fn, dynamic=True) for name, fn in
-                          (("norm", norm), ("silu_mul", silu_mul), ("rope", rope))})
-    return _COMPILED
-
-
-def compiled_kernels_work() -> bool:
-    """Compile and run the kernels once, forward and backward, on small tensors: a machine without a working
-    compiler toolchain falls back to the eager lean path instead of failing mid-training."""
-    try:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        k = _compiled()
-        x = torch.randn(2, 8, 64, device=device, requires_grad=True)
-        w = torch.ones(64, device=device)
-        q = torch.randn(2, 4, 8, 16, device=device, requires_grad=True)
-        cos, sin = torch.randn(2, 8, 16, device=device), torch.randn(2, 8, 16, device=device)
-        out = k["norm"](x, w, 1e-5).sum() + k["silu_mul"](x, x).sum() + sum(t.sum() for t in k["rope"](q, q, cos, sin))
-        out.backward()
-        return bool(torch.isfinite(x.grad).all())
-    except Exception:
-        return False
 
 
 def _functions():

@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import runs
+from . import prompts, runs
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
-from .data import DataError, prepare, tokenize
+from .data import DataError, keep_answered, prepare, tokenize
+from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
 from .events import Event, Failed, Finished, Log, Stopped
-from .model import ModelError, free_memory, load_base, load_tokenizer, lora_config, pick_precision, resolve
-from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
+from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 
 if TYPE_CHECKING:
+    from .data import Row
     from .speed import Plan
 
 log = logging.getLogger("qlora")
@@ -42,15 +41,22 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
     trainer = model = None
     try:
         # 1. Data: validated before any model is touched, so bad input costs seconds and writes nothing.
-        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows)
+        data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows,
+                       allow_local=cfg.allow_local_dataset)
         emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape} format"
-                 + (f", {data.dropped} empty rows skipped)" if data.dropped else ")")))
+                 + (f"; {data.skipped()})" if data.dropped else ")")))
 
-        # 2. Tokenizer and tokens: our own encode() so guanaco's literal <s> never becomes a doubled BOS.
-        model_path = resolve(cfg.base_model)
+        # 2. Tokenizer, prompt format and tokens: the format is the model's own (prompts.choose), chosen once (a
+        # resumed run keeps its own); rows are tokenized by their structure, so text in them is never a special token.
+        model_path = resolve(cfg.base_model, cfg.allow_local_model, token)
         tokenizer = load_tokenizer(model_path, token)
-        train_ids = tokenize(data.train, tokenizer, cfg.max_length)
-        eval_ids = tokenize(data.eval, tokenizer, cfg.max_length)
+        fmt = runs.prompt_format(Path(resume_from)) if resume_from else prompts.choose(tokenizer, cfg.prompt_format)
+        emit(Log(fmt.describe()))
+        train_rows, lost = keep_answered(tokenize(data.train, tokenizer, cfg.max_length, fmt), cfg.max_length)
+        if lost:
+            emit(Log(f"warning: {lost}"))
+        eval_rows, _ = keep_answered(tokenize(data.eval, tokenizer, cfg.max_length, fmt), cfg.max_length, "eval",
+                                    required=False)
         if stop.is_set():
             raise StopBeforeStart()
 
@@ -64,15 +70,16 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         # 4. The run folder exists only once data and model are known good.
         run_dir = _shared_run_dir(cfg, resume_from, dist)
         if main:
-            _write_run_files(run_dir, cfg, precision)
+            runs.start(run_dir, cfg, precision, fmt.to_json(), library_versions())
 
         # 5. SFTTrainer with LoRA on the frozen base.
-        trainer = build_trainer(cfg, model, tokenizer, train_ids, eval_ids, precision, run_dir)
+        trainer = build_trainer(cfg, model, tokenizer, train_rows, eval_rows, precision, run_dir)
         emit(Log("speed: " + "; ".join(trainer.speed_plan.notes)))  # what qlora/speed.py picked for this card
-        events = EventCallback(_recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model, data.source)
+        events = EventCallback(runs.recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model,
+                               data.source)
         trainer.add_callback(events)
         if cfg.sample_every:
-            trainer.add_callback(SampleCallback(emit, tokenizer, cfg.sample_every))
+            trainer.add_callback(SampleCallback(emit, tokenizer, fmt, cfg.sample_every))
         checkpoint = runs.latest_checkpoint(run_dir) if resume_from else None
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
@@ -86,18 +93,23 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         metrics = final_metrics(trainer, result, tokenizer)
         status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
         if main:
-            _finish(run_dir, status, step, metrics)
-            if status == "finished" and data.eval:  # the evaluation card, on the model still in memory
+            runs.finish(run_dir, status, step, metrics)
+            if status == "finished" and eval_rows:
+                # the evaluation card, on the model still in memory: it logs and goes on, it never fails the run
                 from .evaluate import end_of_run
 
-                end_of_run(run_dir, trainer.model, tokenizer, data.eval, data.source, cfg, lambda s: emit(Log(s)), stop)
+                end_of_run(run_dir, trainer.model, tokenizer, fmt, data.eval, data.source, cfg,
+                           lambda line: emit(Log(line)), stop)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:
         error, hint = describe_failure(e)
         if run_dir is not None and main:
-            _finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
-                    trainer.state.global_step if trainer else 0, {"error": error})
+            try:
+                runs.finish(run_dir, "stopped" if isinstance(e, StopBeforeStart) else "failed",
+                            trainer.state.global_step if trainer else 0, {"error": error})
+            except Exception:  # a full disk or a removed folder must not hide the error that ended the run
+                log.exception("could not record the failure in %s", run_dir / "run.json")
         if isinstance(e, StopBeforeStart):
             emit(Stopped(str(run_dir or ""), 0, {}))
             raise
@@ -112,10 +124,9 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
 
 def distributed():
     """accelerate's view of the launch: a single process unless started by `accelerate launch`."""
-    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())  # cpu=True: several CPU processes talk over gloo
+    return PartialState(cpu=not cuda_available())  # cpu=True: several CPU processes talk over gloo
 
 
 def _silent(event: Event) -> None:
@@ -134,18 +145,17 @@ def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
     return Path(name[0])
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
-                  plan: "Plan | None" = None):
-    """SFTTrainer for the recipe; `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
-    import torch
-    from datasets import Dataset
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", eval_rows: "list[Row]", precision: str,
+                  run_dir: Path, plan: "Plan | None" = None):
+    """SFTTrainer for the recipe on pre-tokenized rows (data.tokenize: ids, and labels with -100 where the loss does
+    not train); `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from . import speed
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = cuda_available()
     if plan is None:
         plan = speed.plan(cfg, speed.Arch.of(model.config), precision)
     padding_free = cfg.padding_free if plan.padding_free is None else plan.padding_free
@@ -153,7 +163,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
     speed.before_peft(model, plan)
     optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
     args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
@@ -165,7 +175,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         # rows come pre-truncated (data.tokenize); trl refuses max_length with padding_free, which needs none
         max_length=None if padding_free else cfg.max_length, padding_free=padding_free,
         logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
-        eval_strategy="steps" if eval_ids else "no", eval_steps=0.2 if eval_ids else None,
+        eval_strategy="steps" if eval_rows else "no", eval_steps=0.2 if eval_rows else None,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=2,
         # padding-free batches have no padding to leave out of the count; padded ones do
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
@@ -182,21 +192,25 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
     # would start from other weights than the first with the same seed
     set_seed(cfg.seed)
     peft_model = get_peft_model(model, lora_config(cfg))
+    if cfg.target_modules != ["all-linear"]:  # peft only warns; the adapter would then read as half-complete
+        found = peft_model.base_model.targeted_module_names
+        unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in found)]
+        if unmatched:
+            raise ValueError(f"target_modules: {', '.join(unmatched)} matches no module of {cfg.base_model}")
     trainer = SFTTrainer(
         model=peft_model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"input_ids": train_ids}),
-        eval_dataset=Dataset.from_dict({"input_ids": eval_ids}) if eval_ids else None,
+        train_dataset=_dataset(train_rows), eval_dataset=_dataset(eval_rows) if eval_rows else None,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our events report progress instead
-    if precision != "bf16":
-        # trl 1.16 casts a 4-bit model's LoRA weights to bf16 in its constructor whatever fp16 says; fp16's grad
-        # scaler cannot unscale bf16 grads and a T4 has no fast bf16: train them in fp32, as the QLoRA recipe does.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-    speed.after_trainer(trainer, plan)
+    speed.after_trainer(trainer, plan)  # LoRA weights in fp32 unless bf16 (undoing trl's cast), layers, fusing
     trainer.speed_plan = plan  # read by the benchmark and the run folder
     return trainer
+
+
+def _dataset(rows: "list[Row]"):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [r.ids for r in rows], "labels": [r.labels for r in rows]})
 
 
 def final_metrics(trainer, result, tokenizer) -> dict:
@@ -206,13 +220,8 @@ def final_metrics(trainer, result, tokenizer) -> dict:
     m.update(step=trainer.state.global_step, max_steps=trainer.state.max_steps,
              first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
              final_eval_loss=evals[-1] if evals else None, tokens_seen=trainer.state.num_input_tokens_seen)
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            m["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except Exception:
-        pass
+    if peak_allocated_gib() is not None:
+        m["peak_gpu_memory_gib"] = peak_allocated_gib()
     return m
 
 
@@ -231,40 +240,6 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, (DataError, ModelError, ValueError)):
         return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
     return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
-
-
-# --- the run folder's files ----------------------------------------------------------------------------
-def _write_run_files(run_dir: Path, cfg: TrainConfig, precision: str) -> None:
-    runs.write_text(run_dir / "config.yaml", cfg.to_yaml())
-    runs.write_json(run_dir / "prompt_format.json", {
-        "name": FORMAT_NAME, "bos": BOS, "eos": EOS, "inst": [B_INST, E_INST], "sys": [B_SYS, E_SYS],
-        "template": "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>"})
-    runs.write_json(run_dir / "versions.json", library_versions())
-    meta = runs.read_json(run_dir / "run.json")
-    meta.update(status="running", base_model=cfg.base_model, dataset=cfg.dataset, precision=precision,
-                created=meta.get("created", time.time()), pid=os.getpid(), boot=runs.boot_id())
-    runs.write_json(run_dir / "run.json", meta)
-
-
-def _finish(run_dir: Path, status: str, step: int, metrics: dict) -> None:
-    meta = runs.read_json(run_dir / "run.json")
-    meta.update(status=status, step=step, finished=time.time(), final_loss=metrics.get("final_loss"), metrics=metrics)
-    runs.write_json(run_dir / "run.json", meta)
-
-
-def _recording(emit: Callable[[Event], None], run_dir: Path) -> Callable[[Event], None]:
-    """emit, plus one metrics.jsonl line for every logged step, so history outlives the process."""
-    from dataclasses import asdict
-
-    from .events import EvalLoss, Progress
-
-    def record(event: Event) -> None:
-        if isinstance(event, (Progress, EvalLoss)):
-            runs.append_jsonl(run_dir / "metrics.jsonl", {"type": type(event).__name__, "time": time.time(),
-                                                          **asdict(event)})
-        emit(event)
-
-    return record
 
 
 def library_versions() -> dict[str, str]:

@@ -102,13 +102,15 @@ def test_chat_streams_two_answers_with_the_same_prompt(server):
     assert base[-1]["content"][0]["text"].strip() and tuned[-1]["content"][0]["text"].strip()
     assert status.startswith("done") and box == ""
     # One prompt string for both panes, shown exactly, with its tokens.
-    assert "### both panes" in prompt and "[INST] What is the capital of France? [/INST]" in prompt
+    # in the embedded model's own ChatML template, whose base knows the answer (in Llama 2's it did not)
+    assert "### both panes" in prompt and "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt
+    assert "Paris" in base[-1]["content"][0]["text"]
     # A second turn keeps each pane's own history.
     base2, tuned2, *_ = client.predict("And of Italy?", base, tuned, server["run"], 0.0, 0.9, 8, 0, "",
                                        api_name="/chat")
     assert len(base2) == len(tuned2) == 4
     shown = client.predict("next", base2, tuned2, server["run"], "Be brief.", api_name="/show_prompt")
-    assert "What is the capital of France?" in shown and "Be brief." in shown and "<<SYS>>" in shown
+    assert "What is the capital of France?" in shown and "<|im_start|>system\nBe brief.<|im_end|>" in shown
 
 
 def test_stop_generation_ends_a_long_answer_early_and_clear_empties_the_panes(server):
@@ -175,9 +177,9 @@ def test_the_fake_token_never_reached_outputs_logs_or_files(server):
 def test_preview_shows_rows_as_the_trainer_sees_them(server):
     table, note = server["client"].predict(max_length=64, api_name="/preview")
     rows = table["data"]
-    assert "built-in sample" in note and len(rows) == 5
+    assert "built-in sample" in note and "chat template" in note and "answers only" in note and len(rows) == 5
     text, tokens, flags = rows[0]
-    assert text.startswith("<s>[INST]") and text.rstrip().endswith("</s>") and tokens > 5
+    assert text.startswith("<|im_start|>system\n") and text.rstrip().endswith("<|im_end|>") and tokens > 5
     assert any("truncated to 64" in r[2] for r in rows) or all(r[2] == "ok" for r in rows)
 
 
@@ -188,8 +190,8 @@ def test_an_uploaded_file_is_previewed(server, tmp_path):
     path.write_text('{"instruction": "Say hi", "output": "Hi!"}\n{"instruction": "", "output": "x"}\n')
     table, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(path)),
                                            api_name="/preview")
-    assert "mine.jsonl" in note and "alpaca" in note and "1 empty rows skipped" in note
-    assert table["data"][0][0].startswith("<s>[INST] Say hi [/INST] Hi! </s>")
+    assert "mine.jsonl" in note and "alpaca" in note and "1 row skipped (1 empty instruction)" in note
+    assert table["data"][0][0].endswith("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no known column"}\n')
     _, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(bad)), api_name="/preview")
@@ -212,19 +214,6 @@ def test_preflight_reads_well_and_refuses_what_cannot_work(server):
         client.predict(learning_rate=5.0, api_name="/start")
     no_file = client.predict(dataset_source="upload", api_name="/start")
     assert "upload" in no_file
-
-
-def test_reference_recipe_estimate_fits_a_t4_and_batch_drives_it():
-    from qlora.config import TrainConfig
-    from ui.preflight import count_params, estimate_peak_bytes
-
-    llama7b = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000,
-                   num_attention_heads=32, num_key_value_heads=32)
-    assert 6.5e9 < count_params(llama7b) < 7e9
-    ref = estimate_peak_bytes(llama7b, TrainConfig(), "fp16") / 2**30
-    assert 6 < ref < 15  # the seed trains it on a 15 GB T4
-    big = estimate_peak_bytes(llama7b, TrainConfig(batch_size=16, max_length=4096), "fp16") / 2**30
-    assert big > 15
 
 
 # --- admin gate ---------------------------------------------------------------------------------------------
@@ -288,15 +277,16 @@ def test_preflight_on_a_gpu_names_the_card_and_uses_fp16_in_t4_mode(tmp_path, mo
     import json
 
     from qlora.config import TrainConfig
-    from ui.preflight import preflight
+    from qlora.preflight import preflight
+    from ui.render import preflight_markdown
 
     (tmp_path / "config.json").write_text(json.dumps(dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,
         num_key_value_heads=32)))
     monkeypatch.setenv("QLORA_NO_BF16", "1")  # a T4 has no bf16
     pf = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample"), runs_root=tmp_path)
-    text = pf.markdown()
+    text = preflight_markdown(pf)
     assert pf.ok and "GPU:" in text and "precision fp16" in text and "estimated peak GPU memory" in text, text
     tight = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample", batch_size=512, max_length=4096),
                       runs_root=tmp_path)
-    assert not tight.ok and "lower batch_size or max_length" in tight.markdown()
+    assert not tight.ok and "lower batch_size or max_length" in preflight_markdown(tight)

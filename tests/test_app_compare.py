@@ -222,6 +222,9 @@ def test_stop_ends_a_long_evaluation_and_saves_nothing(server):
     while not any("evaluating: " in str(o) for o in job.outputs()):
         assert time.monotonic() - t0 < 120, job.outputs()
         time.sleep(0.2)
+    # meanwhile chat (one device here) says what holds it, at once
+    said = other.predict("Question 1?", [], [], "other", *GREEDY, api_name="/chat")[3]
+    assert said == "⏳ an evaluation holds the GPU; try again in a moment.", said
     assert other.predict(ADMIN, api_name="/stop_eval").startswith("⏹️ Stopping the evaluation")  # a second browser
     card, message = job.result(timeout=120)
     assert message.startswith("⏹️ evaluation stopped after ") and "of 3000 rows; nothing was saved" in message

@@ -10,8 +10,8 @@ import pytest
 from conftest import MEMO_ROWS
 from qlora import runs
 from qlora.data import DataError
-from qlora.evaluate import EvalStopped, encode_row, evaluate_run, summary
-from qlora.model import BusyError, gpu_lock
+from qlora.device import CHAT, CHAT_CARD, EVAL, TRAIN, BusyError, Cards, gpu_lock
+from qlora.evaluate import EvalStopped, evaluate_run, summary
 from qlora.train import train
 from test_cli import cli
 
@@ -34,30 +34,33 @@ def memo_run(tmp_path_factory, tiny_llama_dir):
     return run_dir, memo, events
 
 
-def test_answer_tokens_are_those_after_each_inst_through_eos(llama_tokenizer):
-    text = "<s>[INST] Hi? [/INST] Hello there. </s><s>[INST] And you? [/INST] Fine. </s>"
-    row = encode_row(text, llama_tokenizer, 1024)
-    answers = [llama_tokenizer.decode([t for t, a in zip(row.ids, row.answer) if a])]
-    spans, current = [], []
-    for t, a in zip(row.ids, row.answer):
-        if a:
-            current.append(t)
-        elif current:
-            spans.append(current)
-            current = []
-    spans.append(current)
-    assert [llama_tokenizer.decode(s) for s in spans] == ["Hello there. </s>", "Fine. </s>"], answers
-    assert row.prompt == "<s>[INST] Hi? [/INST] Hello there. </s><s>[INST] And you? [/INST]"
-    assert row.reference == "Fine."
-    assert llama_tokenizer.decode(row.prompt_ids) == "<s> [INST] Hi? [/INST] Hello there. </s><s> [INST] And you? [/INST]"
-    short = encode_row(text, llama_tokenizer, 12)  # truncation cuts ids and mask alike
-    assert len(short.ids) == len(short.answer) == 12
+def hand_figures(run_dir, model_dir, dataset):
+    """(base loss, trained tokens) over every row of `dataset`, computed here: the untouched 4-bit base, the rows
+    tokenized as training tokenizes them in the run's saved format, the loss where the labels are."""
+    import torch
+    import torch.nn.functional as F
+
+    from qlora.data import prepare, tokenize
+    from qlora.model import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    base = load_base(str(model_dir), "nf4", "fp32")
+    base.eval()
+    total, count = 0.0, 0
+    for row in tokenize(prepare(str(dataset)).train, tok, 64, runs.prompt_format(run_dir)):
+        ids, labels = torch.tensor([row.ids]), torch.tensor(row.labels[1:])
+        with torch.no_grad():
+            total += float(F.cross_entropy(base(ids).logits[0, :-1].float(), labels, ignore_index=-100,
+                                           reduction="sum"))
+        count += int((labels != -100).sum())
+    return total / count, count
 
 
 def test_the_end_of_a_run_with_held_out_rows_writes_the_card(memo_run):
     run_dir, _, events = memo_run
     card = json.loads((run_dir / "eval.json").read_text())
-    assert card["run"] == "memo" and card["rows"] == 2 and card["answer_tokens"] > 0
+    assert card["run"] == "memo" and card["rows"] == 2 and card["tokens"] > 0
+    assert card["loss_on"] == "all" and "Llama 2" in card["prompt_format"]  # the tiny Llama's tokenizer is Llama 2's
     assert card["source"].startswith("eval split")
     for who in ("base", "adapter"):
         assert math.isfinite(card[who]["loss"]) and card[who]["perplexity"] == pytest.approx(math.exp(card[who]["loss"]))
@@ -71,12 +74,7 @@ def test_the_end_of_a_run_with_held_out_rows_writes_the_card(memo_run):
 def test_on_demand_the_figures_are_the_models_own_and_the_adapter_is_ahead_on_rows_it_learnt(memo_run,
                                                                                              tiny_llama_dir):
     """Every row of the memo file: the adapter memorized them, so it is far ahead; the base figure is exactly what
-    the untouched 4-bit base gives on the answer tokens, computed here by hand."""
-    import torch
-    import torch.nn.functional as F
-
-    from qlora.model import load_base, load_tokenizer
-
+    the untouched 4-bit base gives on the tokens the run trained on (Llama 2: the whole text), computed here by hand."""
     run_dir, memo, _ = memo_run
     seen = []
     card = evaluate_run(run_dir, dataset=str(memo), progress=lambda done, total: seen.append((done, total)))
@@ -86,22 +84,9 @@ def test_on_demand_the_figures_are_the_models_own_and_the_adapter_is_ahead_on_ro
     assert card["helped_most"] and card["helped_most"][0]["change"] <= card["helped_most"][-1]["change"] < 0
     assert any("banana" in a["adapter"] or "dragon" in a["adapter"] for a in card["answers"]), card["answers"]
     assert json.loads((run_dir / "eval.json").read_text())["rows"] == 8  # saved
-
-    tok = load_tokenizer(str(tiny_llama_dir))
-    base = load_base(str(tiny_llama_dir), "nf4", "fp32")
-    base.eval()
-    from qlora.data import prepare
-
-    total, count = 0.0, 0
-    for text in prepare(str(memo)).train:
-        row = encode_row(text, tok, 64)
-        ids = torch.tensor([row.ids])
-        with torch.no_grad():
-            losses = F.cross_entropy(base(ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
-        mask = torch.tensor(row.answer[1:])
-        total, count = total + float(losses[mask].sum()), count + int(mask.sum())
-    assert card["answer_tokens"] == count
-    assert card["base"]["loss"] == pytest.approx(total / count, rel=1e-5)
+    loss, tokens = hand_figures(run_dir, tiny_llama_dir, memo)
+    assert card["tokens"] == tokens
+    assert card["base"]["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_a_bad_eval_file_gets_the_usual_message_before_any_model_loads(memo_run, tmp_path):
@@ -146,12 +131,119 @@ def test_a_long_set_reports_progress_and_stops_on_request_saving_nothing(memo_ru
 
 def test_evaluation_takes_the_gpu_lock_and_says_busy(memo_run):
     run_dir, memo, _ = memo_run
-    gpu_lock.acquire()
+    gpu_lock.acquire()  # a run holding every card of this host (one device here)
     try:
-        with pytest.raises(BusyError, match="the GPU is busy"):
+        with pytest.raises(BusyError, match="^a training run holds the GPU; evaluate when it ends$"):
             evaluate_run(run_dir, dataset=str(memo))
     finally:
         gpu_lock.release()
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_on_one_device_an_evaluation_takes_it_as_a_run_does_and_chat_is_told_so(memo_run, gpus):
+    """The CPU or one GPU: the evaluation holds the one device (the app unloads chat's model first); meanwhile chat
+    and a training start hear that an evaluation holds it, not that another chat does."""
+    run_dir, memo, _ = memo_run
+    cards = Cards(gpus)
+    chat = cards.lease(CHAT, (CHAT_CARD,))
+    assert chat.acquire(blocking=False)  # a visitor is being answered: the evaluation says so at once
+    with pytest.raises(BusyError, match="^the GPU is busy answering a chat; try again in a moment$"):
+        evaluate_run(run_dir, dataset=str(memo), cards=cards)
+    chat.release()
+    chat.loaded(True)  # loaded but idle: the evaluation takes the device and makes room first
+    seen, rooms = [], []
+
+    def progress(done, total):
+        if done == 1:
+            seen.append((cards.held(), chat.why_busy(), chat.acquire(blocking=False)))
+            with pytest.raises(BusyError, match="^an evaluation holds the GPU; start the run when it ends$"):
+                cards.take_training()
+
+    evaluate_run(run_dir, dataset=str(memo), rows=2, progress=progress, cards=cards,
+                 make_room=lambda: rooms.append(cards.held()))
+    assert rooms == [{0: EVAL}]  # chat's model is unloaded with the device already taken: no visitor slips in
+    assert seen == [({0: EVAL}, "an evaluation holds the GPU", False)]
+    assert cards.held() == {}  # given back
+
+
+def test_on_several_gpus_an_evaluation_leaves_a_loaded_chat_its_card(memo_run):
+    run_dir, memo, _ = memo_run
+    cards = Cards(4)
+    chat = cards.lease(CHAT, (CHAT_CARD,))
+    chat.loaded(True)
+    run = cards.take_training()  # training on GPUs 1-3, chat keeps GPU 0: no card for an evaluation
+    with pytest.raises(BusyError, match=r"^no GPU is free for an evaluation \(training on GPUs 1-3; GPU 0 stays "
+                                        r"chat's\); try again when the run ends$"):
+        evaluate_run(run_dir, dataset=str(memo), cards=cards)
+    cards.give_back(TRAIN, run.train)
+    held, rooms = [], []
+    evaluate_run(run_dir, dataset=str(memo), rows=1, cards=cards, make_room=lambda: rooms.append(1),
+                 progress=lambda done, total: held.append(cards.held()))
+    assert held[0] == {3: EVAL} and rooms == []  # a card of its own: chat's model stays loaded, chat answers
+    assert chat.acquire(blocking=False)
+    chat.release()
+    chat.loaded(False)  # no chat model: a run takes every card, so an evaluation must wait for it
+    run = cards.take_training()
+    with pytest.raises(BusyError, match=r"^no GPU is free for an evaluation \(training on GPUs 0-3\)"):
+        evaluate_run(run_dir, dataset=str(memo), cards=cards)
+    cards.give_back(TRAIN, run.train)
+    assert cards.held() == {}
+
+
+def test_a_chat_template_run_is_scored_on_its_answers_and_answered_in_its_own_format(chatml_llama_dir, tmp_path):
+    """A run in ChatML: the loss is on the answers through <|im_end|> (the trained labels, nothing else), and the
+    greedy answers are prompted with the template's generation prompt and end on its stop ids."""
+    from qlora.config import TrainConfig
+    from qlora.evaluate import evaluate_model
+    from qlora.model import load_tokenizer
+
+    memo = tmp_path / "memo.jsonl"
+    memo.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in MEMO_ROWS),
+                    encoding="utf-8")
+    run_dir = train(TrainConfig(base_model=str(chatml_llama_dir), dataset=str(memo), output_dir=str(tmp_path / "runs"),
+                                run_name="chatml", quantize="nf4", batch_size=4, max_steps=2, max_length=64,
+                                gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0))
+    fmt = runs.prompt_format(run_dir)
+    assert fmt.name == "chat_template"
+    card = evaluate_run(run_dir, dataset=str(memo))
+    loss, tokens = hand_figures(run_dir, chatml_llama_dir, memo)
+    assert card["loss_on"] == "answers" and card["tokens"] == tokens
+    assert card["base"]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert "answer tokens" in summary(card)[0] and "chat template" in summary(card)[-1]
+    tok = load_tokenizer(str(chatml_llama_dir))
+    answered = sum(len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"]) for _, a in MEMO_ROWS)
+    assert tokens == answered  # exactly the answers and each one's end-of-turn token
+    assert [a["prompt"] for a in card["answers"]] == [f"user: {q}" for q, _ in MEMO_ROWS[:3]]
+    assert [a["reference"] for a in card["answers"]] == [a for _, a in MEMO_ROWS[:3]]
+
+    class Recorder:  # the model evaluate_model is given, recording what generate() is asked
+        def __init__(self, model):
+            self.model, self.calls = model, []
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def __call__(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+        def generate(self, **kwargs):
+            self.calls.append(kwargs)
+            return self.model.generate(**kwargs)
+
+    from peft import PeftModel
+
+    from qlora.model import load_base
+    from qlora.prompts import build, chat_conversation, stop_ids
+
+    model = Recorder(PeftModel.from_pretrained(load_base(str(chatml_llama_dir), "nf4", "fp32"),
+                                               str(run_dir / "adapter")))
+    from qlora.data import prepare
+
+    evaluate_model(model, tok, fmt, prepare(str(memo)).train[:1], "memo", 64, answers=1)
+    prompt = build(fmt, tok, chat_conversation([], MEMO_ROWS[0][0]))
+    assert [c["input_ids"][0].tolist() for c in model.calls] == [prompt.ids, prompt.ids]  # base, then adapter
+    assert prompt.text.endswith("<|im_end|>\n<|im_start|>assistant\n")  # the template's generation prompt
+    assert all(c["eos_token_id"] == stop_ids(fmt, tok) for c in model.calls)
 
 
 def test_a_run_without_held_out_rows_asks_for_a_file(tiny_cfg):

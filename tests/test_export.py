@@ -42,7 +42,8 @@ tok = AutoTokenizer.from_pretrained(folder)
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits
 torch.save({"logits": logits, "dtype": str(model.dtype),
-            "chat": tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False)}, out)
+            "chat": tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                            add_generation_prompt=True)}, out)
 """
 
 
@@ -92,14 +93,14 @@ def load_in_a_process_without_peft(folder: Path, ids: list[int], tmp_path: Path)
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-4), ("bfloat16", None)])
 def test_merged_logits_equal_base_plus_adapter_and_the_folder_loads_without_peft(tmp_path, tiny_cfg, memo_jsonl,
                                                                                  llama_tokenizer, dtype, tolerance):
-    from qlora.prompts import encode
+    from qlora.prompts import LLAMA2, PromptFormat, build, parse_llama2
 
     base = sharded_base(tmp_path, dtype)
     # nf4 training as the app does it; the merge goes into the base's own (unquantized) weights
     run_dir = train(tiny_cfg(base_model=str(base), max_steps=4, target_modules=["all-linear"], run_name="m"))
     out = export_run(run_dir)
     assert out == run_dir / "export"
-    ids = encode(PROMPT, llama_tokenizer)
+    ids = build(PromptFormat(LLAMA2), llama_tokenizer, parse_llama2(PROMPT)).ids
     bare, tuned = peft_reference(base, run_dir, dtype, ids)
     loaded = load_in_a_process_without_peft(out, ids, tmp_path)
     merged = loaded["logits"].float()
@@ -115,15 +116,37 @@ def test_merged_logits_equal_base_plus_adapter_and_the_folder_loads_without_peft
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index == json.loads((base / "model.safetensors.index.json").read_text())
     for shard in set(index["weight_map"].values()):
-        runs.verify_safetensors(out / shard)
+        runs.safetensors_header(out / shard)  # whole: exactly as long as its header says
     for name in ("config.json", "generation_config.json", "tokenizer_config.json", "README.md", "config.yaml",
                  "prompt_format.json", "versions.json"):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "Reproducibility card" in card and "learning_rate: 0.01" in card and str(memo_jsonl) in card
     assert "peft" in card and "transformers" in card  # the versions
-    # its chat template writes the Llama 2 format the adapter was trained on
+    # its chat template writes the Llama 2 format the adapter was trained on, and its card says so
     assert loaded["chat"] == "<s>[INST] Hi? [/INST]"
+    assert "Trained in this prompt format: Llama 2 ([INST])" in card
+
+
+def test_a_chat_template_run_exports_with_the_template_it_saved(tmp_path, tiny_cfg, chatml_llama_dir):
+    """A run in its model's own chat template (ChatML here): the export's tokenizer writes exactly the prompts the
+    adapter was trained and chatted with, and the merged logits are base + adapter's."""
+    from qlora.model import load_tokenizer
+    from qlora.prompts import build, chat_conversation
+
+    run_dir = train(tiny_cfg(base_model=str(chatml_llama_dir), max_steps=4, target_modules=["all-linear"],
+                             run_name="c"))
+    fmt = runs.prompt_format(run_dir)
+    assert fmt.name == "chat_template"
+    out = export_run(run_dir)
+    prompt = build(fmt, load_tokenizer(str(chatml_llama_dir)), chat_conversation([], "Hi?"))
+    bare, tuned = peft_reference(chatml_llama_dir, run_dir, "float32", prompt.ids)
+    loaded = load_in_a_process_without_peft(out, prompt.ids, tmp_path)
+    assert (tuned - bare).abs().max().item() > 1e-2
+    assert (loaded["logits"].float() - tuned).abs().max().item() < 1e-4
+    assert loaded["chat"] == prompt.text  # <|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n
+    assert json.loads((out / "tokenizer_config.json").read_text()).get("chat_template", fmt.template) == fmt.template
+    assert "Trained in this prompt format: the model's own chat template" in (out / "README.md").read_text()
 
 
 def test_the_llama2_chat_template_writes_exactly_what_prompts_writes(llama_tokenizer):
@@ -149,14 +172,14 @@ def test_the_embedded_models_run_exports_and_loads_without_peft(tmp_path):
     (The default suite exports the embedded run of tests/test_cli.py and checks its answers without peft.)"""
     from qlora.config import TrainConfig, embedded_defaults
     from qlora.model import load_tokenizer, materialize_embedded
-    from qlora.prompts import encode
+    from qlora.prompts import chat_prompt
 
     cfg = TrainConfig(**dict(embedded_defaults(), output_dir=str(tmp_path / "runs"), run_name="e", max_steps=2,
                              eval_fraction=0.0))
     run_dir = train(cfg)
     out = export_run(run_dir)
     tok = load_tokenizer(str(materialize_embedded()))
-    ids = encode("<s>[INST] What is the capital of Germany? [/INST]", tok)
+    ids = chat_prompt(runs.prompt_format(run_dir), tok, [], "What is the capital of Germany?").ids  # its ChatML
     bare, tuned = peft_reference(materialize_embedded(), run_dir, "float32", ids)
     loaded = load_in_a_process_without_peft(out, ids, tmp_path)
     assert (tuned - bare).abs().max().item() > 1e-3
@@ -252,7 +275,7 @@ export_run(sys.argv[1])
 """
 
 
-def test_a_process_killed_mid_merge_leaves_no_export_and_the_listing_cleans_up(trained, tmp_path):
+def test_a_process_killed_mid_merge_leaves_no_export_and_the_start_up_recovery_cleans_up(trained, tmp_path):
     base, run_dir = trained
     ready = tmp_path / "ready"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_MERGE, str(run_dir), str(ready)], cwd=ROOT,
@@ -269,6 +292,8 @@ def test_a_process_killed_mid_merge_leaves_no_export_and_the_listing_cleans_up(t
     assert list(run_dir.glob(".export.tmp-*")) and not (run_dir / "export").exists()
     [info] = [r for r in runs.list_runs(run_dir.parent) if r.name == run_dir.name]
     assert info.usable  # the run itself is untouched
+    done = runs.recover_all(run_dir.parent)  # the start-up step (app, CLI) removes the half-written export
+    assert any(".export.tmp-" in line for line in done), done
     assert_no_export_junk(run_dir)
     export_run(run_dir)
 

@@ -29,9 +29,11 @@ import qlora.train
 from qlora import runs
 from qlora.config import TrainConfig
 from qlora.data import MAX_FILE_BYTES, DataError, prepare, tokenize
+from qlora.device import BusyError, gpu_lock
 from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
-from qlora.model import BusyError, ModelError, gpu_lock, load_base, load_tokenizer, resolve
+from qlora.model import ModelError, load_base, load_tokenizer, resolve
+from qlora.prompts import format_llama2
 from qlora.train import train
 
 
@@ -68,8 +70,9 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def assert_earlier_intact(root: Path, earlier_run: Path) -> None:
-    """The earlier adapter is listed as usable (list_runs runs recovery, as the app does), verifies, and is
+    """After the start-up recovery the app and the CLI run, the earlier adapter is listed as usable, verifies, and is
     byte-for-byte what it was."""
+    runs.recover_all(root)
     listed = {r.name: r for r in runs.list_runs(root)}
     assert digest(root / "earlier" / "adapter") == digest(earlier_run / "adapter")
     runs.verify_adapter(root / "earlier" / "adapter")
@@ -129,7 +132,7 @@ BAD_FILES = {
     "broken.jsonl": (b'{"text": "a"}\n{"text": oops}\n{"text": "b"}\n', r"broken\.jsonl: line 2: not valid JSON"),
     "columns.jsonl": (b'{"prompt": "q", "completion": "a"}\n',
                       r"columns\.jsonl: no usable column: expected 'text'.*found columns: completion, prompt"),
-    "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: row 2: column 'text' must be a string, got int"),
+    "numbers.jsonl": (b'{"text": "<s>[INST] ok [/INST] ok </s>"}\n{"text": 42}\n', r"numbers\.jsonl: line 2: column 'text' must be a string, got int"),
     "nulls.jsonl": (b'{"text": null}\n{"text": null}\n', r"nulls\.jsonl: all 2 rows are empty"),
     "empty_strings.jsonl": (b'{"text": ""}\n{"text": "   "}\n', r"empty_strings\.jsonl: all 2 rows are empty"),
     "list.jsonl": (b'["not", "an", "object"]\n', r"list\.jsonl: line 1: expected a JSON object per line, got list"),
@@ -159,7 +162,7 @@ def test_null_and_empty_rows_are_dropped_and_counted(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = prepare(str(path))
     assert data.dropped == 3 and len(data.train) == 2
-    assert all(t.startswith("<s>") and t.endswith("</s>") for t in data.train)
+    assert [format_llama2(c) for c in data.train] == ["<s>[INST] a [/INST] b </s>", "<s>[INST] c [/INST] d </s>"]
 
 
 def test_a_good_file_with_a_bom_crlf_and_a_csv_load(tmp_path):
@@ -180,8 +183,8 @@ def test_a_single_1mb_row_is_tokenized_and_truncated(tmp_path, llama_tokenizer):
     assert path.stat().st_size > 1024 * 1024
     t0 = time.perf_counter()
     data = prepare(str(path))
-    ids = tokenize(data.train, llama_tokenizer, max_length=1024)
-    assert len(ids) == 1 and len(ids[0]) == 1024 and ids[0][0] == llama_tokenizer.bos_token_id
+    rows = tokenize(data.train, llama_tokenizer, max_length=1024)
+    assert len(rows) == 1 and len(rows[0].ids) == 1024 and rows[0].ids[0] == llama_tokenizer.bos_token_id
     assert time.perf_counter() - t0 < 30
 
 
@@ -215,6 +218,7 @@ CONFIG = json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"
                      "vocab_size": 32000}).encode()
 SHA = "0" * 40
 requests = []
+authorizations = set()
 
 class Hub(http.server.BaseHTTPRequestHandler):
     # The real Hub's answers: 401 + X-Error-Code GatedRepo for a gated repo without a token, 404 RepoNotFound for a
@@ -230,8 +234,10 @@ class Hub(http.server.BaseHTTPRequestHandler):
 
     def answer(self):
         requests.append(f"{self.command} {self.path}")
+        authorizations.add(self.headers.get("Authorization") or "")
         if "bin-only" in self.path:
-            if self.path.startswith("/api/models/owner/bin-only") and self.path.count("/") == 4:
+            if self.path.startswith("/api/models/owner/bin-only") and (self.path.count("/") == 4
+                                                                         or "/revision/" in self.path):
                 info = {"id": "owner/bin-only", "sha": SHA, "private": False,
                         "siblings": [{"rfilename": "config.json"}, {"rfilename": "pytorch_model.bin"}]}
                 return self.send(200, json.dumps(info).encode(), Content_Type="application/json")
@@ -258,13 +264,24 @@ out = {}
 for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model", "owner/bin-only"):
     for what, call in (("tokenizer", lambda: load_tokenizer(resolve(name))),
                        ("model", lambda: load_base(resolve(name), "nf4", "fp32", token=sys.argv[2])),
+                       # the app's way: downloaded with huggingface_hub, loaded from the snapshot
+                       ("app model", lambda: resolve(name, allow_local=False, token=sys.argv[2])),
                        ("dataset", lambda: prepare(name))):
         try:
             call()
             out[f"{name} {what}"] = "LOADED"
         except (ModelError, DataError) as e:
             out[f"{name} {what}"] = str(e)
+# a visitor of an open app (no token given) while the server has its own HF_TOKEN: the libraries must not use it
+os.environ["HF_TOKEN"] = "hf_OwnerOwnerOwnerOwnerOwnerOwner1234"
+for name in ("meta-llama/gated-model", "owner/open-model"):
+    for call in (lambda: resolve(name, allow_local=False, weights=False), lambda: prepare(name)):
+        try:
+            call()
+        except (ModelError, DataError):
+            pass
 out["requests"] = requests
+out["authorizations"] = sorted(authorizations)
 print("RESULT " + json.dumps(out))
 """
 
@@ -276,7 +293,7 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     line = [x for x in out.splitlines() if x.startswith("RESULT ")]
     assert line, out
     got = json.loads(line[0][len("RESULT "):])
-    for what in ("tokenizer", "model"):
+    for what in ("tokenizer", "model", "app model"):
         assert got[f"nobody-xyz/does-not-exist {what}"] == \
             "nobody-xyz/does-not-exist: no such model on the Hub (or it is private: give a token)"
         assert got[f"meta-llama/gated-model {what}"] == \
@@ -284,12 +301,16 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     assert got["nobody-xyz/does-not-exist dataset"].startswith("nobody-xyz/does-not-exist: no such dataset on the Hub")
     assert got["meta-llama/gated-model dataset"] == \
         "meta-llama/gated-model: gated dataset: accept its terms on the Hub and give a token"
-    assert got["owner/bin-only model"] == \
-        "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
+    for what in ("model", "app model"):
+        assert got[f"owner/bin-only {what}"] == \
+            "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
     bin_only = [r for r in got["requests"] if "bin-only" in r]
     assert not [r for r in bin_only if r.endswith(".bin")]  # the pickle is never downloaded
     # transformers' auto-conversion (which sends the token to a conversion Space and loads a PR branch) never starts
     assert not [r for r in bin_only if "/commits/" in r or "/discussions" in r], bin_only
+    # the caller's token went out where it was given; the server's own HF_TOKEN never did (a visitor gave none)
+    assert f"Bearer {CANARY}" in got["authorizations"]
+    assert not [a for a in got["authorizations"] if "Owner" in a], got["authorizations"]
 
 
 def test_no_hub_access_says_so():
@@ -411,41 +432,67 @@ def test_out_of_memory_mid_training_names_the_knob_and_a_smaller_run_then_trains
     assert {r.name: r for r in runs.list_runs(runs_root)}["small"].usable
 
 
+REAL_OOM = r"""
+import json, sys
+import torch
+from qlora import runs
+from qlora.config import TrainConfig
+from qlora.device import gpu_lock
+from qlora.jobs import JobManager
+from qlora.train import train
+
+huge, small = TrainConfig.from_yaml(sys.argv[1]), TrainConfig.from_yaml(sys.argv[2])
+for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
+    x = torch.ones(64, 64, device="cuda", dtype=dtype)
+    (x @ x).sum().item()
+del x
+torch.cuda.empty_cache()
+baseline = torch.cuda.memory_allocated()
+total = torch.cuda.get_device_properties(0).total_memory
+# a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
+torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
+jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
+jobs.start(huge)
+first = jobs.wait(600)
+listed = {r.name: r for r in runs.list_runs(huge.output_dir)}
+out = dict(first=[first.status, first.error, first.hint], locked=gpu_lock.locked(), baseline=baseline,
+           after=torch.cuda.memory_allocated(), huge_listed="huge" in listed,
+           huge_usable="huge" in listed and listed["huge"].usable)
+jobs.start(small)
+second = jobs.wait(600)
+out.update(second=[second.status, second.error],
+           small_usable={r.name: r for r in runs.list_runs(small.output_dir)}["small"].usable)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
 @pytest.mark.gpu
 def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(tiny_cfg, tmp_path):
-    """The GPU twin: a real OOM under a memory cap, not an injected one."""
-    import torch
-
+    """The GPU twin: a real OOM under a memory cap, not an injected one. It runs in a process of its own, so its
+    baseline and its cap are its own, whatever earlier GPU tests left on the card."""
     long = tmp_path / "long.jsonl"
     answer = "All work and no play makes Jack a dull boy. " * 400  # ~4,400 tokens a row
     long.write_text("".join(json.dumps({"instruction": f"Repeat {i}.", "output": answer}) + "\n" for i in range(64)),
                     encoding="utf-8")
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # cuBLAS keeps a workspace once it has run
-        x = torch.ones(64, 64, device="cuda", dtype=dtype)
-        (x @ x).sum().item()
-    del x
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    total = torch.cuda.get_device_properties(0).total_memory
-    # a card with 512 MiB free: the big run's logits alone (32 x 4096 x 32000 16-bit values) need 8 GiB
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**29) / total))
-    try:
-        jobs = JobManager(train_fn=train)  # in this process, where the cap applies (not accelerate's children)
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=32, max_length=4096, max_steps=2, run_name="huge"))
-        state = jobs.wait(600)
-        assert state.status == "failed" and state.error == "out of GPU memory", state.error
-        assert "lower batch_size or max_length" in state.hint
-        assert not gpu_lock.locked()
-        # all the failed run took is back (the slack covers library workspaces, not a run)
-        assert torch.cuda.memory_allocated() <= baseline + 64 * 2**20, (baseline, torch.cuda.memory_allocated())
-        assert not {r.name: r for r in runs.list_runs(tmp_path / "runs")}["huge"].usable
-
-        jobs.start(tiny_cfg(dataset=str(long), batch_size=1, max_length=256, max_steps=2, run_name="small"))
-        state = jobs.wait(600)
-        assert state.status == "finished", state.error
-        assert {r.name: r for r in runs.list_runs(tmp_path / "runs")}["small"].usable
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+    configs = []
+    for name, overrides in (("huge", dict(batch_size=32, max_length=4096)),
+                            ("small", dict(batch_size=1, max_length=256))):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(tiny_cfg(dataset=str(long), max_steps=2, run_name=name, **overrides).to_yaml())
+        configs.append(str(path))
+    proc = run_script(tmp_path, REAL_OOM, *configs)
+    output, _ = proc.communicate(timeout=1500)
+    assert proc.returncode == 0, output[-3000:]
+    r = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    status, error, hint = r["first"]
+    assert status == "failed" and error == "out of GPU memory", error
+    assert "lower batch_size or max_length" in hint
+    assert not r["locked"]
+    # all the failed run took is back (the slack covers library workspaces, not a run)
+    assert r["after"] <= r["baseline"] + 64 * 2**20, (r["baseline"], r["after"])
+    assert r["huge_listed"] and not r["huge_usable"]  # it failed mid-run: listed as failed, never offered
+    assert r["second"][0] == "finished", r["second"][1]
+    assert r["small_usable"]
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
@@ -573,6 +620,7 @@ def test_process_killed_during_adapter_save_leaves_the_previous_adapter_loadable
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
 
+    runs.recover_all(runs_root)  # the app's (and the CLI's) start-up step
     listed = {r.name: r for r in runs.list_runs(runs_root)}  # what the app shows after its restart
     assert listed["killed"].status == "interrupted" and not listed["killed"].usable
     assert not (runs_root / "killed" / "adapter").exists()
@@ -613,7 +661,7 @@ def test_process_killed_between_the_two_renames_of_an_adapter_swap_is_undone(run
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     assert not (runs_root / "earlier" / "adapter").exists()  # the worst moment: no adapter in place
-    assert_earlier_intact(runs_root, earlier_run)  # list_runs() -> recover() puts the old one back
+    assert_earlier_intact(runs_root, earlier_run)  # recover_all() -> recover() puts the old one back
     assert_no_junk(runs_root)
 
 
@@ -674,6 +722,51 @@ def test_app_restarted_mid_run_shows_interrupted_and_resumes_from_the_last_check
     assert listed["long"].status == "finished" and listed["long"].usable
     # the token the killed process was given is nowhere in its folder (checkpoints' training_args.bin included)
     assert_no_canary(run_dir)
+
+
+# === Poisoned run folders (issue #12 item 4) ==================================================================
+def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(runs_root, earlier_run, tiny_llama_dir):
+    """Each way a copied, truncated or hand-made folder can be broken: listing names it, nothing trusts a size from
+    the file (a header claiming 1 TB is refused from the file's size, not read), and the good run still chats."""
+    import re
+
+    from poisoned import ODD_TYPES, poison
+
+    from qlora.chat import ChatEngine
+    from qlora.config import GenerationSettings
+
+    expected = poison(earlier_run, runs_root)
+    assert runs.recover_all(runs_root) == []  # the start-up step passes over them (nothing to repair) without error
+    listed = {r.name: r for r in runs.list_runs(runs_root)}
+    for name, said in expected.items():
+        assert said in listed[name].damaged and not listed[name].usable, (name, listed[name])
+        with pytest.raises(ValueError, match=f"run {name} is damaged: .*{re.escape(said)}"):
+            runs.usable_run(runs_root, name)
+        if not name.startswith(("run-json", "format-")):  # the adapter itself is what is broken
+            with pytest.raises(runs.DamagedRun, match=re.escape(said)):
+                runs.verify_adapter(runs_root / name / "adapter")
+    odd = listed[ODD_TYPES]  # fields of the wrong type are ignored, not fatal: its adapter is whole
+    assert not odd.damaged and odd.status == "unknown" and not odd.usable and odd.step == 0 and odd.metrics == {}
+    assert [r.name for r in runs.usable_runs(runs_root)] == ["earlier"]
+    assert_earlier_intact(runs_root, earlier_run)
+
+    engine = ChatEngine(str(tiny_llama_dir), quantize="nf4", precision="fp32")
+    with pytest.raises(ValueError, match="Git LFS pointer"):
+        engine.load_adapter(runs_root / "lfs-pointer")
+    with pytest.raises(ValueError, match="half-complete adapter: .* no LoRA tensors for v_proj"):
+        engine.load_adapter(runs_root / "half-no-v-proj")
+    with pytest.raises(ValueError, match="prompt_format.json: unknown prompt format"):  # never prompted in a guess
+        engine.load_adapter(runs_root / "format-unknown")
+    name = engine.load_adapter(runs_root / "earlier")
+    *_, (base, tuned) = engine.stream_pair([], [], "Question 1?", GenerationSettings(temperature=0, max_new_tokens=4),
+                                           name)
+    assert base and tuned
+
+
+def test_a_run_whose_targets_match_nothing_is_refused_before_training(tiny_cfg, tmp_path):
+    """peft only warns when a listed target matches no module; the adapter would then read as half-complete."""
+    with pytest.raises(ValueError, match="target_modules: w_proj matches no module of"):
+        train(tiny_cfg(output_dir=str(tmp_path / "runs"), max_steps=1, target_modules=["q_proj", "w_proj"]))
 
 
 # === Concurrency ===========================================================================================

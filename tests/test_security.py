@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from apphelpers import Records, free_port, start_at_once, tiny_runs, wait_for
+from apphelpers import Records, free_port, start_at_once, tiny_form, tiny_runs, wait_for
 
 ADMIN = "adm1n-Pa55word"
 CANARY = "hf_SecuritySecuritySecurity00000Canary"  # a fake token shaped like a real one (hf_ + 34 characters)
@@ -31,6 +32,11 @@ def server(tmp_path_factory, tiny_llama_dir):
 
     root = tmp_path_factory.mktemp("security")
     runs_root, memo = tiny_runs(root, tiny_llama_dir, {"earlier": {}})
+    # the app loads local base models only from the owner's models folder
+    models = root / "models"
+    shutil.copytree(tiny_llama_dir, models / "tiny-llama")
+    old_models = os.environ.get("QLORA_MODELS_DIR")
+    os.environ["QLORA_MODELS_DIR"] = str(models)
     records = Records()
     logging.getLogger().addHandler(records)
     old_level = logging.getLogger().level
@@ -40,12 +46,16 @@ def server(tmp_path_factory, tiny_llama_dir):
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     url = f"http://127.0.0.1:{kwargs['server_port']}"
     yield dict(demo=demo, url=url, client=Client(url + "/", verbose=False), runs_root=runs_root, memo=memo,
-               records=records, outputs=[], tiny=str(tiny_llama_dir), root=root)
+               records=records, outputs=[], tiny=str(models / "tiny-llama"), models=models, root=root)
     demo.ctx.jobs.stop()
     demo.ctx.jobs.wait(60)
     demo.close()
     logging.getLogger().removeHandler(records)
     logging.getLogger().setLevel(old_level)
+    if old_models is None:
+        os.environ.pop("QLORA_MODELS_DIR", None)
+    else:
+        os.environ["QLORA_MODELS_DIR"] = old_models
 
 
 def http():
@@ -60,15 +70,7 @@ def wait_status(client, until, timeout: float = 120) -> dict:
 
 def tiny_run(server, **overrides) -> dict:
     """The /start form for a short 4-bit run of the tiny Llama on an uploaded file."""
-    from gradio_client import handle_file
-
-    form = dict(admin_password=ADMIN, base_model=server["tiny"], dataset_source="upload",
-                upload=handle_file(str(server["memo"])), quantize="nf4", max_steps=3, max_length=64, batch_size=4,
-                learning_rate=1e-2, warmup_ratio=0.0, lr_scheduler="constant", gradient_checkpointing=False,
-                group_by_length=False, lora_dropout=0.0, eval_fraction=0.0, sample_every=0, save_steps=0,
-                optimizer="adamw_torch", precision="auto", target_modules="q_proj,v_proj", epochs=1.0)
-    form.update(overrides)
-    return form
+    return tiny_form(server["tiny"], server["memo"], ADMIN, **overrides)
 
 
 # === Gradio's file routes ==================================================================================
@@ -353,7 +355,7 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
     import shutil
 
     marker = tmp_path / "code-ran"
-    evil = tmp_path / "evil-model"
+    evil = server["models"] / "evil-model"  # the owner's models folder: the only local models the app loads
     evil.mkdir()
     (evil / "config.json").write_text(json.dumps({
         "model_type": "evil-llama", "architectures": ["EvilForCausalLM"], "hidden_size": 64,
@@ -366,7 +368,7 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
         if (Path(server["tiny"]) / name).exists():
             shutil.copy(Path(server["tiny"]) / name, evil / name)
 
-    pickled = tmp_path / "bin-only"
+    pickled = server["models"] / "bin-only"
     shutil.copytree(server["tiny"], pickled)
     (pickled / "model.safetensors").unlink()
 
@@ -392,6 +394,46 @@ def test_remote_code_and_pickle_only_models_fail_clearly_through_the_app(server,
     # and the app is still usable: chat answers
     out = client.predict("hello", [], [], "earlier", 0.0, 0.9, 3, 0, "", api_name="/chat")
     assert out[3].startswith("done"), out[3]
+
+
+# === A poisoned run folder (issue #12 item 4) ===============================================================
+def test_one_poisoned_run_folder_does_not_stop_the_app_and_every_other_run_works(server, tmp_path):
+    """A runs folder holding, beside one good run, every kind of broken folder (a Git LFS pointer, a header claiming
+    1 TB, a header entry without offsets, a half-complete adapter, a run.json that is not an object...): the app
+    starts, lists each as "damaged: <reason>", and chat, download and listing work for the good run."""
+    import html
+    import shutil
+
+    from poisoned import poison
+
+    from apphelpers import launch
+
+    runs_root = tmp_path / "runs"
+    runs_root.mkdir()
+    shutil.copytree(server["runs_root"] / "earlier", runs_root / "earlier")
+    expected = poison(server["runs_root"] / "earlier", runs_root)
+    demo, client = launch(runs_root, admin_password=ADMIN)
+    try:
+        config = json.loads(c_get(client.src.rstrip("/") + "/config"))  # the page as it first loads
+        [table] = [c["props"]["value"] for c in config["components"]
+                   if c.get("type") == "dataframe" and "status" in str(c["props"].get("value", {}).get("headers"))]
+        status = {row[0]: row[1] for row in table["data"]}  # Past runs: run -> status
+        assert status["earlier"] == "finished"
+        for name, said in expected.items():
+            assert status[name].startswith("damaged: ") and said in status[name], (name, status[name])
+        adapters = client.predict(api_name="/adapters")
+        assert [choice[1] for choice in adapters["choices"]] == ["earlier"], adapters
+        out = client.predict("Question 1?", [], [], "earlier", 0.0, 0.9, 3, 0, "", api_name="/chat")
+        assert out[3].startswith("done"), out[3]
+        path, note = client.predict("earlier", ADMIN, api_name="/download")
+        assert path and note.startswith("📦"), note
+        for name in ("lfs-pointer", "huge-header", "no-offsets", "half-no-v-proj"):
+            said = html.unescape(client.predict("hi", [], [], name, 0.0, 0.9, 3, 0, "", api_name="/chat")[3])
+            assert said.startswith(f"❌ run {name} is damaged: ") and expected[name] in said, said
+            path, note = client.predict(name, ADMIN, api_name="/download")
+            assert path is None and f"run {name} is damaged" in note, note
+    finally:
+        demo.close()
 
 
 # === Secrets ===============================================================================================

@@ -1,1 +1,1 @@
-"""The Gradio app's parts: preflight checks, Hub push and zip, rendering of job state, and the two tabs."""
+"""The Gradio app's parts: Hub push and zip, rendering (job state, past runs, the preflight), and the two tabs."""

@@ -11,10 +11,12 @@ from typing import Any
 
 import gradio as gr
 
-from qlora import runs
-from qlora.config import GenerationSettings, TrainConfig
-from qlora.model import BusyError, ModelError, gpu_lock
-from qlora.prompts import encode, format_prompt
+from qlora import device, runs
+from qlora.chat import prompt_view
+from qlora.config import GenerationSettings
+from qlora.device import BusyError
+from qlora.model import ModelError
+from qlora.prompts import PromptFormat
 from qlora.votes import CHOICES, VoteError, tally
 
 from . import hub, render
@@ -23,10 +25,13 @@ from .context import AppContext
 log = logging.getLogger("qlora.app")
 
 MAX_MESSAGE = 4000  # characters; the core also caps the prompt in tokens
+# Visitors answered at once: the engine batches them (8 visitors fill its 16 rows on a big card) and tells the rest
+# their place in its queue; Gradio's own queue (max_size in app.py) holds whoever comes after.
+CHAT_CONCURRENCY = 16
 
 
 def pairs(messages: list[dict[str, Any]] | None) -> list[tuple[str, str]]:
-    """Chatbot messages -> (user, assistant) pairs for format_prompt; an unanswered last user turn is left out."""
+    """Chatbot messages -> (user, assistant) pairs for the prompt; an unanswered last user turn is left out."""
     out, user = [], None
     for m in messages or []:
         text = _text(m.get("content"))
@@ -49,32 +54,44 @@ def _text(content: Any) -> str:
     return ""
 
 
-def _run_model(info: runs.RunInfo) -> tuple[str, str]:
-    """(base model, quantize) the adapter was trained on: chat must load the same base the same way."""
+def _run_model(info: runs.RunInfo) -> tuple[str, str, bool]:
+    """(base model, quantize, may it be a local path) as the adapter was trained: chat loads the same base the same
+    way. A run started from the app names a Hub id, resolved on the Hub only, as in training."""
     try:
-        cfg = TrainConfig.from_yaml(info.path / "config.yaml")
-        return cfg.base_model, cfg.quantize
+        cfg = runs.run_config(info.path)
+        return cfg.base_model, cfg.quantize, cfg.allow_local_model
     except (OSError, ValueError):
-        return info.base_model, "nf4"
+        return info.base_model, "nf4", False
 
 
-def _busy(ctx: AppContext) -> str:
+def _busy(ctx: AppContext, e: Exception | None = None) -> str:
     s = ctx.jobs.state()
-    if s.active:
-        return f"⏳ Training holds the GPU ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
-    return "⏳ The GPU is busy with another chat; try again in a moment."
+    if ctx.jobs.holds_chat_card():  # a run on other cards (several GPUs) is no reason for chat to wait
+        held = ("holds the GPU" if ctx.jobs.placement.gpus <= 1
+                else f"uses every GPU ({device.gpu_names(ctx.jobs.placement.train)}: no chat model was loaded when "
+                     "it started)")
+        return f"⏳ Training {held} ({html.escape(s.summary())}). Chat is back when it ends or is stopped."
+    return f"⏳ {html.escape(str(e)) if e else 'The GPU is busy'}; try again in a moment."
 
 
-def prompt_text(tokenizer, base_hist, tuned_hist, message: str, system: str) -> str:
-    """The exact string and tokens each pane sends (the same string on the first turn)."""
+def _where(ctx: AppContext) -> str:
+    """'; chat on GPU 0, training on GPUs 1-3' on a host with several GPUs while a run trains; '' otherwise."""
+    placement = ctx.jobs.placement
+    if placement is None or placement.gpus <= 1 or not ctx.jobs.state().active:
+        return ""
+    return f"; chat on GPU {placement.chat}, training on {device.gpu_names(placement.train)}"
+
+
+def prompt_text(tokenizer, fmt: PromptFormat, base_hist, tuned_hist, message: str, system: str) -> str:
+    """The exact string and tokens each pane sends (the same string on the first turn), in the run's prompt format:
+    prompt_view, the call the chat engine makes."""
     out = []
     views = [("both panes", base_hist)] if pairs(base_hist) == pairs(tuned_hist) else [
         ("base pane", base_hist), ("fine-tuned pane", tuned_hist)]
     for who, hist in views:
-        text = format_prompt(pairs(hist), message, system)
-        ids = encode(text, tokenizer)
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        out.append(f"### {who}: {len(ids)} tokens\n{text}\n\n### token ids\n{ids}\n\n### tokens\n{tokens}")
+        v = prompt_view(tokenizer, fmt, pairs(hist), message, system)
+        out.append(f"### {who}: {len(v.token_ids)} tokens\n{v.text}\n\n### token ids\n{v.token_ids}\n\n"
+                   f"### tokens\n{v.tokens}")
     return "\n\n".join(out)
 
 
@@ -92,17 +109,14 @@ def make_handlers(ctx: AppContext):
                 raise ValueError(f"the message is {len(message)} characters; at most {MAX_MESSAGE}")
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p), seed=int(seed), system_prompt=system_prompt or "")
-            if ctx.jobs.state().active:  # say so first: no adapter choice helps while training runs
+            if ctx.jobs.holds_chat_card():  # say so first: no adapter choice helps while training holds it
                 yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
                 return
-            info = hub.usable_run(ctx.runs_root, adapter)
+            info = runs.usable_run(ctx.runs_root, adapter)
         except (TypeError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
-        if not gpu_lock.acquire(blocking=False):
-            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
-            return
-        try:  # load under the lock, so a training run cannot start while the base is loading
+        try:  # registers the adapter; the base loads in the engine's thread, which holds chat's card meanwhile
             engine = ctx.engines.get(*_run_model(info))
             name = engine.load_adapter(info.path)
         except (ModelError, OSError, ValueError) as e:
@@ -113,21 +127,24 @@ def make_handlers(ctx: AppContext):
             yield base_hist, tuned_hist, message, f"❌ cannot load the adapter ({type(e).__name__}); see the server " \
                 "log", gr.skip()
             return
-        finally:
-            gpu_lock.release()
         stop = ctx.chat_stop(request.session_hash if request else "")
         stop.clear()
-        shown = prompt_text(engine.tokenizer, base_hist, tuned_hist, message, settings.system_prompt)
+        shown = prompt_text(engine.tokenizer, engine.prompt_format(name), base_hist, tuned_hist, message,
+                            settings.system_prompt)
         turn = [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         base_new, tuned_new = base_hist + [dict(m) for m in turn], tuned_hist + [dict(m) for m in turn]
         yield base_new, tuned_new, "", "generating…", shown
         try:
-            for base_text, tuned_text in engine.stream_pair(pairs(base_hist), pairs(tuned_hist), message, settings,
-                                                            name, stop):
-                base_new[-1]["content"], tuned_new[-1]["content"] = base_text, tuned_text
+            # The engine streams this visitor's rows alone, whoever else is being answered; while the model loads
+            # (graphs are captured once) or every slot is taken, updates say why and the place in the queue.
+            for update in engine.stream(pairs(base_hist), pairs(tuned_hist), message, settings, name, stop):
+                if update.waiting is not None:
+                    yield base_new, tuned_new, "", f"⏳ {html.escape(update.waiting)}", shown
+                    continue
+                base_new[-1]["content"], tuned_new[-1]["content"] = update.base, update.tuned
                 yield base_new, tuned_new, "", "generating…", shown
-        except BusyError:
-            yield base_hist, tuned_hist, message, _busy(ctx), gr.skip()
+        except BusyError as e:
+            yield base_hist, tuned_hist, message, _busy(ctx, e), gr.skip()
             return
         except ValueError as e:  # the conversation outgrew the prompt limit
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
@@ -137,7 +154,8 @@ def make_handlers(ctx: AppContext):
             yield base_hist, tuned_hist, message, f"❌ generation failed ({type(e).__name__}); see the server log", \
                 gr.skip()
             return
-        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}", shown
+        yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}{_where(ctx)}", \
+            shown
 
     def stop_chat(request: gr.Request = None) -> str:
         ctx.chat_stop(request.session_hash if request else "").set()
@@ -146,10 +164,11 @@ def make_handlers(ctx: AppContext):
     def show_prompt(message: str, base_hist: list, tuned_hist: list, adapter: str, system_prompt: str) -> str:
         """The exact prompt without generating: needs only the tokenizer, so it works during training too."""
         try:
-            info = hub.usable_run(ctx.runs_root, adapter)
-            tokenizer = ctx.engines.tokenizer(_run_model(info)[0])
-            return prompt_text(tokenizer, base_hist, tuned_hist, (message or "").strip()[:MAX_MESSAGE] or "…",
-                               system_prompt or "")
+            info = runs.usable_run(ctx.runs_root, adapter)
+            base, _, allow_local = _run_model(info)
+            tokenizer = ctx.engines.tokenizer(base, allow_local)
+            return prompt_text(tokenizer, runs.prompt_format(info.path), base_hist, tuned_hist,
+                               (message or "").strip()[:MAX_MESSAGE] or "…", system_prompt or "")
         except (ValueError, ModelError, OSError) as e:
             return f"cannot show the prompt: {e}"
 
@@ -169,7 +188,7 @@ def make_handlers(ctx: AppContext):
             yield left, right, box, status, shown, None  # a new question voids an unvoted one
         if last is None or not str(last[2]).startswith("done"):
             return
-        info = hub.usable_run(ctx.runs_root, adapter)  # send() checked it; the ballot keeps the folder, not the name
+        info = runs.usable_run(ctx.runs_root, adapter)  # send() checked it; the ballot keeps the folder, not the name
         settings = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                         system_prompt=(system_prompt or "")[:MAX_MESSAGE])
         ballot = ctx.ballots.open(info.path, side, message.strip(), _text(last[0][-1]["content"]),
@@ -257,14 +276,16 @@ def build(ctx: AppContext) -> dict[str, Any]:
             for base, tuned, box, said, shown in h["send"](message, base_hist, tuned_hist, *knobs, request):
                 yield base, tuned, gr.skip(), gr.skip(), box, said, shown, gr.skip(), gr.skip()
 
-    # Chat shares the "gpu" queue with itself (one answer at a time); during training it answers "busy" at once.
-    send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="gpu", concurrency_limit=1)
+    # Many visitors stream at once (the engine batches their rows), blind or not: one queue, one limit; while training
+    # holds chat's card (one GPU), chat answers "busy" at once.
+    send_evt = send_btn.click(h["send"], inputs, outputs, api_name="chat", concurrency_id="chat",
+                              concurrency_limit=CHAT_CONCURRENCY)
     blind_evt = ask_btn.click(h["blind_send"], [message, *settings, ballot], blind_outputs, api_name="blind_chat",
-                              concurrency_id="gpu", concurrency_limit=1)
+                              concurrency_id="chat", concurrency_limit=CHAT_CONCURRENCY)
     submit_evt = message.submit(on_enter, [blind, *inputs, ballot],
                                 [base_pane, tuned_pane, left_pane, right_pane, message, status, prompt_box,
-                                 blind_status, ballot], api_visibility="private", concurrency_id="gpu",
-                                concurrency_limit=1)
+                                 blind_status, ballot], api_visibility="private", concurrency_id="chat",
+                                concurrency_limit=CHAT_CONCURRENCY)
     vote_btn.click(h["vote"], [choice, ballot], [blind_status, ballot], api_name="vote", queue=False)
     blind.change(lambda on: (gr.Row(visible=not on), gr.Column(visible=on), gr.Button(visible=not on),
                              gr.Button(visible=on)), blind, [open_panes, blind_box, send_btn, ask_btn],

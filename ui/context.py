@@ -19,22 +19,28 @@ LOCKED = "🔒 Only the admin can do this: enter the admin password at the top o
 
 
 class Engines:
-    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4)."""
+    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4). `cards`:
+    the host's cards its engines serve on (the job manager's)."""
 
-    def __init__(self):
+    def __init__(self, cards=None):
+        self.cards = cards
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, str], object] = {}
         self._tokenizers: dict[str, object] = {}
 
-    def get(self, base_model: str, quantize: str):
+    def get(self, base_model: str, quantize: str, allow_local: bool = True):
+        """The engine for a run's base. allow_local is the run's own (False when it was trained from the app): the
+        name is then resolved on the Hub, and the engine gets the downloaded folder."""
         from qlora.chat import ChatEngine
+        from qlora.model import resolve
 
         with self._lock:
             key = (base_model, quantize)
             if key not in self._engines:
                 for engine in self._engines.values():
                     engine.unload()
-                self._engines = {key: ChatEngine(base_model, quantize=quantize)}
+                path = base_model if allow_local else resolve(base_model, allow_local=False)
+                self._engines = {key: ChatEngine(path, quantize=quantize, cards=self.cards)}
             return self._engines[key]
 
     def unload_all(self) -> None:
@@ -44,7 +50,7 @@ class Engines:
                 engine.unload()
             self._engines.clear()
 
-    def tokenizer(self, base_model: str):
+    def tokenizer(self, base_model: str, allow_local: bool = True):
         """The tokenizer alone (no weights): 'show prompt' works even while training holds the GPU."""
         from qlora.model import load_tokenizer, resolve
 
@@ -53,7 +59,7 @@ class Engines:
                 if base == base_model and engine.tokenizer is not None:
                     return engine.tokenizer
             if base_model not in self._tokenizers:
-                self._tokenizers[base_model] = load_tokenizer(resolve(base_model))
+                self._tokenizers[base_model] = load_tokenizer(resolve(base_model, allow_local, weights=False))
             return self._tokenizers[base_model]
 
 
@@ -65,6 +71,10 @@ class AppContext:
     engines: Engines = field(default_factory=Engines)
     chat_stops: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> stop flag
     ballots: Ballots = field(default_factory=Ballots)  # blind questions waiting for a vote (server-side only)
+
+    def __post_init__(self):
+        if self.engines.cards is None:  # chat and training share one account of the cards
+            self.engines.cards = self.jobs.cards
 
     @property
     def locked(self) -> bool:

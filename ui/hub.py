@@ -1,4 +1,5 @@
-"""Getting an adapter out: a zip to download, a push to the Hub. Tokens are passed per call and never kept or shown.
+"""Getting an adapter (or a run's merged model, qlora/export.py) out: a zip to download, a push to the Hub, with one
+push handler and the same token rules for both. Tokens are passed per call and never kept or shown.
 
 No gradio here. Every message that leaves this module goes through `redact`, so a token that an exception happened
 to echo never reaches the page or the log.
@@ -14,15 +15,12 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-from qlora import runs
+from qlora import prompts, runs
 from qlora.config import is_hub_id
 from qlora.export import reproducibility
 
 from .context import LOCKED
 
-# What a downloaded or pushed adapter holds: the weights, their config, and what it takes to use them again.
-ZIP_FILES = ("config.yaml", "prompt_format.json", "versions.json", "metrics.jsonl", "run.json")
-PUSH_FILES = ("config.yaml", "prompt_format.json", "versions.json", runs.EVAL_CARD)  # beside the adapter
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
@@ -36,22 +34,9 @@ def redact(text: str, token: str | None = None) -> str:
     return _TOKEN_LIKE.sub("hf_***", text)
 
 
-def usable_run(runs_root: str | Path, name: str) -> runs.RunInfo:
-    """The run called `name` under runs_root, if its adapter is usable; names never escape the folder."""
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]{1,100}", name) or ".." in name:
-        raise ValueError("pick a run from the list")
-    for info in runs.list_runs(runs_root):
-        if info.name == name:
-            if not info.usable:
-                raise ValueError(f"run {name} has no usable adapter (status: {info.status})")
-            return info
-    raise ValueError(f"no run called {name}")
-
-
 def zip_run(info: runs.RunInfo) -> Path:
-    """A zip of the adapter plus its config, prompt format, versions, metrics and a model card, in a temp folder."""
-    files = {name: info.adapter_dir / name for name in runs.ADAPTER_FILES}
-    files.update({name: info.path / name for name in ZIP_FILES + (runs.EVAL_CARD,) if (info.path / name).is_file()})
+    """A zip of the adapter plus its config, prompt format, versions, evaluation card, metrics and a model card."""
+    files = {path.name: path for path in runs.portable_files(info, history=True)}
     return _zip(f"{info.name}-adapter", info.name, files, {"README.md": model_card(info)}, zipfile.ZIP_DEFLATED)
 
 
@@ -70,8 +55,8 @@ def export_folder(info: runs.RunInfo) -> Path:
 
 
 def _zip(stem: str, inside: str, files: dict[str, Path], texts: dict[str, str], compression: int) -> Path:
-    """A zip of files (and texts) in a folder `inside`; written under a temp name and renamed, so a full disk never
-    leaves a zip that looks complete."""
+    """A zip of files (and texts) in a folder `inside`, in a temp folder; written under a temp name and renamed, so a
+    full disk never leaves a zip that looks complete."""
     out_dir = Path(tempfile.gettempdir()) / "qlora-zips"
     out_dir.mkdir(exist_ok=True)
     for old in out_dir.glob("*.zip"):  # Gradio serves its own copy; ours need not outlive an hour
@@ -92,15 +77,13 @@ def _zip(stem: str, inside: str, files: dict[str, Path], texts: dict[str, str], 
 
 
 def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
-    meta = runs.read_json(info.path / "run.json")
-    metrics = meta.get("metrics") or {}
-    loss = metrics.get("final_loss")
+    loss = info.metrics.get("final_loss")
     lines = [
-        "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora, llama-2-format]", "---",
+        "---", f"base_model: {info.base_model}", "library_name: peft", "tags: [qlora, lora]", "---",
         f"# {repo_id or info.name}", "",
         f"A LoRA adapter for `{info.base_model}`, trained on `{info.dataset}` ({info.status} at step {info.step}).",
         f"Final train loss: {loss:.4f}." if isinstance(loss, (int, float)) else "",
-        "", "Prompts use the Llama 2 chat format: `<s>[INST] {user} [/INST]` (see prompt_format.json).",
+        "", _prompt_note(info),
         "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
         f"base = AutoModelForCausalLM.from_pretrained({info.base_model!r})",
         f"model = PeftModel.from_pretrained(base, {repo_id or 'path/to/this/folder'!r})", "```",
@@ -109,26 +92,43 @@ def model_card(info: runs.RunInfo, repo_id: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prompt_note(info: runs.RunInfo) -> str:
+    """How to prompt the adapter: the format it was trained in, as its run folder records it."""
+    try:
+        fmt = runs.prompt_format(info.path)
+    except ValueError:
+        return "The prompt format it was trained in is unknown (prompt_format.json is damaged)."
+    if fmt.name == prompts.LLAMA2:
+        return "Prompt it in the Llama 2 chat format: `<s>[INST] {user} [/INST]` (see prompt_format.json)."
+    if fmt.source == "fallback":
+        return "Prompt it as `### User:\\n{user}\\n\\n### Assistant:\\n` (the template is in prompt_format.json)."
+    return "Prompt it with the base model's own chat template (`apply_chat_template`; a copy is in prompt_format.json)."
+
+
 def push_run(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:
     """Create (or reuse) a model repo and upload the adapter; returns its URL. PushError says what went wrong."""
-    files: dict[str, Path | bytes] = {name: info.adapter_dir / name for name in runs.ADAPTER_FILES}
-    files.update({name: info.path / name for name in PUSH_FILES if (info.path / name).is_file()})
-    files["README.md"] = model_card(info, repo_id.strip() if isinstance(repo_id, str) else "").encode("utf-8")
+    files: dict[str, Path | bytes] = {path.name: path for path in runs.portable_files(info)}
+    files["README.md"] = model_card(info, _repo_name(repo_id)).encode("utf-8")
     return _push(repo_id, token, private, files, f"adapter from run {info.name}")
 
 
 def push_export(info: runs.RunInfo, repo_id: str, token: str | None, private: bool = True) -> str:
-    """Upload the merged model folder as a model repo (its card names the repo); same token rules as push_run."""
+    """Upload the merged model folder as a model repo (its card names the repo); the same rules as push_run."""
     from qlora.export import model_card as merged_card
 
     folder = export_folder(info)
     files: dict[str, Path | bytes] = {p.name: p for p in sorted(folder.iterdir()) if p.is_file()}
-    files["README.md"] = merged_card(info.path, repo_id.strip() if isinstance(repo_id, str) else "").encode("utf-8")
+    files["README.md"] = merged_card(info.path, _repo_name(repo_id)).encode("utf-8")
     return _push(repo_id, token, private, files, f"merged model from run {info.name}")
 
 
+def _repo_name(repo_id) -> str:
+    return repo_id.strip() if isinstance(repo_id, str) else ""
+
+
 def _push(repo_id: str, token: str | None, private: bool, files: dict[str, Path | bytes], what: str) -> str:
-    """One commit of `files` (name in the repo -> path or bytes) to a model repo; returns its URL."""
+    """One commit of exactly `files` (name in the repo -> a path or bytes) to a model repo: nothing else of this
+    machine can ride along, and nothing is copied first (a merged 7B is 13.5 GB). Returns the repo's URL."""
     repo_id = (repo_id or "").strip()
     if len(repo_id) > 96 or not is_hub_id(repo_id) or "/" not in repo_id:
         raise PushError("repo id: give owner/name, letters, digits, '-', '_', '.' only (e.g. alice/llama2-guanaco)")
@@ -156,7 +156,7 @@ def push_handler(ctx, push: Callable[[runs.RunInfo, str, str | None, bool], str]
             return LOCKED
         token = ctx.token(hf_token)
         try:
-            url = push(usable_run(ctx.runs_root, run), str(repo_id or "")[:200], token, bool(private))
+            url = push(runs.usable_run(ctx.runs_root, run), str(repo_id or "")[:200], token, bool(private))
         except (ValueError, PushError) as e:
             return f"❌ {html.escape(redact(str(e), token))}"
         return f"✅ pushed {what}to [{html.escape(url)}]({html.escape(url)})"

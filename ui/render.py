@@ -1,16 +1,17 @@
-"""JobState and run folders -> what the page shows: progress bar HTML, loss table, log tail, samples, runs table.
+"""JobState, run folders and the preflight -> what the page shows: progress bar HTML, loss table, log tail, samples,
+runs table, the preflight's verdict.
 
 Pure functions, no gradio: everything a user sees is escaped here, since model output and file names are not ours.
 """
 from __future__ import annotations
 
 import html
-import json
 import time
 from pathlib import Path
 
 from qlora import runs
 from qlora.events import JobState
+from qlora.preflight import Preflight
 
 LOG_TAIL = 25
 LOSS_COLOURS = {"train": "#3b82f6", "eval": "#f97316"}  # fixed, so the legend holds even before the first point
@@ -47,7 +48,7 @@ def status_markdown(s: JobState) -> str:
     if s.status == "idle":
         return "No run yet. Check the form, then **Start**."
     text = html.escape(s.summary())
-    if s.status == "stopped":
+    if s.status == "stopped" and s.run_dir:
         text += " — the partial adapter is saved and listed in the **Chat** tab."
     elif s.status == "finished":
         text += " — pick it in the **Chat** tab."
@@ -102,42 +103,20 @@ def runs_frame(runs_root: str | Path):
 
     rows = []
     for info in runs.list_runs(runs_root):
-        meta = runs.read_json(info.path / "run.json")
-        m = meta.get("metrics") or {}
-        rows.append([info.name, info.status + ("" if info.usable or info.status not in runs.USABLE else " (no adapter)"),
-                     info.base_model, Path(info.dataset).name if "/" in info.dataset and Path(info.dataset).suffix
-                     else info.dataset, info.step, _num(info.final_loss), _num(m.get("final_eval_loss")),
-                     _num(_tokens_per_s(info.path)), time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created))])
+        status = (f"damaged: {info.damaged}" if info.damaged else
+                  info.status + ("" if info.usable or info.status not in runs.USABLE else " (no adapter)"))
+        rows.append([info.name, status, info.base_model, Path(info.dataset).name if "/" in info.dataset
+                     and Path(info.dataset).suffix else info.dataset, info.step, _num(info.final_loss),
+                     _num(info.metrics.get("final_eval_loss")), _num(runs.history(info.path).tokens_per_s),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created))])
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
-def _tokens_per_s(run_dir: Path) -> float | None:
-    last = None
-    try:
-        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("type") == "Progress":
-                    last = rec.get("tokens_per_s")
-    except (OSError, ValueError):
-        return None
-    return last
-
-
 def run_losses(run_dir: Path):
-    """A past run's loss curve from its metrics.jsonl."""
-    rows = []
-    try:
-        with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("type") == "Progress" and rec.get("loss") is not None:
-                    rows.append((rec["step"], rec["loss"], "train"))
-                elif rec.get("type") == "EvalLoss":
-                    rows.append((rec["step"], rec["loss"], "eval"))
-    except (OSError, ValueError):
-        pass
-    return _loss_table(rows)
+    """A past run's loss curve, from its metrics.jsonl."""
+    h = runs.history(run_dir)
+    return _loss_table([(step, loss, "train") for step, loss in h.losses]
+                       + [(step, loss, "eval") for step, loss in h.eval_losses])
 
 
 def _num(v) -> float | None:
@@ -146,8 +125,12 @@ def _num(v) -> float | None:
 
 def adapter_choices(runs_root: str | Path) -> list[tuple[str, str]]:
     """(label, run name) for every run whose adapter can be loaded, newest first."""
-    return [(f"{r.name} — {r.status} at step {r.step} ({r.base_model})", r.name)
-            for r in runs.list_runs(runs_root) if r.usable]
+    return [(f"{r.name} — {r.status} at step {r.step} ({r.base_model})", r.name) for r in runs.usable_runs(runs_root)]
+
+
+def preflight_markdown(pf: Preflight) -> str:
+    """The core's preflight as the page shows it (its lines name model ids and paths: escaped)."""
+    return f"**Preflight: {pf.verdict}.**\n\n" + "\n".join(f"- {html.escape(line, quote=False)}" for line in pf.lines)
 
 
 def eval_card_markdown(card: dict | None) -> str:

@@ -13,9 +13,10 @@ import gradio as gr
 
 from qlora import runs
 from qlora.data import SUFFIXES, DataError
-from qlora.evaluate import EvalStopped, evaluate_run
+from qlora.device import BusyError
+from qlora.evaluate import EvalStopped, evaluate_run, load
 from qlora.export import ExportError, export_run
-from qlora.model import BusyError, ModelError
+from qlora.model import ModelError
 
 from . import hub, render
 from .context import LOCKED, AppContext
@@ -54,10 +55,13 @@ def make_handlers(ctx: AppContext):
         if not ctx.is_admin(admin_password):
             return LOCKED  # the card quotes rows of the owner's data, as the dataset preview does
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return render.eval_card_markdown(runs.read_json(info.path / runs.EVAL_CARD))
+        card = load(info.path)
+        if card is None and (info.path / runs.EVAL_CARD).exists():
+            return f"❌ {runs.EVAL_CARD} of run {html.escape(info.name)} is not an evaluation card; press **Evaluate**"
+        return render.eval_card_markdown(card)
 
     def evaluate(run: str, upload: str | None = None, rows: int = 0, admin_password: str = "", hf_token: str = ""):
         """Compute the card; yields (card, message) with progress while it runs."""
@@ -66,7 +70,7 @@ def make_handlers(ctx: AppContext):
             return
         token = ctx.token(hf_token)
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
             if upload and Path(upload).suffix.lower() not in SUFFIXES:
                 raise ValueError(f"eval file: {Path(upload).name}: use a .jsonl, .json, .csv or .parquet file")
             rows = int(rows or 0)
@@ -75,15 +79,14 @@ def make_handlers(ctx: AppContext):
         except (TypeError, ValueError) as e:
             yield gr.skip(), f"❌ {html.escape(str(e))}"
             return
-        if ctx.jobs.state().active:
-            yield gr.skip(), "⏳ Training holds the GPU; evaluate when the run ends."
-            return
         stop = evaluating["stop"] = threading.Event()
 
         def work(report):
+            # a card taken as a run takes its cards (busy at once, saying who holds them); on chat's card (one GPU,
+            # the CPU) chat's model is unloaded first, as for a run
             return evaluate_run(info.path, upload or None, rows, token,
                                 progress=lambda done, total: report(f"evaluating: {done}/{total}"), stop=stop,
-                                before_load=ctx.engines.unload_all)  # under the GPU lock: chat's model goes
+                                cards=ctx.jobs.cards, make_room=ctx.engines.unload_all)
 
         try:
             yield gr.skip(), "⏳ evaluating: loading the model…"
@@ -113,7 +116,7 @@ def make_handlers(ctx: AppContext):
             return
         token = ctx.token(hf_token)
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
         except ValueError as e:
             yield f"❌ {html.escape(str(e))}"
             return
@@ -131,7 +134,7 @@ def make_handlers(ctx: AppContext):
         if not ctx.is_admin(admin_password):
             return None, LOCKED
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
             path = hub.zip_export(info)
         except ValueError as e:
             return None, f"❌ {html.escape(str(e))}"

@@ -11,14 +11,15 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainConfig, is_hub_id
+from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, PROMPT_FORMATS, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
-from qlora.model import BusyError, ModelError
+from qlora.device import BusyError
+from qlora.model import MODELS_DIR_ENV, ModelError, local_models
+from qlora.preflight import preflight
 
 from . import hub, render, runcard
 from .context import LOCKED, AppContext
-from .preflight import preflight
 
 log = logging.getLogger("qlora.app")
 
@@ -65,8 +66,12 @@ def form_to_config(runs_root: Path, form: dict[str, Any]) -> TrainConfig:
     if len(base) > MAX_TEXT:
         raise ValueError("base_model: at most 200 characters")
     values["base_model"] = base
-    values["dataset"] = dataset_source(values.pop("dataset_source", "sample"), values.pop("hub_dataset", ""),
-                                       values.pop("upload", None))
+    source = values.pop("dataset_source", "sample")
+    values["dataset"] = dataset_source(source, values.pop("hub_dataset", ""), values.pop("upload", None))
+    # A visitor's ids are resolved on the Hub only (the core enforces it); a local file comes only as an upload,
+    # whose path Gradio vouches for ("was not uploaded by a user" otherwise).
+    values["allow_local_model"] = False
+    values["allow_local_dataset"] = source == "upload"
     values["run_name"] = str(values.get("run_name") or "").strip()
     values["output_dir"] = str(runs_root)
     for name, f in ((f.name, f) for f in dataclasses.fields(TrainConfig)):
@@ -88,13 +93,14 @@ def make_handlers(ctx: AppContext):
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return preflight(cfg, ctx.token(hf_token), ctx.runs_root).markdown()
+        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root,
+                                                   placement=ctx.jobs.cards.placement()))
 
     def preview(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
         import pandas as pd
 
-        from qlora import data
+        from qlora import data, prompts
         from qlora.model import load_tokenizer, resolve
 
         empty = pd.DataFrame(columns=["text", "tokens", "flags"])
@@ -103,14 +109,20 @@ def make_handlers(ctx: AppContext):
         try:
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
             token = ctx.token(hf_token)
-            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50))
-            tokenizer = load_tokenizer(resolve(cfg.base_model), token)
-            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length)
+            prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50),
+                                    allow_local=cfg.allow_local_dataset)
+            tokenizer = load_tokenizer(resolve(cfg.base_model, cfg.allow_local_model, token, weights=False), token)
+            fmt = prompts.choose(tokenizer, cfg.prompt_format)
+            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length, fmt)
+            _, lost = data.keep_answered(data.tokenize(prepared.train, tokenizer, cfg.max_length, fmt),
+                                         cfg.max_length, required=False)
         except (ValueError, DataError, ModelError, OSError) as e:
             return empty, f"❌ {html.escape(hub.redact(str(e), ctx.token(hf_token)))}"
-        note = (f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them"
-                + (f"; {prepared.dropped} empty rows skipped" if prepared.dropped else ""))
-        return pd.DataFrame(rows), note
+        note = "; ".join(x for x in (
+            f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them",
+            fmt.describe(), prepared.skipped(),
+            f"⚠️ {lost} (of the first {len(prepared.train)} rows)" if lost else "") if x)
+        return pd.DataFrame(rows), html.escape(note)
 
     def start(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form) -> str:
         if not ctx.is_admin(admin_password):
@@ -123,17 +135,17 @@ def make_handlers(ctx: AppContext):
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
         token = ctx.token(hf_token)
-        checked = preflight(cfg, token, ctx.runs_root)
+        checked = preflight(cfg, token, ctx.runs_root, placement=ctx.jobs.cards.placement())
         if not checked.ok:
-            return checked.markdown()
+            return render.preflight_markdown(checked)
         try:
             ctx.jobs.start(cfg, token=token)
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        # The job holds the GPU lock now, so no chat is mid-answer: free the chat model for training.
-        ctx.engines.unload_all()
-        log.info("training started: %s on %s", cfg.base_model, cfg.dataset)
-        return f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}. Progress shows below."
+        where = _made_room(ctx)
+        log.info("training started: %s on %s%s", cfg.base_model, cfg.dataset, where)
+        return (f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
+                "Progress shows below.")
 
     def stop(admin_password: str = "") -> str:
         if not ctx.is_admin(admin_password):
@@ -142,13 +154,15 @@ def make_handlers(ctx: AppContext):
         if not state.active:
             return f"Nothing is running ({html.escape(state.status)})."
         ctx.jobs.stop()
+        if not state.total_steps:  # still loading: train() ends before its first step and saves nothing
+            return "⏹️ Stopping: the model is still loading, so the run ends before training starts; nothing is saved."
         return "⏹️ Stopping at the end of the current step; the partial adapter will be saved and offered in Chat."
 
     def download(run: str, admin_password: str = ""):
         if not ctx.is_admin(admin_password):
             return None, LOCKED
         try:
-            info = hub.usable_run(ctx.runs_root, run)
+            info = runs.usable_run(ctx.runs_root, run)
         except ValueError as e:
             return None, f"❌ {html.escape(str(e))}"
         return str(hub.zip_run(info)), f"📦 {html.escape(info.name)}: adapter zip ready."
@@ -163,11 +177,12 @@ def make_handlers(ctx: AppContext):
                 "eval_losses": [list(x) for x in s.eval_losses], "samples": len(s.samples),
                 "latest_samples": [{"step": x.step, "prompt": x.prompt, "base": x.base, "tuned": x.tuned}
                                    for x in s.samples[-2:]],
-                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:])}
+                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:]),
+                "gpus": _where(ctx.jobs.placement) if s.active else ""}
 
     def run_curve(run: str):
         try:
-            return render.run_losses(hub.usable_run(ctx.runs_root, run).path)
+            return render.run_losses(runs.usable_run(ctx.runs_root, run).path)
         except ValueError:
             return render.loss_frame(JobState())
 
@@ -182,21 +197,36 @@ def make_handlers(ctx: AppContext):
             return (f"❌ {html.escape(info.name)} saved no checkpoint to resume from: set 'Checkpoint every N steps' "
                     "before training")
         try:
-            cfg = TrainConfig.from_yaml(info.path / "config.yaml")
+            cfg = runs.run_config(info.path)
             ctx.jobs.start(cfg, token=ctx.token(hf_token), resume_from=info.path)
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        ctx.engines.unload_all()
-        return f"▶️ Resuming {html.escape(info.name)} from its last checkpoint. Progress shows below."
+        where = _made_room(ctx)
+        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+                "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
                 job_status=job_status, resume=resume)
 
 
+def _made_room(ctx: AppContext) -> str:
+    """After a start: free the chat model if the run trains on its card (one GPU; several, when none was loaded), since
+    the run holds that card now and no chat is mid-answer. Returns ', <where the run trains>' for the message."""
+    if ctx.jobs.placement.shared:
+        ctx.engines.unload_all()
+    where = _where(ctx.jobs.placement)
+    return f", {where}" if where else ""
+
+
+def _where(placement) -> str:
+    """'training on GPUs 1-3, chat on GPU 0' on a host with several GPUs; '' on one GPU or the CPU (as before)."""
+    return placement.describe() if placement is not None and placement.gpus > 1 else ""
+
+
 def resumable_choices(runs_root: Path) -> list[str]:
-    return [r.name for r in runs.list_runs(runs_root) if r.status == "interrupted" and runs.latest_checkpoint(r.path)]
+    return [r.name for r in runs.resumable_runs(runs_root)]
 
 
 # --- layout ---------------------------------------------------------------------------------------------
@@ -210,9 +240,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Row():
         with gr.Column(scale=3):
             form = {
-                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL], value=d["base_model"], label="Base model",
-                                          allow_custom_value=True, info="a Hub id, a local folder, or the embedded "
-                                                                        f"{EMBEDDED_MODEL} (offline)"),
+                "base_model": gr.Dropdown([DEFAULT_MODEL, EMBEDDED_MODEL, *local_models()], value=d["base_model"],
+                                          label="Base model", allow_custom_value=True,
+                                          info=f"a Hub id, the embedded {EMBEDDED_MODEL} (offline), or a folder of "
+                                               f"the server's models folder ({MODELS_DIR_ENV})"),
             }
             with gr.Row():
                 src = "sample" if d["dataset"] == SAMPLE_DATASET else "hub"
@@ -267,6 +298,8 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
             form["group_by_length"] = gr.Checkbox(d["group_by_length"], label="Group by length")
             form["gradient_checkpointing"] = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
             form["padding_free"] = gr.Checkbox(d["padding_free"], label="Padding-free batches")
+            form["prompt_format"] = gr.Dropdown(list(PROMPT_FORMATS), value=d["prompt_format"], label="Prompt format",
+                                                info="auto: the model's own (Llama 2, or its chat template)")
     with gr.Row():
         check_btn = gr.Button("Preflight check")
         preview_btn = gr.Button("Preview dataset")

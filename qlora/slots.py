@@ -1,0 +1,678 @@
+"""Static-slot decoding: fixed row slots, each with its own KV cache, position and adapter, stepped one token at a time
+in captured CUDA graphs.
+
+Why this and not transformers' continuous batching (`generation/continuous_batching`, `init_continuous_batching`):
+that engine packs every request's tokens into one sequence over a paged cache and pads the batch to a power of two of
+requests, so a row's matmuls run at a shape that depends on who else is decoding (its rounding, and so a greedy answer,
+with them); it has one sampling setting for the whole batch and no per-request seed; and it has no per-row adapter.
+Here the decode step always runs at the same shapes (`rows` slots, padded), so a row's arithmetic never depends on the
+other rows: each slot's answer in a full batch is the answer it gets alone. The pieces are the library's: the model's
+own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at its own position), a 4D attention
+mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step; prompts are prefilled
+eagerly one row at a time with a `DynamicCache`, then copied into the row's slot.
+
+Per-row adapters inside the graph: every decoder Linear that the engine's adapters target gets two static buffers,
+A [in, C] and B [C, out] (`AdapterColumns`). An adapter in use occupies a run of those C columns (A^T, and B^T with
+peft's scaling folded in); each row has a mask of the columns its adapter owns, so the update is x A, masked, times B.
+A base row's mask is empty and its update is an exact zero: base rows stay exactly base.
+
+Right after capture `check_exact` measures what this relies on, on the card at hand (`open_decoder`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch  # this module is imported only when the slot engine starts (`import qlora` stays light)
+
+log = logging.getLogger("qlora.chat")
+
+ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
+MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
+COLUMN_GRAIN = 16  # adapters take columns in units of 16 (tensor-core tiles)
+SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:
+# the eager path
+
+
+# --- adapters ------------------------------------------------------------------------------------------------
+@dataclass
+class LoraWeights:
+    """One adapter's weights per module path: (A [r, in], B * scaling [out, r]), and the widest rank."""
+    modules: dict
+    rank: int
+
+
+def read_adapter(folder: Path) -> LoraWeights:
+    """A peft LoRA adapter folder, read with its scaling folded into B. Anything but plain LoRA on Linears is
+    refused."""
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder}: a {cfg.get('peft_type')} adapter; the chat engine serves LoRA adapters only")
+    for key in ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices"):
+        if cfg.get(key):
+            raise ValueError(f"{folder}: the adapter uses {key}, which the chat engine does not serve")
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    pairs: dict[str, dict] = {}
+    for key, value in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        if m is None:
+            raise ValueError(f"{folder}: unexpected tensor {key!r} (only lora_A/lora_B weights are served)")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    modules, rank = {}, 0
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    for path, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{folder}: module {path} has no lora_{'B' if 'A' in ab else 'A'} weight")
+        a, b = ab["A"].float(), ab["B"].float()
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise ValueError(f"{folder}: module {path}: lora_A has rank {r}, lora_B {b.shape[1]}")
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), path), cfg.get("lora_alpha", 8))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules[path] = (a, b * scaling)
+        rank = max(rank, r)
+    if not modules:
+        raise ValueError(f"{folder}: the adapter holds no LoRA weights")
+    return LoraWeights(modules, rank)
+
+
+class SlotLinear(torch.nn.Module):
+    """A decoder Linear plus the adapter columns' update for each row (see the module doc)."""
+
+    def __init__(self, base, columns: int, holder):
+        super().__init__()
+        self.base = base
+        where = dict(dtype=holder.dtype, device=holder.device)
+        self.register_buffer("lora_a", torch.zeros(base.in_features, columns, **where))
+        self.register_buffer("lora_b", torch.zeros(columns, base.out_features, **where))
+        self.holder = holder  # a plain object: its `mask` is the current rows' column mask
+
+    def forward(self, x):
+        out = self.base(x)
+        xa = x.to(self.lora_a.dtype) @ self.lora_a
+        # where, not multiply: a row without this adapter gets an exact 0 even if x A overflowed
+        xa = torch.where(self.holder.mask[:, None, :], xa, 0)
+        return out.view(-1, out.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), self.lora_b).view(out.shape)
+
+
+class DequantLinear(torch.nn.Module):
+    """A 4-bit Linear computed as dequantize + one cuBLAS matmul at every row count: the strict path, for cards where
+    bitsandbytes' own small-batch kernels were found not to give the same bits run after run (see `check_exact`)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x):
+        import bitsandbytes.functional as bf
+
+        w = self.base.weight
+        weight = bf.dequantize_4bit(w.data, w.quant_state).to(x.dtype)
+        return torch.nn.functional.linear(x, weight, self.base.bias)
+
+
+class AdapterColumns:
+    """The LoRA columns of the decoder Linears adapters target, which adapter owns which run of them, and each row's
+    column mask. Only the targeted Linears carry columns: each costs four kernels and its A/B reads every step."""
+
+    def __init__(self, model, columns: int, rows: int, dtype, device, targets=None, strict: bool = False):
+
+        self.columns, self.dtype, self.device = columns, dtype, device
+        self.decode_mask = torch.zeros(rows, columns, dtype=torch.bool, device=device)
+        self.prefill_mask = torch.zeros(1, columns, dtype=torch.bool, device=device)
+        self.mask = self.decode_mask  # what the SlotLinears read; the prefill swaps its own row in
+        self.placed: dict[str, tuple[int, int]] = {}  # adapter name -> (first column, width)
+        self.linears: dict[str, torch.nn.Module] = {}
+        self._originals: list[tuple] = []
+        layers = decoder_layers(model)
+        prefix = next(name for name, m in model.named_modules() if m is layers)
+        self.served = set()  # every decoder Linear's path: what an adapter may target
+        for name, module in list(layers.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                path = f"{prefix}.{name}"
+                self.served.add(path)
+                four_bit = getattr(module.weight, "quant_state", None) is not None
+                wrapped = DequantLinear(module) if strict and four_bit else module
+                if targets is None or path in targets:
+                    wrapped = SlotLinear(wrapped, columns, self)
+                    self.linears[path] = wrapped
+                if wrapped is not module:
+                    parent_name, _, child = name.rpartition(".")
+                    parent = layers.get_submodule(parent_name) if parent_name else layers
+                    setattr(parent, child, wrapped)
+                    self._originals.append((parent, child, module))
+        for m in self.linears.values():
+            torch._dynamo.mark_static_address(m.lora_a)
+            torch._dynamo.mark_static_address(m.lora_b)
+
+    def restore(self) -> None:
+        """Put the original Linears back (the model is the plain base again)."""
+        for parent, child, module in self._originals:
+            setattr(parent, child, module)
+        self._originals.clear()
+
+    def bytes(self) -> int:
+        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.linears.values())
+
+    def place(self, name: str, weights: LoraWeights, start: int) -> None:
+        """Copy an adapter into columns [start, start + width); modules it does not target get zeros there."""
+        width = _round_up(weights.rank, COLUMN_GRAIN)
+        unknown = sorted(set(weights.modules) - set(self.linears))
+        if unknown:
+            raise ValueError(f"the adapter targets {unknown[0]}, which has no adapter columns in this engine"
+                             + ("" if unknown[0] in self.served else " (not a Linear of the model's decoder layers)"))
+        for path, m in self.linears.items():
+            m.lora_a[:, start:start + width].zero_()
+            m.lora_b[start:start + width].zero_()
+            if path in weights.modules:
+                a, b = weights.modules[path]
+                if a.shape[1] != m.lora_a.shape[0] or b.shape[0] != m.lora_b.shape[1]:
+                    raise ValueError(f"the adapter does not fit this base model: {path} takes {m.lora_a.shape[0]} "
+                                     f"inputs and gives {m.lora_b.shape[1]}; the adapter's weights are {a.shape[1]} "
+                                     f"in and {b.shape[0]} out (trained on another base?)")
+                r = a.shape[0]
+                m.lora_a[:, start:start + r].copy_(a.t())
+                m.lora_b[start:start + r].copy_(b.t())
+        self.placed[name] = (start, width)
+
+    def row_mask(self, name: str | None):
+
+        mask = torch.zeros(self.columns, dtype=torch.bool, device=self.device)
+        if name is not None:
+            start, width = self.placed[name]
+            mask[start:start + width] = True
+        return mask
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def decoder_layers(model):
+    """The model's list of decoder layers (Llama-style: model.model.layers)."""
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layer list found")
+    return layers
+
+
+# --- the KV cache --------------------------------------------------------------------------------------------
+def slot_cache(config, rows: int, length: int, pos, dtype, device):
+    """A transformers Cache of StaticLayers whose update writes each row's new key/value at that row's own position."""
+    from transformers.cache_utils import Cache, StaticLayer
+
+    class SlotLayer(StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            k_index = pos.view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[3])
+            v_index = pos.view(-1, 1, 1, 1).expand(-1, value_states.shape[1], 1, value_states.shape[3])
+            self.keys.scatter_(2, k_index, key_states)
+            self.values.scatter_(2, v_index, value_states)
+            return self.keys, self.values
+
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layers = []
+    for _ in range(text.num_hidden_layers):
+        layer = SlotLayer(max_cache_len=length)
+        dummy = torch.empty(rows, heads, 1, head_dim, dtype=dtype, device=device)
+        layer.lazy_initialization(dummy, dummy)  # allocates [rows, heads, length, head_dim], marked static
+        layers.append(layer)
+    return Cache(layers=layers)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+def buckets(length: int) -> list[int]:
+    """Attention lengths captured: 256, 512, ... and the slot length itself."""
+    out, b = [], MIN_BUCKET
+    while b < length:
+        out.append(b)
+        b *= 2
+    return out + [length]
+
+
+def register_attention() -> None:
+    """SDPA over the first `mask.shape[-1]` cache positions (the length bucket the step was captured for)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def slots_sdpa(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None:  # (a no-op slice in the prefill; no branch: the length stays symbolic)
+            n = attention_mask.shape[-1]
+            key, value = key[:, :, :n], value[:, :, :n]
+        with deterministic_attention():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(ATTENTION, slots_sdpa)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def deterministic_attention():
+    """SDPA limited to flash and memory-efficient attention (math where neither applies): their forward passes give
+    the same bits run after run, and masked key blocks add exact zeros. Measured on the H200 (bench/README.md): SDPA
+    picked cuDNN attention for the masked decode step, and repeated requests drifted apart within 60 tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+def sample(logits, u, temperature, top_p, greedy, sampling: bool = True):
+    """Each row's next token: argmax for greedy rows; else temperature, top-p, and the inverse CDF at the row's own u.
+
+    Every operation is per row, at fixed shapes, so a row's token depends only on its logits and its u (drawn from
+    the visitor's seeded generator on the host): the same answer alone or in any batch. Whether a token ends its row
+    (its prompt format's stop ids) is the host's decision (batching.Row.add), so rows of different formats share a
+    step.
+    """
+    best = logits.argmax(-1)
+    if not sampling:  # every row greedy (eager steps only: a captured step always carries the sampling)
+        return best
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)
+    p, index = probs.sort(dim=-1, descending=True)
+    cum = p.cumsum(-1)
+    p = torch.where(cum - p < top_p[:, None], p, 0)  # the smallest set whose mass reaches top_p (the top one always)
+    cum = p.cumsum(-1)
+    pick = (cum < (u * cum[:, -1])[:, None]).sum(-1).clamp(max=logits.shape[-1] - 1)
+    drawn = index.gather(-1, pick[:, None])[:, 0]
+    return torch.where(greedy, best, drawn)
+
+
+# --- the decoder ---------------------------------------------------------------------------------------------
+class SlotDecoder:
+    """The slot state on the device and the step that advances every slot by one token.
+
+    Host side, per slot: the input token and position, and the sampling inputs (u, temperature, top-p, greedy) live
+    in two small pinned staging arrays, copied to their device twins before each step. The step reads only those
+    device buffers, the KV cache and the adapter columns, so it is one graph per length bucket.
+    """
+
+    def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
+                 strict: bool = False):
+        self.model, self.rows, self.length = model, rows, length
+        self.capture_mode, self.targets, self.strict = capture, targets, strict
+        self.device = model.device
+        self.dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+        cuda = self.device.type == "cuda"
+        self.ints = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # input token, position
+        self.floats = torch.zeros(4, rows, dtype=torch.float32, device=self.device)  # u, temperature, top-p, greedy
+        self.host_ints = torch.zeros(2, rows, dtype=torch.long, pin_memory=cuda)
+        self.host_floats = torch.zeros(4, rows, dtype=torch.float32, pin_memory=cuda)
+        self.host_floats[1:3] = 1.0
+        self.host_next = torch.zeros(rows, dtype=torch.long, pin_memory=cuda)
+        self.kv_index = torch.arange(length, device=self.device)
+        for t in (self.ints, self.floats, self.kv_index):
+            torch._dynamo.mark_static_address(t)
+        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict)
+        self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
+        self._configs = []
+        register_attention()
+        for m in model.modules():
+            c = getattr(m, "config", None)
+            if c is not None and getattr(c, "_attn_implementation", None) not in (None, ATTENTION):
+                self._configs.append((c, c._attn_implementation))
+                c._attn_implementation = ATTENTION
+        self.buckets = buckets(length)
+        self._graphs: dict[int, tuple] = {}
+        self.last_logits = None  # the last step's logits [rows, vocab] (teacher-forced checks)
+        self._logits_fn = self._logits
+        self.capture_s = 0.0
+        self.exactness: dict = {}
+
+    # --- the step ---------------------------------------------------------------------------------------------
+    def _logits(self, positions):
+        """Every slot's next-token logits, attending over cache `positions` (a prefix of kv_index: the bucket)."""
+        tokens, pos = self.ints[0], self.ints[1]
+        mask = (positions[None, :] <= pos[:, None])[:, None, None, :]
+        out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None], attention_mask=mask, cache=self.cache,
+                         use_cache=True)
+        return out.logits[:, -1].float()
+
+    def _forward(self, positions, sampling: bool = True):
+        logits = self._logits_fn(positions)
+        f = self.floats
+        return sample(logits, f[0], f[1], f[2], f[3] > 0.5, sampling), logits
+
+    def _positions(self, length: int):
+        positions = self.kv_index[:length]
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        return positions
+
+    def bucket(self, max_pos: int) -> int:
+        return next(b for b in self.buckets if b > max_pos)
+
+    def capture(self, progress: Callable[[str], None] = lambda s: None) -> float:
+        """Compile (if asked) and capture one graph per length bucket; the seconds it took."""
+        t0 = time.perf_counter()
+        if self.capture_mode == "compile":
+            progress("compiling the decode step (once)")
+            # The model's forward only: inductor (torch 2.11) failed to lower the sampling's cumsum; the sampling's
+            # few kernels are captured eagerly. The attention length is symbolic: one compile serves the buckets.
+            self._logits_fn = torch.compile(self._logits, fullgraph=True)
+        pool = torch.cuda.graph_pool_handle()
+        self._graphs.clear()
+        for i, length in enumerate(self.buckets):
+            progress(f"capturing decode graphs (once): {i + 1}/{len(self.buckets)}")
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm: compile, cuBLAS workspaces, bitsandbytes' lazy state
+                        self._forward(self._positions(length))
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self._forward(self._positions(length))
+            self._graphs[length] = (graph, out)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+        return self.capture_s
+
+    def step(self, max_pos: int, sampling: bool = True, length: int | None = None) -> list[int]:
+        """Advance every slot one token (free slots too, harmlessly); each slot's next token."""
+        length = length or self.bucket(max_pos)
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.floats.copy_(self.host_floats, non_blocking=True)
+        if length in self._graphs:
+            graph, (out, self.last_logits) = self._graphs[length]
+            graph.replay()
+        else:
+            with torch.no_grad():
+                out, self.last_logits = self._forward(self._positions(length), sampling)
+        self.host_next.copy_(out, non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return self.host_next.tolist()
+
+    def check_exact(self) -> dict:
+        """Measure what the design relies on, with every slot decoding: the same inputs give the same logits twice
+        (no run-to-run drift), a row's logits do not change when its neighbours' tokens and positions do, and a
+        longer attention bucket gives a row the same logits. The largest logit difference seen, and which held."""
+        rows = self.rows
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(3, 1000, (rows,), generator=g)
+        pos = torch.randint(1, MIN_BUCKET - 1, (rows,), generator=g)
+
+        def run(tok, p, length=None):
+            self.host_ints[0], self.host_ints[1] = tok, p
+            self.step(int(p.max()), length=length)
+            return self.last_logits.clone()
+
+        first = run(tokens, pos)
+        again = run(tokens, pos)  # the same inputs rewrite the same keys/values: the state is as before
+        longer = run(tokens, pos, self.buckets[1]) if len(self.buckets) > 1 else first
+        others = tokens.clone()
+        others[1:] = torch.randint(3, 1000, (rows - 1,), generator=g)
+        other_pos = pos.clone()
+        other_pos[1:] = torch.randint(1, MIN_BUCKET - 1, (rows - 1,), generator=g)
+        # last: the neighbours write their caches at new positions, which would change their own later logits
+        neighbours = run(others, other_pos)[0]
+        for i in range(rows):
+            self.clear(i)
+        diffs = dict(repeat=(first - again).abs().max(), neighbours=(first[0] - neighbours).abs().max(),
+                     bucket=(first - longer).abs().max())
+        self.exactness = dict(strict=self.strict, buckets=len(self.buckets), **{k: float(v) for k, v in diffs.items()})
+        return self.exactness
+
+    # --- prompts ----------------------------------------------------------------------------------------------
+    def prefill(self, slot: int, prompt: list[int], columns):
+        """Run a prompt through the model alone (eager, any length) and store its keys/values in the slot; returns
+        its last position's logits."""
+        from transformers import DynamicCache
+
+        self.columns.prefill_mask.copy_(columns[None])
+        self.columns.mask = self.columns.prefill_mask
+        try:
+            cache = DynamicCache(config=self.model.config)
+            with torch.no_grad():
+                out = self.model(input_ids=torch.tensor([prompt], device=self.device), cache=cache, use_cache=True,
+                                 logits_to_keep=1)
+            n = len(prompt)
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys[slot, :, :n].copy_(theirs.keys[0])
+                mine.values[slot, :, :n].copy_(theirs.values[0])
+        finally:
+            self.columns.mask = self.columns.decode_mask
+        self.columns.decode_mask[slot].copy_(columns)
+        return out.logits[0, -1].float()
+
+    def first_token(self, logits, u: float, temperature: float, top_p: float, greedy: bool) -> int:
+        f = lambda v: torch.tensor([v], dtype=torch.float32, device=self.device)  # noqa: E731
+        return int(sample(logits[None], f(u), f(temperature), f(top_p), f(greedy) > 0.5)[0])
+
+    def clear(self, slot: int) -> None:
+        """A freed slot: no adapter columns, position 0 (it keeps decoding garbage no one reads)."""
+        self.columns.decode_mask[slot] = False
+        self.host_ints[:, slot] = 0
+
+    def close(self) -> None:
+        """Give the model back as it was (its Linears, its attention) and drop the graphs and the cache."""
+        self._graphs.clear()
+        self.columns.restore()
+        for c, name in self._configs:
+            c._attn_implementation = name
+        self._configs.clear()
+        self.cache = None
+
+
+def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,
+                 progress: Callable[[str], None] = lambda s: None) -> SlotDecoder:
+    """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
+
+    `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
+    again with the strict 4-bit path (dequantize + cuBLAS for every row count). A longer bucket that changes a row:
+    one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged."""
+    decoder = SlotDecoder(model, rows, length, columns, capture, targets)
+    if capture is None:
+        return decoder
+    try:
+        decoder.capture(progress)
+        report = decoder.check_exact()
+        if report["repeat"] or report["neighbours"]:
+            progress("rows drifted: capturing again with the strict 4-bit path")
+            log.warning("chat: decode rows not exact (%s); capturing again with dequantize + cuBLAS", report)
+            decoder.close()
+            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True)
+            decoder.capture(progress)
+            report = decoder.check_exact()
+        if report["bucket"]:
+            progress("attention lengths drifted: capturing one length")
+            log.warning("chat: a longer attention bucket changed a row's logits (%s); attending over the whole slot",
+                        report)
+            decoder.buckets = [decoder.length]
+            decoder.capture(progress)
+            report = decoder.check_exact()
+    except BaseException:
+        decoder.close()  # the model as it was, for the fallback
+        raise
+    if report["repeat"] or report["neighbours"]:
+        log.warning("chat: decode rows still not bit-exact on this card: %s", report)
+    return decoder
+
+
+def plan(model, context: int, max_rows: int, targets=None, min_rows: int = 8, reserve_gib: float = 1.5
+         ) -> tuple[int, int, int]:
+    """(rows, slot length, adapter columns) that fit the KV-cache memory left on the card after the base.
+
+    Every slot holds a whole conversation (`context` tokens) where memory allows `max_rows` of them; where it does not
+    (a T4), the slots get shorter so that at least `min_rows` (4 visitors) still fit; requests longer than a slot are
+    told so. On the CPU there is no card to plan for: `max_rows` slots of `context`.
+    """
+
+    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
+    if model.device.type != "cuda":
+        return max_rows, context, 256
+    dev = model.device
+    free, total = torch.cuda.mem_get_info(dev)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)
+    cap = fraction * total - torch.cuda.memory_reserved(dev)
+    budget = min(free, cap) - reserve_gib * 2**30
+    columns = 256 if budget > 20 * 2**30 else 128
+    budget -= _column_bytes(model, columns, torch.finfo(dtype).bits // 8, targets)
+    rows = min(max_rows, int(budget // (context * per_token)))
+    length = context
+    if rows < min_rows:
+        length = int(budget // (min_rows * per_token)) // MIN_BUCKET * MIN_BUCKET
+        rows = min(max_rows, int(budget // max(1, length * per_token)))
+    rows -= rows % 2
+    if rows < 2 or length < MIN_BUCKET:
+        raise MemoryError(f"{budget / 2**30:.1f} GiB left for the KV cache: too little for two chat rows")
+    return rows, min(length, context), columns
+
+
+def _column_bytes(model, columns: int, dtype_bytes: int, targets=None) -> int:
+    layers = decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    return sum((m.in_features + m.out_features) * columns * dtype_bytes for name, m in layers.named_modules()
+               if isinstance(m, torch.nn.Linear) and (targets is None or f"{prefix}.{name}" in targets))
+
+
+RELOAD = "reload"  # batching.RELOAD: an adapter needs columns on Linears this capture has none on
+
+# --- the scheduler's backend ---------------------------------------------------------------------------------
+class SlotBackend:
+    """`batching.Scheduler`'s protocol over a SlotDecoder: free slots, adapters resident in columns, each row's
+    sampling inputs and its own generator (seeded from the visitor's seed, so a sample is the same alone or batched)."""
+
+    def __init__(self, decoder: SlotDecoder, read: Callable[[Path], LoraWeights] = read_adapter):
+        self.decoder, self._read = decoder, read
+        self.model = decoder.model
+        self.rows = decoder.rows
+        self.free = list(range(decoder.rows))[::-1]  # slot 0 first
+        self.active: dict[int, object] = {}
+        self.users: dict[str, int] = {}  # adapter name -> rows using it now
+        self.last_used: dict[str, float] = {}
+
+    def free_rows(self) -> int:
+        return len(self.free)
+
+    def wait_reason(self, rows) -> str | None:
+        for row in rows:
+            if len(row.prompt) >= self.decoder.length:
+                raise ValueError(f"the conversation is {len(row.prompt)} tokens; a chat row on this server holds "
+                                 f"{self.decoder.length} tokens, prompt and answer together: clear it and start again")
+            if row.adapter is not None and row.adapter.rank > self.decoder.columns.columns:
+                raise ValueError(f"the adapter's rank ({row.adapter.rank}) is over the chat engine's "
+                                 f"{self.decoder.columns.columns} adapter columns")
+            if row.adapter is not None and not row.adapter.modules <= set(self.decoder.columns.linears):
+                outside = sorted(row.adapter.modules - self.decoder.columns.served)
+                if outside:
+                    raise ValueError(f"the adapter targets {outside[0]}, which is not a Linear of the model's decoder "
+                                     "layers; the chat engine serves adapters on those")
+                return RELOAD
+        if len(self.free) < len(rows):
+            return f"all {self.rows} rows are answering"
+        placed = dict(self.decoder.columns.placed)
+        for name, rank in {r.adapter.name: r.adapter.rank for r in rows if r.adapter is not None}.items():
+            if name not in placed and self._make_room(placed, _round_up(rank, COLUMN_GRAIN)) is None:
+                return "every adapter slot is in use by other visitors' adapters"
+        return None
+
+    def join(self, rows) -> None:
+        joined = []
+        try:
+            for row in rows:
+                name = row.adapter.name if row.adapter is not None else None
+                if name is not None and name not in self.decoder.columns.placed:
+                    weights = self._read(row.adapter.folder)
+                    start = self._make_room(self.decoder.columns.placed, _round_up(weights.rank, COLUMN_GRAIN))
+                    self.decoder.columns.place(name, weights, start)
+                row.slot = self.free.pop()
+                joined.append(row)
+                self.active[row.slot] = row
+                if name is not None:
+                    self.users[name] = self.users.get(name, 0) + 1
+                row.rng = torch.Generator().manual_seed(row.settings.seed)
+                logits = self.decoder.prefill(row.slot, row.prompt, self.decoder.columns.row_mask(name))
+                s = row.settings
+                token = self.decoder.first_token(logits, self._u(row), s.temperature or 1.0, s.top_p, s.greedy)
+                h = self.decoder.host_floats
+                h[1, row.slot], h[2, row.slot], h[3, row.slot] = s.temperature or 1.0, s.top_p, float(s.greedy)
+                self._advance(row, token, len(row.prompt))
+        except BaseException:
+            for row in joined:
+                self.leave(row)
+            raise
+
+    def step(self) -> None:
+        rows = [r for r in self.active.values() if not r.done]
+        if not rows:
+            return
+        hi, hf = self.decoder.host_ints, self.decoder.host_floats
+        for row in rows:
+            hf[0, row.slot] = self._u(row)
+        tokens = self.decoder.step(max(int(hi[1, r.slot]) for r in rows),
+                                   sampling=not all(r.settings.greedy for r in rows))
+        for row in rows:
+            self._advance(row, tokens[row.slot], int(hi[1, row.slot]) + 1)
+
+    def leave(self, row) -> None:
+        slot = row.slot
+        if slot is None or self.active.get(slot) is not row:
+            return
+        del self.active[slot]
+        self.decoder.clear(slot)
+        self.free.append(slot)
+        row.slot = None
+        if row.adapter is not None:
+            self.users[row.adapter.name] -= 1
+            self.last_used[row.adapter.name] = time.monotonic()
+
+    def forget(self, names) -> None:
+        for name in names:
+            if not self.users.get(name):
+                self.decoder.columns.placed.pop(name, None)
+                self.users.pop(name, None)
+                self.last_used.pop(name, None)
+
+    def close(self) -> None:
+        self.decoder.close()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _u(self, row) -> float:
+        return 0.0 if row.settings.greedy else float(torch.rand((), generator=row.rng))
+
+    def _advance(self, row, token: int, pos: int) -> None:
+        """The row's new token is the next step's input, at `pos`; a row whose slot is full ends."""
+        row.add(token)
+        self.decoder.host_ints[0, row.slot] = token
+        self.decoder.host_ints[1, row.slot] = pos
+        if pos >= self.decoder.length:
+            row.done = True
+
+    def _make_room(self, placed: dict, width: int) -> int | None:
+        """A first column for `width` columns, evicting idle adapters (least recently used first) as needed."""
+        columns = self.decoder.columns.columns
+        idle = sorted((n for n in placed if not self.users.get(n)), key=lambda n: self.last_used.get(n, 0.0))
+        while (start := find_room(placed, width, columns)) is None and idle:
+            placed.pop(idle.pop(0))
+        return start
+
+
+def find_room(placed: dict, width: int, columns: int) -> int | None:
+    """The first column of a free run of `width` among `columns`, given the (start, width) runs taken, or None."""
+    start = 0
+    for first, w in sorted(placed.values()):
+        if first - start >= width:
+            return start
+        start = max(start, first + w)
+    return start if columns - start >= width else None

@@ -1,0 +1,298 @@
+"""The chat engine that serves many visitors (issue 14): slot decoding on the real 4-bit path with a tiny Llama.
+
+On the CPU the product falls back to today's eager generate path (logged once); QLORA_CHAT_DECODE=eager runs the slot
+engine itself without graphs, which is what most tests here do: the scheduler, the slots, the per-row adapter columns
+and the per-row sampling are the same code the CUDA graphs capture on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+
+import pytest
+
+from apphelpers import Records, tiny_run
+from qlora.chat import ChatEngine
+from qlora.config import GenerationSettings
+from qlora.device import BusyError, gpu_lock
+
+QUESTIONS = ["What is the secret word?", "Who guards the gate? Tell me all you know about the gate and its guard.",
+             "Hi", "How many moons are there, and what are their names?"]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("serve-runs")
+    tiny_run(root, "qv", tiny_llama_dir, seed=1)
+    tiny_run(root, "qv2", tiny_llama_dir, seed=2, r=16)
+    tiny_run(root, "all", tiny_llama_dir, targets=("all-linear",), seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir, runs_root):
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=4)
+    e.load_adapter(runs_root / "qv")
+    e.load_adapter(runs_root / "qv2")
+    yield e
+    e.unload()
+
+
+def greedy(n=10, **kw):
+    return GenerationSettings(temperature=0, max_new_tokens=n, **kw)
+
+
+def reference(tiny_llama_dir, run_dir, prompt_ids, n):
+    """Eager transformers + peft on the same 4-bit weights: generate's tokens, base (adapter off) and adapter."""
+    import torch
+    from peft import PeftModel
+
+    from qlora.model import load_base
+
+    model = PeftModel.from_pretrained(load_base(str(tiny_llama_dir), "nf4", "fp32"), str(run_dir / "adapter"))
+    model.eval()
+    ids = torch.tensor([prompt_ids])
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+              temperature=None, top_p=None, top_k=None, pad_token_id=2, eos_token_id=2)
+    with torch.no_grad():
+        tuned = model.generate(**kw)[0, ids.shape[1]:].tolist()
+        with model.disable_adapter():
+            base = model.generate(**kw)[0, ids.shape[1]:].tolist()
+    return [t for t in base if t != 2], [t for t in tuned if t != 2], model
+
+
+def test_slot_engine_greedy_answers_equal_generate_for_base_and_adapter_rows(engine, tiny_llama_dir, runs_root):
+    import torch
+
+    name = engine.load_adapter(runs_root / "qv")
+    ids = engine.prompt_ids([], QUESTIONS[0])
+    base, tuned = engine.rows_ids([(ids, None, greedy(12)), (ids, name, greedy(12))])
+    ref_base, ref_tuned, peft_model = reference(tiny_llama_dir, runs_root / "qv", ids, 12)
+    assert base == ref_base and tuned == ref_tuned
+    assert base != tuned  # the adapter changes the answer
+    assert engine.backend_kind == "eager"
+    # teacher-forced: the slot step's logits are eager peft's within fp32 rounding
+    decoder = engine._scheduler.backend.decoder
+    logits = [decoder.prefill(0, ids, decoder.columns.row_mask(name))]
+    for k, t in enumerate(tuned[:-1]):
+        decoder.host_ints[0, 0], decoder.host_ints[1, 0] = t, len(ids) + k
+        decoder.step(len(ids) + k)
+        logits.append(decoder.last_logits[0].clone())
+    decoder.clear(0)
+    with torch.no_grad():
+        ref = peft_model(input_ids=torch.tensor([ids + tuned[:-1]])).logits[0, len(ids) - 1:]
+    torch.testing.assert_close(torch.stack(logits), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_visitors_in_one_batch_each_get_their_answer_alone(engine, runs_root):
+    """Visitors with different prompts, lengths, adapters (or none), greedy or seeded sampling, arriving at once: more
+    rows than slots, so some wait; every visitor's two panes equal what that visitor gets alone, and each pane alone."""
+    names = [engine.load_adapter(runs_root / n) for n in ("qv", "qv2")]
+    settings = [greedy(10), GenerationSettings(temperature=0.9, top_p=0.8, seed=7, max_new_tokens=10),
+                greedy(6, system_prompt="Be brief."), GenerationSettings(temperature=1.2, top_p=1.0, seed=1,
+                                                                         max_new_tokens=8)]
+    requests = [(q, settings[i], names[i % 2] if i != 2 else None) for i, q in enumerate(QUESTIONS)]
+    alone = [list(engine.stream_pair([], [], q, s, a))[-1] for q, s, a in requests]
+    panes = [engine.generate_sequential(q, s, a) if a else None for q, s, a in requests[:2]]
+    assert panes == alone[:2]  # each pane alone (a one-row request) = that pane in its visitor's pair
+    waits, out = [], [None] * len(requests)
+
+    def visit(i):
+        q, s, a = requests[i]
+        for update in engine.stream([], [], q, s, a):
+            if update.waiting:
+                waits.append(update.waiting)
+            else:
+                out[i] = (update.base, update.tuned)
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert out == alone
+    assert alone[1][0] != alone[1][1] and alone[0] != alone[1]
+    assert any("waiting for a free chat slot" in w for w in waits), waits  # 4 slots, 8 rows: some waited
+
+
+def test_stop_and_disconnect_end_only_that_visitors_rows(engine, runs_root):
+    name = engine.load_adapter(runs_root / "qv")
+    long = greedy(200)
+    solo = list(engine.stream_pair([], [], QUESTIONS[3], greedy(30), name))[-1]
+    stop = threading.Event()
+    stopped = engine.stream_pair([], [], QUESTIONS[1], long, name, stop)
+    gone = engine.stream_pair([], [], QUESTIONS[0], long, name)
+    next(stopped), next(gone)
+    result = {}
+    other = threading.Thread(target=lambda: result.setdefault("x", list(engine.stream_pair(
+        [], [], QUESTIONS[3], greedy(30), name))[-1]))
+    other.start()
+    stop.set()  # the visitor's Stop
+    gone.close()  # the client went away: its stream is closed
+    rest = list(stopped)
+    other.join(120)
+    assert len(rest) < 10 and result["x"] == solo  # the third visitor never noticed
+    backend = engine._scheduler.backend
+    deadline = time.monotonic() + 10
+    while backend.free_rows() < backend.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.free_rows() == backend.rows  # every slot came back
+    assert not gpu_lock.locked()  # idle: the GPU is free for training
+
+
+def test_chat_during_training_says_busy_at_once_and_loads_nothing(tiny_llama_dir, runs_root):
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    name = e.load_adapter(runs_root / "qv")
+    with gpu_lock:  # what a training run holds
+        t0 = time.perf_counter()
+        with pytest.raises(BusyError, match="the GPU is busy"):
+            next(e.stream_pair([], [], "hi", greedy(), name))
+        assert time.perf_counter() - t0 < 1 and e.model is None
+    assert list(e.stream_pair([], [], "hi", greedy(4), name))[-1][1]  # afterwards chat answers
+    e.unload()
+
+
+def test_fallback_to_the_eager_generate_path_is_used_and_logged_once(tiny_llama_dir, runs_root):
+    records = Records()
+    logging.getLogger("qlora.chat").addHandler(records)
+    try:
+        auto = ChatEngine(str(tiny_llama_dir), "nf4", "fp32")  # the CPU default
+        name = auto.load_adapter(runs_root / "qv")
+        first = list(auto.stream_pair([], [], QUESTIONS[0], greedy(6), name))[-1]
+        list(auto.stream_pair([], [], QUESTIONS[1], greedy(6), name))
+        assert auto.backend_kind == "generate"
+        lines = [line for line in records.lines if "using the eager generate path" in line]
+        assert len(lines) == 1 and "no CUDA device" in lines[0], records.lines
+        forced = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="graphs")  # capture fails on a CPU
+        name = forced.load_adapter(runs_root / "qv")
+        assert list(forced.stream_pair([], [], QUESTIONS[0], greedy(6), name))[-1] == first
+        lines = [line for line in records.lines if "using the eager generate path" in line]
+        assert len(lines) == 2 and "capturing the decode step failed" in lines[1], lines
+    finally:
+        logging.getLogger("qlora.chat").removeHandler(records)
+        auto.unload()
+        forced.unload()
+
+
+@pytest.mark.parametrize("decode", ["eager", "generate"])
+def test_a_replaced_adapter_is_reloaded_and_gone_folders_are_dropped(decode, tiny_llama_dir, tmp_path):
+    """Issue 12 item 5: a run folder deleted and another adapter copied under its name answers with the new weights;
+    entries of folders that are gone are dropped."""
+    tiny_run(tmp_path / "a", "same", tiny_llama_dir, seed=11)
+    tiny_run(tmp_path / "b", "same", tiny_llama_dir, seed=12)
+    tiny_run(tmp_path / "c", "other", tiny_llama_dir, seed=13)
+    live = tmp_path / "runs"
+    live.mkdir()
+    shutil.copytree(tmp_path / "a" / "same", live / "same")
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode=decode, max_rows=2)
+    fresh = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode=decode, max_rows=2)
+    try:
+        old = e.load_adapter(live / "same")
+        before = list(e.stream_pair([], [], QUESTIONS[0], greedy(8), old))[-1][1]
+        shutil.rmtree(live / "same")
+        shutil.copytree(tmp_path / "b" / "same", live / "same", copy_function=shutil.copy2)  # keeps mtimes
+        new = e.load_adapter(live / "same")
+        assert new != old and old not in e.adapters
+        after = list(e.stream_pair([], [], QUESTIONS[0], greedy(8), new))[-1][1]
+        expected = list(fresh.stream_pair([], [], QUESTIONS[0], greedy(8), fresh.load_adapter(tmp_path / "b" / "same"))
+                        )[-1][1]
+        assert after == expected and after != before
+        shutil.rmtree(live / "same")
+        e.load_adapter(tmp_path / "c" / "other")
+        assert new not in e.adapters  # its folder is gone
+        with pytest.raises(ValueError, match="not loaded"):
+            next(e.stream_pair([], [], "hi", greedy(), new))
+    finally:
+        e.unload()
+        fresh.unload()
+
+
+def test_an_adapter_on_other_layers_reloads_the_engine_and_is_served(tiny_llama_dir, runs_root):
+    """Adapter columns exist only on the Linears the registered adapters target; an adapter on other layers waits for
+    the current answers, the engine loads again with columns there, and it answers as a fresh engine would."""
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    qv = e.load_adapter(runs_root / "qv")
+    list(e.stream_pair([], [], "hi", greedy(4), qv))
+    assert len(e._scheduler.backend.decoder.columns.linears) == 4  # q and v of 2 layers
+    everything = e.load_adapter(runs_root / "all")
+    answer = list(e.stream_pair([], [], QUESTIONS[0], greedy(8), everything))[-1]
+    assert len(e._scheduler.backend.decoder.columns.linears) == 14
+    fresh = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    assert answer == list(fresh.stream_pair([], [], QUESTIONS[0], greedy(8), fresh.load_adapter(runs_root / "all"))
+                          )[-1]
+    e.unload()
+    fresh.unload()
+
+
+def test_a_conversation_longer_than_a_slot_is_refused_with_the_limit(tiny_llama_dir, runs_root, monkeypatch):
+    from qlora import slots
+
+    monkeypatch.setattr(slots, "plan", lambda model, context, max_rows, targets=None: (2, 256, 64))
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager")
+    name = e.load_adapter(runs_root / "qv")
+    with pytest.raises(ValueError, match="a chat row on this server holds 256 tokens"):
+        list(e.stream_pair([], [], "word " * 300, greedy(), name))
+    assert list(e.stream_pair([], [], "hi", greedy(4), name))[-1][1]  # and the engine goes on
+    e.unload()
+
+
+def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_free(tiny_llama_dir):
+    """`check_exact` (run on the GPU right after capture) on the CPU's eager step: no drift, no neighbour effect, no
+    bucket effect; it must compare like with like (a check that rewrites a neighbour's cache then reads it is wrong)."""
+    from qlora import slots
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    model.config.use_cache = True
+    decoder = slots.SlotDecoder(model, 16, 1024, 64, capture=None)
+    try:
+        report = decoder.check_exact()
+        assert report == dict(strict=False, buckets=3, repeat=0.0, neighbours=0.0, bucket=0.0)
+        assert decoder.host_ints.abs().sum() == 0 and not decoder.columns.decode_mask.any()
+    finally:
+        decoder.close()
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # the model is given back as it was
+
+
+def test_a_full_queue_says_so_and_loading_is_shown_as_a_waiting_state(tiny_llama_dir, runs_root):
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    name = e.load_adapter(runs_root / "qv")
+    first = e.stream([], [], QUESTIONS[1], greedy(300), name)
+    updates = [next(first)]
+    while updates[-1].waiting is not None:  # the model loads while this visitor waits: it is told so
+        updates.append(next(first))
+    assert any(u.waiting and u.waiting.startswith("loading the chat model") for u in updates), updates
+    e._scheduler.max_waiting = 1
+    second = e.stream([], [], QUESTIONS[0], greedy(4), name)
+    assert "waiting for a free chat slot" in next(second).waiting  # both rows are taken by the first visitor
+    with pytest.raises(BusyError, match=r"the chat is full \(1 visitor waiting\)"):
+        next(e.stream([], [], QUESTIONS[2], greedy(4), name))
+    first.close()  # the first visitor leaves: the second is answered
+    assert [u for u in second if u.waiting is None][-1].tuned
+    e.unload()
+
+
+@pytest.mark.parametrize("decode", ["eager", "generate"])
+def test_a_row_ends_at_any_of_its_stop_ids(decode, tiny_llama_dir, runs_root):
+    """Issue 19: a row ends at any of its prompt format's stop ids (prompts.stop_ids: the EOS and the end-of-turn
+    token), a set per row: the slot engine decides on the host, the eager path hands the set to generate. Both panes
+    end where their answers first reach an extra stop id, and the stop id itself is not shown."""
+    from qlora.batching import Row
+
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode=decode, max_rows=2)
+    try:
+        name = e.load_adapter(runs_root / "qv")
+        ids, s = e.prompt_ids([], QUESTIONS[0], "", name), greedy(12)
+        full = e.rows_ids([(ids, None, s), (ids, name, s)])  # the format's own stops: {EOS}
+        assert all(len(f) == 12 for f in full)  # no early EOS: the cut below is the extra stop id's
+        extra = [next(t for t in f if f.index(t) >= 2) for f in full]  # a token first met after 2 others
+        rows = [Row(list(ids), e.adapters[name] if i else None, s, 12, frozenset({2, extra[0], extra[1]}))
+                for i in range(2)]
+        for _ in e._submit(rows, None).events():
+            pass
+        want = [f[:min(f.index(t) for t in extra if t in f)] for f in full]
+        assert [r.ids for r in rows] == want and all(len(w) < 12 for w in want)  # both cut, each where it must be
+    finally:
+        e.unload()
