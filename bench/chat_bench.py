@@ -351,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--logits", action="store_true", help="teacher-forced logits against eager transformers + peft")
     ap.add_argument("--rows-sweep", default="", help="also time the captured step at these slot counts, e.g. 2,4,8,16")
     ap.add_argument("--no-buckets", action="store_true", help="attend over the whole slot every step (one graph)")
+    ap.add_argument("--max-rows", type=int, default=0,
+                    help="row slots of the slot engine (0: the engine's default); fewer rows, faster steps, fewer visitors")
     a = ap.parse_args(argv)
 
     import torch
@@ -399,7 +401,7 @@ def main(argv=None) -> int:
         print(f"slot engine, {kind}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind)
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()
         engine.load()
