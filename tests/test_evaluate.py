@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -246,6 +247,33 @@ def test_a_chat_template_run_is_scored_on_its_answers_and_answered_in_its_own_fo
     assert all(c["eos_token_id"] == stop_ids(fmt, tok) for c in model.calls)
 
 
+def test_an_end_of_run_card_that_fails_never_fails_the_run(tiny_cfg, monkeypatch):
+    """Out of memory in the card (the real exception, raised where the card is computed): the run is finished on disk
+    before the card starts, stays finished and usable, and its log says how to make the card later."""
+    import torch
+
+    from qlora import evaluate
+
+    seen = []
+
+    def out_of_memory(model, tokenizer, fmt, convs, source, *args, **kwargs):
+        seen.append((runs.read_json(Path(cfg.output_dir) / cfg.run_name / "run.json").get("status"), fmt.name,
+                     len(convs)))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(evaluate, "evaluate_model", out_of_memory)
+    cfg = tiny_cfg(max_steps=1, eval_fraction=0.25, run_name="oom")
+    events = []
+    run_dir = train(cfg, events.append)
+    assert seen == [("finished", "llama2", 1)]  # run.json said finished before the card began
+    assert runs.read_json(run_dir / "run.json")["status"] == "finished" and not (run_dir / "eval.json").exists()
+    assert type(events[-1]).__name__ == "Finished"
+    logs = [e.line for e in events if type(e).__name__ == "Log"]
+    assert f"no evaluation card (CUDA out of memory. Tried to allocate 2.00 GiB); make it later: python -m qlora " \
+           f"eval --adapter {run_dir}" in logs, logs[-3:]
+    assert runs.usable_run(run_dir.parent, "oom").path == run_dir
+
+
 def test_a_run_without_held_out_rows_asks_for_a_file(tiny_cfg):
     run_dir = train(tiny_cfg(max_steps=1))
     assert not (run_dir / "eval.json").exists()  # no held-out rows: no card at the end
@@ -267,3 +295,23 @@ def test_cli_prints_the_same_figures_it_saves_and_bad_input_exits_2(memo_run, tm
     r = cli("eval", "--adapter", str(tmp_path), "--rows", "2")
     assert r.returncode == 2 and "not a run folder" in r.stderr
     assert json.loads((run_dir / "eval.json").read_text()) == card  # a failed eval keeps the last card
+
+
+def test_a_saved_card_is_read_only_when_it_is_one(memo_run, tmp_path):
+    """eval.json is a file of a run folder, someone else's until checked: what is shown of it must be there."""
+    import shutil
+
+    from qlora.evaluate import load
+    from qlora.export import reproducibility
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(memo_run[0], run_dir)
+    card = load(run_dir)
+    assert card is not None and card["run"] == "memo"
+    for bad in ([1, 2], {"base": {"loss": "low"}}, dict(card, helped_most=[{"row": 1}]), dict(card, answers="x"),
+                dict(card, tokens=None, base={"loss": None, "perplexity": 1.0})):
+        (run_dir / "eval.json").write_text(json.dumps(bad))
+        assert load(run_dir) is None, bad
+        assert "### Evaluation" not in reproducibility(run_dir)  # the model card leaves it out, and is written
+    (run_dir / "eval.json").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert load(run_dir) is None
