@@ -106,7 +106,9 @@ def run_script(tmp_path: Path, code: str, *args: str) -> subprocess.Popen:
     """Start a Python process running `code` with the project importable (a stand-in for the app's process)."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code), encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # the project first, then whatever the environment already adds (a GPU machine's carried packages)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -460,8 +462,9 @@ out = dict(first=[first.status, first.error, first.hint], locked=gpu_lock.locked
            huge_usable="huge" in listed and listed["huge"].usable)
 jobs.start(small)
 second = jobs.wait(600)
-out.update(second=[second.status, second.error],
-           small_usable={r.name: r for r in runs.list_runs(small.output_dir)}["small"].usable)
+listed = {r.name: r for r in runs.list_runs(small.output_dir)}
+out.update(second=[second.status, second.error], small_usable="small" in listed and listed["small"].usable,
+           listed=sorted(listed), logs=list(first.logs[-6:] + second.logs[-6:]))
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -484,15 +487,16 @@ def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(ti
     output, _ = proc.communicate(timeout=1500)
     assert proc.returncode == 0, output[-3000:]
     r = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    print(r)  # the runs' states and last log lines, for a person reading a failure
     status, error, hint = r["first"]
-    assert status == "failed" and error == "out of GPU memory", error
+    assert status == "failed" and error == "out of GPU memory", r
     assert "lower batch_size or max_length" in hint
     assert not r["locked"]
     # all the failed run took is back (the slack covers library workspaces, not a run)
     assert r["after"] <= r["baseline"] + 64 * 2**20, (r["baseline"], r["after"])
-    assert r["huge_listed"] and not r["huge_usable"]  # it failed mid-run: listed as failed, never offered
-    assert r["second"][0] == "finished", r["second"][1]
-    assert r["small_usable"]
+    assert r["huge_listed"] and not r["huge_usable"], r  # it failed mid-run: listed as failed, never offered
+    assert r["second"][0] == "finished", r
+    assert r["small_usable"], r
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
