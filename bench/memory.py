@@ -42,7 +42,7 @@ def measure(model_dir: str, overrides: str, steps: int) -> dict:
     tok = load_tokenizer(model_dir)
     flat = [t for row in guanaco_ids(tok, max_length=10**6) for t in row.ids]
     # rows of exactly max_length tokens: the longest batch the estimate assumes is the batch that runs
-    rows = [Row(ids, ids, len(ids)) for ids in (flat[i:i + cfg.max_length] for i in range(
+    rows = [Row(ids, ids, [True] * len(ids)) for ids in (flat[i:i + cfg.max_length] for i in range(
         0, cfg.batch_size * (steps + 1) * cfg.max_length, cfg.max_length))]
     precision = pick_precision(cfg.precision)
     model = load_base(model_dir, cfg.quantize, precision)

@@ -503,7 +503,12 @@ class Row:
 
     ids: list[int]
     labels: list[int]  # the ids, with -100 where the loss does not train (the prompt, when the loss is on answers)
-    answer_tokens: int  # answer tokens left after truncation; 0: truncation removed the whole answer
+    answer: list[bool]  # per id: an assistant answer's token (through its end-of-turn marker), whatever the loss
+
+    @property
+    def answer_tokens(self) -> int:
+        """Answer tokens left after truncation; 0: truncation removed the whole answer."""
+        return sum(self.answer)
 
 
 def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptFormat | None = None) -> list[Row]:
@@ -519,7 +524,7 @@ def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptF
             raise DataError(f"{where}: {e}") from None
         ids, answer = p.ids[:max_length], p.answer[:max_length]
         labels = list(ids) if fmt.loss == "all" else [i if a else -100 for i, a in zip(ids, answer)]
-        rows.append(Row(ids, labels, sum(answer)))
+        rows.append(Row(ids, labels, answer))
     return rows
 
 

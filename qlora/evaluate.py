@@ -1,11 +1,12 @@
 """The evaluation card: on held-out rows, the base (adapter disabled) vs the adapter, saved as eval.json in the run.
 
-    mean loss and perplexity on the tokens the run trained on, for each; the rows the adapter helped and hurt most
+    mean loss and perplexity on the answer tokens, for each; the rows the adapter helped and hurt most
     (per-row loss change, with the text); greedy answers to a few held-out prompts, base and tuned side by side.
 
-Rows are tokenized exactly as training tokenized them (data.tokenize in the run's saved prompt format): the loss is
-taken where the run's labels are (`Row.labels != -100`: the answers, through their end-of-turn token, for a chat
-template; the whole text for Llama 2, as the reference recipe trains it). The greedy answers are prompted and stopped
+Rows are tokenized exactly as training tokenized them (data.tokenize in the run's saved prompt format), and the loss
+is taken on the answer tokens (`Row.answer`: each assistant answer through its end-of-turn token), in every format:
+also for Llama 2, whose recipe trains on the whole text, so the card says how well each model answers, not how well
+it predicts the questions. The greedy answers are prompted and stopped
 in the same format (prompts.build, prompts.stop_ids). Computed at the end of a run with held-out rows (on the model
 still in memory), and on demand for any run (`evaluate_run`: its own eval split, or another file), which loads the
 base as training did and takes a card the way a run does (device.Cards.take_evaluation). Both figures come from one
@@ -87,12 +88,13 @@ def evaluate_model(model, tokenizer, fmt: PromptFormat, convs: list[Conversation
         if stop.is_set():
             raise EvalStopped(f"evaluation stopped after {i} of {len(convs)} rows; nothing was saved")
         row = tokenize([conv], tokenizer, max_length, fmt)[0]
-        if any(label != IGNORE for label in row.labels[1:]):  # the first token is never predicted
+        targets = [i if a else IGNORE for i, a in zip(row.ids, row.answer)]  # the answers, in every format
+        if any(t != IGNORE for t in targets[1:]):  # the first token is never predicted
             kept.append(conv)
-            per_row.append(_row_losses(model, row.ids, row.labels))
+            per_row.append(_row_losses(model, row.ids, targets))
         progress(i + 1, total)
     if not kept:
-        raise ValueError(f"{source}: no row keeps a trained token within max_length {max_length}")
+        raise ValueError(f"{source}: no row keeps an answer token within max_length {max_length}")
     shown: list[dict] = []
     stops = stop_ids(fmt, tokenizer)
     for conv in kept:
@@ -117,7 +119,7 @@ def evaluate_model(model, tokenizer, fmt: PromptFormat, convs: list[Conversation
 
 
 def _row_losses(model, ids: list[int], labels: list[int]) -> tuple[float, float, int]:
-    """(base loss sum, adapter loss sum, trained tokens) for one row, in fp32."""
+    """(base loss sum, adapter loss sum, answer tokens) for one row, in fp32."""
     import torch
     import torch.nn.functional as F
 
@@ -145,7 +147,7 @@ def _card(convs: list[Conversation], per_row: list[tuple[float, float, int]], an
                         "tokens": n, "text": _short(_plain(conv))})
     by_change = sorted(changes, key=lambda c: c["change"])
     return {
-        "source": source, "rows": len(convs), "skipped_rows": skipped, "tokens": tokens, "loss_on": fmt.loss,
+        "source": source, "rows": len(convs), "skipped_rows": skipped, "tokens": tokens, "loss_on": "answers",
         "prompt_format": fmt.describe(), "max_length": max_length, "created": time.time(),
         "base": {"loss": base, "perplexity": _perplexity(base)},
         "adapter": {"loss": tuned, "perplexity": _perplexity(tuned)},
@@ -255,9 +257,9 @@ def summary(card: dict) -> list[str]:
     """The card's figures as lines: what the CLI prints and the app shows above the tables."""
     base, tuned = card["base"], card["adapter"]
     ahead = base["loss"] - tuned["loss"]
-    what = "answer tokens" if card["loss_on"] == "answers" else "tokens (the whole text, as trained)"
+    what = "answer tokens" if card["loss_on"] == "answers" else "tokens (the whole text)"  # cards saved before
     lines = [f"held-out rows: {card['rows']} ({card['source']}), {card['tokens']} {what}"
-             + (f", {card['skipped_rows']} rows without trained tokens skipped" if card.get("skipped_rows") else ""),
+             + (f", {card['skipped_rows']} rows without answer tokens skipped" if card.get("skipped_rows") else ""),
              f"base     loss {base['loss']:.4f}   perplexity {base['perplexity']:.2f}",
              f"adapter  loss {tuned['loss']:.4f}   perplexity {tuned['perplexity']:.2f}",
              f"adapter {'ahead' if ahead > 0 else 'behind'} by {abs(ahead):.4f} in loss; lower loss on "

@@ -36,8 +36,8 @@ def memo_run(tmp_path_factory, tiny_llama_dir):
 
 
 def hand_figures(run_dir, model_dir, dataset):
-    """(base loss, trained tokens) over every row of `dataset`, computed here: the untouched 4-bit base, the rows
-    tokenized as training tokenizes them in the run's saved format, the loss where the labels are."""
+    """(base loss, answer tokens) over every row of `dataset`, computed here: the untouched 4-bit base, the rows
+    tokenized as training tokenizes them in the run's saved format, the loss on the answers' tokens."""
     import torch
     import torch.nn.functional as F
 
@@ -49,7 +49,8 @@ def hand_figures(run_dir, model_dir, dataset):
     base.eval()
     total, count = 0.0, 0
     for row in tokenize(prepare(str(dataset)).train, tok, 64, runs.prompt_format(run_dir)):
-        ids, labels = torch.tensor([row.ids]), torch.tensor(row.labels[1:])
+        ids = torch.tensor([row.ids])
+        labels = torch.tensor([i if a else -100 for i, a in zip(row.ids, row.answer)][1:])
         with torch.no_grad():
             total += float(F.cross_entropy(base(ids).logits[0, :-1].float(), labels, ignore_index=-100,
                                            reduction="sum"))
@@ -61,7 +62,8 @@ def test_the_end_of_a_run_with_held_out_rows_writes_the_card(memo_run):
     run_dir, _, events = memo_run
     card = json.loads((run_dir / "eval.json").read_text())
     assert card["run"] == "memo" and card["rows"] == 2 and card["tokens"] > 0
-    assert card["loss_on"] == "all" and "Llama 2" in card["prompt_format"]  # the tiny Llama's tokenizer is Llama 2's
+    # the tiny Llama's tokenizer is Llama 2's, whose recipe trains on the whole text: the card scores the answers
+    assert card["loss_on"] == "answers" and "Llama 2" in card["prompt_format"]
     assert card["source"].startswith("eval split")
     for who in ("base", "adapter"):
         assert math.isfinite(card[who]["loss"]) and card[who]["perplexity"] == pytest.approx(math.exp(card[who]["loss"]))
@@ -192,7 +194,7 @@ def test_on_several_gpus_an_evaluation_leaves_a_loaded_chat_its_card(memo_run):
 
 
 def test_a_chat_template_run_is_scored_on_its_answers_and_answered_in_its_own_format(chatml_llama_dir, tmp_path):
-    """A run in ChatML: the loss is on the answers through <|im_end|> (the trained labels, nothing else), and the
+    """A run in ChatML: the loss is on the answers through <|im_end|> (as trained, nothing else), and the
     greedy answers are prompted with the template's generation prompt and end on its stop ids."""
     from qlora.config import TrainConfig
     from qlora.evaluate import evaluate_model
