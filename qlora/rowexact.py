@@ -16,13 +16,12 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # On a GPU some kernels pick their algorithm (and so their rounding) by the number of rows: bitsandbytes' 4-bit
 # matmul, cuBLAS, the RMSNorm reduction. A near-tie in the logits then flips a greedy token and the batched pane drifts
 # from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
-# generate; everything else (and all the Python around it) is shared. The parts: "linear": every frozen Linear and
-# the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model); "linear-prefill": the 4-bit ones on the
-# prompt only; "attention": the attention kernel; "norm": RMSNorm (for Llama's, only its mean of squares).
-# Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
-# identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
+# generate; everything else (and all the Python around it) is shared. The parts: "head": the 16-bit Linears (the LM
+# head of a 4-bit model); "linear-prefill": the 4-bit ones on the prompt only; "norm": RMSNorm (for Llama's, only its
+# mean of squares). Measured on the H100 (bench/README.md, run11 sweep): these must go row by row for identical greedy
+# outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not, so the sweep's
+# "every Linear" and "attention" parts were dropped.
 ROW_BY_ROW = ("head", "linear-prefill", "norm")
-ROWS_ATTENTION = "qlora_rows"
 
 
 class GenerateBackend:
@@ -265,25 +264,16 @@ def one_row_at_a_time(model, parts: Sequence[str]):
         return each_row
 
     patched = []
-    configs = []
     try:
         for m in model.modules() if parts else ():
             # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
             linear = isinstance(m, torch.nn.Linear)
             four_bit = linear and getattr(m.weight, "quant_state", None) is not None
-            prefill_only = four_bit and "linear-prefill" in parts and "linear" not in parts
-            if ((linear and "linear" in parts) or prefill_only
-                    or (linear and not four_bit and "head" in parts)
+            prefill_only = four_bit and "linear-prefill" in parts
+            if (prefill_only or (linear and not four_bit and "head" in parts)
                     or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
                 patched.append((m, m.__dict__.get("forward")))
                 m.forward = _rms_norm_rows(m) if _is_llama_rms_norm(m) else split(m.forward, prefill_only)
-        if "attention" in parts:
-            _register_rows_attention()
-            for m in model.modules():
-                c = getattr(m, "config", None)
-                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
-                    configs.append((c, c._attn_implementation))
-                    c._attn_implementation = ROWS_ATTENTION
         yield
     finally:
         for m, own in patched:
@@ -291,8 +281,6 @@ def one_row_at_a_time(model, parts: Sequence[str]):
                 del m.forward
             else:
                 m.forward = own
-        for c, name in configs:
-            c._attn_implementation = name
 
 
 def _is_llama_rms_norm(module) -> bool:
@@ -321,23 +309,6 @@ def _rms_norm_rows(norm):
         return norm.weight * hidden_states.to(input_dtype)
 
     return forward
-
-
-def _register_rows_attention() -> None:
-    """An attention implementation that runs sdpa one batch row at a time, with the sdpa mask."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
-        outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1], value[i:i + 1],
-                                       None if attention_mask is None else attention_mask[i:i + 1], **kwargs)[0]
-                for i in range(query.shape[0])]
-        return torch.cat(outs), None
-
-    AttentionInterface.register(ROWS_ATTENTION, rows_sdpa)
-    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
 
 
 class RowStreamer:
