@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         engine.load()
         load = dict(backend=engine.backend_kind, load_s=round(time.perf_counter() - t, 1),
                     capture_s=round(engine.capture_s, 1) if engine.capture_s else None)
-        prompts = PROMPTS + visitor_prompts(engine.tokenizer, 8, 1024)[1::2]
+        prompts = PROMPTS + visitor_prompts(engine, 8, 1024)[1::2]
         run_request(engine, [([1, 2, 3], None, GenerationSettings(max_new_tokens=4, temperature=0.0))])  # warm
         if "chat" in arms:
             visitors = Visitors(engine, name, a.visitors, a.new_tokens, a.think, prompts).start()

@@ -270,23 +270,3 @@ def _http_error(status: int, token: str):
     request = httpx.Request("POST", "https://huggingface.co/api/repos/create",
                             headers={"authorization": f"Bearer {token}"})
     return HfHubHTTPError(f"{status} Client Error for {token}", response=httpx.Response(status, request=request))
-
-
-@pytest.mark.gpu
-def test_preflight_on_a_gpu_names_the_card_and_uses_fp16_in_t4_mode(tmp_path, monkeypatch):
-    import json
-
-    from qlora.config import TrainConfig
-    from qlora.preflight import preflight
-    from ui.render import preflight_markdown
-
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,
-        num_key_value_heads=32)))
-    monkeypatch.setenv("QLORA_NO_BF16", "1")  # a T4 has no bf16
-    pf = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample"), runs_root=tmp_path)
-    text = preflight_markdown(pf)
-    assert pf.ok and "GPU:" in text and "precision fp16" in text and "estimated peak GPU memory" in text, text
-    tight = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample", batch_size=512, max_length=4096),
-                      runs_root=tmp_path)
-    assert not tight.ok and "lower batch_size or max_length" in preflight_markdown(tight)

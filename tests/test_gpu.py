@@ -1,4 +1,4 @@
-"""On a GPU only (CI skips these): the T4 path on a Llama-2-7B-shaped 4-bit model.
+"""On a GPU only (CI skips these): the preflight on a real card and the T4 path on a Llama-2-7B-shaped 4-bit model.
 
     .venv/bin/python -m pytest -m gpu tests/test_gpu.py -s
 
@@ -13,6 +13,27 @@ from pathlib import Path
 import pytest
 
 T4_GIB = 15.0
+
+
+@pytest.mark.gpu
+def test_preflight_on_a_gpu_names_the_card_and_uses_fp16_in_t4_mode(tmp_path, monkeypatch):
+    # run first: the T4 test below caps this process's card memory
+    import json
+
+    from qlora.config import TrainConfig
+    from qlora.preflight import preflight
+    from ui.render import preflight_markdown
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, vocab_size=32000, num_attention_heads=32,
+        num_key_value_heads=32)))
+    monkeypatch.setenv("QLORA_NO_BF16", "1")  # a T4 has no bf16
+    pf = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample"), runs_root=tmp_path)
+    text = preflight_markdown(pf)
+    assert pf.ok and "GPU:" in text and "precision fp16" in text and "estimated peak GPU memory" in text, text
+    tight = preflight(TrainConfig(base_model=str(tmp_path), dataset="sample", batch_size=512, max_length=4096),
+                      runs_root=tmp_path)
+    assert not tight.ok and "lower batch_size or max_length" in preflight_markdown(tight)
 
 
 @pytest.mark.gpu
