@@ -263,6 +263,7 @@ def test_a_100k_row_upload_does_not_freeze_the_page(server, tmp_path):
             f.write(json.dumps({"instruction": f"What is {i} plus one?", "output": f"It is {i + 1}."}) + "\n")
     client = Client(server["url"] + "/", verbose=False)
     poller = Client(server["url"] + "/", verbose=False)
+    start = time.perf_counter()
     job = client.submit(**tiny_run(server, upload=handle_file(str(big))), api_name="/preview")
     slowest, polls = 0.0, 0
     while not job.done():
@@ -270,9 +271,12 @@ def test_a_100k_row_upload_does_not_freeze_the_page(server, tmp_path):
         poller.predict(api_name="/job_status")
         slowest, polls = max(slowest, time.perf_counter() - t0), polls + 1
         time.sleep(0.05)
+    took = time.perf_counter() - start
     table, note = job.result(timeout=120)
     assert "big.jsonl" in note and "alpaca format" in note and len(table["data"]) == 5, note
-    assert polls >= 1 and slowest < 2.0, (polls, slowest)
+    # A page blocked by the preview would hold a poll for the whole preview. So the bound grows with the preview:
+    # CI's 2 shared cores slow every call (2 s failed there once), while a freeze makes one call as long as the preview.
+    assert polls >= 1 and slowest < max(2.0, took / 2), (polls, slowest, took)
 
 
 APP_PROCESS = r"""
