@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,9 @@ class JobManager:
             if not gpu_lock.acquire(blocking=False):
                 raise BusyError("the GPU is busy answering a chat; try again in a moment")
             self._stop = threading.Event()
-            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=cfg.dataset)
+            # the start time is the click's: the page says "started HH:MM" while the model still loads
+            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=cfg.dataset,
+                                   started_at=time.time())
             self._thread = threading.Thread(target=self._run, args=(cfg, token, resume_from, self._stop),
                                             name="qlora-train", daemon=True)
             self._thread.start()
