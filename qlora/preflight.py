@@ -104,7 +104,7 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
     elif pf.budget_gib is not None and p.estimated_peak_gib > HEADROOM * pf.budget_gib:
         pf.note(line + ": tight")
     elif on.cuda and p.estimated_peak_gib > on.free_gib:
-        pf.note(line + ": more than is free now (Start frees the chat model; other processes must end first)")
+        pf.note(line + ": more than is free now (Train frees the chat model; other processes must end first)")
     else:
         pf.good(line)
 
