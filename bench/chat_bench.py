@@ -49,24 +49,21 @@ def random_adapter(model_dir: Path, run_dir: Path, r: int = 64, seed: int = 1) -
     return run_dir
 
 
-def visitor_prompts(tokenizer, n: int, max_tokens: int = 10**9) -> list[str]:
+def visitor_prompts(engine, n: int, max_tokens: int = 10**9) -> list[str]:
     """n questions of very different lengths (a few tokens to ~1,300, at most max_tokens), so one batch spans several
     attention lengths."""
-    from qlora.prompts import encode, format_prompt
-
     from bench.common import DATA
     from qlora.data import prepare
 
-    texts = sorted(prepare(str(DATA / "guanaco-llama2-1k.parquet")).train, key=len)
-    for marker in ("<s>", "</s>", "[INST]", "[/INST]"):
-        texts = [t.replace(marker, " ") for t in texts]
+    convs = prepare(str(DATA / "guanaco-llama2-1k.parquet")).train
+    texts = sorted((" ".join(m["content"] for m in c) for c in convs), key=len)
     out = []
     for i in range(n):
         if i % 4 == 0:
             out.append(PROMPTS[i // 4 % len(PROMPTS)])
         else:  # a long pasted document, cut to a length that grows with i
             doc = " ".join(texts[-(i + 1) * 3:])[: 700 * (i % 4) * (1 + i // 4)]
-            while len(encode(format_prompt([], f"Summarize this in one sentence:\n{doc}", ""), tokenizer)) > max_tokens:
+            while len(engine.prompt_ids([], f"Summarize this in one sentence:\n{doc}")) > max_tokens:
                 doc = doc[: len(doc) * 4 // 5]  # a smaller card's slots are shorter (the T4 mode's 1,280 tokens)
             out.append(f"Summarize this in one sentence:\n{doc}")
     return out
@@ -139,13 +136,11 @@ def compare(prompt, ids, batched: dict, alone: list[dict]) -> dict:
         adapter_changes_answer=batched["ids"][0] != batched["ids"][1])
 
 
-def one_visitor(engine, tokenizer, adapter: str, settings, rounds: int, prompts=PROMPTS) -> dict:
-    from qlora.prompts import encode, format_prompt
-
+def one_visitor(engine, adapter: str, settings, rounds: int, prompts=PROMPTS) -> dict:
     rows = []
     for _ in range(rounds):
         for prompt in prompts:
-            ids = encode(format_prompt([], prompt, ""), tokenizer)
+            ids = engine.prompt_ids([], prompt, "", adapter)  # both panes: the adapter's prompt format
             alone = [run_request(engine, [(ids, None, settings)]), run_request(engine, [(ids, adapter, settings)])]
             batched = run_request(engine, [(ids, None, settings), (ids, adapter, settings)])
             rows.append(r := compare(prompt, ids, batched, alone))
@@ -160,16 +155,14 @@ def one_visitor(engine, tokenizer, adapter: str, settings, rounds: int, prompts=
                                             / sum(r["batched"]["wall_s"] for r in rows), 1))
 
 
-def visitors(engine, tokenizer, adapters: list[str], settings, counts: list[int]) -> dict:
+def visitors(engine, adapters: list[str], settings, counts: list[int]) -> dict:
     """N visitors at once (two rows each, own prompt, adapters alternating): TTFT, tok/s, and each equal to alone."""
-    from qlora.prompts import encode, format_prompt
-
     n_max = max(counts)
     decoder = getattr(engine._scheduler.backend, "decoder", None)
-    prompts = visitor_prompts(tokenizer, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9)
+    prompts = visitor_prompts(engine, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9)
     requests = []
     for i, prompt in enumerate(prompts):
-        ids = encode(format_prompt([], prompt, ""), tokenizer)
+        ids = engine.prompt_ids([], prompt, "", adapters[i % len(adapters)])
         requests.append([(ids, None, settings), (ids, adapters[i % len(adapters)], settings)])
     alone = [run_request(engine, r) for r in requests]  # each visitor alone: the reference
     out = {}
@@ -190,30 +183,27 @@ def visitors(engine, tokenizer, adapters: list[str], settings, counts: list[int]
     return out
 
 
-def sampled_alone_vs_batched(engine, tokenizer, adapter: str, new_tokens: int) -> bool:
+def sampled_alone_vs_batched(engine, adapter: str, new_tokens: int) -> bool:
     """A seeded sampling visitor gives the same answer alone and next to 3 other visitors."""
     from qlora.config import GenerationSettings
-    from qlora.prompts import encode, format_prompt
 
     s = GenerationSettings(max_new_tokens=new_tokens, temperature=0.8, top_p=0.9, seed=5)
-    ids = encode(format_prompt([], PROMPTS[1], ""), tokenizer)
+    ids = engine.prompt_ids([], PROMPTS[1], "", adapter)
     req = [(ids, None, s), (ids, adapter, s)]
     alone = run_request(engine, req)
-    others = [[(encode(format_prompt([], p, ""), tokenizer), None, s)] for p in PROMPTS]
+    others = [[(engine.prompt_ids([], p), None, s)] for p in PROMPTS]
     results, _ = concurrent(engine, [req] + others)
     return results[0]["ids"] == alone["ids"]
 
 
-def teacher_forced(slot_engine, eager_engine, tokenizer, adapter_slot: str, adapter_eager: str, n: int) -> dict:
+def teacher_forced(slot_engine, eager_engine, adapter_slot: str, adapter_eager: str, n: int) -> dict:
     """Largest |logit difference| between the captured step and eager transformers + peft on the same tokens."""
     import torch
-
-    from qlora.prompts import encode, format_prompt
 
     backend = slot_engine._scheduler.backend
     decoder = backend.decoder
     peft_model = eager_engine.model
-    ids = encode(format_prompt([], PROMPTS[2], ""), tokenizer)
+    ids = slot_engine.prompt_ids([], PROMPTS[2], "", adapter_slot)
     forced = list(range(1000, 1000 + n))  # any tokens: the check is the arithmetic, not the answer
     out = {}
     for row_name, name_slot, name_eager in (("base", None, None), ("adapter", adapter_slot, adapter_eager)):
@@ -301,7 +291,7 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
     backend.decoder.close()
     out = {}
     for rows in rows_list:
-        d = slots.SlotDecoder(model, rows, length, columns, None, capture=kind, targets=targets)
+        d = slots.SlotDecoder(model, rows, length, columns, capture=kind, targets=targets)
         d.buckets = [256, length]
         t = time.perf_counter()
         d.capture()
@@ -361,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--logits", action="store_true", help="teacher-forced logits against eager transformers + peft")
     ap.add_argument("--rows-sweep", default="", help="also time the captured step at these slot counts, e.g. 2,4,8,16")
     ap.add_argument("--no-buckets", action="store_true", help="attend over the whole slot every step (one graph)")
+    ap.add_argument("--max-rows", type=int, default=0,
+                    help="row slots of the slot engine (0: the engine's default); fewer rows, faster steps, fewer visitors")
     a = ap.parse_args(argv)
 
     import torch
@@ -402,14 +394,14 @@ def main(argv=None) -> int:
                             ([1, 2, 3], name_e, GenerationSettings(max_new_tokens=4, temperature=0))])  # warm
         es = GenerationSettings(max_new_tokens=a.eager_tokens, temperature=0.0)
         report["eager"] = dict(load_s=round(load_s, 1), new_tokens=a.eager_tokens,
-                               **one_visitor(eager, eager.tokenizer, name_e, es, 1, PROMPTS[:a.eager_prompts]))
+                               **one_visitor(eager, name_e, es, 1, PROMPTS[:a.eager_prompts]))
         report["precision"] = str(eager.model.dtype)
     variants = {}
     for kind in a.capture.split(","):
         print(f"slot engine, {kind}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind)
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()
         engine.load()
@@ -423,13 +415,12 @@ def main(argv=None) -> int:
                  adapter_column_linears=len(decoder.columns.linears) if decoder else None, peak_gib_after_load=peak())
         print("  ", json.dumps(v), flush=True)
         run_request(engine, [([1, 2, 3], None, settings), ([1, 2, 3], names[0], settings)])  # adapters resident
-        v["one_visitor"] = one_visitor(engine, engine.tokenizer, names[0], settings, a.rounds)
+        v["one_visitor"] = one_visitor(engine, names[0], settings, a.rounds)
         counts = [int(c) for c in a.visitors.split(",") if c]
-        v["visitors"] = visitors(engine, engine.tokenizer, names, settings, counts)
-        v["sampled_alone_equals_batched"] = sampled_alone_vs_batched(engine, engine.tokenizer, names[0],
-                                                                     min(a.new_tokens, 48))
+        v["visitors"] = visitors(engine, names, settings, counts)
+        v["sampled_alone_equals_batched"] = sampled_alone_vs_batched(engine, names[0], min(a.new_tokens, 48))
         if a.logits and eager is not None and decoder is not None:
-            v["teacher_forced_logits"] = teacher_forced(engine, eager, engine.tokenizer, names[0], name_e, 32)
+            v["teacher_forced_logits"] = teacher_forced(engine, eager, names[0], name_e, 32)
         if a.profile and decoder is not None and torch.cuda.is_available():
             v["profile"] = profile_step(engine)
         v["peak_gib"] = peak()

@@ -50,8 +50,8 @@ def build_random_model(path: Path, shape: dict | None = None) -> Path:
     return path
 
 
-def guanaco_ids(tokenizer, max_length: int = 1024) -> list[list[int]]:
-    """The 1000 guanaco rows as the product tokenizes them (no doubled BOS), truncated to max_length."""
+def guanaco_ids(tokenizer, max_length: int = 1024) -> list:
+    """The guanaco rows as the product tokenizes them (data.Row: ids and labels), truncated to max_length."""
     from qlora.data import prepare, tokenize
 
     return tokenize(prepare(str(data_dir() / "guanaco-llama2-1k.parquet")).train, tokenizer, max_length)

@@ -29,6 +29,7 @@ def measure(model_dir: str, overrides: str, steps: int) -> dict:
     import yaml
 
     from qlora.config import TrainConfig
+    from qlora.data import Row
     from qlora.device import pick_precision
     from qlora.model import load_base, load_tokenizer
     from qlora.preflight import preflight
@@ -39,10 +40,10 @@ def measure(model_dir: str, overrides: str, steps: int) -> dict:
                                      **values))
     pf = preflight(cfg, runs_root="/tmp")
     tok = load_tokenizer(model_dir)
-    flat = [t for row in guanaco_ids(tok, max_length=10**6) for t in row]
+    flat = [t for row in guanaco_ids(tok, max_length=10**6) for t in row.ids]
     # rows of exactly max_length tokens: the longest batch the estimate assumes is the batch that runs
-    rows = [flat[i:i + cfg.max_length] for i in range(0, cfg.batch_size * (steps + 1) * cfg.max_length,
-                                                         cfg.max_length)]
+    rows = [Row(ids, ids, [True] * len(ids)) for ids in (flat[i:i + cfg.max_length] for i in range(
+        0, cfg.batch_size * (steps + 1) * cfg.max_length, cfg.max_length))]
     precision = pick_precision(cfg.precision)
     model = load_base(model_dir, cfg.quantize, precision)
     trainer = build_trainer(cfg, model, tok, rows, [], precision, Path("/tmp/bench-memory"))

@@ -191,7 +191,7 @@ def seed_trainer(cfg, model, tok, ids, precision, run_dir):
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
                       task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
     trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=lora,
-                         train_dataset=Dataset.from_dict({"input_ids": ids}))
+                         train_dataset=Dataset.from_dict({"input_ids": [r.ids for r in ids]}))
     trainer.remove_callback(PrinterCallback)
     for p in trainer.model.parameters():  # fp32 trainable weights (trl casts them to bf16; fp16's scaler needs fp32)
         if p.requires_grad:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {model_dir}", flush=True)
     from qlora.model import load_tokenizer
 
-    epoch_tokens = sum(map(len, guanaco_ids(load_tokenizer(str(model_dir)))))
+    epoch_tokens = sum(len(r.ids) for r in guanaco_ids(load_tokenizer(str(model_dir))))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = a.modes.split(",")

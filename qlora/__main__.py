@@ -1,4 +1,4 @@
-"""The command line over the same core: `python -m qlora train ...` and `python -m qlora chat ...`."""
+"""The command line over the same core: `python -m qlora train|chat|eval|export ...`."""
 from __future__ import annotations
 
 import argparse
@@ -51,10 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("prompt", help="the question; on a terminal both answers stream in, elsewhere (a pipe, a file) "
                                   "they are printed once, complete")
 
+    e = sub.add_parser("eval", help="the evaluation card: base vs adapter on held-out rows, saved as eval.json")
+    e.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
+    e.add_argument("--dataset", help="an eval file or Hub dataset id, every row held out (default: the run's own "
+                                     "eval split)")
+    e.add_argument("--rows", type=int, default=0, help="only the first N rows (default 0: all)")
+    e.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token")
+
+    x = sub.add_parser("export", help="merge the adapter into the base's own weights: a standalone model folder")
+    x.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
+    x.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a Hub token")
+
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return _train(args) if args.command == "train" else _chat(args)
+        return {"train": _train, "chat": _chat, "eval": _eval, "export": _export}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -200,8 +211,7 @@ def _chat(args) -> int:
 
     if not args.prompt.strip():  # as the app: nothing is loaded for an empty question
         raise ValueError("the prompt is empty: give a question to ask both models")
-    run_dir = runs.run_folder(args.adapter)
-    runs.recover(run_dir)  # an adapter swap cut short by a kill is put back before it is read
+    run_dir = _run_folder(args.adapter)
     cfg = runs.run_config(run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
@@ -258,6 +268,60 @@ class _Blocks:
             self.live.update(Text(self.text(base, tuned)), refresh=True)
         elif final:
             print(self.text(base, tuned), flush=True)
+
+
+def _eval(args) -> int:
+    from tqdm import tqdm
+
+    from . import runs
+    from .evaluate import evaluate_run, summary
+
+    if args.rows < 0:
+        raise ValueError(f"--rows: must be 0 (all) or more, got {args.rows}")
+    run_dir = _run_folder(args.adapter)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="evaluating", unit="step", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    card = evaluate_run(run_dir, args.dataset, args.rows, os.environ.get(args.token_env) or _stored_login(), progress)
+    if bar is not None:
+        bar.close()
+    print("\n".join(summary(card)))
+    for title, rows in (("helped most", card["helped_most"]), ("hurt most", card["hurt_most"])):
+        for r in rows:
+            print(f"\n{title}: row {r['row']}, loss {r['base_loss']:.4f} -> {r['adapter_loss']:.4f}\n"
+                  f"  {_indent(r['text'])}")
+    for a in card["answers"]:
+        print(f"\n=== prompt ===\n{a['prompt']}\n--- base ---\n{a['base']}\n--- fine-tuned ---\n{a['adapter']}")
+    print(f"\nsaved: {run_dir / runs.EVAL_CARD}")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_run
+
+    out = export_run(_run_folder(args.adapter), os.environ.get(args.token_env) or _stored_login(),
+                     lambda line: print(line, file=sys.stderr))
+    print(f"merged model: {out}")
+    print(f"load it:      AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _run_folder(adapter: str) -> Path:
+    """The run folder --adapter names, with what a killed process left in it undone before it is read."""
+    from . import runs
+
+    run_dir = runs.run_folder(adapter)
+    runs.recover(run_dir)  # an adapter or export swap cut short by a kill is put back first
+    return run_dir
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n  ")
 
 
 def _quiet_libraries() -> None:

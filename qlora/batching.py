@@ -1,9 +1,10 @@
 """The chat scheduler: visitors' rows join and leave one shared decode batch at token boundaries, each streaming alone.
 
-One thread owns all device work (loading the base, capturing graphs, prefills, steps) and holds the GPU lock while it
-has anything to do; visitors' threads only submit tickets and read their own event queue. A visitor is a ticket of
-rows (base pane, tuned pane); a row that ends frees its slot at once; a ticket that does not fit waits in a FIFO and
-is told its place. One visitor's stop, error or disconnect ends that visitor's rows only. stdlib only: the device
+One thread owns all device work (loading the base, capturing graphs, prefills, steps) and holds chat's card (a lease
+of `device.Cards`: the one GPU on a one-GPU host, its own card on a host with several) while it has anything to do;
+visitors' threads only submit tickets and read their own event queue. A visitor is a ticket of rows (base pane,
+tuned pane); a row that ends frees its slot at once; a ticket that does not fit waits in a FIFO and is told its
+place. One visitor's stop, error or disconnect ends that visitor's rows only. stdlib only: the device
 work is the backend's (`slots.SlotBackend`, or `rowexact.GenerateBackend` for the eager fallback).
 
 A backend has `rows` (its capacity), `free_rows()`, `wait_reason(rows)` (None when the rows can join now),
@@ -20,7 +21,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .device import BusyError, gpu_lock
+from .device import CHAT, CHAT_CARD, BusyError, Lease
+from .device import cards as host_cards
 
 log = logging.getLogger("qlora.chat")
 
@@ -30,12 +32,13 @@ RELOAD = "reload"  # a backend's wait_reason: serve this ticket after loading th
 
 @dataclass(eq=False)
 class Row:
-    """One pane's answer in the making: its prompt ids, adapter (None: the base), settings and the ids so far."""
+    """One pane's answer in the making: its prompt ids, adapter (None: the base), settings, the ids that end it (its
+    prompt format's EOS and end-of-turn marker, prompts.stop_ids) and the ids so far."""
     prompt: list[int]
     adapter: Any
     settings: Any  # GenerationSettings
-    min_new: int = 0
     max_new: int = 0
+    stops: frozenset = frozenset()
     ids: list[int] = field(default_factory=list)
     done: bool = False
     sent: int = 0  # ids already handed to the visitor
@@ -43,9 +46,9 @@ class Row:
     slot: Any = None  # the backend's
     rng: Any = None  # the backend's: this row's own random generator, seeded from the visitor's seed
 
-    def add(self, token: int, eos_id: int | None) -> None:
-        """One new token: EOS ends the row (and is not shown), so does the max_new-th token."""
-        if token == eos_id:
+    def add(self, token: int) -> None:
+        """One new token: a stop id ends the row (and is not shown), so does the max_new-th token."""
+        if token in self.stops:
             self.done = True
             return
         self.ids.append(token)
@@ -116,16 +119,16 @@ class Ticket:
 class Scheduler:
     """Admits tickets into the backend's slots, steps the batch, streams each row to its ticket (see the module doc)."""
 
-    def __init__(self, open_backend: Callable[[Callable[[str], None]], Any], lock=gpu_lock,
+    def __init__(self, open_backend: Callable[[Callable[[str], None]], Any], lease: Lease | None = None,
                  max_waiting: int = MAX_WAITING):
         self._open_backend = open_backend
-        self._lock = lock
+        self._lease = lease or host_cards.lease(CHAT, (CHAT_CARD,))  # chat's card, taken while there is work
         self.max_waiting = max_waiting
         self.backend = None
         self._cond = threading.Condition()
         self._waiting: list[Ticket] = []
         self._active: list[Ticket] = []
-        self._holding = False  # this scheduler holds the GPU lock
+        self._holding = False  # this scheduler holds its card
         self._closing = False
         self._forget: set[str] = set()
         self._open_waiters: list[tuple[threading.Event, list]] = []  # open() calls waiting for the backend
@@ -134,13 +137,21 @@ class Scheduler:
 
     # --- visitors' side ---------------------------------------------------------------------------------------
     def check(self) -> None:
-        """BusyError now if a submit would be refused because training holds the GPU."""
+        """BusyError now if a submit would be refused because training holds chat's card."""
         with self._cond:
-            if not self._holding and self._lock.locked():
-                raise BusyError("the GPU is busy (a training run holds it); chat is back when it ends")
+            if not self._holding and self._lease.locked():
+                raise BusyError(self._lease.why_busy())
+
+    def _take(self) -> None:
+        """Hold chat's card from now until the work runs out (the caller holds self._cond); BusyError if training
+        has it."""
+        if not self._holding:
+            if not self._lease.acquire(blocking=False):
+                raise BusyError(self._lease.why_busy())
+            self._holding = True
 
     def submit(self, rows: list[Row], stop: threading.Event | None = None) -> Ticket:
-        """Queue a visitor's rows. BusyError at once while training holds the GPU or the queue is full."""
+        """Queue a visitor's rows. BusyError at once while training holds chat's card or the queue is full."""
         ticket = Ticket(rows, stop)
         with self._cond:
             if self._closing:
@@ -149,10 +160,7 @@ class Scheduler:
                 n = len(self._waiting)
                 raise BusyError(f"the chat is full ({n} visitor{'s' if n != 1 else ''} waiting); try again in a "
                                 "minute")
-            if not self._holding:
-                if not self._lock.acquire(blocking=False):
-                    raise BusyError("the GPU is busy (a training run holds it); chat is back when it ends")
-                self._holding = True
+            self._take()
             self._waiting.append(ticket)
             self._cond.notify_all()
         return ticket
@@ -161,10 +169,7 @@ class Scheduler:
         """Load the backend now (the model and its graphs) without a visitor waiting; raises what loading raised."""
         done, error = threading.Event(), []
         with self._cond:
-            if not self._holding:
-                if not self._lock.acquire(blocking=False):
-                    raise BusyError("the GPU is busy (a training run holds it); chat is back when it ends")
-                self._holding = True
+            self._take()
             self._open_waiters.append((done, error))
             self._cond.notify_all()
         if not done.wait(timeout):
@@ -208,17 +213,18 @@ class Scheduler:
                 except Exception:
                     log.exception("closing the chat backend failed")
                 self.backend = None
+            self._lease.loaded(False)
             with self._cond:
                 if self._holding:
                     self._holding = False
-                    self._lock.release()
+                    self._lease.release()
 
     def _next_round(self) -> bool:
         with self._cond:
             while not (self._waiting or self._active or self._closing or self._forget or self._open_waiters):
-                if self._holding:  # idle: give the GPU back (training may start), keep the model loaded
+                if self._holding:  # idle: give the card back (training may start), keep the model loaded
                     self._holding = False
-                    self._lock.release()
+                    self._lease.release()
                 self._cond.wait()
             if self._closing:
                 return False
@@ -246,9 +252,11 @@ class Scheduler:
         def progress(message: str) -> None:
             self._tell_waiting(f"loading the chat model: {message}")
 
+        self._lease.loaded(True)  # from now on a training run leaves chat's card alone (several GPUs)
         try:
             self.backend = self._open_backend(progress)
         except Exception as e:
+            self._lease.loaded(False)
             log.exception("loading the chat model failed")
             with self._cond:
                 tickets, self._waiting = self._waiting, []
@@ -383,12 +391,12 @@ class Scheduler:
             t.put("error", error)
 
     def _release_if_idle(self) -> None:
-        """Give the GPU lock back as soon as nothing is answered or waiting, before the last visitor hears the end:
+        """Give chat's card back as soon as nothing is answered or waiting, before the last visitor hears the end:
         whoever reads the end of a stream may start a training run at once."""
         with self._cond:
             if self._holding and not self._waiting and not self._active:
                 self._holding = False
-                self._lock.release()
+                self._lease.release()
 
     def _leave(self, row: Row) -> None:
         row.done = True

@@ -9,7 +9,7 @@ from typing import Callable
 from transformers import TrainerCallback
 
 from .events import EvalLoss, Event, Log, Progress, Sample, Started
-from .prompts import encode, format_prompt
+from .prompts import PromptFormat, chat_prompt, stop_ids
 
 SAMPLE_PROMPTS = ("What is the capital of France?", "Give me one tip for learning to code.")
 
@@ -61,9 +61,9 @@ class EventCallback(TrainerCallback):
 class SampleCallback(TrainerCallback):
     """Every `every` steps, answers fixed prompts with the base (adapter disabled) and the adapter as it is now."""
 
-    def __init__(self, emit: Callable[[Event], None], tokenizer, every: int, prompts=SAMPLE_PROMPTS,
-                 max_new_tokens: int = 48):
-        self.emit, self.tokenizer, self.every = emit, tokenizer, every
+    def __init__(self, emit: Callable[[Event], None], tokenizer, fmt: PromptFormat, every: int,
+                 prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48):
+        self.emit, self.tokenizer, self.fmt, self.every = emit, tokenizer, fmt, every
         self.prompts, self.max_new_tokens = prompts, max_new_tokens
         self.base_answers: dict[str, str] = {}  # the base never changes: answer once
 
@@ -73,25 +73,31 @@ class SampleCallback(TrainerCallback):
         for prompt in self.prompts:
             if prompt not in self.base_answers:
                 with model.disable_adapter():
-                    self.base_answers[prompt] = greedy_answer(model, self.tokenizer, prompt, self.max_new_tokens)
-            tuned = greedy_answer(model, self.tokenizer, prompt, self.max_new_tokens)
+                    self.base_answers[prompt] = greedy_answer(model, self.tokenizer, self.fmt, prompt,
+                                                              self.max_new_tokens)
+            tuned = greedy_answer(model, self.tokenizer, self.fmt, prompt, self.max_new_tokens)
             self.emit(Sample(step=state.global_step, prompt=prompt, base=self.base_answers[prompt], tuned=tuned))
 
 
-def greedy_answer(model, tokenizer, user: str, max_new_tokens: int) -> str:
-    """A short greedy answer in the middle of training: eval mode and the cache for the call, training mode after."""
+def greedy_answer(model, tokenizer, fmt: PromptFormat, user: str, max_new_tokens: int) -> str:
+    """A short greedy answer to one user turn, prompted and stopped as chat prompts the run (prompts.chat_prompt)."""
+    return greedy_continuation(model, tokenizer, chat_prompt(fmt, tokenizer, [], user).ids, stop_ids(fmt, tokenizer),
+                               max_new_tokens)
+
+
+def greedy_continuation(model, tokenizer, prompt_ids: list[int], stops: list[int], max_new_tokens: int) -> str:
+    """The greedy answer to a prompt's ids, ending at any of `stops` (prompts.stop_ids), in the middle of training
+    too: eval mode and the cache for the call, training mode after."""
     import torch
 
     was_training = model.training
     model.eval()
     try:
-        ids = torch.tensor([encode(format_prompt([], user), tokenizer)], device=model.device)
+        ids = torch.tensor([prompt_ids], device=model.device)
         with torch.no_grad():
-            # min_new_tokens as in chat.MIN_NEW_TOKENS: a base that never saw the Llama 2 format (the embedded
-            # SmolLM2) ends at once under greedy decoding, and an empty sample shows nothing.
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min(2, max_new_tokens), do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stops)
         return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     finally:
         if was_training:

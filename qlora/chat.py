@@ -23,16 +23,14 @@ from typing import Iterator, Sequence
 from . import adapter_base, runs
 from .batching import Row, Scheduler
 from .config import GenerationSettings, hub_token
-from .device import free_memory, pick_precision
+from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, use_gpu
+from .device import cards as host_cards
 from .model import load_base, load_tokenizer, resolve
-from .prompts import encode, format_prompt
+from .prompts import PromptFormat, chat_prompt, choose, stop_ids
 
 log = logging.getLogger("qlora.chat")
 
 MAX_PROMPT_TOKENS = 3072
-# A base that never saw the Llama 2 format (the embedded SmolLM2) often ends its answer at once; an empty pane shows
-# nothing of what it would say. Both panes get the same floor, so the comparison stays fair.
-MIN_NEW_TOKENS = 2
 DECODE_MODES = ("auto", "graphs", "compile", "eager", "generate")
 # Rows per decode step where memory allows: 8 visitors at once. Every step runs at this shape, however many rows are
 # busy (that is what keeps a row's answer independent of the others), so more rows cost every visitor speed.
@@ -48,12 +46,14 @@ class PromptView:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """An adapter as the engine knows it: its name (unique per content), folder, content key, rank, module paths."""
+    """An adapter as the engine knows it: its name (unique per content), folder, content key, rank, module paths, and
+    the prompt format its run was trained in (both panes of a visitor who picks it are prompted in it)."""
     name: str
     folder: Path
     key: tuple
     rank: int
     modules: frozenset
+    fmt: PromptFormat
 
 
 @dataclass
@@ -68,8 +68,9 @@ class ChatEngine:
     """One base model, the adapters registered with it, and the scheduler that serves every visitor's rows."""
 
     def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None,
-                 decode: str | None = None, max_rows: int = MAX_ROWS):
+                 decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None):
         self.base_model, self.quantize, self.precision = base_model, quantize, precision
+        self.cards = cards or host_cards  # the host's cards: chat serves on CHAT_CARD, which a training run may hold
         self._token = token
         self.decode = decode or os.environ.get("QLORA_CHAT_DECODE") or "auto"
         if self.decode not in DECODE_MODES:
@@ -103,13 +104,16 @@ class ChatEngine:
 
         The name is keyed on the files' content (their inode, size and modification time): a folder whose adapter was
         replaced gets a new name, so chat never answers with the old weights, and adapters of folders that are gone
-        or changed are dropped. Weights reach the device when a visitor first uses them.
+        or changed are dropped. The prompt format is read from the run folder each time (runs.prompt_format; an
+        adapter folder outside a run is taken as Llama 2's, as runs made before formats were chosen). Weights reach
+        the device when a visitor first uses them.
         """
         folder = Path(adapter_dir)
         if (folder / runs.ADAPTER).is_dir():
             folder = folder / runs.ADAPTER
         runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
         adapter_base.check(folder, self.base_model, self._layer_shapes)  # another base: say which, not a traceback
+        fmt = runs.prompt_format(folder.parent if folder.name == runs.ADAPTER else folder)
         self._ensure_tokenizer()
         key = content_key(folder)
         stem = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
@@ -119,31 +123,44 @@ class ChatEngine:
                      if n != name and (a.folder == folder.resolve() or not _same_content(a))]
             for n in stale:
                 del self.adapters[n]
-            if name not in self.adapters:
+            if name not in self.adapters or self.adapters[name].fmt != fmt:
                 self.adapters[name] = AdapterRef(name, folder.resolve(), key, adapter_rank(folder),
-                                                 adapter_modules(folder))
+                                                 adapter_modules(folder), fmt)
             scheduler = self._scheduler
         if stale and scheduler is not None:
             scheduler.forget(stale)
         return name
 
     # --- prompts -----------------------------------------------------------------------------------------------
-    def prompt_ids(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> list[int]:
-        """The token ids a pane sends."""
-        return prompt_view(self._ensure_tokenizer(), history, user, system).token_ids
+    def prompt_format(self, adapter: str | None) -> PromptFormat:
+        """The format both panes of a visitor using `adapter` are prompted in: the one its run trained in (so the
+        base pane is asked exactly what the tuned pane is, and the comparison is fair); without one, the base's own."""
+        tokenizer = self._ensure_tokenizer()
+        with self._lock:
+            ref = self.adapters.get(adapter) if adapter is not None else None
+        return ref.fmt if ref is not None else choose(tokenizer)
 
-    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
-        """The exact string and tokens a pane sends. Each pane's own history is used by the caller."""
-        return prompt_view(self._ensure_tokenizer(), history, user, system)
+    def prompt_ids(self, history: Sequence[tuple[str, str]], user: str, system: str = "",
+                   adapter: str | None = None) -> list[int]:
+        """The token ids a pane sends, in `adapter`'s format."""
+        return self.prompt(history, user, system, adapter).token_ids
+
+    def prompt(self, history: Sequence[tuple[str, str]], user: str, system: str = "",
+               adapter: str | None = None) -> PromptView:
+        """The exact string and tokens a pane sends, in `adapter`'s format. Each pane's own history is used by the
+        caller."""
+        return prompt_view(self._ensure_tokenizer(), self.prompt_format(adapter), history, user, system)
 
     # --- generation --------------------------------------------------------------------------------------------
     def stream(self, base_history: Sequence[tuple[str, str]], tuned_history: Sequence[tuple[str, str]], user: str,
                settings: GenerationSettings, adapter: str | None, stop: threading.Event | None = None
                ) -> Iterator[ChatUpdate]:
         """Both panes' answers as they grow, each pane continuing its own history; while the answer waits (the model
-        loads, the batch is full) updates carry `waiting`. BusyError at once while training holds the GPU."""
-        self._scheduler_().check()  # training holds the GPU: say so before anything else
-        rows = [self._row(base_history, user, settings, None), self._row(tuned_history, user, settings, adapter)]
+        loads, the batch is full) updates carry `waiting`. BusyError at once while training holds chat's card."""
+        self._scheduler_().check()  # training holds chat's card: say so before anything else
+        fmt = self.prompt_format(adapter)  # both panes: the adapter's format
+        rows = [self._row(base_history, user, settings, None, fmt),
+                self._row(tuned_history, user, settings, adapter, fmt)]
         yield from self._follow(self._submit(rows, stop), rows)
 
     def stream_pair(self, base_history, tuned_history, user: str, settings: GenerationSettings, adapter: str | None,
@@ -155,9 +172,9 @@ class ChatEngine:
 
     def generate_sequential(self, user: str, settings: GenerationSettings, adapter: str) -> tuple[str, str]:
         """Each pane alone (base, then adapter), each its own request: what the batched panes must equal."""
-        out = []
+        out, fmt = [], self.prompt_format(adapter)
         for name in (None, adapter):
-            row = self._row([], user, settings, name)
+            row = self._row([], user, settings, name, fmt)
             last = ChatUpdate("", "")
             for last in self._follow(self._submit([row], None), [row]):
                 pass
@@ -167,9 +184,11 @@ class ChatEngine:
     def submit_rows(self, rows_spec: list[tuple[list[int], str | None, GenerationSettings]],
                     stop: threading.Event | None = None):
         """Rows given as (prompt ids, adapter name or None, settings), as one request: its Ticket (`ticket.events()`
-        streams new token ids per row; `ticket.rows[i].ids` holds them all). For benchmarks and tests."""
-        rows = [Row(list(p), self.adapters[a] if a else None, s, min(MIN_NEW_TOKENS, s.max_new_tokens),
-                    s.max_new_tokens) for p, a, s in rows_spec]
+        streams new token ids per row; `ticket.rows[i].ids` holds them all). Each row stops on its adapter's format's
+        stop ids (a base row: the base's own). For benchmarks and tests."""
+        tokenizer = self._ensure_tokenizer()
+        rows = [Row(list(p), self.adapters[a] if a else None, s, s.max_new_tokens,
+                    frozenset(stop_ids(self.prompt_format(a), tokenizer))) for p, a, s in rows_spec]
         return self._submit(rows, stop)
 
     def rows_ids(self, rows_spec, stop: threading.Event | None = None) -> list[list[int]]:
@@ -193,7 +212,7 @@ class ChatEngine:
     # --- helpers -----------------------------------------------------------------------------------------------
     def _layer_shapes(self):
         """The base's layers, for the adapter check's shapes: the loaded base, or the same model built on the meta
-        device from its config (no weights, no device, nothing waits for the GPU lock)."""
+        device from its config (no weights, no device, nothing waits for chat's card)."""
         with self._lock:
             if self._base is not None:
                 return self._base
@@ -210,8 +229,10 @@ class ChatEngine:
                 self.tokenizer = load_tokenizer(resolve(self.base_model), self._token)
         return self.tokenizer
 
-    def _row(self, history, user: str, settings: GenerationSettings, adapter: str | None) -> Row:
-        ids = self.prompt_ids(history, user, settings.system_prompt)
+    def _row(self, history, user: str, settings: GenerationSettings, adapter: str | None, fmt: PromptFormat) -> Row:
+        """A pane's row: its prompt in `fmt` (the visitor's adapter's, for both panes), ending on fmt's stop ids."""
+        tokenizer = self._ensure_tokenizer()
+        ids = prompt_view(tokenizer, fmt, history, user, settings.system_prompt).token_ids
         if len(ids) > MAX_PROMPT_TOKENS:
             raise ValueError(f"the conversation is {len(ids)} tokens, over the {MAX_PROMPT_TOKENS} limit; "
                              "clear it and start again")
@@ -221,12 +242,12 @@ class ChatEngine:
                 ref = self.adapters.get(adapter)
             if ref is None:
                 raise ValueError(f"adapter {adapter!r} is not loaded; pick it again")
-        return Row(ids, ref, settings, min(MIN_NEW_TOKENS, settings.max_new_tokens), settings.max_new_tokens)
+        return Row(ids, ref, settings, settings.max_new_tokens, frozenset(stop_ids(fmt, tokenizer)))
 
     def _scheduler_(self) -> Scheduler:
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self._open_backend)
+                self._scheduler = Scheduler(self._open_backend, self.cards.lease(CHAT, (CHAT_CARD,)))
             return self._scheduler
 
     def _submit(self, rows: list[Row], stop):
@@ -247,9 +268,10 @@ class ChatEngine:
             yield ChatUpdate(*_pair(texts))
 
     def _open_backend(self, progress):
-        """Runs on the scheduler's thread, holding the GPU lock: load the base, then the slot engine or the fallback."""
+        """Runs on the scheduler's thread, holding chat's card: load the base, then the slot engine or the fallback."""
         import time
 
+        use_gpu(CHAT_CARD)  # this thread's device: chat's card, whatever the training run holds
         self._ensure_tokenizer()
         with self._lock:
             model = self._base
@@ -270,8 +292,8 @@ class ChatEngine:
                     targets = set().union(*(a.modules for a in self.adapters.values()))
                 rows, length, columns = slots.plan(model, context, self.max_rows, targets)
                 t0 = time.perf_counter()
-                decoder = slots.open_decoder(model, rows, length, columns, self.tokenizer.eos_token_id,
-                                             None if kind == "eager" else kind, targets, progress)
+                decoder = slots.open_decoder(model, rows, length, columns, None if kind == "eager" else kind, targets,
+                                             progress)
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
@@ -279,7 +301,7 @@ class ChatEngine:
                              "lengths captured and checked in %.1f s: %s", rows, length, len(decoder.columns.linears),
                              kind, len(decoder.buckets), self.capture_s, decoder.exactness)
                 self.backend_kind = kind
-                return slots.SlotBackend(decoder, self.tokenizer.eos_token_id)
+                return slots.SlotBackend(decoder)
             except Exception as e:
                 why = f"capturing the decode step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
                 log.debug("decode capture failed", exc_info=True)
@@ -287,7 +309,7 @@ class ChatEngine:
 
         log.warning("chat: %s; using the eager generate path, one visitor at a time", why)
         self.backend_kind, self.fallback_reason = "generate", why
-        return GenerateBackend(model, self.tokenizer, MIN_NEW_TOKENS)
+        return GenerateBackend(model, self.tokenizer)
 
     def _pick_backend(self, model) -> tuple[str, str | None]:
         """(backend kind, why the fallback) for this model on this machine."""
@@ -307,12 +329,12 @@ class ChatEngine:
         return "graphs", None
 
 
-def prompt_view(tokenizer, history: Sequence[tuple[str, str]], user: str, system: str = "") -> PromptView:
-    """The exact string, token ids and tokens a chat pane sends: the one place chat prompts are built (the engine
-    and the app's "show prompt" both call it)."""
-    text = format_prompt(history, user, system)
-    ids = encode(text, tokenizer)
-    return PromptView(text, ids, tokenizer.convert_ids_to_tokens(ids))
+def prompt_view(tokenizer, fmt: PromptFormat, history: Sequence[tuple[str, str]], user: str,
+                system: str = "") -> PromptView:
+    """The exact string, token ids and tokens a chat pane sends, in the run's format (prompts.chat_prompt): the one
+    place chat prompts are built (the engine and the app's "show prompt" both call it)."""
+    p = chat_prompt(fmt, tokenizer, history, user, system)
+    return PromptView(p.text, p.ids, tokenizer.convert_ids_to_tokens(p.ids))
 
 
 def _pair(texts: list[str]) -> tuple[str, str]:

@@ -12,6 +12,8 @@ EMBEDDED_MODEL = "smollm2-135m"
 SAMPLE_DATASET = "sample"
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
 DEFAULT_DATASET = "mlabonne/guanaco-llama2-1k"
+# auto: Llama 2 for a Llama 2 tokenizer, else the tokenizer's chat template, else a plain fallback (qlora/prompts.py)
+PROMPT_FORMATS = ("auto", "llama2", "chat_template")
 
 # A Hub id is "name" or "owner/name"; no "..", no leading/trailing punctuation (huggingface_hub's rule, simplified).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -83,6 +85,7 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0: only the final save; > 0 also writes resumable checkpoints
     sample_every: int = 0  # > 0: answer the sample prompts with the current adapter every N steps
+    prompt_format: str = "auto"  # auto | llama2 | chat_template: how rows and chat prompts are written
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
@@ -123,6 +126,7 @@ class TrainConfig:
         need(_is_int(self.max_length) and 16 <= self.max_length <= 32768, "max_length", "must be an integer from 16 to 32768")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"), "precision", "must be auto, bf16, fp16 or fp32")
         need(self.speed in ("auto", "off"), "speed", "must be auto or off")
+        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", "must be auto, llama2 or chat_template")
         need(_is_num(self.eval_fraction) and 0 <= self.eval_fraction <= 0.5, "eval_fraction", "must be in [0, 0.5]")
         need(_is_int(self.max_rows) and self.max_rows >= 0, "max_rows", "must be >= 0")
         need(_is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "must be an integer from 0 to 2**32-1")
@@ -230,12 +234,13 @@ def embedded_defaults() -> dict[str, Any]:
     """Overrides that make the embedded model + sample finish in a couple of minutes on 2 CPU cores.
 
     A 135M model needs a higher learning rate than a 7B one to show a visible change in ~30 steps, and the
-    GGUF is already 4-bit (Q4_1): re-quantizing it to nf4 on a CPU costs quality and buys no speed.
+    GGUF is already 4-bit (Q4_1): re-quantizing it to nf4 on a CPU costs quality and buys no speed. A tenth of the
+    sample is held out, so the run ends with an evaluation card (qlora/evaluate.py) on rows it never trained on.
     """
     return dict(base_model=EMBEDDED_MODEL, dataset=SAMPLE_DATASET, quantize="none", learning_rate=1e-3,
                 max_steps=30, max_length=256, batch_size=4, lr_scheduler="constant_with_warmup", warmup_ratio=0.05,
                 gradient_checkpointing=False, optimizer="adamw_torch", lora_dropout=0.0,
-                target_modules=["all-linear"], group_by_length=False)
+                target_modules=["all-linear"], group_by_length=False, eval_fraction=0.1)
 
 
 @dataclass

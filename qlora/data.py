@@ -1,11 +1,14 @@
-"""Datasets in: a Hub id, a local .jsonl/.json/.csv/.parquet file or the built-in sample -> Llama 2 formatted "text".
+"""Datasets in: a Hub id, a local .jsonl/.json/.csv/.parquet file or the built-in sample -> conversations -> tokens.
 
-Three row shapes are understood, checked in this order:
-  text                          already in the Llama 2 format (guanaco); <s> is added if missing, </s> appended if missing
+Each row becomes a conversation (role/content messages) by its own shape, so one file may mix shapes:
+  text                          a Llama 2 chat row (guanaco's): <s>[INST] q [/INST] a </s>, multi-turn, optional
+                                <<SYS>>; read by its structure (prompts.parse_llama2); <s> or the last </s> may be missing
   messages                      [{"role": "system"|"user"|"assistant", "content": str}, ...], multi-turn allowed
   instruction / input / output  alpaca style; input is optional
-Local files are parsed here rather than by `datasets`, so a bad file gets one message naming the file, the row and the
-problem instead of an Arrow traceback.
+`tokenize` renders the conversations in the run's prompt format (qlora/prompts.py) and truncates them. Rows with nothing
+to train on (null, empty text, an empty user turn or answer, an answer truncation removes) are dropped and counted by
+kind. Local files are parsed here rather than by `datasets`, so a bad file gets one message naming the file, the row
+and the problem instead of an Arrow traceback.
 """
 from __future__ import annotations
 
@@ -13,12 +16,14 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
+from . import prompts
 from .config import hub_token, is_hub_id
-from .prompts import BOS, EOS, encode, format_chat
+from .prompts import PromptFormat
 
 SAMPLE_PATH = Path(__file__).with_name("sample_data.jsonl")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -31,6 +36,17 @@ PARQUET_BATCH = 256  # rows decoded at a time, so a batch of huge values is meas
 COMPRESSED = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
               b"\x28\xb5\x2f\xfd": "zstd"}
 
+Messages = list[dict[str, str]]  # role/content messages, checked (prompts.conversation)
+
+
+class Conversation(list):
+    """A row's checked messages, and where the row is in its source ("data.jsonl: line 7"): a problem found later (a
+    chat template that refuses the conversation) still names the row."""
+
+    def __init__(self, messages: Iterable[dict[str, str]] = (), where: str = ""):
+        super().__init__(messages)
+        self.where = where
+
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the source, the row and the problem."""
@@ -38,11 +54,19 @@ class DataError(ValueError):
 
 @dataclass
 class PreparedData:
-    train: list[str]
-    eval: list[str]
-    shape: str  # text | messages | alpaca
-    dropped: int  # empty or null rows skipped
+    train: list[Conversation]
+    eval: list[Conversation]
+    shape: str  # text | messages | alpaca, or "mixed (3 text, 2 messages)"
+    dropped: int  # rows skipped: nothing to train on
     source: str
+    dropped_by: dict[str, int] = field(default_factory=dict)  # why, e.g. {"empty answer": 2, "null": 1}
+
+    def skipped(self) -> str:
+        """'3 rows skipped (2 empty answer, 1 null)', or '' when no row was."""
+        if not self.dropped:
+            return ""
+        why = ", ".join(f"{n} {kind}" for kind, n in sorted(self.dropped_by.items(), key=lambda x: (-x[1], x[0])))
+        return f"{self.dropped} row{'s' if self.dropped > 1 else ''} skipped ({why})"
 
 
 class Rows(list):
@@ -82,78 +106,103 @@ def load_rows(source: str, token: str | None = None, max_rows: int = 0,
 
 def prepare(source: str, eval_fraction: float = 0.0, seed: int = 42, token: str | None = None,
             max_rows: int = 0, allow_local: bool = True) -> PreparedData:
-    """Load, validate and convert a dataset into Llama 2 formatted training (and eval) texts."""
+    """Load, validate and convert a dataset into training (and eval) conversations."""
     rows, name = load_rows(source, token, max_rows, allow_local)
-    texts, shape, dropped = to_texts(rows, name)
-    train, held_out = split(texts, eval_fraction, seed)
-    return PreparedData(train=train, eval=held_out, shape=shape, dropped=dropped, source=name)
+    convs, shape, dropped = to_conversations(rows, name)
+    train, held_out = split(convs, eval_fraction, seed)
+    return PreparedData(train=train, eval=held_out, shape=shape, dropped=sum(dropped.values()), source=name,
+                        dropped_by=dict(dropped))
 
 
-def split(texts: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def split(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded held-out split; at least one eval row when eval_fraction > 0 and there is room."""
-    if eval_fraction <= 0 or len(texts) < 2:
-        return list(texts), []
-    order = list(range(len(texts)))
+    if eval_fraction <= 0 or len(items) < 2:
+        return list(items), []
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = min(len(texts) - 1, max(1, round(len(texts) * eval_fraction)))
+    n_eval = min(len(items) - 1, max(1, round(len(items) * eval_fraction)))
     held = set(order[:n_eval])
-    return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+    return [t for i, t in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
 
 
 # --- shapes --------------------------------------------------------------------------------------------
-def to_texts(rows: list[dict[str, Any]], name: str) -> tuple[list[str], str, int]:
-    """(texts, shape, dropped) for rows of one of the three shapes; DataError names the first bad row."""
+def to_conversations(rows: list[dict[str, Any]], name: str) -> tuple[list[Conversation], str, Counter]:
+    """(conversations, shape, dropped rows by kind); each row is read by its own shape; DataError names the first bad
+    row."""
     if not rows:
         raise DataError(f"{name}: no rows")
-    columns = set().union(*(r.keys() for r in rows[:100]))
-    if "text" in columns:
-        shape, convert = "text", _from_text
-    elif "messages" in columns:
-        shape, convert = "messages", _from_messages
-    elif {"instruction", "output"} <= columns:
-        shape, convert = "alpaca", _from_alpaca
-    else:
+    columns = set().union(*(r.keys() for r in rows))
+    if not ({"text", "messages"} & columns or {"instruction", "output"} <= columns):
         found = ", ".join(sorted(map(str, columns))) or "none"
         raise DataError(f"{name}: no usable column: expected 'text', 'messages' or 'instruction'+'output'; "
                         f"found columns: {found}")
-    texts: list[str] = []
-    dropped = 0
-    for i, row in enumerate(rows, start=1):
+    convs: list[Conversation] = []
+    shapes: Counter = Counter()
+    dropped: Counter = Counter()
+    for i, row in enumerate(rows):
+        shape, where = _shape_of(row), f"{name}: {place(rows, i)}"
         try:
-            text = convert(row)
+            conv = _CONVERT[shape](row) if shape else _why_empty(row)
         except DataError as e:
-            raise DataError(f"{name}: {place(rows, i - 1)}: {e}") from None
-        if text is None:
-            dropped += 1
+            raise DataError(f"{where}: {e}") from None
+        if isinstance(conv, str):  # the kind of row it is, dropped
+            dropped[conv] += 1
         else:
-            texts.append(text)
-    if not texts:
-        raise DataError(f"{name}: all {len(rows)} rows are empty")
-    return texts, shape, dropped
+            convs.append(Conversation(conv, where))
+            shapes[shape] += 1
+    if not convs:
+        why = ", ".join(f"{n} {kind}" for kind, n in dropped.most_common())
+        raise DataError(f"{name}: all {len(rows)} rows are empty ({why})")
+    shape = next(iter(shapes)) if len(shapes) == 1 else \
+        "mixed (" + ", ".join(f"{n} {s}" for s, n in shapes.most_common()) + ")"
+    return convs, shape, dropped
 
 
-def _from_text(row: dict[str, Any]) -> str | None:
-    text = row.get("text")
-    if text is None:
-        return None
+def _present(value: Any) -> bool:
+    if isinstance(value, (str, list)):
+        return bool(value.strip() if isinstance(value, str) else value)
+    return value is not None
+
+
+def _shape_of(row: dict[str, Any]) -> str | None:
+    if _present(row.get("text")):
+        return "text"
+    if _present(row.get("messages")):
+        return "messages"
+    if row.get("instruction") is not None or row.get("output") is not None:
+        return "alpaca"
+    return None
+
+
+def _why_empty(row: dict[str, Any]) -> str:
+    if row.get("text") is not None:
+        return "empty text"
+    if row.get("messages") is not None:
+        return "no messages"
+    return "null" if {"text", "messages", "instruction", "output"} & row.keys() else "no usable column"
+
+
+def _checked(conv: Messages) -> Messages | str:
+    """The conversation, or why it is dropped: a turn with nothing in it teaches an empty prompt or answer."""
+    conv = [m for m in conv if m["role"] != "system" or m["content"].strip()]
+    for m in conv:
+        if not m["content"].strip():
+            return "empty user turn" if m["role"] == "user" else "empty answer"
+    return conv
+
+
+def _from_text(row: dict[str, Any]) -> Messages | str:
+    text = row["text"]
     if not isinstance(text, str):
         raise DataError(f"column 'text' must be a string, got {type(text).__name__} {_short(text)}")
-    text = text.strip()
-    if not text:
-        return None
-    while text.startswith(BOS + BOS):  # a doubled BOS teaches the model a pattern it never sees at chat time
-        text = text[len(BOS):]
-    if not text.startswith(BOS):
-        text = BOS + text
-    if not text.endswith(EOS):
-        text = text + " " + EOS
-    return text
+    try:
+        return _checked(prompts.parse_llama2(text))  # content exactly as written: Llama 2 rows round-trip
+    except ValueError as e:
+        raise DataError(f"column 'text': {e}") from None
 
 
-def _from_messages(row: dict[str, Any]) -> str | None:
-    msgs = row.get("messages")
-    if msgs is None:
-        return None
+def _from_messages(row: dict[str, Any]) -> Messages | str:
+    msgs = row["messages"]
     if isinstance(msgs, str):  # CSV cells hold JSON text
         try:
             msgs = json.loads(msgs)
@@ -162,24 +211,30 @@ def _from_messages(row: dict[str, Any]) -> str | None:
     if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
         raise DataError(f"column 'messages' must be a list of {{role, content}} objects, got {_short(msgs)}")
     if not msgs:
-        return None
+        return "no messages"
     if msgs[-1].get("role") != "assistant":
         raise DataError("the last message must be the assistant's answer (role 'assistant')")
     try:
-        return format_chat(msgs)
+        return _checked(prompts.conversation(msgs))
     except ValueError as e:
         raise DataError(f"column 'messages': {e}") from None
 
 
-def _from_alpaca(row: dict[str, Any]) -> str | None:
+def _from_alpaca(row: dict[str, Any]) -> Messages | str:
     instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
     for col, val in (("instruction", instruction), ("input", extra), ("output", output)):
         if val is not None and not isinstance(val, str):
             raise DataError(f"column '{col}' must be a string, got {type(val).__name__} {_short(val)}")
-    if not (instruction or "").strip() or not (output or "").strip():
-        return None
+    if not (instruction or "").strip():
+        return "empty instruction"
+    if not (output or "").strip():
+        return "empty output"
     prompt = instruction.strip() + (f"\n\n{extra.strip()}" if (extra or "").strip() else "")
-    return format_chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
+    return prompts.conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
+
+
+_CONVERT: dict[str, Callable[[dict[str, Any]], Messages | str]] = {
+    "text": _from_text, "messages": _from_messages, "alpaca": _from_alpaca}
 
 
 # --- readers -------------------------------------------------------------------------------------------
@@ -442,23 +497,78 @@ def _short(value: Any) -> str:
 
 
 # --- tokens --------------------------------------------------------------------------------------------
-def tokenize(texts: Iterable[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids per row, truncated to max_length (so padding-free batches never hold one huge row)."""
-    return [encode(t, tokenizer)[:max_length] for t in texts]
+@dataclass
+class Row:
+    """One training row as the trainer sees it."""
+
+    ids: list[int]
+    labels: list[int]  # the ids, with -100 where the loss does not train (the prompt, when the loss is on answers)
+    answer: list[bool]  # per id: an assistant answer's token (through its end-of-turn marker), whatever the loss
+
+    @property
+    def answer_tokens(self) -> int:
+        """Answer tokens left after truncation; 0: truncation removed the whole answer."""
+        return sum(self.answer)
 
 
-def preview(texts: list[str], tokenizer, n: int = 5, max_length: int | None = None) -> list[dict[str, Any]]:
+def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptFormat | None = None) -> list[Row]:
+    """Each conversation in the run's format (default: the tokenizer's, prompts.choose), truncated to max_length (so
+    padding-free batches never hold one huge row), with labels for the format's loss."""
+    fmt = fmt or prompts.choose(tokenizer)
+    rows = []
+    for conv in convs:
+        try:
+            p = prompts.build(fmt, tokenizer, conv)
+        except ValueError as e:  # a chat template that refuses a conversation (roles it does not support, ...)
+            where = getattr(conv, "where", "") or f"the row that begins {conv[0]['content'][:40]!r}"
+            raise DataError(f"{where}: {e}") from None
+        ids, answer = p.ids[:max_length], p.answer[:max_length]
+        labels = list(ids) if fmt.loss == "all" else [i if a else -100 for i, a in zip(ids, answer)]
+        rows.append(Row(ids, labels, answer))
+    return rows
+
+
+def keep_answered(rows: list[Row], max_length: int, what: str = "train",
+                  required: bool = True) -> tuple[list[Row], str]:
+    """The rows that keep some answer within max_length, and a warning about the others ('' when none is lost).
+
+    A row whose answer truncation removes teaches nothing (and, with the loss on answers, has no loss at all). When no
+    row keeps one, training would learn nothing: DataError, before any model loads (unless not `required`).
+    """
+    kept = [r for r in rows if r.answer_tokens]
+    if required and rows and not kept:
+        raise DataError(f"no {what} row keeps any answer token within max_length={max_length}: every answer starts "
+                        f"after token {max_length}; raise max_length")
+    lost = len(rows) - len(kept)
+    return kept, (f"{lost} of {len(rows)} {what} rows dropped: truncation to max_length={max_length} tokens removes "
+                  "their whole answer" if lost else "")
+
+
+def preview(convs: list[Conversation], tokenizer, n: int = 5, max_length: int | None = None,
+            fmt: PromptFormat | None = None) -> list[dict[str, Any]]:
     """The first rows exactly as the trainer sees them, with flags a user should look at."""
+    fmt = fmt or prompts.choose(tokenizer)
     out = []
-    for text in texts[:n]:
-        ids = encode(text, tokenizer)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        flags = []
-        if bos is not None and ids[:2] == [bos, bos]:
-            flags.append("doubled BOS")
-        if not ids or ids[-1] != eos:
-            flags.append("no EOS at the end")
-        if max_length and len(ids) > max_length:
-            flags.append(f"truncated to {max_length} tokens")
-        out.append({"text": text, "tokens": len(ids), "flags": ", ".join(flags) or "ok"})
+    for conv in convs[:n]:
+        p = prompts.build(fmt, tokenizer, conv)
+        out.append({"text": p.text, "tokens": len(p.ids), "flags": ", ".join(_flags(p, tokenizer, max_length)) or "ok"})
     return out
+
+
+def _flags(p: prompts.Prompt, tokenizer, max_length: int | None) -> list[str]:
+    """The format's special tokens where they should be, truncation, and marker-like text in the content."""
+    flags = []
+    name = tokenizer.convert_ids_to_tokens
+    if len(p.ids) > 1 and p.marker[0] and p.ids[0] == p.ids[1]:
+        flags.append(f"doubled {name(p.ids[0])}")
+    kept = min(len(p.ids), max_length or len(p.ids))
+    ends = [i for i in range(len(p.ids)) if p.answer[i] and p.marker[i]]  # the end-of-turn markers closing answers
+    last = max((i for i in range(kept) if p.answer[i]), default=None)
+    if last is None:
+        flags.append(f"truncation to {max_length} tokens removes the whole answer" if any(p.answer) else "no answer")
+    elif ends and not p.marker[last]:
+        flags.append(f"no {name(p.ids[ends[-1]])} after the last answer")
+    if kept < len(p.ids):
+        flags.append(f"truncated to {max_length} tokens")
+    flags += [f"content contains {m!r} (kept as plain text)" for m in p.content_markers]
+    return flags

@@ -3,6 +3,7 @@ fp16 matmul rate (the card facts the speed plan weighs), the lock, freeing memor
 
 Also answers the deployment question: is there an NVIDIA GPU here that torch cannot use (a driver older than the CUDA
 that torch was built for)? Then everything would quietly run on the CPU, so the app, the CLI and the preflight say so.
+On a host with several GPUs it also owns which job holds which card (`Cards`): chat on one, training on the others.
 torch is imported on first use, never at import.
 """
 from __future__ import annotations
@@ -14,15 +15,12 @@ import re
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 GIB = 2**30
 PROC_DRIVER = Path("/proc/driver/nvidia")
 SMI_QUERY = ["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"]
-
-# One device, one user at a time: training and chat both take this lock, and whoever finds it taken says so.
-gpu_lock = threading.Lock()
 
 
 class BusyError(RuntimeError):
@@ -44,10 +42,18 @@ class Card:
     tflops: float | None = None  # large fp16 matmuls' sustained TFLOP/s (see matmul_tflops); None where unknown
 
 
-def card() -> Card:
-    """This process's card as it is now."""
+def card(index: int | None = None) -> Card:
+    """A card as it is now: this thread's, or GPU `index` of this host (where a launched run will train). For another
+    card, its name and memory are its own and the rest (precision, compute) this one's: the GPUs of a host are alike."""
     import torch
 
+    if index is not None and torch.cuda.is_available() and index != torch.cuda.current_device():
+        props = torch.cuda.get_device_properties(index)
+        free = _smi_free_gib(str(props.uuid))
+        if free is None:  # no nvidia-smi: ask CUDA, at the price of this process's context on that card
+            free = torch.cuda.mem_get_info(index)[0] / GIB
+        return replace(card(), name=props.name, total_gib=props.total_memory / GIB, free_gib=free,
+                       budget_gib=memory_budget_gib(index))
     if not torch.cuda.is_available():
         return Card(cuda=False, unusable=unusable_gpu(cuda=False))
     free, total = torch.cuda.mem_get_info()
@@ -63,7 +69,8 @@ def cuda_available() -> bool:
 
 
 def current_gpu() -> int | None:
-    """The CUDA device this process computes on (its own under `accelerate launch`), or None on the CPU."""
+    """The CUDA device this thread computes on (each process's own under `accelerate launch`, chat's card in the chat
+    thread), or None on the CPU."""
     import torch
 
     return torch.cuda.current_device() if torch.cuda.is_available() else None
@@ -79,16 +86,270 @@ def gpu_count() -> int:
         return 0
 
 
+def use_gpu(index: int) -> None:
+    """The calling thread computes on GPU `index` (CUDA's current device is per thread); nothing on the CPU."""
+    import torch
+
+    if torch.cuda.is_available() and index < torch.cuda.device_count():
+        torch.cuda.set_device(index)
+
+
+def visible_devices(which, parent: str | None = None) -> str:
+    """CUDA_VISIBLE_DEVICES for a child process that is to see only this process's cards `which`. This process may
+    see a subset itself (`parent`: its own CUDA_VISIBLE_DEVICES, read from the environment by default); the child's
+    list then names the same cards in the parent's terms."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES") if parent is None else parent
+    if not parent:
+        return ",".join(str(c) for c in which)
+    ours = [d.strip() for d in parent.split(",") if d.strip()]
+    missing = [c for c in which if c >= len(ours)]
+    if missing:
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={parent!r} names no GPU {missing[0]}")
+    return ",".join(ours[c] for c in which)
+
+
+# --- which job holds which card ------------------------------------------------------------------------------
+# Training and chat share the host's cards. On one GPU (or the CPU) they take turns, as one lock. On several, chat
+# serves on CHAT_CARD while training runs data parallel on the others; a run takes every card only when no chat
+# model is loaded (nobody has chatted since the last run), and chat then says so until the run ends. The split is
+# decided when a run starts: a data-parallel run cannot grow or shrink while it trains. An on-demand evaluation
+# (qlora/evaluate.py) is a job of one card, in this process, placed by the same rule: chat's card only on one
+# device, or when no chat model is loaded.
+TRAIN, CHAT, EVAL = "training", "chat", "evaluation"
+CHAT_CARD = 0  # torch's default device: the chat code needs no device juggling
+
+
+def gpu_names(which) -> str:
+    """'GPU 2', 'GPUs 1-3', 'GPUs 0, 2'."""
+    which = sorted(which)
+    if len(which) == 1:
+        return f"GPU {which[0]}"
+    if which == list(range(which[0], which[-1] + 1)):
+        return f"GPUs {which[0]}-{which[-1]}"
+    return "GPUs " + ", ".join(map(str, which))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a training run goes on a host with `gpus` GPUs (0: the CPU, one device), and where chat serves."""
+
+    gpus: int
+    train: tuple[int, ...]
+    chat: int = CHAT_CARD
+
+    @property
+    def shared(self) -> bool:
+        """Training takes chat's card too, so chat waits for the run (one GPU, the CPU, or no chat model loaded)."""
+        return self.chat in self.train
+
+    def describe(self) -> str:
+        """Which cards each job uses, in words: 'training on GPUs 1-3, chat on GPU 0'."""
+        if self.gpus == 0:
+            return "training and chat on the CPU, one at a time"
+        if self.gpus == 1:
+            return "training and chat on the one GPU, one at a time"
+        if self.shared:
+            return (f"training on {gpu_names(self.train)} (every GPU: no chat model is loaded, so chat waits until "
+                    "the run ends)")
+        return f"training on {gpu_names(self.train)}, chat on GPU {self.chat}"
+
+
+def place(gpus: int, chat_loaded: bool) -> Placement:
+    """The policy: on several GPUs a run trains on every card but chat's while a chat model is loaded (or loading),
+    on all of them otherwise; on one GPU or the CPU it takes the one device, which chat then waits for."""
+    if gpus <= 1:
+        return Placement(gpus, (0,))
+    if chat_loaded:
+        return Placement(gpus, tuple(c for c in range(gpus) if c != CHAT_CARD))
+    return Placement(gpus, tuple(range(gpus)))
+
+
+class Cards:
+    """Which job holds which card right now, and whether a job's model sits on its card between uses.
+
+    Taking is all or nothing and never queues: whoever finds a card taken says so at once. `gpus` pretends a count
+    (tests); by default it is torch's, asked on first use. On the CPU there is one device, card 0.
+    """
+
+    def __init__(self, gpus: int | None = None):
+        self._gpus = gpus
+        self._cond = threading.Condition()
+        self._holders: dict[int, str] = {}  # card -> job
+        self._loaded: set[Lease] = set()  # leases whose model stays on their cards between uses (a chat engine's)
+
+    @property
+    def gpus(self) -> int:
+        if self._gpus is None:
+            self._gpus = gpu_count()
+        return self._gpus
+
+    def every(self) -> tuple[int, ...]:
+        return tuple(range(max(self.gpus, 1)))
+
+    def placement(self) -> Placement:
+        """Where a run would train if it started now."""
+        with self._cond:
+            return place(self.gpus, self._chat_present())
+
+    def take_training(self) -> Placement:
+        """Take the cards a run trains on now (see `place`); BusyError when chat is answering on the one device, or
+        the last run's processes have not let go yet."""
+        with self._cond:
+            placement = place(self.gpus, self._chat_present())
+            if not self._take(TRAIN, placement.train):
+                if TRAIN in self._holders.values():
+                    raise BusyError("the last run's processes are still exiting; try again in a moment")
+                evaluating = sorted(c for c in placement.train if self._holders.get(c) == EVAL)
+                if evaluating:
+                    raise BusyError(f"an evaluation holds {self._the_gpu(evaluating)}; start the run when it ends")
+                raise BusyError("the GPU is busy answering a chat; try again in a moment")
+            return placement
+
+    def take_evaluation(self) -> int:
+        """Take the one card an evaluation computes on, in this process; returns it. On one GPU or the CPU that is the
+        one device, as a run takes it (CHAT_CARD: the caller unloads its chat model); on several, a free card other
+        than chat's while a chat model is loaded, else any free card, chat's last. BusyError says who holds them."""
+        with self._cond:
+            if self.gpus <= 1:
+                allowed = [CHAT_CARD]
+            else:
+                allowed = [c for c in reversed(range(self.gpus)) if c != CHAT_CARD or not self._chat_present()]
+            for c in allowed:
+                if self._take(EVAL, (c,)):
+                    return c
+            held = {self._holders.get(c) for c in allowed}
+            if self.gpus <= 1:
+                raise BusyError({TRAIN: "a training run holds the GPU; evaluate when it ends",
+                                 CHAT: "the GPU is busy answering a chat; try again in a moment",
+                                 EVAL: "another evaluation holds the GPU; try again when it ends"}[held.pop()])
+            jobs = ", ".join(f"{job} on {gpu_names(c for c, j in self._holders.items() if j == job)}"
+                             for job in (TRAIN, EVAL, CHAT) if job in self._holders.values())
+            kept = f"; GPU {CHAT_CARD} stays chat's" if CHAT_CARD not in allowed else ""
+            raise BusyError(f"no GPU is free for an evaluation ({jobs}{kept}); try again when {_when(held)}")
+
+    def take(self, job: str, which, blocking: bool = False, timeout: float | None = None) -> bool:
+        """Take every card of `which` for `job`, or none of them; wait for them only if `blocking`."""
+        with self._cond:
+            if blocking:
+                self._cond.wait_for(lambda: self._free(which), timeout)
+            return self._take(job, which)
+
+    def give_back(self, job: str, which) -> None:
+        with self._cond:
+            for c in which:
+                if self._holders.get(c) != job:
+                    raise RuntimeError(f"{job} gives back GPU {c}, which it does not hold")
+            for c in which:
+                del self._holders[c]
+            self._cond.notify_all()
+
+    def held(self) -> dict[int, str]:
+        with self._cond:
+            return dict(self._holders)
+
+    def set_loaded(self, lease: "Lease", loaded: bool) -> None:
+        """The lease's model stays on its cards between uses (a chat engine's, once loaded), or no longer does."""
+        with self._cond:
+            (self._loaded.add if loaded else self._loaded.discard)(lease)
+
+    def lease(self, job: str, which=None) -> "Lease":
+        return Lease(self, job, None if which is None else tuple(which))
+
+    def why_busy(self, which) -> str:
+        """Why the cards `which` cannot be had now, in a visitor's words."""
+        with self._cond:
+            jobs = {self._holders.get(c) for c in which} - {None}
+            if EVAL in jobs:
+                return f"an evaluation holds {self._the_gpu(which)}"
+            if TRAIN not in jobs:
+                return "the GPU is busy; try again in a moment"
+            if self.gpus <= 1:
+                return "the GPU is busy (a training run holds it); chat is back when it ends"
+            run = sorted(c for c, j in self._holders.items() if j == TRAIN)
+            return (f"every GPU is busy: the training run uses {gpu_names(run)} (it started while no chat model "
+                    "was loaded); chat is back when it ends")
+
+    def _the_gpu(self, which) -> str:
+        return "the GPU" if self.gpus <= 1 else gpu_names(which)
+
+    def _chat_present(self) -> bool:
+        return any(lease.job == CHAT for lease in self._loaded) or self._holders.get(CHAT_CARD) == CHAT
+
+    def _free(self, which) -> bool:
+        return all(c not in self._holders for c in which)
+
+    def _take(self, job: str, which) -> bool:
+        if not self._free(which):
+            return False
+        for c in which:
+            self._holders[c] = job
+        return True
+
+
+def _when(jobs: set) -> str:
+    return "the run ends" if TRAIN in jobs else "the evaluation ends" if EVAL in jobs else "chat is idle"
+
+
+class Lease:
+    """Some cards (None: every card) that one job takes and gives back as a lock: acquire, release, locked, with."""
+
+    def __init__(self, cards: Cards, job: str, which: tuple[int, ...] | None = None):
+        self.cards, self.job, self._which = cards, job, which
+        self._taken: tuple[int, ...] = ()
+
+    @property
+    def which(self) -> tuple[int, ...]:
+        return self._which if self._which is not None else self.cards.every()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        which = self.which
+        if not self.cards.take(self.job, which, blocking, None if timeout < 0 else timeout):
+            return False
+        self._taken = which
+        return True
+
+    def release(self) -> None:
+        taken, self._taken = self._taken, ()
+        self.cards.give_back(self.job, taken)
+
+    def locked(self) -> bool:
+        """Is any of these cards held, by anyone?"""
+        held = self.cards.held()
+        return any(c in held for c in self.which)
+
+    def loaded(self, loaded: bool) -> None:
+        """This job's model stays on its cards between uses, or no longer does."""
+        self.cards.set_loaded(self, loaded)
+
+    def why_busy(self) -> str:
+        return self.cards.why_busy(self.which)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+cards = Cards()  # this host's cards, shared by the job manager and every chat engine of this process
+# Every card at once, as one lock (what a one-GPU host has always had): a stand-in for a training run that holds
+# them all, and `gpu_lock.locked()` says whether any job holds any card.
+gpu_lock = cards.lease(TRAIN)
+
+
 # --- memory ----------------------------------------------------------------------------------------------
-def memory_budget_gib() -> float | None:
-    """What this process may use on the GPU: QLORA_GPU_MEMORY_GIB (a T4's 15 when emulating one), else the card."""
+def memory_budget_gib(index: int | None = None) -> float | None:
+    """What one run may use on a GPU (this process's, or `index`): QLORA_GPU_MEMORY_GIB (a T4's 15 when emulating
+    one), else the card's memory."""
     import torch
 
     if os.environ.get("QLORA_GPU_MEMORY_GIB"):
         return float(os.environ["QLORA_GPU_MEMORY_GIB"])
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index
+                                            ).total_memory / GIB
 
 
 def available_ram_gib() -> float:
@@ -262,6 +523,20 @@ def _driver_version(proc_driver: Path, smi: str) -> str | None:
         return "?" if proc_driver.exists() else None
     found = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
     return found.group(1) if found else "?"
+
+
+def _smi_free_gib(uuid: str) -> float | None:
+    """GPU `uuid`'s free memory from nvidia-smi, so asking does not make this process a CUDA context on a card a run
+    is about to train on (a few hundred MiB it would keep); None where nvidia-smi does not answer."""
+    if shutil.which(SMI_QUERY[0]) is None:
+        return None
+    gpu = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    try:
+        out = subprocess.run([SMI_QUERY[0], f"--id={gpu}", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        return float(out.stdout.strip().splitlines()[0]) / 1024 if out.returncode == 0 else None  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 @functools.lru_cache(maxsize=1)

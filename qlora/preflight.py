@@ -1,7 +1,7 @@
-"""The check before a run, for the app and the CLI alike: the card and precision, the plan that will run and its
-memory estimate (qlora/speed.py's own: the figure that decides what runs), free disk, and whether the model can be
-reached. No model loads: only the model's config.json is read (a local folder, the embedded model, the Hub cache or
-the Hub).
+"""The check before a run, for the app and the CLI alike: the card and precision, which cards the run and chat use
+(several GPUs), the plan that will run and its memory estimate (qlora/speed.py's own: the figure that decides what
+runs), free disk, and whether the model can be reached. No model loads: only the model's config.json is read (a
+local folder, the embedded model, the Hub cache or the Hub).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EMBEDDED_MODEL, TrainConfig, hub_token, is_hub_id
-from .device import GIB, Card, available_ram_gib, card, pick_precision
+from .device import GIB, Card, Placement, available_ram_gib, card, pick_precision
 from .speed import HEADROOM, Arch, Plan, plan
 
 RUN_FILES_GIB = 0.5  # adapters, checkpoints, logs
@@ -49,10 +49,15 @@ class Preflight:
 
 
 def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path = "runs",
-              on: Card | None = None) -> Preflight:
-    """Everything we can check in a second or two without loading the model. `on`: the card (default: this one)."""
-    on = on or card()
+              on: Card | None = None, placement: Placement | None = None) -> Preflight:
+    """Everything we can check in a second or two without loading the model. `on`: the card each process trains on
+    (default: this process's, or the placement's first training card). `placement`: where the app would put the run
+    and chat on a host with several GPUs (device.Cards.placement); the CLI passes none."""
+    several = placement is not None and placement.gpus > 1
+    on = on or card(placement.train[0] if several else None)
     pf = Preflight()
+    if several:
+        _check_cards(pf, placement)
     try:
         precision = pick_precision(cfg.precision, on)
     except ValueError as e:
@@ -84,6 +89,16 @@ def preflight(cfg: TrainConfig, token: str | None = None, runs_root: str | Path 
         _check_memory(pf, cfg, arch, precision, on)
     _check_disk(pf, runs_root, _download_gib(cfg.base_model, arch, cfg.allow_local_model) + RUN_FILES_GIB)
     return pf
+
+
+def _check_cards(pf: Preflight, placement: Placement) -> None:
+    n = len(placement.train)
+    line = (f"GPUs: {placement.describe()}; " + (f"{n} processes, data parallel, one base each" if n > 1
+                                                  else "one process") + "; the figures below are each card's")
+    if placement.shared:  # visitors will be told chat waits, for the whole run
+        pf.note(line)
+    else:
+        pf.good(line)
 
 
 # --- memory: the plan's own estimate -------------------------------------------------------------------------

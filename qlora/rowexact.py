@@ -16,26 +16,25 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # On a GPU some kernels pick their algorithm (and so their rounding) by the number of rows: bitsandbytes' 4-bit
 # matmul, cuBLAS, the RMSNorm reduction. A near-tie in the logits then flips a greedy token and the batched pane drifts
 # from what the adapter alone would say. In the 2-row pass these parts run one row at a time, exactly as in a 1-row
-# generate; everything else (and all the Python around it) is shared. The parts: "linear": every frozen Linear and
-# the LM head; "head": only the 16-bit ones (the LM head of a 4-bit model); "linear-prefill": the 4-bit ones on the
-# prompt only; "attention": the attention kernel; "norm": RMSNorm (for Llama's, only its mean of squares).
-# Measured on the H100 (bench/README.md): the prompt's 4-bit matmuls, the LM head and RMSNorm must go row by row for
-# identical greedy outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not.
+# generate; everything else (and all the Python around it) is shared. The parts: "head": the 16-bit Linears (the LM
+# head of a 4-bit model); "linear-prefill": the 4-bit ones on the prompt only; "norm": RMSNorm (for Llama's, only its
+# mean of squares). Measured on the H100 (bench/README.md, run11 sweep): these must go row by row for identical greedy
+# outputs; bitsandbytes' one-token kernel and flash attention gave the same rows batched or not, so the sweep's
+# "every Linear" and "attention" parts were dropped.
 ROW_BY_ROW = ("head", "linear-prefill", "norm")
-ROWS_ATTENTION = "qlora_rows"
 
 
 class GenerateBackend:
     """A scheduler backend over peft's `generate`: one visitor (one or two rows) at a time.
 
-    Rows with the same prompt share one batched pass; rows whose prompts differ (each pane keeps its own history)
-    run one after the other. Adapters are attached through peft when a visitor first needs them.
+    Rows with the same prompt (and stop ids) share one batched pass; rows whose prompts differ (each pane keeps its
+    own history) run one after the other. Adapters are attached through peft when a visitor first needs them.
     """
 
     rows = 2
 
-    def __init__(self, model, tokenizer, min_new_tokens: int):
-        self.model, self.tokenizer, self.min_new_tokens = model, tokenizer, min_new_tokens
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
         self.adapters: dict[str, str] = {}  # peft adapter name -> folder
         self._drop: set[str] = set()  # adapters whose folders are gone or changed: deleted once another is attached
         self._stream = None
@@ -110,7 +109,8 @@ class GenerateBackend:
         """Run the rows' generations (shared where prompts are equal) and write their tokens into the rows."""
         groups: list[list] = []
         for row in rows:
-            same = next((g for g in groups if g[0].prompt == row.prompt and len(g) < 2), None)
+            same = next((g for g in groups if g[0].prompt == row.prompt and g[0].stops == row.stops and len(g) < 2),
+                        None)
             if same is not None:
                 same.append(row)
             else:
@@ -119,7 +119,7 @@ class GenerateBackend:
             names = [r.adapter.name if r.adapter else BASE for r in group]
             settings = group[0].settings
             for ids in generate_rows(self.model, self.tokenizer, [r.prompt for r in group], names, settings,
-                                     self.min_new_tokens, stop):
+                                     sorted(group[0].stops), stop):
                 for row, row_ids in zip(group, ids):
                     if not row.done:
                         row.ids[:] = row_ids
@@ -130,14 +130,16 @@ class GenerateBackend:
                 return
 
 
-def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: list[str], settings, min_new_tokens: int,
-                  stop: threading.Event | None, streamer_out: list | None = None) -> Iterator[list[list[int]]]:
-    """One batched generate in a thread; yields each row's token ids (EOS cut) as they grow. Equal-length prompts."""
+def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: list[str], settings,
+                  stop_ids: Sequence[int], stop: threading.Event | None, streamer_out: list | None = None
+                  ) -> Iterator[list[list[int]]]:
+    """One batched generate in a thread; yields each row's token ids (cut at its first stop id: the prompt format's EOS
+    or end-of-turn marker) as they grow. Equal-length prompts."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     ids = torch.tensor(prompts, device=model.device)
-    streamer = RowStreamer(len(prompts), tokenizer)
+    streamer = RowStreamer(len(prompts), stop_ids)
     if streamer_out is not None:
         streamer_out.append(streamer)
     stop = stop or threading.Event()
@@ -147,8 +149,7 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: lis
             return stop.is_set()
 
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                  min_new_tokens=min(min_new_tokens, settings.max_new_tokens),
-                  streamer=streamer, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  streamer=streamer, pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids),
                   stopping_criteria=StoppingCriteriaList([_Stop()]), use_cache=True)
     if settings.greedy:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -263,25 +264,16 @@ def one_row_at_a_time(model, parts: Sequence[str]):
         return each_row
 
     patched = []
-    configs = []
     try:
         for m in model.modules() if parts else ():
             # LoRA's own Linears see one row already: peft runs each adapter on its rows of a mixed batch
             linear = isinstance(m, torch.nn.Linear)
             four_bit = linear and getattr(m.weight, "quant_state", None) is not None
-            prefill_only = four_bit and "linear-prefill" in parts and "linear" not in parts
-            if ((linear and "linear" in parts) or prefill_only
-                    or (linear and not four_bit and "head" in parts)
+            prefill_only = four_bit and "linear-prefill" in parts
+            if (prefill_only or (linear and not four_bit and "head" in parts)
                     or ("norm" in parts and type(m).__name__.endswith("RMSNorm"))):
                 patched.append((m, m.__dict__.get("forward")))
                 m.forward = _rms_norm_rows(m) if _is_llama_rms_norm(m) else split(m.forward, prefill_only)
-        if "attention" in parts:
-            _register_rows_attention()
-            for m in model.modules():
-                c = getattr(m, "config", None)
-                if c is not None and getattr(c, "_attn_implementation", None) == "sdpa":
-                    configs.append((c, c._attn_implementation))
-                    c._attn_implementation = ROWS_ATTENTION
         yield
     finally:
         for m, own in patched:
@@ -289,8 +281,6 @@ def one_row_at_a_time(model, parts: Sequence[str]):
                 del m.forward
             else:
                 m.forward = own
-        for c, name in configs:
-            c._attn_implementation = name
 
 
 def _is_llama_rms_norm(module) -> bool:
@@ -321,32 +311,15 @@ def _rms_norm_rows(norm):
     return forward
 
 
-def _register_rows_attention() -> None:
-    """An attention implementation that runs sdpa one batch row at a time, with the sdpa mask."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def rows_sdpa(module, query, key, value, attention_mask, **kwargs):
-        outs = [sdpa_attention_forward(module, query[i:i + 1], key[i:i + 1], value[i:i + 1],
-                                       None if attention_mask is None else attention_mask[i:i + 1], **kwargs)[0]
-                for i in range(query.shape[0])]
-        return torch.cat(outs), None
-
-    AttentionInterface.register(ROWS_ATTENTION, rows_sdpa)
-    AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
-
-
 class RowStreamer:
-    """A transformers streamer for a batch: collects each row's token ids and cuts it at its first EOS.
+    """A transformers streamer for a batch: collects each row's token ids and cuts it at its first stop id.
 
     TextIteratorStreamer handles batch size 1 only; the side-by-side pass has two rows. Iterating yields a snapshot of
     every row's ids after each step; decoding to text is the consumer's job.
     """
 
-    def __init__(self, rows: int, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, rows: int, stop_ids: Sequence[int]):
+        self.stops = set(stop_ids)
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.done = [False] * rows
         self.queue: queue.Queue = queue.Queue()
@@ -360,7 +333,7 @@ class RowStreamer:
             for t in token:
                 if self.done[row]:
                     break
-                if t == self.tokenizer.eos_token_id:
+                if t in self.stops:
                     self.done[row] = True
                 else:
                     self.ids[row].append(t)

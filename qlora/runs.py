@@ -4,11 +4,14 @@ whose adapter can be used, and recovery after a crash (an explicit step at start
     runs/<name>/
       run.json            status (running | finished | stopped | failed | interrupted), final figures, pid
       config.yaml         the resolved TrainConfig
-      prompt_format.json  the prompt format the adapter was trained on
+      prompt_format.json  the prompt format the adapter was trained on: llama2, or a chat template (qlora/prompts.py)
       versions.json       library versions
       metrics.jsonl       one line per logged step (train loss, eval loss, lr, tokens/s)
       adapter/            adapter_config.json + adapter_model.safetensors: PeftModel.from_pretrained(base, this)
       checkpoints/        resumable Trainer checkpoints, when save_steps > 0
+      eval.json           the evaluation card: base vs adapter on held-out rows (qlora/evaluate.py)
+      votes.jsonl         blind votes from the Chat tab, one line each (qlora/votes.py)
+      export/             the adapter merged into the base's own weights: a standalone model (qlora/export.py)
 
 Every folder is someone else's file until checked: one that cannot be read is listed as damaged, with the reason, and
 the others work. Sizes written in a file are never trusted before they are compared with the file's own size.
@@ -30,15 +33,22 @@ from typing import Any, Callable
 
 from .config import TrainConfig
 from .events import EvalLoss, Event, Progress
+from .prompts import LLAMA2, PromptFormat
 
 log = logging.getLogger("qlora")
 
 ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# What goes with an adapter off this machine (a zip, a Hub repo): what it takes to use it again. The zip adds HISTORY.
-PORTABLE_FILES = ("config.yaml", "prompt_format.json", "versions.json")
+FORMAT_FILE = "prompt_format.json"
+EVAL_CARD = "eval.json"
+VOTES = "votes.jsonl"
+EXPORT = "export"
+# What goes with an adapter off this machine (a zip, a Hub repo): what it takes to use it again, and its evaluation
+# card when it has one. The zip adds HISTORY.
+PORTABLE_FILES = ("config.yaml", FORMAT_FILE, "versions.json", EVAL_CARD)
 HISTORY_FILES = ("metrics.jsonl", "run.json")
+SWAPPED = (ADAPTER, EXPORT)  # folders replaced whole by save_folder_atomically
 USABLE = ("finished", "stopped")
 NAME = re.compile(r"[\w.-]{1,100}")  # a run name that a visitor may send back: never a path
 MAX_JSON_BYTES = 1 << 20  # run.json and adapter_config.json are a few KB
@@ -71,7 +81,7 @@ def new_run_dir(root: str | Path, name: str = "") -> Path:
 def start(run_dir: Path, cfg: TrainConfig, precision: str, prompt_format: dict, versions: dict) -> None:
     """The files a run has from its first step, and run.json saying it is running in this process."""
     write_text(run_dir / "config.yaml", cfg.to_yaml())
-    write_json(run_dir / "prompt_format.json", prompt_format)
+    write_json(run_dir / FORMAT_FILE, prompt_format)  # PromptFormat.to_json(): chat prompts the adapter the same way
     write_json(run_dir / "versions.json", versions)
     meta = read_json(run_dir / "run.json")  # a resumed run keeps its creation time
     meta.update(status="running", base_model=cfg.base_model, dataset=cfg.dataset, precision=precision,
@@ -130,12 +140,22 @@ def save_adapter_atomically(run_dir: Path, save: Callable[[Path], None],
 
     A crash or a full disk during save() leaves the previous adapter (if any) untouched; the temp folder is removed.
     """
-    final = run_dir / ADAPTER
-    tmp = run_dir / f".{ADAPTER}.tmp-{uuid.uuid4().hex[:8]}"
-    old = run_dir / f".{ADAPTER}.old-{uuid.uuid4().hex[:8]}"
+    return save_folder_atomically(run_dir, ADAPTER, save, verify or verify_adapter)
+
+
+def save_folder_atomically(run_dir: Path, name: str, save: Callable[[Path], None],
+                           verify: Callable[[Path], None]) -> Path:
+    """save(tmp) fills a temp folder; verify(tmp) checks it; then it is swapped in for run_dir/name.
+
+    Until the last rename, run_dir/name is the previous folder (or absent): nothing half-written ever has the final
+    name. recover() finishes or undoes a swap a killed process left halfway.
+    """
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = run_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
     try:
         save(tmp)
-        (verify or verify_adapter)(tmp)
+        verify(tmp)
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -195,6 +215,22 @@ def run_config(run_dir: Path) -> TrainConfig:
     return TrainConfig.from_yaml(run_dir / "config.yaml")
 
 
+def prompt_format(run_dir: Path) -> PromptFormat:
+    """The prompt format a run was trained in (prompt_format.json); Llama 2 for a run made before formats were chosen
+    (no file). DamagedRun naming the file when it cannot be read."""
+    path = run_dir / FORMAT_FILE
+    if not path.exists():
+        return PromptFormat(LLAMA2)
+    try:
+        return PromptFormat.from_json(_json_object(path))
+    except DamagedRun:
+        raise
+    except OSError as e:
+        raise DamagedRun(f"{FORMAT_FILE} cannot be read ({type(e).__name__})") from None
+    except ValueError as e:  # valid JSON that is not a format
+        raise DamagedRun(f"{FORMAT_FILE}: {str(e)[:100]}") from None
+
+
 @dataclass
 class History:
     """A run's logged steps, from metrics.jsonl: (step, loss) pairs and the last tokens/s."""
@@ -252,7 +288,7 @@ def adapter_problem(folder: Path) -> str:
             return f"{name} is missing"
     try:
         config = _json_object(folder / "adapter_config.json")
-        tensors = _safetensors_header(folder / "adapter_model.safetensors")
+        tensors = list(safetensors_header(folder / "adapter_model.safetensors")[0])
     except OSError as e:
         return f"cannot read the adapter ({type(e).__name__}: {e.strerror or e})"
     except DamagedRun as e:
@@ -264,8 +300,10 @@ def adapter_problem(folder: Path) -> str:
     return ""
 
 
-def _safetensors_header(path: Path) -> list[str]:
-    """The tensor names of a safetensors file, after checking its header against the file's real size."""
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """(the header's tensor entries by name, the offset where tensor data starts) of a safetensors file, after checking
+    the header against the file's real size: DamagedRun naming the file when it is truncated, has trailing bytes, or
+    is not a safetensors file. The one reader of these headers (adapters, and the base shards an export merges into)."""
     name = path.name
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -292,7 +330,7 @@ def _safetensors_header(path: Path) -> list[str]:
         end = max(end, entry["data_offsets"][1])
     if 8 + n + end != size:
         raise DamagedRun(f"{name} is truncated or has trailing bytes ({size:,} bytes, its header says {8 + n + end:,})")
-    return [t for t in meta if t != "__metadata__"]
+    return {t: e for t, e in meta.items() if t != "__metadata__"}, 8 + n
 
 
 def _entry_problem(entry: Any) -> str:
@@ -408,9 +446,18 @@ def _read_run(run_dir: Path) -> RunInfo:
                    if _number(meta.get("final_loss")) else None, usable=False,
                    metrics=meta["metrics"] if isinstance(meta.get("metrics"), dict) else {})
     if (run_dir / ADAPTER).exists():
-        info.damaged = adapter_problem(run_dir / ADAPTER)
+        info.damaged = adapter_problem(run_dir / ADAPTER) or _format_problem(run_dir)
         info.usable = not info.damaged and status in USABLE
     return info
+
+
+def _format_problem(run_dir: Path) -> str:
+    """'' when chat can read the prompt format the adapter was trained in, else why not."""
+    try:
+        prompt_format(run_dir)
+        return ""
+    except DamagedRun as e:
+        return str(e)
 
 
 def _damaged(run_dir: Path, reason: str) -> RunInfo:
@@ -483,21 +530,23 @@ def recover_all(root: str | Path) -> list[str]:
 
 
 def recover(run_dir: Path) -> list[str]:
-    """Undo what a killed process left behind: a half-done adapter swap, temp folders, a run stuck at 'running'.
+    """Undo what a killed process left behind: a half-done adapter or export swap, temp folders, a run stuck at
+    'running'.
 
     A folder whose run is still running in a live process is left alone: its temp folders are a save in progress."""
     meta = read_json(run_dir / "run.json")
     if meta.get("status") == "running" and _alive(meta.get("pid"), meta.get("boot")):
         return []
     done = []
-    final = run_dir / ADAPTER
-    olds = sorted(run_dir.glob(f".{ADAPTER}.old-*"))
-    if not final.exists() and olds:
-        olds[-1].rename(final)
-        done.append("the adapter of a swap cut short is back in place")
-    for junk in list(run_dir.glob(f".{ADAPTER}.tmp-*")) + list(run_dir.glob(f".{ADAPTER}.old-*")):
-        shutil.rmtree(junk, ignore_errors=True)
-        done.append(f"removed {junk.name}")
+    for name in SWAPPED:  # the adapter, and a merged export: both swapped in whole by save_folder_atomically
+        final = run_dir / name
+        olds = sorted(run_dir.glob(f".{name}.old-*"))
+        if not final.exists() and olds:
+            olds[-1].rename(final)
+            done.append(f"the {name} of a swap cut short is back in place")
+        for junk in list(run_dir.glob(f".{name}.tmp-*")) + list(run_dir.glob(f".{name}.old-*")):
+            shutil.rmtree(junk, ignore_errors=True)
+            done.append(f"removed {junk.name}")
     if meta.get("status") == "running":
         meta["status"] = "interrupted"
         write_json(run_dir / "run.json", meta)

@@ -275,15 +275,14 @@ def deterministic_attention():
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
-def sample(logits, u, temperature, top_p, greedy, eos_ok, eos_id: int | None, sampling: bool = True):
+def sample(logits, u, temperature, top_p, greedy, sampling: bool = True):
     """Each row's next token: argmax for greedy rows; else temperature, top-p, and the inverse CDF at the row's own u.
 
     Every operation is per row, at fixed shapes, so a row's token depends only on its logits and its u (drawn from
-    the visitor's seeded generator on the host): the same answer alone or in any batch.
+    the visitor's seeded generator on the host): the same answer alone or in any batch. Whether a token ends its row
+    (its prompt format's stop ids) is the host's decision (batching.Row.add), so rows of different formats share a
+    step.
     """
-
-    if eos_id is not None:  # min_new_tokens: no EOS before a row's floor
-        logits[:, eos_id] = torch.where(eos_ok, logits[:, eos_id], float("-inf"))
     best = logits.argmax(-1)
     if not sampling:  # every row greedy (eager steps only: a captured step always carries the sampling)
         return best
@@ -301,23 +300,22 @@ def sample(logits, u, temperature, top_p, greedy, eos_ok, eos_id: int | None, sa
 class SlotDecoder:
     """The slot state on the device and the step that advances every slot by one token.
 
-    Host side, per slot: the input token and position, and the sampling inputs (u, temperature, top-p, greedy,
-    EOS allowed) live in two small pinned staging arrays, copied to their device twins before each step. The step
-    reads only those device buffers, the KV cache and the adapter columns, so it is one graph per length bucket.
+    Host side, per slot: the input token and position, and the sampling inputs (u, temperature, top-p, greedy) live
+    in two small pinned staging arrays, copied to their device twins before each step. The step reads only those
+    device buffers, the KV cache and the adapter columns, so it is one graph per length bucket.
     """
 
-    def __init__(self, model, rows: int, length: int, columns: int, eos_id: int | None, capture: str | None = "graphs",
-                 targets=None, strict: bool = False):
-        self.model, self.rows, self.length, self.eos_id = model, rows, length, eos_id
+    def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
+                 strict: bool = False):
+        self.model, self.rows, self.length = model, rows, length
         self.capture_mode, self.targets, self.strict = capture, targets, strict
         self.device = model.device
         self.dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
         cuda = self.device.type == "cuda"
         self.ints = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # input token, position
-        # u, temperature, top-p, greedy, EOS allowed
-        self.floats = torch.zeros(5, rows, dtype=torch.float32, device=self.device)
+        self.floats = torch.zeros(4, rows, dtype=torch.float32, device=self.device)  # u, temperature, top-p, greedy
         self.host_ints = torch.zeros(2, rows, dtype=torch.long, pin_memory=cuda)
-        self.host_floats = torch.zeros(5, rows, dtype=torch.float32, pin_memory=cuda)
+        self.host_floats = torch.zeros(4, rows, dtype=torch.float32, pin_memory=cuda)
         self.host_floats[1:3] = 1.0
         self.host_next = torch.zeros(rows, dtype=torch.long, pin_memory=cuda)
         self.kv_index = torch.arange(length, device=self.device)
@@ -351,7 +349,7 @@ class SlotDecoder:
     def _forward(self, positions, sampling: bool = True):
         logits = self._logits_fn(positions)
         f = self.floats
-        return sample(logits.clone(), f[0], f[1], f[2], f[3] > 0.5, f[4] > 0.5, self.eos_id, sampling), logits
+        return sample(logits, f[0], f[1], f[2], f[3] > 0.5, sampling), logits
 
     def _positions(self, length: int):
         positions = self.kv_index[:length]
@@ -456,11 +454,9 @@ class SlotDecoder:
         self.columns.decode_mask[slot].copy_(columns)
         return out.logits[0, -1].float()
 
-    def first_token(self, logits, u: float, temperature: float, top_p: float, greedy: bool, eos_ok: bool) -> int:
+    def first_token(self, logits, u: float, temperature: float, top_p: float, greedy: bool) -> int:
         f = lambda v: torch.tensor([v], dtype=torch.float32, device=self.device)  # noqa: E731
-        token = sample(logits[None].clone(), f(u), f(temperature), f(top_p), f(greedy) > 0.5, f(eos_ok) > 0.5,
-                       self.eos_id)
-        return int(token[0])
+        return int(sample(logits[None], f(u), f(temperature), f(top_p), f(greedy) > 0.5)[0])
 
     def clear(self, slot: int) -> None:
         """A freed slot: no adapter columns, position 0 (it keeps decoding garbage no one reads)."""
@@ -477,14 +473,14 @@ class SlotDecoder:
         self.cache = None
 
 
-def open_decoder(model, rows: int, length: int, columns: int, eos_id, capture: str | None, targets,
+def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,
                  progress: Callable[[str], None] = lambda s: None) -> SlotDecoder:
     """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
 
     `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
     again with the strict 4-bit path (dequantize + cuBLAS for every row count). A longer bucket that changes a row:
     one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged."""
-    decoder = SlotDecoder(model, rows, length, columns, eos_id, capture, targets)
+    decoder = SlotDecoder(model, rows, length, columns, capture, targets)
     if capture is None:
         return decoder
     try:
@@ -494,7 +490,7 @@ def open_decoder(model, rows: int, length: int, columns: int, eos_id, capture: s
             progress("rows drifted: capturing again with the strict 4-bit path")
             log.warning("chat: decode rows not exact (%s); capturing again with dequantize + cuBLAS", report)
             decoder.close()
-            decoder = SlotDecoder(model, rows, length, columns, eos_id, capture, targets, strict=True)
+            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True)
             decoder.capture(progress)
             report = decoder.check_exact()
         if report["bucket"]:
@@ -557,8 +553,8 @@ class SlotBackend:
     """`batching.Scheduler`'s protocol over a SlotDecoder: free slots, adapters resident in columns, each row's
     sampling inputs and its own generator (seeded from the visitor's seed, so a sample is the same alone or batched)."""
 
-    def __init__(self, decoder: SlotDecoder, eos_id: int | None, read: Callable[[Path], LoraWeights] = read_adapter):
-        self.decoder, self.eos_id, self._read = decoder, eos_id, read
+    def __init__(self, decoder: SlotDecoder, read: Callable[[Path], LoraWeights] = read_adapter):
+        self.decoder, self._read = decoder, read
         self.model = decoder.model
         self.rows = decoder.rows
         self.free = list(range(decoder.rows))[::-1]  # slot 0 first
@@ -608,8 +604,7 @@ class SlotBackend:
                 row.rng = torch.Generator().manual_seed(row.settings.seed)
                 logits = self.decoder.prefill(row.slot, row.prompt, self.decoder.columns.row_mask(name))
                 s = row.settings
-                token = self.decoder.first_token(logits, self._u(row), s.temperature or 1.0, s.top_p, s.greedy,
-                                                 len(row.ids) >= row.min_new)
+                token = self.decoder.first_token(logits, self._u(row), s.temperature or 1.0, s.top_p, s.greedy)
                 h = self.decoder.host_floats
                 h[1, row.slot], h[2, row.slot], h[3, row.slot] = s.temperature or 1.0, s.top_p, float(s.greedy)
                 self._advance(row, token, len(row.prompt))
@@ -625,7 +620,6 @@ class SlotBackend:
         hi, hf = self.decoder.host_ints, self.decoder.host_floats
         for row in rows:
             hf[0, row.slot] = self._u(row)
-            hf[4, row.slot] = float(len(row.ids) >= row.min_new)
         tokens = self.decoder.step(max(int(hi[1, r.slot]) for r in rows),
                                    sampling=not all(r.settings.greedy for r in rows))
         for row in rows:
@@ -659,7 +653,7 @@ class SlotBackend:
 
     def _advance(self, row, token: int, pos: int) -> None:
         """The row's new token is the next step's input, at `pos`; a row whose slot is full ends."""
-        row.add(token, self.eos_id)
+        row.add(token)
         self.decoder.host_ints[0, row.slot] = token
         self.decoder.host_ints[1, row.slot] = pos
         if pos >= self.decoder.length:

@@ -7,16 +7,16 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import runs
+from . import prompts, runs
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
-from .data import DataError, prepare, tokenize
+from .data import DataError, keep_answered, prepare, tokenize
 from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
 from .events import Event, Failed, Finished, Log, Stopped
 from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
-from .prompts import B_INST, B_SYS, BOS, E_INST, E_SYS, EOS, FORMAT_NAME
 
 if TYPE_CHECKING:
+    from .data import Row
     from .speed import Plan
 
 log = logging.getLogger("qlora")
@@ -44,13 +44,19 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         data = prepare(cfg.dataset, cfg.eval_fraction, cfg.seed, token=token, max_rows=cfg.max_rows,
                        allow_local=cfg.allow_local_dataset)
         emit(Log(f"data: {len(data.train)} train rows, {len(data.eval)} eval rows ({data.shape} format"
-                 + (f", {data.dropped} empty rows skipped)" if data.dropped else ")")))
+                 + (f"; {data.skipped()})" if data.dropped else ")")))
 
-        # 2. Tokenizer and tokens: our own encode() so guanaco's literal <s> never becomes a doubled BOS.
+        # 2. Tokenizer, prompt format and tokens: the format is the model's own (prompts.choose), chosen once (a
+        # resumed run keeps its own); rows are tokenized by their structure, so text in them is never a special token.
         model_path = resolve(cfg.base_model, cfg.allow_local_model, token)
         tokenizer = load_tokenizer(model_path, token)
-        train_ids = tokenize(data.train, tokenizer, cfg.max_length)
-        eval_ids = tokenize(data.eval, tokenizer, cfg.max_length)
+        fmt = runs.prompt_format(Path(resume_from)) if resume_from else prompts.choose(tokenizer, cfg.prompt_format)
+        emit(Log(fmt.describe()))
+        train_rows, lost = keep_answered(tokenize(data.train, tokenizer, cfg.max_length, fmt), cfg.max_length)
+        if lost:
+            emit(Log(f"warning: {lost}"))
+        eval_rows, _ = keep_answered(tokenize(data.eval, tokenizer, cfg.max_length, fmt), cfg.max_length, "eval",
+                                    required=False)
         if stop.is_set():
             raise StopBeforeStart()
 
@@ -65,16 +71,16 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         # 4. The run folder exists only once data and model are known good.
         run_dir = _shared_run_dir(cfg, resume_from, dist)
         if main:
-            runs.start(run_dir, cfg, precision, prompt_format(), library_versions())
+            runs.start(run_dir, cfg, precision, fmt.to_json(), library_versions())
 
         # 5. SFTTrainer with LoRA on the frozen base.
-        trainer = build_trainer(cfg, model, tokenizer, train_ids, eval_ids, precision, run_dir)
+        trainer = build_trainer(cfg, model, tokenizer, train_rows, eval_rows, precision, run_dir)
         emit(Log("speed: " + "; ".join(trainer.speed_plan.notes)))  # what qlora/speed.py picked for this card
         events = EventCallback(runs.recording(emit, run_dir) if main else emit, stop, str(run_dir), cfg.base_model,
                                data.source)
         trainer.add_callback(events)
         if cfg.sample_every:
-            trainer.add_callback(SampleCallback(emit, tokenizer, cfg.sample_every))
+            trainer.add_callback(SampleCallback(emit, tokenizer, fmt, cfg.sample_every))
         checkpoint = runs.latest_checkpoint(run_dir) if resume_from else None
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
@@ -89,6 +95,12 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         status = "stopped" if events.stop_requested and step < trainer.state.max_steps else "finished"
         if main:
             runs.finish(run_dir, status, step, metrics)
+            if status == "finished" and eval_rows:
+                # the evaluation card, on the model still in memory: it logs and goes on, it never fails the run
+                from .evaluate import end_of_run
+
+                end_of_run(run_dir, trainer.model, tokenizer, fmt, data.eval, data.source, cfg,
+                           lambda line: emit(Log(line)), stop)
         emit(Stopped(str(run_dir), step, metrics) if status == "stopped" else Finished(str(run_dir), metrics))
         return run_dir
     except BaseException as e:
@@ -134,10 +146,10 @@ def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
     return Path(name[0])
 
 
-def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, precision: str, run_dir: Path,
-                  plan: "Plan | None" = None):
-    """SFTTrainer for the recipe; `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
-    from datasets import Dataset
+def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", eval_rows: "list[Row]", precision: str,
+                  run_dir: Path, plan: "Plan | None" = None):
+    """SFTTrainer for the recipe on pre-tokenized rows (data.tokenize: ids, and labels with -100 where the loss does
+    not train); `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
@@ -164,7 +176,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
         # rows come pre-truncated (data.tokenize); trl refuses max_length with padding_free, which needs none
         max_length=None if padding_free else cfg.max_length, padding_free=padding_free,
         logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
-        eval_strategy="steps" if eval_ids else "no", eval_steps=0.2 if eval_ids else None,
+        eval_strategy="steps" if eval_rows else "no", eval_steps=0.2 if eval_rows else None,
         save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500, save_total_limit=2,
         # padding-free batches have no padding to leave out of the count; padded ones do
         include_num_input_tokens_seen="all" if padding_free else "non_padding",
@@ -188,13 +200,18 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ids, eval_ids, preci
             raise ValueError(f"target_modules: {', '.join(unmatched)} matches no module of {cfg.base_model}")
     trainer = SFTTrainer(
         model=peft_model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_dict({"input_ids": train_ids}),
-        eval_dataset=Dataset.from_dict({"input_ids": eval_ids}) if eval_ids else None,
+        train_dataset=_dataset(train_rows), eval_dataset=_dataset(eval_rows) if eval_rows else None,
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; our events report progress instead
     speed.after_trainer(trainer, plan)  # LoRA weights in fp32 unless bf16 (undoing trl's cast), layers, fusing
     trainer.speed_plan = plan  # read by the benchmark and the run folder
     return trainer
+
+
+def _dataset(rows: "list[Row]"):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"input_ids": [r.ids for r in rows], "labels": [r.labels for r in rows]})
 
 
 def final_metrics(trainer, result, tokenizer) -> dict:
@@ -224,12 +241,6 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, (DataError, ModelError, ValueError)):
         return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
     return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
-
-
-def prompt_format() -> dict:
-    """What prompt_format.json records: the format the adapter was trained on."""
-    return {"name": FORMAT_NAME, "bos": BOS, "eos": EOS, "inst": [B_INST, E_INST], "sys": [B_SYS, E_SYS],
-            "template": "<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>"}
 
 
 def library_versions() -> dict[str, str]:

@@ -25,12 +25,12 @@ class Records(logging.Handler):
         self.lines.append(record.getMessage() + ("\n" + record.exc_text if record.exc_text else ""))
 
 
-def launch(runs_root: Path, admin_password: str | None = None):
-    """The real app on a loopback port, and a gradio_client for it."""
+def launch(runs_root: Path, admin_password: str | None = None, jobs=None):
+    """The real app on a loopback port, and a gradio_client for it. `jobs`: its JobManager (pretend GPU counts)."""
     import app
     from gradio_client import Client
 
-    demo = app.build_demo(runs_root=runs_root, admin_password=admin_password)
+    demo = app.build_demo(jobs=jobs, runs_root=runs_root, admin_password=admin_password)
     kwargs = app.launch_kwargs("127.0.0.1", free_port(), share=False)
     demo.launch(prevent_thread_lock=True, quiet=True, **kwargs)
     return demo, Client(f"http://127.0.0.1:{kwargs['server_port']}/", verbose=False)
@@ -101,3 +101,22 @@ def tiny_run(runs_root: Path, name: str, base_dir: Path, targets=("q_proj", "v_p
     runs.write_json(run_dir / "run.json", dict(status="finished", base_model=str(base_dir), dataset="sample",
                                                created=time.time(), step=1, final_loss=None))
     return run_dir
+
+
+def tiny_runs(root: Path, base: Path, names: dict[str, dict]) -> tuple[Path, Path]:
+    """(runs folder, memo file): one short 4-bit tiny-Llama run per name (with its TrainConfig overrides)."""
+    import json
+
+    from qlora.config import TrainConfig
+    from qlora.train import train
+
+    memo = root / "memo.jsonl"
+    memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    runs_root = root / "runs"
+    for name, overrides in names.items():
+        train(TrainConfig(**dict(dict(base_model=str(base), dataset=str(memo), output_dir=str(runs_root),
+                                      run_name=name, quantize="nf4", batch_size=4, max_steps=2, max_length=64,
+                                      gradient_checkpointing=False, group_by_length=False, lora_dropout=0.0),
+                                 **overrides)))
+    return runs_root, memo

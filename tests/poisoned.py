@@ -81,6 +81,10 @@ CASES = {
                        "no LoRA tensors for the other half (lora_A or lora_B) of"),
     "run-json-list": (lambda r: (r / "run.json").write_text("[]"), "run.json: expected a JSON object, got list"),
     "run-json-dir": (_run_json_dir, "cannot be read (IsADirectoryError)"),
+    # the prompt format chat would prompt the adapter in (issue 19): unreadable, so the run is not offered
+    "format-lfs": (lambda r: (r / "prompt_format.json").write_text(LFS), "prompt_format.json is a Git LFS pointer"),
+    "format-unknown": (lambda r: (r / "prompt_format.json").write_text('{"name": "chat_template"}'),
+                       "prompt_format.json: unknown prompt format 'chat_template'"),
 }
 ODD_TYPES = "run-json-odd-types"  # listed, not damaged: its fields are ignored where they are not what they should be
 

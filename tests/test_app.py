@@ -102,13 +102,15 @@ def test_chat_streams_two_answers_with_the_same_prompt(server):
     assert base[-1]["content"][0]["text"].strip() and tuned[-1]["content"][0]["text"].strip()
     assert status.startswith("done") and box == ""
     # One prompt string for both panes, shown exactly, with its tokens.
-    assert "### both panes" in prompt and "[INST] What is the capital of France? [/INST]" in prompt
+    # in the embedded model's own ChatML template, whose base knows the answer (in Llama 2's it did not)
+    assert "### both panes" in prompt and "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt
+    assert "Paris" in base[-1]["content"][0]["text"]
     # A second turn keeps each pane's own history.
     base2, tuned2, *_ = client.predict("And of Italy?", base, tuned, server["run"], 0.0, 0.9, 8, 0, "",
                                        api_name="/chat")
     assert len(base2) == len(tuned2) == 4
     shown = client.predict("next", base2, tuned2, server["run"], "Be brief.", api_name="/show_prompt")
-    assert "What is the capital of France?" in shown and "Be brief." in shown and "<<SYS>>" in shown
+    assert "What is the capital of France?" in shown and "<|im_start|>system\nBe brief.<|im_end|>" in shown
 
 
 def test_stop_generation_ends_a_long_answer_early_and_clear_empties_the_panes(server):
@@ -175,9 +177,9 @@ def test_the_fake_token_never_reached_outputs_logs_or_files(server):
 def test_preview_shows_rows_as_the_trainer_sees_them(server):
     table, note = server["client"].predict(max_length=64, api_name="/preview")
     rows = table["data"]
-    assert "built-in sample" in note and len(rows) == 5
+    assert "built-in sample" in note and "chat template" in note and "answers only" in note and len(rows) == 5
     text, tokens, flags = rows[0]
-    assert text.startswith("<s>[INST]") and text.rstrip().endswith("</s>") and tokens > 5
+    assert text.startswith("<|im_start|>system\n") and text.rstrip().endswith("<|im_end|>") and tokens > 5
     assert any("truncated to 64" in r[2] for r in rows) or all(r[2] == "ok" for r in rows)
 
 
@@ -188,8 +190,8 @@ def test_an_uploaded_file_is_previewed(server, tmp_path):
     path.write_text('{"instruction": "Say hi", "output": "Hi!"}\n{"instruction": "", "output": "x"}\n')
     table, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(path)),
                                            api_name="/preview")
-    assert "mine.jsonl" in note and "alpaca" in note and "1 empty rows skipped" in note
-    assert table["data"][0][0].startswith("<s>[INST] Say hi [/INST] Hi! </s>")
+    assert "mine.jsonl" in note and "alpaca" in note and "1 row skipped (1 empty instruction)" in note
+    assert table["data"][0][0].endswith("<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "no known column"}\n')
     _, note = server["client"].predict(dataset_source="upload", upload=handle_file(str(bad)), api_name="/preview")

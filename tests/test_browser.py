@@ -116,6 +116,9 @@ def run_the_loop(app_url, page):
     drawn = [d for d, stroke in lines if stroke and d.count("L") >= 2]  # coloured, through several steps
     assert drawn, lines
     assert "base" in page.inner_text("#samples") and "fine-tuned" in page.inner_text("#samples")
+    # The run held out a tenth of the sample: Past runs shows the evaluation card of the run it just picked.
+    page.wait_for_function("document.querySelector('#eval-card').innerText.includes('adapter  loss')",
+                           timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "browser-training.png"), full_page=True)
 
     # Chat: the finished run is already picked; one message fills both panes.
@@ -132,3 +135,19 @@ def run_the_loop(app_url, page):
         answer = page.locator(f"{pane} .bot").last.inner_text().strip()
         assert answer, pane
     page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+
+    # Blind: the switch swaps the labelled panes for two unlabelled ones; a vote says which side was the adapter.
+    page.click("#blind-switch input[type=checkbox]")
+    page.wait_for_selector("#left-pane", state="visible")
+    assert not page.is_visible("#base-pane") and not page.is_visible("#send-btn")
+    page.fill("#chat-message textarea", "What is the capital of Italy?")
+    page.click("#ask-blind-btn")
+    page.wait_for_function("document.querySelector('#blind-status').innerText.startsWith('Which answer')",
+                           timeout=180_000)
+    for pane in ("#left-pane", "#right-pane"):
+        assert "capital of Italy" in page.inner_text(pane)
+    page.locator("#vote-choice label", has_text="left").first.click()
+    page.click("#vote-btn")
+    page.wait_for_function("document.querySelector('#blind-status').innerText.includes('Counted')", timeout=30_000)
+    assert "tuned preferred in" in page.inner_text("#blind-status")
+    page.screenshot(path=str(ARTIFACTS / "browser-blind.png"), full_page=True)

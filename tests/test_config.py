@@ -25,7 +25,7 @@ def test_bad_values_name_the_field(field, value):
 
 
 def test_yaml_round_trip(tmp_path):
-    c = TrainConfig(**embedded_defaults(), eval_fraction=0.1, seed=7)
+    c = TrainConfig(**dict(embedded_defaults(), eval_fraction=0.2, seed=7))  # the preset holds out 0.1 itself
     path = tmp_path / "run.yaml"
     path.write_text(c.to_yaml())
     assert TrainConfig.from_yaml(path) == c

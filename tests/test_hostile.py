@@ -238,7 +238,7 @@ def test_a_jsonl_of_too_many_rows_stops_at_the_row_limit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(qlora.data, "MAX_ROWS", 1000)  # the check, without writing a million lines
     path = tmp_path / "many.jsonl"
-    path.write_text('{"text": "x"}\n' * 1001, encoding="utf-8")
+    path.write_text('{"text": "[INST] x [/INST] y"}\n' * 1001, encoding="utf-8")  # Llama 2 chat rows
     with pytest.raises(qlora.data.DataError, match=r"many\.jsonl: more than 1,000 rows, the limit"):
         qlora.data.prepare(str(path))
     assert len(qlora.data.prepare(str(path), max_rows=1000).train) == 1000

@@ -33,6 +33,7 @@ from qlora.device import BusyError, gpu_lock
 from qlora.events import Failed, Finished, Progress
 from qlora.jobs import JobManager
 from qlora.model import ModelError, load_base, load_tokenizer, resolve
+from qlora.prompts import format_llama2
 from qlora.train import train
 
 
@@ -105,7 +106,9 @@ def run_script(tmp_path: Path, code: str, *args: str) -> subprocess.Popen:
     """Start a Python process running `code` with the project importable (a stand-in for the app's process)."""
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code), encoding="utf-8")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    # the project first, then whatever the environment already adds (a GPU machine's carried packages)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -131,7 +134,7 @@ BAD_FILES = {
     "broken.jsonl": (b'{"text": "a"}\n{"text": oops}\n{"text": "b"}\n', r"broken\.jsonl: line 2: not valid JSON"),
     "columns.jsonl": (b'{"prompt": "q", "completion": "a"}\n',
                       r"columns\.jsonl: no usable column: expected 'text'.*found columns: completion, prompt"),
-    "numbers.jsonl": (b'{"text": "<s>ok</s>"}\n{"text": 42}\n', r"numbers\.jsonl: line 2: column 'text' must be a string, got int"),
+    "numbers.jsonl": (b'{"text": "<s>[INST] ok [/INST] ok </s>"}\n{"text": 42}\n', r"numbers\.jsonl: line 2: column 'text' must be a string, got int"),
     "nulls.jsonl": (b'{"text": null}\n{"text": null}\n', r"nulls\.jsonl: all 2 rows are empty"),
     "empty_strings.jsonl": (b'{"text": ""}\n{"text": "   "}\n', r"empty_strings\.jsonl: all 2 rows are empty"),
     "list.jsonl": (b'["not", "an", "object"]\n', r"list\.jsonl: line 1: expected a JSON object per line, got list"),
@@ -161,7 +164,7 @@ def test_null_and_empty_rows_are_dropped_and_counted(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     data = prepare(str(path))
     assert data.dropped == 3 and len(data.train) == 2
-    assert all(t.startswith("<s>") and t.endswith("</s>") for t in data.train)
+    assert [format_llama2(c) for c in data.train] == ["<s>[INST] a [/INST] b </s>", "<s>[INST] c [/INST] d </s>"]
 
 
 def test_a_good_file_with_a_bom_crlf_and_a_csv_load(tmp_path):
@@ -182,8 +185,8 @@ def test_a_single_1mb_row_is_tokenized_and_truncated(tmp_path, llama_tokenizer):
     assert path.stat().st_size > 1024 * 1024
     t0 = time.perf_counter()
     data = prepare(str(path))
-    ids = tokenize(data.train, llama_tokenizer, max_length=1024)
-    assert len(ids) == 1 and len(ids[0]) == 1024 and ids[0][0] == llama_tokenizer.bos_token_id
+    rows = tokenize(data.train, llama_tokenizer, max_length=1024)
+    assert len(rows) == 1 and len(rows[0].ids) == 1024 and rows[0].ids[0] == llama_tokenizer.bos_token_id
     assert time.perf_counter() - t0 < 30
 
 
@@ -459,8 +462,9 @@ out = dict(first=[first.status, first.error, first.hint], locked=gpu_lock.locked
            huge_usable="huge" in listed and listed["huge"].usable)
 jobs.start(small)
 second = jobs.wait(600)
-out.update(second=[second.status, second.error],
-           small_usable={r.name: r for r in runs.list_runs(small.output_dir)}["small"].usable)
+listed = {r.name: r for r in runs.list_runs(small.output_dir)}
+out.update(second=[second.status, second.error], small_usable="small" in listed and listed["small"].usable,
+           listed=sorted(listed), logs=list(first.logs[-6:] + second.logs[-6:]))
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -483,15 +487,16 @@ def test_real_cuda_out_of_memory_frees_the_card_and_a_smaller_run_then_trains(ti
     output, _ = proc.communicate(timeout=1500)
     assert proc.returncode == 0, output[-3000:]
     r = json.loads(next(line[7:] for line in output.splitlines() if line.startswith("RESULT ")))
+    print(r)  # the runs' states and last log lines, for a person reading a failure
     status, error, hint = r["first"]
-    assert status == "failed" and error == "out of GPU memory", error
+    assert status == "failed" and error == "out of GPU memory", r
     assert "lower batch_size or max_length" in hint
     assert not r["locked"]
     # all the failed run took is back (the slack covers library workspaces, not a run)
     assert r["after"] <= r["baseline"] + 64 * 2**20, (r["baseline"], r["after"])
-    assert r["huge_listed"] and not r["huge_usable"]  # it failed mid-run: listed as failed, never offered
-    assert r["second"][0] == "finished", r["second"][1]
-    assert r["small_usable"]
+    assert r["huge_listed"] and not r["huge_usable"], r  # it failed mid-run: listed as failed, never offered
+    assert r["second"][0] == "finished", r
+    assert r["small_usable"], r
 
 
 def test_nan_loss_stops_the_run_with_a_message_and_no_adapter(tiny_cfg, runs_root, earlier_run, monkeypatch):
@@ -741,7 +746,7 @@ def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(ru
         assert said in listed[name].damaged and not listed[name].usable, (name, listed[name])
         with pytest.raises(ValueError, match=f"run {name} is damaged: .*{re.escape(said)}"):
             runs.usable_run(runs_root, name)
-        if not name.startswith("run-json"):  # the adapter itself is what is broken
+        if not name.startswith(("run-json", "format-")):  # the adapter itself is what is broken
             with pytest.raises(runs.DamagedRun, match=re.escape(said)):
                 runs.verify_adapter(runs_root / name / "adapter")
     odd = listed[ODD_TYPES]  # fields of the wrong type are ignored, not fatal: its adapter is whole
@@ -754,6 +759,8 @@ def test_a_poisoned_run_folder_is_listed_as_damaged_and_every_other_run_works(ru
         engine.load_adapter(runs_root / "lfs-pointer")
     with pytest.raises(ValueError, match="half-complete adapter: .* no LoRA tensors for v_proj"):
         engine.load_adapter(runs_root / "half-no-v-proj")
+    with pytest.raises(ValueError, match="prompt_format.json: unknown prompt format"):  # never prompted in a guess
+        engine.load_adapter(runs_root / "format-unknown")
     name = engine.load_adapter(runs_root / "earlier")
     *_, (base, tuned) = engine.stream_pair([], [], "Question 1?", GenerationSettings(temperature=0, max_new_tokens=4),
                                            name)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apphelpers import Records, free_port, start_at_once, tiny_form, wait_for
+from apphelpers import Records, free_port, start_at_once, tiny_form, tiny_runs, wait_for
 
 ADMIN = "adm1n-Pa55word"
 CANARY = "hf_SecuritySecuritySecurity00000Canary"  # a fake token shaped like a real one (hf_ + 34 characters)
@@ -30,17 +30,8 @@ def server(tmp_path_factory, tiny_llama_dir):
     import app
     from gradio_client import Client
 
-    from qlora.config import TrainConfig
-    from qlora.train import train
-
     root = tmp_path_factory.mktemp("security")
-    memo = root / "memo.jsonl"
-    memo.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n"
-                            for i in range(8)), encoding="utf-8")
-    runs_root = root / "runs"
-    train(TrainConfig(base_model=str(tiny_llama_dir), dataset=str(memo), output_dir=str(runs_root), run_name="earlier",
-                      quantize="nf4", batch_size=4, max_steps=2, max_length=64, gradient_checkpointing=False,
-                      group_by_length=False, lora_dropout=0.0))
+    runs_root, memo = tiny_runs(root, tiny_llama_dir, {"earlier": {}})
     # the app loads local base models only from the owner's models folder
     models = root / "models"
     shutil.copytree(tiny_llama_dir, models / "tiny-llama")

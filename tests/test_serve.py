@@ -54,7 +54,7 @@ def reference(tiny_llama_dir, run_dir, prompt_ids, n):
     model = PeftModel.from_pretrained(load_base(str(tiny_llama_dir), "nf4", "fp32"), str(run_dir / "adapter"))
     model.eval()
     ids = torch.tensor([prompt_ids])
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=2, do_sample=False,
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
               temperature=None, top_p=None, top_k=None, pad_token_id=2, eos_token_id=2)
     with torch.no_grad():
         tuned = model.generate(**kw)[0, ids.shape[1]:].tolist()
@@ -246,7 +246,7 @@ def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_fre
 
     model = load_base(str(tiny_llama_dir), "nf4", "fp32")
     model.config.use_cache = True
-    decoder = slots.SlotDecoder(model, 16, 1024, 64, 2, capture=None)
+    decoder = slots.SlotDecoder(model, 16, 1024, 64, capture=None)
     try:
         report = decoder.check_exact()
         assert report == dict(strict=False, buckets=3, repeat=0.0, neighbours=0.0, bucket=0.0)
@@ -272,3 +272,27 @@ def test_a_full_queue_says_so_and_loading_is_shown_as_a_waiting_state(tiny_llama
     first.close()  # the first visitor leaves: the second is answered
     assert [u for u in second if u.waiting is None][-1].tuned
     e.unload()
+
+
+@pytest.mark.parametrize("decode", ["eager", "generate"])
+def test_a_row_ends_at_any_of_its_stop_ids(decode, tiny_llama_dir, runs_root):
+    """Issue 19: a row ends at any of its prompt format's stop ids (prompts.stop_ids: the EOS and the end-of-turn
+    token), a set per row: the slot engine decides on the host, the eager path hands the set to generate. Both panes
+    end where their answers first reach an extra stop id, and the stop id itself is not shown."""
+    from qlora.batching import Row
+
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode=decode, max_rows=2)
+    try:
+        name = e.load_adapter(runs_root / "qv")
+        ids, s = e.prompt_ids([], QUESTIONS[0], "", name), greedy(12)
+        full = e.rows_ids([(ids, None, s), (ids, name, s)])  # the format's own stops: {EOS}
+        assert all(len(f) == 12 for f in full)  # no early EOS: the cut below is the extra stop id's
+        extra = [next(t for t in f if f.index(t) >= 2) for f in full]  # a token first met after 2 others
+        rows = [Row(list(ids), e.adapters[name] if i else None, s, 12, frozenset({2, extra[0], extra[1]}))
+                for i in range(2)]
+        for _ in e._submit(rows, None).events():
+            pass
+        want = [f[:min(f.index(t) for t in extra if t in f)] for f in full]
+        assert [r.ids for r in rows] == want and all(len(w) < 12 for w in want)  # both cut, each where it must be
+    finally:
+        e.unload()

@@ -49,11 +49,12 @@ def test_reloaded_adapter_gives_identical_logits_and_disabled_adapter_is_the_bas
     from peft import PeftModel
 
     from qlora.model import load_base, load_tokenizer
-    from qlora.prompts import encode, format_prompt
+    from qlora.prompts import chat_prompt
+    from qlora.runs import prompt_format
 
     run_dir = train(tiny_cfg(max_steps=4))
     tok = load_tokenizer(str(tiny_llama_dir))
-    ids = torch.tensor([encode(format_prompt([], "What is the secret word?"), tok)])
+    ids = torch.tensor([chat_prompt(prompt_format(run_dir), tok, [], "What is the secret word?").ids])
 
     untouched = load_base(str(tiny_llama_dir), "nf4", "fp32")
     untouched.eval()

@@ -12,15 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora.jobs import JobManager
+from qlora.votes import Ballots
 
 ADMIN_ENV = "QLORA_ADMIN_PASSWORD"
 LOCKED = "🔒 Only the admin can do this: enter the admin password at the top of the Training tab."
 
 
 class Engines:
-    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4)."""
+    """One ChatEngine for the base model in use; a different base replaces it (two 7Bs never fit one T4). `cards`:
+    the host's cards its engines serve on (the job manager's)."""
 
-    def __init__(self):
+    def __init__(self, cards=None):
+        self.cards = cards
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, str], object] = {}
         self._tokenizers: dict[str, object] = {}
@@ -37,7 +40,7 @@ class Engines:
                 for engine in self._engines.values():
                     engine.unload()
                 path = base_model if allow_local else resolve(base_model, allow_local=False)
-                self._engines = {key: ChatEngine(path, quantize=quantize)}
+                self._engines = {key: ChatEngine(path, quantize=quantize, cards=self.cards)}
             return self._engines[key]
 
     def unload_all(self) -> None:
@@ -67,6 +70,11 @@ class AppContext:
     admin_password: str | None = None
     engines: Engines = field(default_factory=Engines)
     chat_stops: dict[str, threading.Event] = field(default_factory=dict)  # session hash -> stop flag
+    ballots: Ballots = field(default_factory=Ballots)  # blind questions waiting for a vote (server-side only)
+
+    def __post_init__(self):
+        if self.engines.cards is None:  # chat and training share one account of the cards
+            self.engines.cards = self.jobs.cards
 
     @property
     def locked(self) -> bool:

@@ -139,3 +139,23 @@ def adapter_choices(runs_root: str | Path) -> list[tuple[str, str]]:
 def preflight_markdown(pf: Preflight) -> str:
     """The core's preflight as the page shows it (its lines name model ids and paths: escaped)."""
     return f"**Preflight: {pf.verdict}.**\n\n" + "\n".join(f"- {html.escape(line, quote=False)}" for line in pf.lines)
+
+
+def eval_card_markdown(card: dict | None) -> str:
+    """A run's evaluation card: the figures (as the CLI prints them), rows helped and hurt most, greedy answers."""
+    from qlora.evaluate import summary
+
+    if not card:
+        return ("_No evaluation card for this run yet: press **Evaluate** (held-out rows: the run's own eval split, or "
+                "an uploaded file)._")
+    # inside a code fence nothing is markup, except a backtick run that would close it (a file name may hold one)
+    out = ["**Evaluation card**", "", "```", *(line.replace("`", "'") for line in summary(card)), "```"]
+    for title, rows in (("Rows the adapter helped most", card.get("helped_most")),
+                        ("Rows the adapter hurt most", card.get("hurt_most"))):
+        if rows:
+            out += ["", f"**{title}**", "", "| row | base loss | adapter loss | text |", "|---|---|---|---|"]
+            out += [f"| {r['row']} | {r['base_loss']:.3f} | {r['adapter_loss']:.3f} | {_md(r['text'])} |" for r in rows]
+    if card.get("answers"):
+        out += ["", "**Greedy answers to held-out prompts**", "", "| prompt | base | fine-tuned |", "|---|---|---|"]
+        out += [f"| {_md(a['prompt'])} | {_md(a['base'])} | {_md(a['adapter'])} |" for a in card["answers"]]
+    return "\n".join(out)

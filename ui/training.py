@@ -1,4 +1,5 @@
-"""The Training tab: the form, preflight, dataset preview, Train/Stop, live progress, past runs, download and push."""
+"""The Training tab: the form, preflight, dataset preview, Train/Stop, live progress, past runs, download and push
+(a run's evaluation card and merged export: ui/runcard.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,14 +11,14 @@ from typing import Any
 import gradio as gr
 
 from qlora import runs
-from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, SAMPLE_DATASET, TrainConfig, is_hub_id
+from qlora.config import DEFAULT_MODEL, EMBEDDED_MODEL, PROMPT_FORMATS, SAMPLE_DATASET, TrainConfig, is_hub_id
 from qlora.data import SUFFIXES, DataError
 from qlora.events import JobState
 from qlora.device import BusyError
 from qlora.model import MODELS_DIR_ENV, ModelError, local_models
 from qlora.preflight import preflight
 
-from . import hub, render
+from . import hub, render, runcard
 from .context import LOCKED, AppContext
 
 log = logging.getLogger("qlora.app")
@@ -115,13 +116,14 @@ def make_handlers(ctx: AppContext):
             cfg = form_to_config(ctx.runs_root, dict(form, upload=upload))
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
-        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root))
+        return render.preflight_markdown(preflight(cfg, ctx.token(hf_token), ctx.runs_root,
+                                                   placement=ctx.jobs.cards.placement()))
 
     def preview(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form):
         """The first rows exactly as the trainer will see them: formatted text, token count, flags."""
         import pandas as pd
 
-        from qlora import data
+        from qlora import data, prompts
         from qlora.model import load_tokenizer, resolve
 
         empty = pd.DataFrame(columns=["text", "tokens", "flags"])
@@ -133,12 +135,17 @@ def make_handlers(ctx: AppContext):
             prepared = data.prepare(cfg.dataset, 0.0, cfg.seed, token=token, max_rows=max(PREVIEW_ROWS, 50),
                                     allow_local=cfg.allow_local_dataset)
             tokenizer = load_tokenizer(resolve(cfg.base_model, cfg.allow_local_model, token, weights=False), token)
-            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length)
+            fmt = prompts.choose(tokenizer, cfg.prompt_format)
+            rows = data.preview(prepared.train, tokenizer, PREVIEW_ROWS, cfg.max_length, fmt)
+            _, lost = data.keep_answered(data.tokenize(prepared.train, tokenizer, cfg.max_length, fmt),
+                                         cfg.max_length, required=False)
         except (ValueError, DataError, ModelError, OSError) as e:
             return empty, f"❌ {html.escape(hub.redact(str(e), ctx.token(hf_token)))}"
-        note = (f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them"
-                + (f"; {prepared.dropped} empty rows skipped" if prepared.dropped else ""))
-        return pd.DataFrame(rows), note
+        note = "; ".join(x for x in (
+            f"{prepared.source}: {prepared.shape} format, first {len(rows)} rows as the trainer sees them",
+            fmt.describe(), prepared.skipped(),
+            f"⚠️ {lost} (of the first {len(prepared.train)} rows)" if lost else "") if x)
+        return pd.DataFrame(rows), html.escape(note)
 
     def start(admin_password: str = "", hf_token: str = "", upload: str | None = None, **form) -> str:
         if not ctx.is_admin(admin_password):
@@ -151,17 +158,17 @@ def make_handlers(ctx: AppContext):
         except ValueError as e:
             return f"❌ {html.escape(str(e))}"
         token = ctx.token(hf_token)
-        checked = preflight(cfg, token, ctx.runs_root)
+        checked = preflight(cfg, token, ctx.runs_root, placement=ctx.jobs.cards.placement())
         if not checked.ok:
             return render.preflight_markdown(checked)
         try:
             ctx.jobs.start(cfg, token=token)
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        # The job holds the GPU lock now, so no chat is mid-answer: free the chat model for training.
-        ctx.engines.unload_all()
-        log.info("training started: %s on %s", cfg.base_model, cfg.dataset)
-        return f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}. Progress shows below."
+        where = _made_room(ctx)
+        log.info("training started: %s on %s%s", cfg.base_model, cfg.dataset, where)
+        return (f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
+                "Progress shows below.")
 
     def stop(admin_password: str = "") -> str:
         if not ctx.is_admin(admin_password):
@@ -183,16 +190,7 @@ def make_handlers(ctx: AppContext):
             return None, f"❌ {html.escape(str(e))}"
         return str(hub.zip_run(info)), f"📦 {html.escape(info.name)}: adapter zip ready."
 
-    def push(run: str, repo_id: str, private: bool = True, hf_token: str = "", admin_password: str = "") -> str:
-        if not ctx.is_admin(admin_password):
-            return LOCKED
-        token = ctx.token(hf_token)
-        try:
-            info = runs.usable_run(ctx.runs_root, run)
-            url = hub.push_run(info, str(repo_id or "")[:MAX_TEXT], token, bool(private))
-        except (ValueError, hub.PushError) as e:
-            return f"❌ {html.escape(hub.redact(str(e), token))}"
-        return f"✅ pushed to [{html.escape(url)}]({html.escape(url)})"
+    push = hub.push_handler(ctx, hub.push_run)
 
     def job_status() -> dict[str, Any]:
         """The server-side job as JSON, for API clients and tests."""
@@ -202,7 +200,8 @@ def make_handlers(ctx: AppContext):
                 "eval_losses": [list(x) for x in s.eval_losses], "samples": len(s.samples),
                 "latest_samples": [{"step": x.step, "prompt": x.prompt, "base": x.base, "tuned": x.tuned}
                                    for x in s.samples[-2:]],
-                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:])}
+                "tokens_per_s": s.tokens_per_s, "eta_s": s.eta_s, "error": s.error, "logs": list(s.logs[-5:]),
+                "gpus": _where(ctx.jobs.placement) if s.active else ""}
 
     def run_curve(run: str):
         try:
@@ -227,11 +226,26 @@ def make_handlers(ctx: AppContext):
             return f"❌ {html.escape(str(e))}"
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
-        ctx.engines.unload_all()
-        return f"▶️ Resuming {html.escape(info.name)} from its last checkpoint. Progress shows below."
+        where = _made_room(ctx)
+        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+                "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
                 job_status=job_status, resume=resume)
+
+
+def _made_room(ctx: AppContext) -> str:
+    """After a start: free the chat model if the run trains on its card (one GPU; several, when none was loaded), since
+    the run holds that card now and no chat is mid-answer. Returns ', <where the run trains>' for the message."""
+    if ctx.jobs.placement.shared:
+        ctx.engines.unload_all()
+    where = _where(ctx.jobs.placement)
+    return f", {where}" if where else ""
+
+
+def _where(placement) -> str:
+    """'training on GPUs 1-3, chat on GPU 0' on a host with several GPUs; '' on one GPU or the CPU (as before)."""
+    return placement.describe() if placement is not None and placement.gpus > 1 else ""
 
 
 def resumable_choices(runs_root: Path) -> list[str]:
@@ -310,6 +324,8 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
             form["group_by_length"] = gr.Checkbox(d["group_by_length"], label="Group by length")
             form["gradient_checkpointing"] = gr.Checkbox(d["gradient_checkpointing"], label="Gradient checkpointing")
             form["padding_free"] = gr.Checkbox(d["padding_free"], label="Padding-free batches")
+            form["prompt_format"] = gr.Dropdown(list(PROMPT_FORMATS), value=d["prompt_format"], label="Prompt format",
+                                                info="auto: the model's own (Llama 2, or its chat template)")
     with gr.Row():
         check_btn = gr.Button("Preflight check")
         preview_btn = gr.Button("Preview dataset")
@@ -357,6 +373,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
         c["run_plot"] = gr.LinePlot(render.loss_frame(JobState()), x="step", y="loss", color="series",
                                     color_map=render.LOSS_COLOURS, title="Loss of the picked run", height=220,
                                     elem_id="run-plot", elem_classes=["loss-plot"])
+        runcard.build(ctx, c["run_pick"], admin, token, repo, private)  # evaluation card, merged export
 
     # Events. Every handler checks the admin password itself: the API runs the same code as the buttons.
     def source_inputs(source: str):
