@@ -27,6 +27,7 @@ def test_train_then_chat_on_a_tiny_model(tiny_llama_dir, memo_jsonl, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "adapter saved:" in r.stdout and (out / "t" / "adapter" / "adapter_model.safetensors").exists()
     assert "training" in r.stderr  # the progress bar
+    assert "Warning" not in r.stderr, r.stderr  # no library deprecation the user can do nothing about (issue 16.6)
     saved = (out / "t" / "config.yaml").read_text()
     assert "learning_rate: 0.01" in saved and "max_steps: 3" in saved and "- v_proj" in saved
 
@@ -36,6 +37,7 @@ def test_train_then_chat_on_a_tiny_model(tiny_llama_dir, memo_jsonl, tmp_path):
     # not a terminal: the blocks are printed once, complete; what it is doing and the sampling go to stderr
     assert r.stdout.count("=== base (") == 1 and r.stdout.count("=== fine-tuned (t) ===") == 1, r.stdout
     assert r.stderr.startswith("loading the model… ") and "temperature 0.7, top-p 0.9, seed 0" in r.stderr
+    assert "Warning" not in r.stderr, r.stderr
 
 
 def on_a_terminal(*args, timeout=300) -> str:
