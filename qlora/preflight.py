@@ -109,9 +109,8 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
     pf.estimate_gib = p.estimated_peak_gib
     pf.budget_gib = on.budget_gib if on.cuda else available_ram_gib()
     what = "GPU memory" if on.cuda else "RAM"
-    quant = "4-bit nf4" if cfg.quantize == "nf4" else "no 4-bit quantization"
     line = (f"estimated peak {what}: {p.estimated_peak_gib:.1f} GiB for batch {cfg.batch_size} × {cfg.max_length} "
-            f"tokens ({_billions(arch.params)} params, {quant}, LoRA r={cfg.lora_r}); "
+            f"tokens ({_billions(arch.params)} params, {cfg.quantize_words}, LoRA r={cfg.lora_r}); "
             + (f"budget {pf.budget_gib:.1f} GiB, {on.free_gib:.1f} GiB free now" if on.cuda
                else f"{pf.budget_gib:.1f} GiB available"))
     if fits(p.estimated_peak_gib, pf.budget_gib) is False:

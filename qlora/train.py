@@ -62,8 +62,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
 
         # 3. The frozen base: 4-bit nf4, compute in bf16 where the card has it, fp16 on a T4, fp32 on the CPU.
         precision = pick_precision(cfg.precision)
-        quant = "4-bit nf4" if cfg.quantize == "nf4" else "no 4-bit quantization"
-        emit(Log(f"loading {cfg.base_model} ({quant}, {precision})"))
+        emit(Log(f"loading {cfg.base_model} ({cfg.quantize_words}, {precision})"))
         model = load_base(model_path, cfg.quantize, precision, token)
         if stop.is_set():
             raise StopBeforeStart()
