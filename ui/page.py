@@ -9,8 +9,8 @@ CSS = """
 #samples table { width: 100%; table-layout: fixed; }
 #samples th, #samples td { width: 50%; overflow-wrap: anywhere; vertical-align: top; }
 
-/* The upload widget's drop area starts below its label, so the label never covers the upload icon. */
-#upload-file .upload-container { padding-top: 28px; }
+/* An upload widget's drop area starts below its label, so the label never covers the upload icon. */
+.upload-box .upload-container { padding-top: 28px; }
 
 /* Past runs: its columns are shares of the width (render.RUN_WIDTHS); a long run name or status wraps inside the
    cell instead of being cut. */

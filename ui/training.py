@@ -275,7 +275,8 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                                  label="Hub dataset id", max_length=MAX_TEXT, visible=src == "hub",
                                                  elem_id="hub-dataset")
             form["upload"] = gr.File(label="Dataset file: .jsonl, .json, .csv or .parquet", file_types=list(SUFFIXES),
-                                     type="filepath", height=150, visible=False, elem_id="upload-file")
+                                     type="filepath", height=150, visible=False, elem_id="upload-file",
+                                     elem_classes=["upload-box"])
             upload_note = gr.Markdown("Rows of `text` (Llama 2 format), `messages` (role/content) or "
                                       "`instruction`/`input`/`output`.", visible=False)
         with gr.Column(scale=2):
