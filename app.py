@@ -67,15 +67,19 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         # The page polls the server-side job: a reload or a second browser re-attaches to the same run.
         last = gr.State("")  # this page's last rendered version, so unchanged ticks send nothing
 
-        def tick(seen: str, current_adapter: str | None):
+        def tick(seen: str, current_adapter: str | None, answer: str | None = None):
+            """The job as it is now; `answer`: Train's or Resume's reply, shown in the same update as the job."""
             s = ctx.jobs.state()
             version = f"{s.status}:{s.step}:{len(s.logs)}:{len(s.samples)}:{len(s.eval_losses)}"
-            if version == seen:
-                return (gr.skip(),) * 9 + (seen,)
-            finished = seen.split(":")[0] in ("", "starting", "running", "stopping") and not s.active
             # The message under the buttons answers the last click ("Started", "Stopping", "Busy"); once the job it
             # spoke of has ended it is stale, and the status line says how it ended.
-            message = "" if not s.active else gr.skip()
+            if answer is None:
+                message = "" if not s.active and version != seen else gr.skip()
+            else:  # a start whose job has already ended (it failed at once) is not announced
+                message = "" if answer.startswith(training.STARTED) and not s.active else answer
+            if version == seen:
+                return (gr.skip(),) * 8 + (message, seen)
+            finished = seen.split(":")[0] in ("", "starting", "running", "stopping") and not s.active
             # Past runs and adapter lists change only when a run ends (or on this page's first render).
             lists = ((render.runs_frame(runs_root), adapter_dropdown(runs_root, _newest(s, current_adapter)),
                       adapter_dropdown(runs_root, _newest(s, None)))
@@ -88,9 +92,9 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         timer = gr.Timer(TICK_S)
         timer.tick(tick, [last, c["adapter"]], outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.load(tick, [gr.State(""), c["adapter"]], outputs, queue=False, api_visibility="private")
-        for started in (t["start_event"], t["resume_event"]):  # show the new job at once, not on the next tick
-            started.then(tick, [last, c["adapter"]], outputs, queue=False, api_visibility="private",
-                         show_progress="hidden")
+        for started in (t["start_event"], t["resume_event"]):  # the answer and the new job at once, in one update
+            started.then(lambda answer, seen, adapter: tick(seen, adapter, answer), [t["answer"], last, c["adapter"]],
+                         outputs, queue=False, api_visibility="private", show_progress="hidden")
         t["refresh"].click(lambda cur: (render.runs_frame(runs_root), adapter_dropdown(runs_root, cur)),
                            t["run_pick"], [t["runs"], t["run_pick"]], queue=False, api_visibility="private")
     # One GPU: one training start at a time; chat has its own, higher limit (ui/chat.py: the engine batches visitors).

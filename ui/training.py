@@ -28,6 +28,7 @@ QUANTIZE = [("nf4: 4-bit (QLoRA)", "nf4"), ("none: no 4-bit quantization", "none
 TARGETS = [("q_proj, v_proj (reference)", "q_proj,v_proj"), ("all linear layers (QLoRA paper)", "all-linear")]
 PREVIEW_ROWS = 5
 MAX_TEXT = 200  # free-text fields: Gradio does not enforce max_length on the server, we do
+STARTED = "▶️"  # begins Train's and Resume's answer when the click started a job (app.py: stale once that job ends)
 
 
 def preset_title(d: dict[str, Any]) -> str:
@@ -167,7 +168,7 @@ def make_handlers(ctx: AppContext):
             return f"⏳ Busy: {html.escape(str(e))}"
         where = _made_room(ctx)
         log.info("training started: %s on %s%s", cfg.base_model, cfg.dataset, where)
-        return (f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
+        return (f"{STARTED} Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
                 "Progress shows below.")
 
     def stop(admin_password: str = "") -> str:
@@ -227,7 +228,7 @@ def make_handlers(ctx: AppContext):
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
         where = _made_room(ctx)
-        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+        return (f"{STARTED} Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
                 "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
@@ -270,7 +271,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
             }
             with gr.Row():  # only the input the chosen source uses is shown (the radio toggles them, below)
                 src = "sample" if d["dataset"] == SAMPLE_DATASET else "hub"
-                form["dataset_source"] = gr.Radio(SOURCES, value=src, label="Dataset")
+                form["dataset_source"] = gr.Radio(SOURCES, value=src, label="Dataset", elem_id="dataset-source")
                 form["hub_dataset"] = gr.Textbox(d["dataset"] if src == "hub" else "mlabonne/guanaco-llama2-1k",
                                                  label="Hub dataset id", max_length=MAX_TEXT, visible=src == "hub",
                                                  elem_id="hub-dataset")
@@ -333,6 +334,9 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
         c["start"] = gr.Button("Train", variant="primary", elem_id="start-btn")  # its API name stays /start
         c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
     c["message"] = gr.Markdown(elem_id="train-message")
+    # Train's and Resume's answers land here first: app.py shows each with the job it started, in one update, so the
+    # message never says "Started" above the previous run's bar
+    c["answer"] = gr.Markdown(visible=False)
     with gr.Accordion("Dataset preview", open=False) as preview_box:
         preview_note = gr.Markdown()
         preview_table = gr.Dataframe(headers=["text", "tokens", "flags"], interactive=False, wrap=True,
@@ -390,7 +394,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     preview_btn.click(h["preview"], inputs_kwargs=protected, outputs=[preview_table, preview_note],
                       api_name="preview", concurrency_id="train").then(lambda: gr.Accordion(open=True), None,
                                                                        preview_box, api_visibility="private")
-    c["start_event"] = c["start"].click(h["start"], inputs_kwargs=protected, outputs=c["message"], api_name="start",
+    c["start_event"] = c["start"].click(h["start"], inputs_kwargs=protected, outputs=c["answer"], api_name="start",
                                         concurrency_limit=1, concurrency_id="train", trigger_mode="once")
     # Stop must never queue behind anything.
     c["stop"].click(h["stop"], inputs_kwargs=dict(admin_password=admin), outputs=c["message"], api_name="stop",
@@ -402,7 +406,7 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                    outputs=c["run_message"], api_name="push")
     c["resume_event"] = resume_btn.click(h["resume"], inputs_kwargs=dict(run=resume_pick, admin_password=admin,
                                                                          hf_token=token),
-                                         outputs=c["message"], api_name="resume", concurrency_limit=1,
+                                         outputs=c["answer"], api_name="resume", concurrency_limit=1,
                                          concurrency_id="train")
     refresh_btn.click(lambda: gr.Dropdown(choices=resumable_choices(ctx.runs_root)), None, resume_pick,
                       api_visibility="private")
