@@ -19,6 +19,11 @@ CSS = """
 #runs-table .header-cell { font-size: 0.85em; }
 #runs-table .header-cell * { word-break: normal; overflow-wrap: normal; }
 
+/* A run's evaluation card (ui/runcard.py): its figures block wraps a long line (the held-out rows' source) instead of
+   scrolling sideways on a narrow page; a short header such as "row" is never broken inside the word. */
+#eval-card pre, #eval-card code { white-space: pre-wrap; overflow-wrap: anywhere; }
+#eval-card th { word-break: normal; overflow-wrap: normal; }
+
 /* A loss plot with no points yet (the script below marks it): no axis labels (its placeholder rows would show a
    lone "1.000000" tick), and a line saying what will appear. */
 .loss-plot.no-points :is(.role-axis-label, .role-axis-tick, .role-axis-grid) { visibility: hidden; }
