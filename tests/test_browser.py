@@ -104,6 +104,7 @@ ENDED = ("finished", "stopped", "failed")
 
 def test_browser_trains_sees_progress_and_loss_then_chats(app_url, page, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "browser-failure.png").unlink(missing_ok=True)  # an earlier run's
     statuses: list[dict] = []
     page.expose_function("recordStatus", lambda seen: statuses.append(seen))
     page.add_init_script(RECORDER)
@@ -152,7 +153,8 @@ def check_the_form(page):
 
 
 def upload_widgets_clear(page) -> list[str]:
-    """Each visible upload widget: its label above the upload icon, its 'Click to Upload' inside its box."""
+    """Each visible upload widget: its label clear of the upload icon (8 px at least), its 'Click to Upload' inside
+    its box."""
     return page.evaluate("""() => {
       const bad = [];
       for (const box of document.querySelectorAll('.upload-box')) {
@@ -162,7 +164,7 @@ def upload_widgets_clear(page) -> list[str]:
         const area = r('.upload-container'), lines = document.createRange();  // the drawn lines, not their taller box
         lines.selectNodeContents(box.querySelector('[data-testid=upload-text]'));
         const bottom = Math.max(...[...lines.getClientRects()].map(x => x.bottom));
-        if (label.bottom > icon.top) bad.push(`${box.id}: label ${label.bottom} over icon ${icon.top}`);
+        if (label.bottom + 8 > icon.top) bad.push(`${box.id}: label down to ${label.bottom}, icon from ${icon.top}`);
         if (bottom > area.bottom) bad.push(`${box.id}: text down to ${bottom}, its box ends at ${area.bottom}`);
       }
       return bad;
@@ -222,10 +224,10 @@ def check_the_layout(page, tab: str):
           };
           check('page', document.documentElement);
           check('main column', document.querySelector('.main'));
-          check('runs table', document.querySelector('#runs-table .table-wrap'));
-          for (const e of document.querySelectorAll('.main *')) {
-            const x = getComputedStyle(e).overflowX;
-            if (x === 'auto' || x === 'scroll') check(e.id || e.className.toString().slice(0, 50), e);
+          for (const e of document.querySelectorAll('.main *')) {  // any box that would scroll sideways
+            const x = getComputedStyle(e).overflowX, where = e.closest('#runs-table') ? 'runs table: ' : '';
+            const name = e.id || `${e.tagName.toLowerCase()}.${e.className.toString().slice(0, 40)}`;
+            if (x === 'auto' || x === 'scroll') check(where + name, e);
           }
           for (const e of document.querySelectorAll('.main input[type=text], .main input:not([type])'))
             check('input of ' + (e.closest('[id]') || {}).id, e);
