@@ -21,7 +21,7 @@ import gradio as gr
 from qlora import device, runs
 from qlora.events import JobState
 from qlora.jobs import JobManager
-from ui import chat, render, training
+from ui import chat, page, render, training
 from ui.chat import adapter_dropdown
 from ui.context import ADMIN_ENV, AppContext
 from ui.hub import redact
@@ -67,24 +67,34 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         # The page polls the server-side job: a reload or a second browser re-attaches to the same run.
         last = gr.State("")  # this page's last rendered version, so unchanged ticks send nothing
 
-        def tick(seen: str, current_adapter: str | None):
+        def tick(seen: str, current_adapter: str | None, answer: str | None = None):
+            """The job as it is now; `answer`: Train's or Resume's reply, shown in the same update as the job."""
             s = ctx.jobs.state()
             version = f"{s.status}:{s.step}:{len(s.logs)}:{len(s.samples)}:{len(s.eval_losses)}"
+            # The message under the buttons answers the last click ("Started", "Stopping", "Busy"); once the job it
+            # spoke of has ended it is stale, and the status line says how it ended.
+            if answer is None:
+                message = "" if not s.active and version != seen else gr.skip()
+            else:  # a start whose job has already ended (it failed at once) is not announced
+                message = "" if answer.startswith(training.STARTED) and not s.active else answer
             if version == seen:
-                return (gr.skip(),) * 8 + (seen,)
+                return (gr.skip(),) * 8 + (message, seen)
             finished = seen.split(":")[0] in ("", "starting", "running", "stopping") and not s.active
             # Past runs and adapter lists change only when a run ends (or on this page's first render).
             lists = ((render.runs_frame(runs_root), adapter_dropdown(runs_root, _newest(s, current_adapter)),
                       adapter_dropdown(runs_root, _newest(s, None)))
                      if finished or not seen else (gr.skip(),) * 3)
             return (render.progress_html(s), render.status_markdown(s), render.loss_frame(s), render.log_tail(s),
-                    render.samples_markdown(s), *lists, version)
+                    render.samples_markdown(s), *lists, message, version)
 
         outputs = [t["progress"], t["status"], t["plot"], t["logs"], t["samples"], t["runs"], c["adapter"],
-                   t["run_pick"], last]
+                   t["run_pick"], t["message"], last]
         timer = gr.Timer(TICK_S)
         timer.tick(tick, [last, c["adapter"]], outputs, queue=False, api_visibility="private", show_progress="hidden")
         demo.load(tick, [gr.State(""), c["adapter"]], outputs, queue=False, api_visibility="private")
+        for started in (t["start_event"], t["resume_event"]):  # the answer and the new job at once, in one update
+            started.then(lambda answer, seen, adapter: tick(seen, adapter, answer), [t["answer"], last, c["adapter"]],
+                         outputs, queue=False, api_visibility="private", show_progress="hidden")
         t["refresh"].click(lambda cur: (render.runs_frame(runs_root), adapter_dropdown(runs_root, cur)),
                            t["run_pick"], [t["runs"], t["run_pick"]], queue=False, api_visibility="private")
     # One GPU: one training start at a time; chat has its own, higher limit (ui/chat.py: the engine batches visitors).
@@ -119,6 +129,7 @@ def launch_kwargs(host: str | None, port: int | None, share: bool) -> dict[str, 
         share=share, max_file_size=MAX_FILE_SIZE, show_error=False, ssr_mode=False, strict_cors=True,
         enable_monitoring=False, allowed_paths=[], run_history=False,  # no token or password kept in the browser
         blocked_paths=["/data", str(Path.home() / ".cache" / "huggingface")],
+        css=page.CSS, js=page.JS,  # the page's own layout fixes and log pinning (ui/page.py)
     )
 
 
@@ -147,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
               + "!" * 78 + "\n", file=sys.stderr)
     demo = build_demo(runs_root=args.runs_dir)
     log.info("runs are saved in %s", demo.ctx.runs_root.absolute())
-    demo.launch(**launch_kwargs(args.host, args.port, args.share))
+    # quiet: Gradio's own start-up lines tell the user to "set share=True in launch()"; this app's flag is --share
+    demo.launch(**launch_kwargs(args.host, args.port, args.share), quiet=True, prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if not args.share and not os.environ.get("SPACE_ID"):
+        print("* For a public link, start it with: python app.py --share (set QLORA_ADMIN_PASSWORD first)", flush=True)
+    demo.block_thread()
     return 0
 
 

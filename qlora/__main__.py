@@ -12,7 +12,7 @@ import threading
 import typing
 from pathlib import Path
 
-from .config import EMBEDDED_MODEL, TrainConfig, embedded_defaults, read_yaml_fields
+from .config import EMBEDDED_MODEL, GenerationSettings, TrainConfig, embedded_defaults, read_yaml_fields
 
 USAGE_ERROR = 2
 # Linux's limits on a file name and a path, in bytes; a run adds up to ~320 bytes below --output-dir
@@ -44,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
     c.add_argument("--system", default="", help="system prompt")
     c.add_argument("--max-new-tokens", type=int, default=128)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-p", type=float, default=0.9)
+    c.add_argument("--temperature", type=float, default=GenerationSettings.temperature,
+                   help="sampling temperature, 0 = greedy (default %(default)s, as in the app)")
+    c.add_argument("--top-p", type=float, default=GenerationSettings.top_p, help="(default %(default)s, as in the app)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("prompt")
+    c.add_argument("prompt", help="the question; on a terminal both answers stream in, elsewhere (a pipe, a file) "
+                                  "they are printed once, complete")
 
     e = sub.add_parser("eval", help="the evaluation card: base vs adapter on held-out rows, saved as eval.json")
     e.add_argument("--adapter", required=True, help="a run folder (or its adapter/ subfolder)")
@@ -204,7 +206,6 @@ def _train(args) -> int:
 
 def _chat(args) -> int:
     from .chat import ChatEngine
-    from .config import GenerationSettings
 
     from . import runs
 
@@ -214,13 +215,59 @@ def _chat(args) -> int:
     cfg = runs.run_config(run_dir)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, system_prompt=args.system)
+    print(f"loading the model… {cfg.base_model} and the adapter of run {run_dir.name}", file=sys.stderr, flush=True)
+    print(f"sampling (both answers): temperature {settings.temperature}{' (greedy)' if settings.greedy else ''}, "
+          f"top-p {settings.top_p}, seed {settings.seed}, up to {settings.max_new_tokens} new tokens",
+          file=sys.stderr, flush=True)
     engine = ChatEngine(cfg.base_model, cfg.quantize, cfg.precision)
     name = engine.load_adapter(run_dir)
-    base = tuned = ""
-    for base, tuned in engine.stream_pair([], [], args.prompt, settings, name):
-        pass
-    print(f"=== base ({cfg.base_model}) ===\n{base}\n\n=== fine-tuned ({run_dir.name}) ===\n{tuned}")
+    labels = (f"base ({cfg.base_model})", f"fine-tuned ({run_dir.name})")
+    answers, waiting = ("", ""), None
+    with _Blocks(labels) as blocks:  # on a terminal the two blocks grow in place; elsewhere they print once, at the end
+        for update in engine.stream([], [], args.prompt, settings, name):
+            if update.waiting is not None:
+                if update.waiting != waiting:  # the engine repeats it while it waits
+                    waiting = update.waiting
+                    print(f"… {waiting}", file=sys.stderr, flush=True)
+                continue
+            answers = (update.base, update.tuned)
+            blocks.show(*answers)
+        blocks.show(*answers, final=True)
     return 0
+
+
+class _Blocks:
+    """The two answers as labelled blocks on stdout: redrawn as they grow when stdout is a terminal (rich's Live),
+    printed once and complete otherwise, so scripts and tests read the same text."""
+
+    def __init__(self, labels: tuple[str, str]):
+        self.labels = labels
+        self.live = None
+        if sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self.live = Live(console=Console(file=sys.stdout), auto_refresh=False)
+
+    def __enter__(self) -> "_Blocks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None and self.live.is_started:
+            self.live.stop()  # leaves the last drawing on the screen, in full
+
+    def text(self, base: str, tuned: str) -> str:
+        return f"=== {self.labels[0]} ===\n{base}\n\n=== {self.labels[1]} ===\n{tuned}"
+
+    def show(self, base: str, tuned: str, final: bool = False) -> None:
+        if self.live is not None:
+            from rich.text import Text  # plain text: a model's "[bold]" is not markup
+
+            if not self.live.is_started:  # drawn from the first token on, not while the model loads
+                self.live.start()
+            self.live.update(Text(self.text(base, tuned)), refresh=True)
+        elif final:
+            print(self.text(base, tuned), flush=True)
 
 
 def _eval(args) -> int:

@@ -138,6 +138,11 @@ class TrainConfig:
                      "allow_local_dataset"):
             need(isinstance(getattr(self, name), bool), name, "must be true or false")
 
+    @property
+    def quantize_words(self) -> str:
+        """What `quantize` means, as the preflight and the run log say it ("none" alone reads as no setting)."""
+        return "4-bit nf4" if self.quantize == "nf4" else "no 4-bit quantization"
+
     # --- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -112,9 +112,9 @@ class JobState:
     def summary(self) -> str:
         """One line for a status box or a busy message."""
         where = f"step {self.step}/{self.total_steps}" if self.total_steps else "loading"
-        when = time.strftime("%H:%M", time.localtime(self.started_at)) if self.started_at else "?"
         if self.status in ACTIVE:
-            return f"{self.status}: {self.base_model} on {self.dataset}, {where}, started {when}"
+            when = f", started {time.strftime('%H:%M', time.localtime(self.started_at))}" if self.started_at else ""
+            return f"{self.status}: {self.base_model} on {self.dataset}, {where}{when}"
         if self.status == "failed":
             return f"failed: {self.error}" + (f" ({self.hint})" if self.hint else "")
         if self.status == "stopped" and not self.run_dir:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -50,7 +51,9 @@ class JobManager:
             placement = self.cards.take_training()
             self.placement = placement
             self._stop = threading.Event()
-            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=cfg.dataset)
+            # the start time is the click's: the page says "started HH:MM" while the model still loads
+            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=cfg.dataset,
+                                   started_at=time.time())
             if placement.gpus > 1:
                 self._state = self._state.apply(Log(f"GPUs: {placement.describe()}"))
             self._thread = threading.Thread(target=self._run, args=(cfg, token, resume_from, self._stop, placement),

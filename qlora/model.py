@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ MODELS_DIR_ENV = "QLORA_MODELS_DIR"
 HUB_TOKENIZER_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
 HUB_WEIGHT_FILES = ["*.safetensors"]
 HUB_SKIP = ["*/*", "adapter_config.json", "consolidated*"]  # consolidated*: a second copy of the weights (Mistral)
+
+
+# peft 0.21 reads the model's `is_gradient_checkpointing` (a deprecated alias in transformers 5) each time it wraps a
+# model, so every run and every chat adapter printed a FutureWarning the user can do nothing about. Only that one.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module="transformers.modeling_utils")
 
 
 class ModelError(ValueError):

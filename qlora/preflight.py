@@ -109,9 +109,8 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
     pf.estimate_gib = p.estimated_peak_gib
     pf.budget_gib = on.budget_gib if on.cuda else available_ram_gib()
     what = "GPU memory" if on.cuda else "RAM"
-    quant = "4-bit nf4" if cfg.quantize == "nf4" else "no 4-bit quantization"
     line = (f"estimated peak {what}: {p.estimated_peak_gib:.1f} GiB for batch {cfg.batch_size} × {cfg.max_length} "
-            f"tokens ({_billions(arch.params)} params, {quant}, LoRA r={cfg.lora_r}); "
+            f"tokens ({_billions(arch.params)} params, {cfg.quantize_words}, LoRA r={cfg.lora_r}); "
             + (f"budget {pf.budget_gib:.1f} GiB, {on.free_gib:.1f} GiB free now" if on.cuda
                else f"{pf.budget_gib:.1f} GiB available"))
     if fits(p.estimated_peak_gib, pf.budget_gib) is False:
@@ -119,7 +118,7 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
     elif pf.budget_gib is not None and p.estimated_peak_gib > HEADROOM * pf.budget_gib:
         pf.note(line + ": tight")
     elif on.cuda and p.estimated_peak_gib > on.free_gib:
-        pf.note(line + ": more than is free now (Start frees the chat model; other processes must end first)")
+        pf.note(line + ": more than is free now (Train frees the chat model; other processes must end first)")
     else:
         pf.good(line)
 

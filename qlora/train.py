@@ -62,7 +62,7 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
 
         # 3. The frozen base: 4-bit nf4, compute in bf16 where the card has it, fp16 on a T4, fp32 on the CPU.
         precision = pick_precision(cfg.precision)
-        emit(Log(f"loading {cfg.base_model} ({cfg.quantize}, {precision})"))
+        emit(Log(f"loading {cfg.base_model} ({cfg.quantize_words}, {precision})"))
         model = load_base(model_path, cfg.quantize, precision, token)
         if stop.is_set():
             raise StopBeforeStart()
@@ -170,7 +170,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=optimizer,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        gradient_checkpointing=checkpointing,
+        activation_checkpointing=checkpointing,  # transformers 5's name (gradient_checkpointing is deprecated)
         fp16=precision == "fp16", bf16=precision == "bf16",  # explicit: trl turns bf16 on by default, a T4 has none
         # rows come pre-truncated (data.tokenize); trl refuses max_length with padding_free, which needs none
         max_length=None if padding_free else cfg.max_length, padding_free=padding_free,

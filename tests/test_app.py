@@ -270,3 +270,17 @@ def _http_error(status: int, token: str):
     request = httpx.Request("POST", "https://huggingface.co/api/repos/create",
                             headers={"authorization": f"Bearer {token}"})
     return HfHubHTTPError(f"{status} Client Error for {token}", response=httpx.Response(status, request=request))
+
+
+def test_the_hyperparameters_title_names_the_preset_the_form_holds_and_why():
+    """Issue 16.3: the accordion said "start from the reference recipe" while, on a CPU, it held the embedded preset."""
+    from ui.training import form_defaults, preset_title, presets_note
+
+    cpu, gpu = preset_title(form_defaults(cuda=False)), preset_title(form_defaults(cuda=True))
+    assert cpu == "Hyperparameters: the embedded CPU preset (smollm2-135m, 30 steps): no GPU here", cpu
+    assert gpu == "Hyperparameters: the reference recipe (Llama-2-7B, nf4 + LoRA r=64): a GPU is here", gpu
+    assert preset_title(dict(form_defaults(cuda=True), base_model="someone/else")) == "Hyperparameters"
+    note = presets_note()  # both presets, as the form would load them
+    assert "embedded CPU preset: smollm2-135m on the built-in sample, 30 steps" in note, note
+    assert "reference recipe: NousResearch/Llama-2-7b-chat-hf on mlabonne/guanaco-llama2-1k, 4-bit nf4" in note, note
+

@@ -27,12 +27,58 @@ def test_train_then_chat_on_a_tiny_model(tiny_llama_dir, memo_jsonl, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "adapter saved:" in r.stdout and (out / "t" / "adapter" / "adapter_model.safetensors").exists()
     assert "training" in r.stderr  # the progress bar
+    assert "Warning" not in r.stderr, r.stderr  # no library deprecation the user can do nothing about (issue 16.6)
     saved = (out / "t" / "config.yaml").read_text()
     assert "learning_rate: 0.01" in saved and "max_steps: 3" in saved and "- v_proj" in saved
 
     r = cli("chat", "--adapter", str(out / "t"), "--max-new-tokens", "5", "--system", "Be brief.", "Hello?")
     assert r.returncode == 0, r.stderr
     assert "=== base (" in r.stdout and "=== fine-tuned (t) ===" in r.stdout
+    # not a terminal: the blocks are printed once, complete; what it is doing and the sampling go to stderr
+    assert r.stdout.count("=== base (") == 1 and r.stdout.count("=== fine-tuned (t) ===") == 1, r.stdout
+    assert r.stderr.startswith("loading the model… ") and "temperature 0.7, top-p 0.9, seed 0" in r.stderr
+    assert "Warning" not in r.stderr, r.stderr
+
+
+def on_a_terminal(*args, timeout=300) -> str:
+    """The CLI with a pseudo-terminal for stdin, stdout and stderr, as a person runs it; all it wrote."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TERM="xterm", COLUMNS="100", LINES="50")
+    proc = subprocess.Popen([sys.executable, "-m", "qlora", *args], stdin=follower, stdout=follower,
+                            stderr=follower, env=env, cwd=ROOT)
+    os.close(follower)
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(leader)
+    assert proc.wait(10) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def test_chat_on_a_terminal_says_it_loads_then_streams_both_labelled_answers(tiny_llama_dir, tmp_path):
+    from apphelpers import tiny_run
+
+    run = tiny_run(tmp_path / "runs", "tty", tiny_llama_dir)
+    out = on_a_terminal("chat", "--adapter", str(run), "--max-new-tokens", "8", "Hello?")
+    loading, first_block = out.find("loading the model… "), out.find("=== base (")
+    assert 0 <= loading < first_block, out[:2000]  # said before any answer is drawn
+    assert "temperature 0.7" in out[:first_block]  # the default, shown: the app's default too
+    # the blocks are redrawn as the tokens come (one drawing per update), not printed once at the end
+    assert out.count("=== base (") >= 3 and out.count("=== fine-tuned (tty) ===") >= 3, out[-2000:]
+    last = out[out.rfind("=== base ("):]
+    assert "=== fine-tuned (tty) ===" in last  # the last drawing holds both answers
 
 
 @pytest.mark.parametrize("args, message", [

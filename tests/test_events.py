@@ -31,3 +31,17 @@ def test_log_tail_is_bounded():
     for i in range(500):
         s = s.apply(Log(str(i)))
     assert len(s.logs) == 200 and s.logs[-1] == "499"
+
+
+def test_summary_names_only_what_is_known_of_the_current_job():
+    import time
+
+    loading = JobState(status="starting", base_model="m", dataset="d")
+    assert loading.summary() == "starting: m on d, loading"  # no start time known: nothing, never a "?"
+    at = time.mktime((2026, 1, 2, 9, 5, 0, 0, 0, -1))
+    clicked = JobState(status="starting", base_model="m", dataset="d", started_at=at)
+    assert clicked.summary() == "starting: m on d, loading, started 09:05"
+    running = clicked.apply(Started("r", 10, "m", "d", at=at + 60)).apply(_progress(2))
+    assert running.started_at == at and running.summary() == "running: m on d, step 2/10, started 09:05"
+    done = running.apply(Finished("r", {}))
+    assert "started" not in done.summary() and done.summary().startswith("finished at step 2/10")

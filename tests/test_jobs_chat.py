@@ -13,8 +13,10 @@ from qlora.jobs import JobManager
 def test_job_runs_in_background_refuses_a_second_start_and_stops(tiny_cfg):
     jobs = JobManager()
     jobs.start(tiny_cfg(max_steps=200))
-    with pytest.raises(BusyError, match="a run is already active"):
+    assert jobs.state().started_at  # set at the click: the page says "started HH:MM" while the model loads
+    with pytest.raises(BusyError, match="a run is already active") as busy:
         jobs.start(tiny_cfg())
+    assert "?" not in str(busy.value)
     # wait until it is really training, then stop from "another page"
     for _ in range(600):
         if jobs.state().step >= 2:

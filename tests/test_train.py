@@ -147,3 +147,23 @@ def test_a_cpu_4bit_base_keeps_its_layout_and_precision_in_eval_mode(tiny_llama_
     assert not getattr(q.weight.quant_state, "packing_format_for_cpu", False)
     reference = x @ bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).t()
     assert out.dtype == torch.float32 and torch.allclose(out, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_run_prints_no_library_warning(tiny_cfg, checkpointing):
+    """A run and a chat adapter, in a fresh process with Python's default warning filters (as the app runs them),
+    print no deprecation the user can do nothing about (issue 16.6: transformers 5's gradient-checkpointing names)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cfg = tiny_cfg(max_steps=2, gradient_checkpointing=checkpointing)
+    code = ("import sys; from qlora.config import TrainConfig; from qlora.train import train; "
+            "from qlora.chat import ChatEngine; "
+            f"run = train(TrainConfig.from_yaml(sys.stdin.read())); "
+            f"ChatEngine({cfg.base_model!r}, 'nf4').load_adapter(run)")
+    r = subprocess.run([sys.executable, "-c", code], input=cfg.to_yaml(), capture_output=True, text=True,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning" not in r.stderr, r.stderr

@@ -226,8 +226,11 @@ def build(ctx: AppContext) -> dict[str, Any]:
                                    "stopped run)", allow_custom_value=True, scale=4, elem_id="adapter-pick")
         refresh_btn = gr.Button("Refresh", scale=1)
     with gr.Row():
-        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-        top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p")
+        # the defaults are GenerationSettings', which the CLI's chat uses too: the same question gets the same answers
+        temperature = gr.Slider(0, 2, value=GenerationSettings.temperature, step=0.05,
+                                label=f"Temperature (0 = greedy; default {GenerationSettings.temperature})")
+        top_p = gr.Slider(0.05, 1, value=GenerationSettings.top_p, step=0.05,
+                          label=f"Top-p (default {GenerationSettings.top_p})")
         max_new = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
         seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=2**32 - 1)
     system = gr.Textbox("", label="System prompt (optional)", max_length=4000, lines=1)

@@ -16,6 +16,14 @@ from qlora.preflight import Preflight
 LOG_TAIL = 25
 LOSS_COLOURS = {"train": "#3b82f6", "eval": "#f97316"}  # fixed, so the legend holds even before the first point
 RUN_COLUMNS = ["run", "status", "base model", "dataset", "step", "final loss", "eval loss", "tokens/s", "created"]
+# shares of the table's width, so it fits the page (800 px too) instead of scrolling sideways; a column missing here
+# gets the default share
+RUN_WIDTHS = {"run": "17%", "status": "11%", "base model": "15%", "dataset": "11%", "step": "7%", "final loss": "9%",
+              "eval loss": "9%", "tokens/s": "11%", "created": "10%"}
+
+
+def run_column_widths() -> list[str]:
+    return [RUN_WIDTHS.get(name, "9%") for name in RUN_COLUMNS]
 
 
 def clock(seconds: float | None) -> str:
@@ -33,7 +41,7 @@ def progress_html(s: JobState) -> str:
         s.status, "#3b82f6")
     steps = f"step {s.step}/{s.total_steps}" if s.total_steps else ("loading model and data…" if s.active else "")
     figures = " · ".join(x for x in (
-        steps, f"{pct:.0f}%" if s.total_steps else "", f"elapsed {clock(s.elapsed_s)}" if s.started_at else "",
+        steps, f"{pct:.0f}%" if s.total_steps else "", f"elapsed {clock(s.elapsed_s)}" if s.step else "",
         f"ETA {clock(s.eta_s)}" if s.active and s.total_steps else "",
         f"{s.tokens_per_s:,.0f} tokens/s" if s.tokens_per_s else "") if x)
     return (f'<div id="job-progress" data-status="{html.escape(s.status)}" data-step="{s.step}" '
@@ -46,7 +54,7 @@ def progress_html(s: JobState) -> str:
 
 def status_markdown(s: JobState) -> str:
     if s.status == "idle":
-        return "No run yet. Check the form, then **Start**."
+        return "No run yet. Check the form, then **Train**."
     text = html.escape(s.summary())
     if s.status == "stopped" and s.run_dir:
         text += " — the partial adapter is saved and listed in the **Chat** tab."

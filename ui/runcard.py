@@ -165,7 +165,8 @@ def build(ctx: AppContext, run_pick, admin, token, repo, private) -> None:
     h = make_handlers(ctx)
     with gr.Row():
         eval_file = gr.File(label="Eval file (optional: default is the run's own held-out rows)",
-                            file_types=list(SUFFIXES), type="filepath", height=100, scale=2)
+                            file_types=list(SUFFIXES), type="filepath", height=150, scale=2, elem_id="eval-file",
+                            elem_classes=["upload-box"])  # ui/page.py keeps its label off the icon
         with gr.Column(scale=1):
             eval_rows = gr.Number(0, label="Rows (0: all)", precision=0, minimum=0, maximum=1_000_000)
             with gr.Row():

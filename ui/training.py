@@ -1,4 +1,4 @@
-"""The Training tab: the form, preflight, dataset preview, Start/Stop, live progress, past runs, download and push
+"""The Training tab: the form, preflight, dataset preview, Train/Stop, live progress, past runs, download and push
 (a run's evaluation card and merged export: ui/runcard.py)."""
 from __future__ import annotations
 
@@ -24,9 +24,33 @@ from .context import LOCKED, AppContext
 log = logging.getLogger("qlora.app")
 
 SOURCES = [("built-in sample", "sample"), ("Hub dataset id", "hub"), ("uploaded file", "upload")]
+QUANTIZE = [("nf4: 4-bit (QLoRA)", "nf4"), ("none: no 4-bit quantization", "none")]
 TARGETS = [("q_proj, v_proj (reference)", "q_proj,v_proj"), ("all linear layers (QLoRA paper)", "all-linear")]
 PREVIEW_ROWS = 5
 MAX_TEXT = 200  # free-text fields: Gradio does not enforce max_length on the server, we do
+STARTED = "▶️"  # begins Train's and Resume's answer when the click started a job (app.py: stale once that job ends)
+
+
+def preset_title(d: dict[str, Any]) -> str:
+    """The Hyperparameters accordion's title: which preset the form holds, and why that one (form_defaults)."""
+    if d["base_model"] == EMBEDDED_MODEL:
+        return f"Hyperparameters: the embedded CPU preset ({EMBEDDED_MODEL}, {d['max_steps']} steps): no GPU here"
+    if d["base_model"] == DEFAULT_MODEL and d["quantize"] == "nf4":
+        return f"Hyperparameters: the reference recipe (Llama-2-7B, nf4 + LoRA r={d['lora_r']}): a GPU is here"
+    return "Hyperparameters"
+
+
+def presets_note() -> str:
+    """Both presets in one line each, read from where they are defined (TrainConfig, embedded_defaults)."""
+    from qlora.config import embedded_defaults
+
+    ref, cpu = TrainConfig(), embedded_defaults()
+    return (f"Without a GPU the form starts from the embedded CPU preset: {EMBEDDED_MODEL} on the built-in sample, "
+            f"{cpu['max_steps']} steps, {', '.join(cpu['target_modules'])}, lr {cpu['learning_rate']:g}, no 4-bit "
+            f"quantization (its weights are already 4-bit): a few minutes on a CPU. With a GPU, from the reference "
+            f"recipe: {ref.base_model} on {ref.dataset}, 4-bit {ref.quantize} + LoRA r={ref.lora_r}, alpha "
+            f"{ref.lora_alpha}, dropout {ref.lora_dropout} on {', '.join(ref.target_modules)}, "
+            f"lr {ref.learning_rate:g}.")
 
 
 def form_defaults(cuda: bool) -> dict[str, Any]:
@@ -144,7 +168,7 @@ def make_handlers(ctx: AppContext):
             return f"⏳ Busy: {html.escape(str(e))}"
         where = _made_room(ctx)
         log.info("training started: %s on %s%s", cfg.base_model, cfg.dataset, where)
-        return (f"▶️ Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
+        return (f"{STARTED} Started: {html.escape(cfg.base_model)} on {html.escape(cfg.dataset)}{html.escape(where)}. "
                 "Progress shows below.")
 
     def stop(admin_password: str = "") -> str:
@@ -204,7 +228,7 @@ def make_handlers(ctx: AppContext):
         except BusyError as e:
             return f"⏳ Busy: {html.escape(str(e))}"
         where = _made_room(ctx)
-        return (f"▶️ Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
+        return (f"{STARTED} Resuming {html.escape(info.name)} from its last checkpoint{html.escape(where)}. Progress shows "
                 "below.")
 
     return dict(run_curve=run_curve, check=check, preview=preview, start=start, stop=stop, download=download, push=push,
@@ -245,21 +269,25 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                           info=f"a Hub id, the embedded {EMBEDDED_MODEL} (offline), or a folder of "
                                                f"the server's models folder ({MODELS_DIR_ENV})"),
             }
-            with gr.Row():
+            with gr.Row():  # only the input the chosen source uses is shown (the radio toggles them, below)
                 src = "sample" if d["dataset"] == SAMPLE_DATASET else "hub"
-                form["dataset_source"] = gr.Radio(SOURCES, value=src, label="Dataset")
+                form["dataset_source"] = gr.Radio(SOURCES, value=src, label="Dataset", elem_id="dataset-source")
                 form["hub_dataset"] = gr.Textbox(d["dataset"] if src == "hub" else "mlabonne/guanaco-llama2-1k",
-                                                 label="Hub dataset id", max_length=MAX_TEXT)
-            form["upload"] = gr.File(label="Upload (.jsonl, .json, .csv, .parquet: text, messages or "
-                                           "instruction/output rows)", file_types=list(SUFFIXES), type="filepath",
-                                     height=130)
+                                                 label="Hub dataset id", max_length=MAX_TEXT, visible=src == "hub",
+                                                 elem_id="hub-dataset")
+            form["upload"] = gr.File(label="Dataset file: .jsonl, .json, .csv or .parquet", file_types=list(SUFFIXES),
+                                     type="filepath", height=150, visible=False, elem_id="upload-file",
+                                     elem_classes=["upload-box"])
+            upload_note = gr.Markdown("Rows of `text` (Llama 2 format), `messages` (role/content) or "
+                                      "`instruction`/`input`/`output`.", visible=False)
         with gr.Column(scale=2):
             token = gr.Textbox("", label="HF token (optional)", type="password", max_length=200,
                                info="for gated models and pushing; behind the admin password, falls back to the HF_TOKEN secret; never stored")
             form["run_name"] = gr.Textbox("", label="Run name (optional)", max_length=100, placeholder="run-<date>-<time>")
-    with gr.Accordion("Hyperparameters (start from the reference recipe)", open=False):
+    with gr.Accordion(preset_title(d), open=False, elem_id="hyperparameters"):
+        gr.Markdown(presets_note())
         with gr.Row():
-            form["quantize"] = gr.Dropdown(["nf4", "none"], value=d["quantize"], label="Quantize base",
+            form["quantize"] = gr.Dropdown(QUANTIZE, value=d["quantize"], label="Quantize base",
                                            info="nf4 = QLoRA")
             form["target_modules"] = gr.Dropdown(TARGETS, value=",".join(d["target_modules"]), label="LoRA targets")
             form["lora_r"] = gr.Number(d["lora_r"], label="LoRA r", precision=0, minimum=1, maximum=1024)
@@ -303,9 +331,12 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     with gr.Row():
         check_btn = gr.Button("Preflight check")
         preview_btn = gr.Button("Preview dataset")
-        c["start"] = gr.Button("Start", variant="primary", elem_id="start-btn")
+        c["start"] = gr.Button("Train", variant="primary", elem_id="start-btn")  # its API name stays /start
         c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
     c["message"] = gr.Markdown(elem_id="train-message")
+    # Train's and Resume's answers land here first: app.py shows each with the job it started, in one update, so the
+    # message never says "Started" above the previous run's bar
+    c["answer"] = gr.Markdown(visible=False)
     with gr.Accordion("Dataset preview", open=False) as preview_box:
         preview_note = gr.Markdown()
         preview_table = gr.Dataframe(headers=["text", "tokens", "flags"], interactive=False, wrap=True,
@@ -313,18 +344,23 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     c["progress"] = gr.HTML(render.progress_html(ctx.jobs.state()), elem_id="progress")
     c["status"] = gr.Markdown(render.status_markdown(ctx.jobs.state()), elem_id="job-status")
     with gr.Row():
+        # gradio redraws a plot's data only (a changed setting redraws it empty), so the empty state is ui/page.py's
         c["plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
-                                color_map=render.LOSS_COLOURS, title="Loss", height=260, elem_id="loss-plot", scale=3)
+                                color_map=render.LOSS_COLOURS, title="Loss", height=260, elem_id="loss-plot",
+                                elem_classes=["loss-plot"], scale=3)
         with gr.Column(scale=2):
+            # pinned to the newest line by ui/page.py's script (gradio's autoscroll follows only the first update)
             c["logs"] = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False,
-                                   autoscroll=True)
+                                   autoscroll=False, elem_id="train-log", elem_classes=["pin-bottom"])
     with gr.Accordion("Sample answers: base vs the adapter as it trains", open=True):
         c["samples"] = gr.Markdown(render.samples_markdown(ctx.jobs.state()), elem_id="samples")
     with gr.Accordion("Past runs", open=True):
-        c["runs"] = gr.Dataframe(render.runs_frame(ctx.runs_root), interactive=False, wrap=True, max_height=300)
+        c["runs"] = gr.Dataframe(render.runs_frame(ctx.runs_root), interactive=False, wrap=True, max_height=300,
+                                 column_widths=render.run_column_widths(), elem_id="runs-table")
         with gr.Row():  # custom values: the list changes as runs end; handlers check the name against the disk
+            # min_width: on a narrow page the buttons wrap below rather than the run's name being cut
             c["run_pick"] = gr.Dropdown(render.adapter_choices(ctx.runs_root), label="Run (finished or stopped)",
-                                        allow_custom_value=True, scale=2)
+                                        allow_custom_value=True, scale=2, min_width=480, elem_id="run-pick")
             download_btn = gr.Button("Download adapter (.zip)")
             refresh_btn = gr.Button("Refresh list")
         with gr.Row():
@@ -339,19 +375,26 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                       allow_custom_value=True, scale=2)
             resume_btn = gr.Button("Resume from last checkpoint")
         c["run_message"] = gr.Markdown()
-        c["run_plot"] = gr.LinePlot(render.loss_frame(ctx.jobs.state()), x="step", y="loss", color="series",
-                                    color_map=render.LOSS_COLOURS, title="Loss of the picked run",
-                                    height=220)
+        c["run_plot"] = gr.LinePlot(render.loss_frame(JobState()), x="step", y="loss", color="series",
+                                    color_map=render.LOSS_COLOURS, title="Loss of the picked run", height=220,
+                                    elem_id="run-plot", elem_classes=["loss-plot"])
         runcard.build(ctx, c["run_pick"], admin, token, repo, private)  # evaluation card, merged export
 
     # Events. Every handler checks the admin password itself: the API runs the same code as the buttons.
+    def source_inputs(source: str):
+        return gr.Textbox(visible=source == "hub"), gr.File(visible=source == "upload"), gr.Markdown(
+            visible=source == "upload")
+
+    form["dataset_source"].change(source_inputs, form["dataset_source"], [form["hub_dataset"], form["upload"],
+                                                                         upload_note], queue=False,
+                                  api_visibility="private")
     protected = dict(admin_password=admin, hf_token=token, **form)
     check_btn.click(h["check"], inputs_kwargs=protected, outputs=c["message"], api_name="preflight",
                     concurrency_id="train")
     preview_btn.click(h["preview"], inputs_kwargs=protected, outputs=[preview_table, preview_note],
                       api_name="preview", concurrency_id="train").then(lambda: gr.Accordion(open=True), None,
                                                                        preview_box, api_visibility="private")
-    c["start_event"] = c["start"].click(h["start"], inputs_kwargs=protected, outputs=c["message"], api_name="start",
+    c["start_event"] = c["start"].click(h["start"], inputs_kwargs=protected, outputs=c["answer"], api_name="start",
                                         concurrency_limit=1, concurrency_id="train", trigger_mode="once")
     # Stop must never queue behind anything.
     c["stop"].click(h["stop"], inputs_kwargs=dict(admin_password=admin), outputs=c["message"], api_name="stop",
@@ -361,8 +404,10 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
     push_btn.click(h["push"], inputs_kwargs=dict(run=c["run_pick"], repo_id=repo, private=private, hf_token=token,
                                                  admin_password=admin),
                    outputs=c["run_message"], api_name="push")
-    resume_btn.click(h["resume"], inputs_kwargs=dict(run=resume_pick, admin_password=admin, hf_token=token),
-                     outputs=c["message"], api_name="resume", concurrency_limit=1, concurrency_id="train")
+    c["resume_event"] = resume_btn.click(h["resume"], inputs_kwargs=dict(run=resume_pick, admin_password=admin,
+                                                                         hf_token=token),
+                                         outputs=c["answer"], api_name="resume", concurrency_limit=1,
+                                         concurrency_id="train")
     refresh_btn.click(lambda: gr.Dropdown(choices=resumable_choices(ctx.runs_root)), None, resume_pick,
                       api_visibility="private")
     c["run_pick"].change(h["run_curve"], c["run_pick"], c["run_plot"], api_visibility="private")
