@@ -84,6 +84,18 @@ def place(rows: list[dict[str, Any]], i: int) -> str:
     return places[i] if places and i < len(places) else f"row {i + 1}"
 
 
+def display_name(source: str) -> str:
+    """What the page, the log and a run's status call a dataset source: the sample, a file's own name, or the Hub id."""
+    if source == "sample":
+        return "built-in sample"
+    path = Path(source).expanduser()
+    return path.name if _is_local(path) else source
+
+
+def _is_local(path: Path) -> bool:
+    return path.suffix.lower() in SUFFIXES or path.exists()
+
+
 def load_rows(source: str, token: str | None = None, max_rows: int = 0,
               allow_local: bool = True) -> tuple[list[dict[str, Any]], str]:
     """Raw rows and a display name for them. `source` is "sample", a local file path, or a Hub dataset id.
@@ -92,10 +104,10 @@ def load_rows(source: str, token: str | None = None, max_rows: int = 0,
     relative path, and anything else is refused with one message whether or not such a path exists.
     """
     if source == "sample":
-        return _read_file(SAMPLE_PATH, max_rows), "built-in sample"
+        return _read_file(SAMPLE_PATH, max_rows), display_name(source)
     path = Path(source).expanduser()
-    if allow_local and (path.suffix.lower() in SUFFIXES or path.exists()):
-        return _read_file(path, max_rows), path.name
+    if allow_local and _is_local(path):
+        return _read_file(path, max_rows), display_name(source)
     if not is_hub_id(source):
         if allow_local:
             raise DataError(f"{source[:100]!r}: not a local file and not a valid Hub dataset id (owner/name)")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import TrainConfig
+from .data import display_name
 from .device import TRAIN, BusyError, Cards, Placement
 from .device import cards as host_cards
 from .events import Event, Failed, JobState, Log
@@ -52,7 +53,7 @@ class JobManager:
             self.placement = placement
             self._stop = threading.Event()
             # the start time is the click's: the page says "started HH:MM" while the model still loads
-            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=cfg.dataset,
+            self._state = JobState(status="starting", base_model=cfg.base_model, dataset=display_name(cfg.dataset),
                                    started_at=time.time())
             if placement.gpus > 1:
                 self._state = self._state.apply(Log(f"GPUs: {placement.describe()}"))

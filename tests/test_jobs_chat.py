@@ -1,6 +1,7 @@
 """The background job manager and side-by-side chat, on the real 4-bit path with a tiny Llama."""
 import contextlib
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +13,10 @@ from qlora.jobs import JobManager
 
 def test_job_runs_in_background_refuses_a_second_start_and_stops(tiny_cfg):
     jobs = JobManager()
-    jobs.start(tiny_cfg(max_steps=200))
+    cfg = tiny_cfg(max_steps=200)
+    jobs.start(cfg)
     assert jobs.state().started_at  # set at the click: the page says "started HH:MM" while the model loads
+    loading = jobs.state().dataset  # the name the status uses while the model loads ...
     with pytest.raises(BusyError, match="a run is already active") as busy:
         jobs.start(tiny_cfg())
     assert "?" not in str(busy.value)
@@ -22,6 +25,7 @@ def test_job_runs_in_background_refuses_a_second_start_and_stops(tiny_cfg):
         if jobs.state().step >= 2:
             break
         threading.Event().wait(0.1)
+    assert jobs.state().dataset == loading == Path(cfg.dataset).name  # ... is the one it uses while training
     jobs.stop()
     state = jobs.wait(120)
     assert state.status == "stopped" and 2 <= state.step < 200, state.summary()
