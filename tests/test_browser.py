@@ -7,6 +7,7 @@ Screenshots are kept in test-artifacts/ (git-ignored) for a person to look at: e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,30 +32,39 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def app_url(tmp_path):
+@contextlib.contextmanager
+def serve(runs_dir: Path, log_path: Path):
+    """`python app.py` on a free port over runs_dir, as a person starts it; yields its URL."""
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("QLORA_ADMIN_PASSWORD", None)
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--runs-dir", str(runs_dir)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "the app did not start in 90 s"
-            time.sleep(0.5)
-    yield f"http://127.0.0.1:{port}/"
-    proc.terminate()
     try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "the app did not start in 90 s"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    with serve(tmp_path / "runs", tmp_path / "server.log") as url:
+        yield url
 
 
 @pytest.fixture
@@ -342,3 +352,19 @@ def run_the_loop(app_url, page, statuses):
     announced = next(s for s in after if "Started" in s["message"])
     assert announced["status"] in ("starting", "running"), after
     assert any(s["job"].startswith("finished at step 2/2") for s in after), after
+
+
+def test_a_page_opened_after_a_run_shows_the_picked_runs_card_and_curve(tiny_cfg, tmp_path, page):
+    """An app started over an existing run picks it: its evaluation card and loss curve are there at once, not blanks
+    under its name until the pick changes (the first render already holds the run, so no change event fires)."""
+    from qlora.train import train
+
+    cfg = tiny_cfg(max_steps=4, eval_fraction=0.25)
+    run = train(cfg)  # a real 4-bit run of a tiny Llama, with its end-of-run card
+    with serve(Path(cfg.output_dir), tmp_path / "server2.log") as url:
+        page.goto(url)
+        page.wait_for_function(f"(document.querySelector('#run-pick input')?.value || '').startsWith('{run.name} ')",
+                               timeout=60_000)
+        page.wait_for_function("(document.querySelector('#eval-card')?.innerText || '').includes('adapter  loss')",
+                               timeout=30_000)
+        page.wait_for_function("document.querySelectorAll('#run-plot .mark-line path').length >= 1", timeout=30_000)

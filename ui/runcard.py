@@ -182,7 +182,8 @@ def build(ctx: AppContext, run_pick, admin, token, repo, private) -> None:
         export_message = gr.Markdown(elem_id="export-message")
         merged_zip = gr.File(label="Merged model zip", interactive=False, height=100)
 
-    run_pick.change(h["card"], [run_pick, admin], card, api_visibility="private")
+    # on the page's load and when the admin password is typed too: the picked run's card, never a blank under its name
+    gr.on(None, h["card"], [run_pick, admin], card, api_visibility="private")
     gr.api(h["card"], api_name="eval_card", queue=False)
     eval_btn.click(h["evaluate"], inputs_kwargs=dict(run=run_pick, upload=eval_file, rows=eval_rows,
                                                      admin_password=admin, hf_token=token),

@@ -410,7 +410,8 @@ def build(ctx: AppContext, defaults: dict[str, Any]) -> dict[str, Any]:
                                          concurrency_id="train")
     refresh_btn.click(lambda: gr.Dropdown(choices=resumable_choices(ctx.runs_root)), None, resume_pick,
                       api_visibility="private")
-    c["run_pick"].change(h["run_curve"], c["run_pick"], c["run_plot"], api_visibility="private")
+    # on the page's load too: a reloaded page shows the picked run's curve, not an empty plot under its name
+    gr.on(None, h["run_curve"], c["run_pick"], c["run_plot"], api_visibility="private")
     c["refresh"] = refresh_btn
     gr.api(h["job_status"], api_name="job_status", queue=False)
     return c
