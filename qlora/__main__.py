@@ -333,9 +333,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
-    # on a CPU without the optional `kernels` package (a Hub download) bitsandbytes warns once per process that it
-    # uses its own 4-bit kernel instead: true, and nothing to act on
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     logger = logging.getLogger("qlora")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):  # main() may run many times in one process
         logger.addHandler(_Stderr())
