@@ -117,10 +117,15 @@ class Plan:
 
     def estimate(self, cfg, arch: Arch) -> float:
         """This plan's peak memory (estimate_peak_gib with its settings), GiB to two decimals."""
+        return round(self.peak(cfg, arch), 2)
+
+    def peak(self, cfg, arch: Arch, checkpoint_layers: int | None = None, keep_mlp: int | None = None) -> float:
+        """estimate_peak_gib with this plan's settings, or with another checkpoint or keep count (while planning)."""
         lora_fp32 = self.lora_fp32 if self.lora_fp32 is not None else self.precision != "bf16"
-        return round(estimate_peak_gib(arch, cfg, self.checkpointed(cfg, arch), self.lean, cfg.quantize == "nf4",
-                                       lora_fp32, self.fused, 4 if self.precision == "fp32" else 2,
-                                       self.keep_mlp if self.fused else 0, self.keep_bits), 2)
+        layers = self.checkpointed(cfg, arch) if checkpoint_layers is None else checkpoint_layers
+        keep = (self.keep_mlp if keep_mlp is None else keep_mlp) if self.fused else 0
+        return estimate_peak_gib(arch, cfg, layers, self.lean, cfg.quantize == "nf4", lora_fp32, self.fused,
+                                 4 if self.precision == "fp32" else 2, keep, self.keep_bits)
 
     def fused_options(self):
         """What the fused layers compute with (qlora/fused.py's Options)."""
@@ -229,7 +234,7 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         # the fewest recomputing layers whose estimate fits the budget; all of them if none does
         p.checkpoint_layers = arch.layers
         for k in range(arch.layers + 1):
-            if estimate_peak_gib(arch, cfg, k, p.lean, cfg.quantize == "nf4", lora_fp32, p.fused) <= limit:
+            if p.peak(cfg, arch, checkpoint_layers=k) <= limit:
                 p.checkpoint_layers = k
                 break
         p.notes.append(f"gradient checkpointing on {p.checkpoint_layers} of {arch.layers} layers "
@@ -264,8 +269,7 @@ def _choose_keep(p: Plan, cfg, arch: Arch, tflops: float | None, limit: float) -
         return
     rate = f"fp16 matmuls at ~{tflops:.0f} TFLOP/s"
     for keep in range(fused_layers, 0, -1):
-        if estimate_peak_gib(arch, cfg, p.checkpoint_layers, p.lean, cfg.quantize == "nf4", p.lora_fp32, True,
-                             keep_mlp=keep, keep_bits=p.keep_bits) <= limit:
+        if p.peak(cfg, arch, keep_mlp=keep) <= limit:
             p.keep_mlp = keep
             break
     p.notes.append(f"gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} of {fused_layers} fused layers, the rest "

@@ -185,6 +185,14 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     assert long.checkpoint_layers > 0 and long.keep_mlp == 0
 
 
+def test_an_fp32_run_on_a_gpu_is_planned_with_the_fp32_figure_it_reports():
+    """The checkpoint and keep choices weigh the same estimate the plan reports: fp32 doubles weights and
+    activations, so a plan chosen on the 16-bit figure reported an estimate over its own budget."""
+    p = speed.plan(TrainConfig(), LLAMA, "fp32", **T4_CARD)
+    assert p.estimated_peak_gib <= 15.0 * speed.HEADROOM, (p.estimated_peak_gib, p.checkpoint_layers, p.keep_mlp)
+    assert p.estimated_peak_gib == p.estimate(TrainConfig(), LLAMA)
+
+
 def test_8_bit_keeping_fits_about_twice_the_layers(monkeypatch):
     sixteen = speed.plan(TrainConfig(), LLAMA, "fp16", **T4_CARD).keep_mlp
     monkeypatch.setattr(speed, "KEEP_BITS", 8)
