@@ -15,7 +15,6 @@ import json
 import sys
 
 
-
 def _time_graph(fn, reps: int = 50) -> float:
     """Microseconds a call of fn takes, replayed from a CUDA graph that holds `reps` calls."""
     import torch
