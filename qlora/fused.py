@@ -416,21 +416,16 @@ def _rope_backward(g, cos, sin, fewer: bool = False, out=None):
     return g * cos + torch.cat((gs[..., half:], -gs[..., :half]), dim=-1)  # rotate_half's transpose
 
 
-def _attention_kernel(parts: LayerParts):
-    """The sdpa kernel the plan picked (speed.attention_kernel): restricted to it, math as the fallback."""
+def sdpa_kernel_context(kernel: str | None):
+    """The sdpa kernel the plan picked (speed.attention_kernel): "efficient" or "math" restricts sdpa to it (math also
+    backs up efficient, e.g. on the CPU); None or "flash" leaves torch's own order (cuDNN is off: speed.before_peft)."""
     import contextlib
 
-    if parts.options.attention in (None, "flash"):  # torch's own order (cuDNN is off: speed.before_peft)
+    if kernel in (None, "flash"):
         return contextlib.nullcontext()
-    return sdpa_kernel_context(parts.options.attention)
-
-
-def sdpa_kernel_context(kernel: str):
-    """torch.nn.attention.sdpa_kernel for "efficient" or "math" (math also backs up efficient, e.g. on the CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH],
-                "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}[kernel]
+    backends = {"efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], "math": [SDPBackend.MATH]}[kernel]
     return sdpa_kernel(backends)
 
 
@@ -447,7 +442,7 @@ def _attention(parts: LayerParts, q, k, v):
             groups = parts.heads // parts.kv_heads
             kk = k[:, :, None].expand(b, n, groups, s, d).reshape(b, n * groups, s, d)
             vv = v[:, :, None].expand(b, n, groups, s, d).reshape(b, n * groups, s, d)
-        with _attention_kernel(parts):
+        with sdpa_kernel_context(parts.options.attention):
             o = F.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=parts.scale)
     return q, k, v, o
 

@@ -283,8 +283,6 @@ def register_causal_attention(kernel: str | None = None) -> None:
 
     kernel: "efficient" or "math" restricts sdpa to that kernel (the plan's attention_kernel: what a T4 has), with
     math as the fallback; None or "flash": torch's own order."""
-    import contextlib
-
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface
@@ -293,7 +291,7 @@ def register_causal_attention(kernel: str | None = None) -> None:
 
     def causal_sdpa(module, query, key, value, attention_mask, **kwargs):
         kwargs.pop("is_causal", None)
-        with sdpa_kernel_context(kernel) if kernel not in (None, "flash") else contextlib.nullcontext():
+        with sdpa_kernel_context(kernel):
             return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
     def no_mask(*args, **kwargs):
