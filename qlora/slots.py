@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch  # this module is imported only when the slot engine starts (`import qlora` stays light)
 
+from .rowexact import deterministic_attention
+
 log = logging.getLogger("qlora.chat")
 
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
@@ -263,15 +265,6 @@ def register_attention() -> None:
 
     AttentionInterface.register(ATTENTION, slots_sdpa)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
-def deterministic_attention():
-    """SDPA limited to flash and memory-efficient attention (math where neither applies): their forward passes give
-    the same bits run after run, and masked key blocks add exact zeros. Measured on the H200 (bench/README.md): SDPA
-    picked cuDNN attention for the masked decode step, and repeated requests drifted apart within 60 tokens."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 # --- sampling ------------------------------------------------------------------------------------------------
