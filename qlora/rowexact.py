@@ -131,8 +131,7 @@ class GenerateBackend:
 
 
 def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: list[str], settings,
-                  stop_ids: Sequence[int], stop: threading.Event | None, streamer_out: list | None = None
-                  ) -> Iterator[list[list[int]]]:
+                  stop_ids: Sequence[int], stop: threading.Event | None) -> Iterator[list[list[int]]]:
     """One batched generate in a thread; yields each row's token ids (cut at its first stop id: the prompt format's EOS
     or end-of-turn marker) as they grow. Equal-length prompts."""
     import torch
@@ -140,8 +139,6 @@ def generate_rows(model, tokenizer, prompts: list[list[int]], adapter_names: lis
 
     ids = torch.tensor(prompts, device=model.device)
     streamer = RowStreamer(len(prompts), stop_ids)
-    if streamer_out is not None:
-        streamer_out.append(streamer)
     stop = stop or threading.Event()
 
     class _Stop(StoppingCriteria):

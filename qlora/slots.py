@@ -163,9 +163,6 @@ class AdapterColumns:
             setattr(parent, child, module)
         self._originals.clear()
 
-    def bytes(self) -> int:
-        return sum(m.lora_a.nbytes + m.lora_b.nbytes for m in self.linears.values())
-
     def place(self, name: str, weights: LoraWeights, start: int) -> None:
         """Copy an adapter into columns [start, start + width); modules it does not target get zeros there."""
         width = _round_up(weights.rank, COLUMN_GRAIN)
