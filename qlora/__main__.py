@@ -143,7 +143,7 @@ def _train(args) -> int:
 
     cfg = config_from_args(args)
     check_output_dir(cfg.output_dir)
-    token = os.environ.get(args.token_env) or _stored_login()
+    token = _token(args)
     first = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` rank 0 checks and recovers for all
     checked = preflight(cfg, token, cfg.output_dir) if first else None
     if checked is not None:
@@ -287,7 +287,7 @@ def _eval(args) -> int:
             bar = tqdm(total=total, desc="evaluating", unit="step", file=sys.stderr)
         bar.update(done - bar.n)
 
-    card = evaluate_run(run_dir, args.dataset, args.rows, os.environ.get(args.token_env) or _stored_login(), progress)
+    card = evaluate_run(run_dir, args.dataset, args.rows, _token(args), progress)
     if bar is not None:
         bar.close()
     print("\n".join(summary(card)))
@@ -304,7 +304,7 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from .export import export_run
 
-    out = export_run(_run_folder(args.adapter), os.environ.get(args.token_env) or _stored_login(),
+    out = export_run(_run_folder(args.adapter), _token(args),
                      lambda line: print(line, file=sys.stderr))
     print(f"merged model: {out}")
     print(f"load it:      AutoModelForCausalLM.from_pretrained({str(out)!r})")
@@ -346,11 +346,12 @@ class _Stderr(logging.StreamHandler):
         super().emit(record)
 
 
-def _stored_login() -> str | None:
-    """The token `hf auth login` stored on this machine: the CLI's user owns it (the core never picks one itself)."""
+def _token(args) -> str | None:
+    """The Hub token: the environment variable --token-env names, else the one `hf auth login` stored on this machine
+    (the CLI's user owns both; the core never picks one itself)."""
     from huggingface_hub import get_token
 
-    return get_token()
+    return os.environ.get(args.token_env) or get_token()
 
 
 def _one_line(e: BaseException) -> str:
