@@ -357,6 +357,12 @@ def _count(x: Any) -> bool:
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?$")
 
 
+def targets_module(target: str, module: str) -> bool:
+    """peft's rule for a target_modules name: the module's own name or its last dotted part(s). Training checks that
+    each target found a module, and a saved adapter that each target has tensors, with the same rule."""
+    return module == target or module.endswith("." + target)
+
+
 def _missing_modules(config: dict, tensors: list[str]) -> str:
     """'' when every LoRA module has both halves, every listed target module has tensors, and each has them in the
     same layers as the others; else what is missing, in words."""
@@ -373,7 +379,7 @@ def _missing_modules(config: dict, tensors: list[str]) -> str:
     targets = config.get("target_modules")
     if isinstance(targets, list):
         absent = [t for t in targets if isinstance(t, str)
-                  and not any(mod == t or mod.endswith("." + t) for mod in halves)]
+                  and not any(targets_module(t, mod) for mod in halves)]
         if absent:
             return ", ".join(sorted(absent))
     # the same module in every layer: q_proj in layers 0-31 but v_proj only in 0-15 is half an adapter

@@ -194,7 +194,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
     peft_model = get_peft_model(model, lora_config(cfg))
     if cfg.target_modules != ["all-linear"]:  # peft only warns; the adapter would then read as half-complete
         found = peft_model.base_model.targeted_module_names
-        unmatched = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in found)]
+        unmatched = [t for t in cfg.target_modules if not any(runs.targets_module(t, n) for n in found)]
         if unmatched:
             raise ValueError(f"target_modules: {', '.join(unmatched)} matches no module of {cfg.base_model}")
     trainer = SFTTrainer(
@@ -220,8 +220,9 @@ def final_metrics(trainer, result, tokenizer) -> dict:
     m.update(step=trainer.state.global_step, max_steps=trainer.state.max_steps,
              first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
              final_eval_loss=evals[-1] if evals else None, tokens_seen=trainer.state.num_input_tokens_seen)
-    if peak_allocated_gib() is not None:
-        m["peak_gpu_memory_gib"] = peak_allocated_gib()
+    peak = peak_allocated_gib()
+    if peak is not None:
+        m["peak_gpu_memory_gib"] = peak
     return m
 
 
