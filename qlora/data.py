@@ -57,9 +57,12 @@ class PreparedData:
     train: list[Conversation]
     eval: list[Conversation]
     shape: str  # text | messages | alpaca, or "mixed (3 text, 2 messages)"
-    dropped: int  # rows skipped: nothing to train on
     source: str
-    dropped_by: dict[str, int] = field(default_factory=dict)  # why, e.g. {"empty answer": 2, "null": 1}
+    dropped_by: dict[str, int] = field(default_factory=dict)  # rows skipped (nothing to train on), by why
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by.values())
 
     def skipped(self) -> str:
         """'3 rows skipped (2 empty answer, 1 null)', or '' when no row was."""
@@ -122,7 +125,7 @@ def prepare(source: str, eval_fraction: float = 0.0, seed: int = 42, token: str 
     rows, name = load_rows(source, token, max_rows, allow_local)
     convs, shape, dropped = to_conversations(rows, name)
     train, held_out = split(convs, eval_fraction, seed)
-    return PreparedData(train=train, eval=held_out, shape=shape, dropped=sum(dropped.values()), source=name,
+    return PreparedData(train=train, eval=held_out, shape=shape, source=name,
                         dropped_by=dict(dropped))
 
 
