@@ -428,16 +428,22 @@ def list_runs(root: str | Path) -> list[RunInfo]:
     root = Path(root)
     if not root.is_dir():
         return []
-    infos = []
-    for run_dir in root.iterdir():
-        try:
-            if run_dir.name.startswith(".") or not run_dir.is_dir() or not (run_dir / "run.json").exists():
-                continue
-            infos.append(_read_run(run_dir))
-        except Exception as e:  # whatever a hostile or broken folder does, the other runs stay listed
-            log.warning("run folder %s: %s", run_dir.name, e)
-            infos.append(_damaged(run_dir, f"cannot be read ({type(e).__name__})"))
+    infos = [info for run_dir in root.iterdir() if (info := _listed(run_dir)) is not None]
     return sorted(infos, key=lambda r: r.created, reverse=True)
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A folder with a run.json, not hidden (temp and trash folders start with a dot)."""
+    return not path.name.startswith(".") and path.is_dir() and (path / "run.json").exists()
+
+
+def _listed(path: Path) -> RunInfo | None:
+    """The run in `path` as listed (None where it is no run folder); one that cannot be read is a damaged run."""
+    try:
+        return _read_run(path) if _is_run_folder(path) else None
+    except Exception as e:  # whatever a hostile or broken folder does, the other runs stay listed
+        log.warning("run folder %s: %s", path.name, e)
+        return _damaged(path, f"cannot be read ({type(e).__name__})")
 
 
 def _read_run(run_dir: Path) -> RunInfo:
@@ -488,14 +494,15 @@ def usable_run(root: str | Path, name: str) -> RunInfo:
     """The run called `name` under root if its adapter is usable; ValueError says why not. Names never escape root."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise ValueError("pick a run from the list")
-    for info in list_runs(root):
-        if info.name == name:
-            if info.damaged:
-                raise ValueError(f"run {name} is damaged: {info.damaged}")
-            if not info.usable:
-                raise ValueError(f"run {name} has no usable adapter (status: {info.status})")
-            return info
-    raise ValueError(f"no run called {name}")
+    # only this folder is read (a chat turn asks for one run, not the list); "." would be root itself
+    info = None if name.startswith(".") else _listed(Path(root) / name)
+    if info is None:
+        raise ValueError(f"no run called {name}")
+    if info.damaged:
+        raise ValueError(f"run {name} is damaged: {info.damaged}")
+    if not info.usable:
+        raise ValueError(f"run {name} has no usable adapter (status: {info.status})")
+    return info
 
 
 def resumable_runs(root: str | Path) -> list[RunInfo]:
@@ -528,7 +535,7 @@ def recover_all(root: str | Path) -> list[str]:
     done = []
     for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
         try:
-            if not run_dir.name.startswith(".") and run_dir.is_dir() and (run_dir / "run.json").exists():
+            if _is_run_folder(run_dir):
                 done += [f"{run_dir.name}: {what}" for what in recover(run_dir)]
         except Exception as e:  # one folder that cannot be repaired is listed as damaged; the others are repaired
             log.warning("run folder %s: recovery failed: %s", run_dir.name, e)
