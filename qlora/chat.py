@@ -111,12 +111,17 @@ class ChatEngine:
         folder = Path(adapter_dir)
         if (folder / runs.ADAPTER).is_dir():
             folder = folder / runs.ADAPTER
-        runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
-        adapter_base.check(folder, self.base_model, self._layer_shapes)  # another base: say which, not a traceback
-        fmt = runs.prompt_format(folder.parent if folder.name == runs.ADAPTER else folder)
+        run_dir = folder.parent if folder.name == runs.ADAPTER else folder
+        with self._lock:  # the same files, already checked (every chat turn asks): only the format is read again
+            known = next((a for a in self.adapters.values() if a.folder == folder.resolve() and _same_content(a)),
+                         None)
+        if known is None:
+            runs.verify_adapter(folder)  # a truncated file is refused here, never half-loaded
+            adapter_base.check(folder, self.base_model, self._layer_shapes)  # another base: say which, not a traceback
+        fmt = runs.prompt_format(run_dir)
         self._ensure_tokenizer()
         key = content_key(folder)
-        stem = re.sub(r"[^\w-]", "_", folder.parent.name if folder.name == runs.ADAPTER else folder.name)
+        stem = re.sub(r"[^\w-]", "_", run_dir.name)
         name = f"{stem}-{hashlib.sha1(repr(key).encode()).hexdigest()[:8]}"
         with self._lock:
             stale = [n for n, a in self.adapters.items()
