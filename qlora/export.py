@@ -188,10 +188,9 @@ def read_adapter(adapter_dir: Path) -> dict[str, LoraWeight]:
         if b is None or a.dim() != 2:
             raise ExportError(f"adapter: {module} has lora_A without a matching lora_B")
         rank = a.shape[0]  # the module's own rank (rank_pattern may set it per module)
-        alpha = float(config.get("lora_alpha", rank))
-        scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
         key = module.removeprefix(PREFIX) + ".weight"
-        lora[key] = LoraWeight(key, a, b, scaling, bool(config.get("fan_in_fan_out")))
+        lora[key] = LoraWeight(key, a, b, runs.lora_scaling(config, module.removeprefix(PREFIX), rank),
+                               bool(config.get("fan_in_fan_out")))
     if not lora:
         raise ExportError("the adapter holds no LoRA weights")
     leftovers = [n for n in tensors if ".lora_A." not in n and ".lora_B." not in n]

@@ -357,6 +357,16 @@ def _count(x: Any) -> bool:
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[^.]+)?$")
 
 
+def lora_scaling(config: dict, module: str, rank: int) -> float:
+    """What peft multiplies a LoRA module's B @ A by: lora_alpha (per module with alpha_pattern; peft's default 8) over
+    the module's rank, or over its square root with rsLoRA. The chat engine and the merged export both apply it."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.get("alpha_pattern") or {}
+    alpha = float(pattern.get(get_pattern_key(pattern.keys(), module), config.get("lora_alpha", 8)))
+    return alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+
+
 def targets_module(target: str, module: str) -> bool:
     """peft's rule for a target_modules name: the module's own name or its last dotted part(s). Training checks that
     each target found a module, and a saved adapter that each target has tensors, with the same rule."""

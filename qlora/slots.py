@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Callable
 
 import torch  # this module is imported only when the slot engine starts (`import qlora` stays light)
 
+from . import runs
 from .rowexact import deterministic_attention
 
 log = logging.getLogger("qlora.chat")
@@ -53,7 +53,6 @@ class LoraWeights:
 def read_adapter(folder: Path) -> LoraWeights:
     """A peft LoRA adapter folder, read with its scaling folded into B. Anything but plain LoRA on Linears is
     refused."""
-    from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -70,7 +69,6 @@ def read_adapter(folder: Path) -> LoraWeights:
             raise ValueError(f"{folder}: unexpected tensor {key!r} (only lora_A/lora_B weights are served)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = value
     modules, rank = {}, 0
-    alpha_pattern = cfg.get("alpha_pattern") or {}
     for path, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{folder}: module {path} has no lora_{'B' if 'A' in ab else 'A'} weight")
@@ -78,9 +76,7 @@ def read_adapter(folder: Path) -> LoraWeights:
         r = a.shape[0]
         if b.shape[1] != r:
             raise ValueError(f"{folder}: module {path}: lora_A has rank {r}, lora_B {b.shape[1]}")
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), path), cfg.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        modules[path] = (a, b * scaling)
+        modules[path] = (a, b * runs.lora_scaling(cfg, path, r))
         rank = max(rank, r)
     if not modules:
         raise ValueError(f"{folder}: the adapter holds no LoRA weights")

@@ -352,3 +352,18 @@ def test_peak_memory_of_the_merge_stays_well_below_one_shard(tmp_path, tiny_cfg)
           f"{figures['peak_kib'] / 1024:.0f} MiB, rise {rise / 2**20:.0f} MiB")
     assert len(shards) >= 2 and largest > 150 * 2**20
     assert rise < adapter + 0.5 * largest, figures
+
+
+def test_lora_scaling_is_peft_s_for_the_chat_engine_and_the_export_alike():
+    """One rule for both (qlora/runs.lora_scaling): alpha over rank, per-module alpha_pattern, rsLoRA's square root,
+    and peft's default alpha of 8 where the config names none (the export's copy took the rank there)."""
+    from peft import LoraConfig
+
+    from qlora import runs
+
+    assert runs.lora_scaling(dict(lora_alpha=16), "model.layers.0.self_attn.q_proj", 64) == 0.25
+    assert runs.lora_scaling({}, "q_proj", 16) == LoraConfig().lora_alpha / 16 == 0.5
+    assert runs.lora_scaling(dict(lora_alpha=16, use_rslora=True), "q_proj", 64) == 2.0
+    pattern = dict(lora_alpha=16, alpha_pattern={"v_proj": 32})
+    assert runs.lora_scaling(pattern, "model.layers.3.self_attn.v_proj", 64) == 0.5
+    assert runs.lora_scaling(pattern, "model.layers.3.self_attn.q_proj", 64) == 0.25
