@@ -357,7 +357,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench.common import LLAMA_7B
+    from bench.common import TINY
     from qlora.chat import ChatEngine
     from qlora.config import GenerationSettings
 
@@ -370,8 +370,7 @@ def main(argv=None) -> int:
 
         os.environ["QLORA_GPU_MEMORY_GIB"] = str(a.gib)
         cap_memory(a.gib)
-    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4) if a.tiny else None
+    shape = TINY if a.tiny else None
     model_dir = build_random_model(Path(a.model), shape)
     runs_dir = Path(a.model).parent / (Path(a.model).name + "-chat-runs")  # adapters: not in the results
     run_a = random_adapter(model_dir, runs_dir / "a", seed=1)

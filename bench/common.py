@@ -12,6 +12,9 @@ DATA = ROOT / "tests" / "data"
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+# the benches' --tiny: a 2-layer model of the same kind, for a CPU smoke test of a script (figures meaningless)
+TINY = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4)
 T4_GIB = 15.0
 
 

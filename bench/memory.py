@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.common import LLAMA_7B, T4_GIB, build_random_model, card, guanaco_ids
+from bench.common import T4_GIB, TINY, build_random_model, card, guanaco_ids
 
 SETTINGS = {"reference": "", "len2048": "max_length=2048"}
 
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     if a.run is not None:  # child process
         print("RESULT " + json.dumps(measure(a.model, a.run, a.steps)), flush=True)
         return 0
-    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4) if a.tiny else None
+    shape = TINY if a.tiny else None
     model_dir = build_random_model(Path(a.model if not a.tiny else "/tmp/llama-tiny-random"), shape)
     settings = dict(s.split("=", 1) for s in a.set) if a.set else SETTINGS
     env = dict(os.environ, QLORA_GPU_MEMORY_GIB=str(a.budget), PYTHONUNBUFFERED="1", TRANSFORMERS_VERBOSITY="error")

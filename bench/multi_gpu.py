@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench.chat_bench import PROMPTS, random_adapter, run_request, visitor_prompts
-from bench.common import DATA, LLAMA_7B, build_random_model, card, versions, write_json
+from bench.common import DATA, TINY, build_random_model, card, versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     n = a.gpus or gpu_count()
     if n < 2:
         raise SystemExit(f"{n} GPU(s) here: this bench needs 2 or more (--gpus N pretends, for a CPU smoke test)")
-    shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4) if a.tiny else None
+    shape = TINY if a.tiny else None
     model_dir = build_random_model(Path(a.model), shape)
     work = Path(a.model).parent / (Path(a.model).name + "-multi-gpu")  # runs and the adapter: not in the results
     run_dir = random_adapter(model_dir, work / "adapter-run", seed=1)

@@ -236,10 +236,9 @@ def main(argv=None) -> int:
         write_json(Path(a.json), result)
         return 0
     if a.build_model:  # child process
-        from bench.common import LLAMA_7B
+        from bench.common import TINY
 
-        shape = dict(LLAMA_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4) if a.tiny else None
+        shape = TINY if a.tiny else None
         build_random_model(Path(a.model), shape)
         return 0
 
