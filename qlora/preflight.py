@@ -25,8 +25,12 @@ class Preflight:
     lines: list[str] = field(default_factory=list)  # each starts with ✓ (fine), ⚠ (worth knowing) or ✗ (refused)
     reasons: list[str] = field(default_factory=list)  # why a run cannot work; empty when ok
     plan: Plan | None = None  # the plan that will run, where the model's shape is known
-    estimate_gib: float | None = None  # its peak memory: GPU memory, or RAM on the CPU
-    budget_gib: float | None = None  # what it is held against
+    budget_gib: float | None = None  # what its estimate is held against
+
+    @property
+    def estimate_gib(self) -> float | None:
+        """The plan's peak memory: GPU memory, or RAM on the CPU."""
+        return self.plan.estimated_peak_gib if self.plan else None
 
     def good(self, text: str) -> None:
         self.lines.append(f"✓ {text}")
@@ -106,14 +110,13 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
     pf.plan = p = plan(cfg, arch, precision, budget_gib=on.budget_gib, cuda=on.cuda, capability=on.capability,
                        tflops=on.tflops)
     pf.good(describe(p, cfg, arch))
-    pf.estimate_gib = p.estimated_peak_gib
     pf.budget_gib = on.budget_gib if on.cuda else available_ram_gib()
     what = "GPU memory" if on.cuda else "RAM"
     line = (f"estimated peak {what}: {p.estimated_peak_gib:.1f} GiB for batch {cfg.batch_size} × {cfg.max_length} "
             f"tokens ({_billions(arch.params)} params, {cfg.quantize_words}, LoRA r={cfg.lora_r}); "
             + (f"budget {pf.budget_gib:.1f} GiB, {on.free_gib:.1f} GiB free now" if on.cuda
                else f"{pf.budget_gib:.1f} GiB available"))
-    if fits(p.estimated_peak_gib, pf.budget_gib) is False:
+    if pf.budget_gib is not None and p.estimated_peak_gib > pf.budget_gib:
         pf.refuse(f"{line}: {TOO_BIG}")
     elif pf.budget_gib is not None and p.estimated_peak_gib > HEADROOM * pf.budget_gib:
         pf.note(line + ": tight")
@@ -121,13 +124,6 @@ def _check_memory(pf: Preflight, cfg: TrainConfig, arch: Arch, precision: str, o
         pf.note(line + ": more than is free now (Train frees the chat model; other processes must end first)")
     else:
         pf.good(line)
-
-
-def fits(estimate_gib: float | None, budget_gib: float | None) -> bool | None:
-    """The verdict: does the plan's estimate fit the budget? None where either is unknown."""
-    if estimate_gib is None or budget_gib is None:
-        return None
-    return estimate_gib <= budget_gib
 
 
 def describe(p: Plan, cfg: TrainConfig, arch: Arch) -> str:
