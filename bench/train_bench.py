@@ -67,17 +67,25 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "metrics": ("trl_metrics", _flag), "attn": ("attention", _one_of("flash", "efficient", "math"))}
 
 
-def apply_overrides(plan, overrides: str, cfg, arch) -> None:
-    """Set the plan fields an arm names ("keep_mlp=32+fewer=0"), then re-estimate its memory."""
+def parse_overrides(overrides: str) -> list[tuple[str, object]]:
+    """(Plan field, value) for each override an arm names ("keep_mlp=32+fewer=0"); SystemExit names a bad one."""
+    out = []
     for item in filter(None, overrides.split("+")):
         key, _, value = item.partition("=")
         if key not in OVERRIDES:
             raise SystemExit(f"unknown override {key!r} in {overrides!r}; known: {', '.join(OVERRIDES)}")
         field, parse = OVERRIDES[key]
         try:
-            setattr(plan, field, parse(value))
+            out.append((field, parse(value)))
         except ValueError as e:
             raise SystemExit(f"override {item!r}: {e}") from None
+    return out
+
+
+def apply_overrides(plan, overrides: str, cfg, arch) -> None:
+    """Set the plan fields an arm names, then re-estimate its memory."""
+    for field, value in parse_overrides(overrides):
+        setattr(plan, field, value)
         plan.notes.append(f"override {field}={getattr(plan, field)}")
     if plan.padding_free:
         plan.causal_attention = False  # packed rows need their block mask
@@ -242,11 +250,8 @@ def main(argv=None) -> int:
         build_random_model(Path(a.model), shape)
         return 0
 
-    for arm in a.arms.split(","):  # a typo fails now, not minutes later in a child
-        name, _, overrides = arm.partition(":")
-        for item in filter(None, overrides.split("+")):
-            if item.partition("=")[0] not in OVERRIDES:
-                raise SystemExit(f"arm {arm!r}: unknown override {item!r}; known: {', '.join(OVERRIDES)}")
+    for arm in a.arms.split(","):  # a typo or a bad value fails now, not minutes later in a child
+        parse_overrides(arm.partition(":")[2])
     t0 = time.perf_counter()
     # in a child: this process must hold no CUDA context of its own while the t4c mode's MPS daemon runs
     build = [sys.executable, "-m", "bench.train_bench", "--build-model", "--model", a.model] + (["--tiny"] * a.tiny)
