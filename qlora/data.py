@@ -512,18 +512,26 @@ def _short(value: Any) -> str:
 
 
 # --- tokens --------------------------------------------------------------------------------------------
+IGNORE = -100  # a label the loss leaves out (torch's cross_entropy and transformers' default ignore_index)
+
+
 @dataclass
 class Row:
     """One training row as the trainer sees it."""
 
     ids: list[int]
-    labels: list[int]  # the ids, with -100 where the loss does not train (the prompt, when the loss is on answers)
+    labels: list[int]  # the ids, with IGNORE where the loss does not train (the prompt, when the loss is on answers)
     answer: list[bool]  # per id: an assistant answer's token (through its end-of-turn marker), whatever the loss
 
     @property
     def answer_tokens(self) -> int:
         """Answer tokens left after truncation; 0: truncation removed the whole answer."""
         return sum(self.answer)
+
+    @property
+    def answer_labels(self) -> list[int]:
+        """The ids with IGNORE everywhere but the answers: the loss on answers, whatever the run trained on."""
+        return [i if a else IGNORE for i, a in zip(self.ids, self.answer)]
 
 
 def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptFormat | None = None) -> list[Row]:
@@ -538,8 +546,10 @@ def tokenize(convs: list[Conversation], tokenizer, max_length: int, fmt: PromptF
             where = getattr(conv, "where", "") or f"the row that begins {conv[0]['content'][:40]!r}"
             raise DataError(f"{where}: {e}") from None
         ids, answer = p.ids[:max_length], p.answer[:max_length]
-        labels = list(ids) if fmt.loss == "all" else [i if a else -100 for i, a in zip(ids, answer)]
-        rows.append(Row(ids, labels, answer))
+        row = Row(ids, list(ids), answer)
+        if fmt.loss != "all":
+            row.labels = row.answer_labels
+        rows.append(row)
     return rows
 
 

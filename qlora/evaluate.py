@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import runs
 from .config import TrainConfig
+from .data import IGNORE
 from .prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ ANSWERS = 3  # held-out prompts answered greedily by both
 ANSWER_TOKENS = 48  # as the sample answers during training: enough to see the voice, quick on a CPU
 SHOWN = 3  # rows listed as helped most, and as hurt most
 SHOWN_CHARS = 1500
-IGNORE = -100  # a label the loss leaves out (data.tokenize)
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all): one per row, then one per greedy answer
 
@@ -88,7 +88,7 @@ def evaluate_model(model, tokenizer, fmt: PromptFormat, convs: list[Conversation
         if stop.is_set():
             raise EvalStopped(f"evaluation stopped after {i} of {len(convs)} rows; nothing was saved")
         row = tokenize([conv], tokenizer, max_length, fmt)[0]
-        targets = [i if a else IGNORE for i, a in zip(row.ids, row.answer)]  # the answers, in every format
+        targets = row.answer_labels  # the answers, in every format
         if any(t != IGNORE for t in targets[1:]):  # the first token is never predicted
             kept.append(conv)
             per_row.append(_row_losses(model, row.ids, targets))
