@@ -77,6 +77,18 @@ class Ticket:
     def put(self, kind: str, value: Any = None) -> None:
         self._events.put((kind, value))
 
+    def tell(self, message: str) -> None:
+        """Why it waits; sent only when it changed (events() repeats the last one while nothing else comes)."""
+        if self.waiting != message:
+            self.waiting = message
+            self.put("wait", message)
+
+    def close(self, kind: str, value: Any) -> None:
+        """The last event: ("end", reason) or ("error", exception), once."""
+        if not self.ended:
+            self.ended = True
+            self.put(kind, value)
+
     def events(self, poll: float = 1.0) -> Iterator[tuple[str, Any]]:
         """("wait", message) while queued or loading (repeated every `poll` s), ("tokens", new ids per row) coalesced
         over whatever arrived since the last read, then ("end", reason); an error in this ticket raises here. Leaving
@@ -206,13 +218,8 @@ class Scheduler:
             with self._cond:
                 tickets, self._waiting, self._active = self._waiting + self._active, [], []
             for t in tickets:
-                t.put("error", gone)
-            if self.backend is not None:
-                try:
-                    self.backend.close()
-                except Exception:
-                    log.exception("closing the chat backend failed")
-                self.backend = None
+                t.close("error", gone)
+            self._close_backend()
             self._lease.loaded(False)
             with self._cond:
                 if self._holding:
@@ -267,9 +274,7 @@ class Scheduler:
     def _tell_waiting(self, message: str) -> None:
         with self._cond:
             for t in self._waiting:
-                if t.waiting != message:
-                    t.waiting = message
-                    t.put("wait", message)
+                t.tell(message)
 
     def _drop_stopped(self) -> None:
         for t in [t for t in self._active if t.stopped]:
@@ -279,8 +284,7 @@ class Scheduler:
             self._waiting = [t for t in self._waiting if not t.stopped]
         self._release_if_idle()
         for t in stopped:
-            t.ended = True
-            t.put("end", "stopped")
+            t.close("end", "stopped")
 
     def _admit(self) -> None:
         while True:
@@ -293,8 +297,7 @@ class Scheduler:
             except Exception as e:  # can never be served (too long for a slot, an adapter that does not fit)
                 self._pop_waiting(ticket)
                 self._release_if_idle()
-                ticket.ended = True
-                ticket.put("error", e)
+                ticket.close("error", e)
                 continue
             if reason == RELOAD:
                 if self._active:
@@ -313,8 +316,7 @@ class Scheduler:
                 if not isinstance(e, ValueError):
                     log.exception("a chat request failed to start")
                 self._release_if_idle()
-                ticket.ended = True
-                ticket.put("error", e)
+                ticket.close("error", e)
                 continue
             for row in ticket.rows:
                 row.joined = True
@@ -323,18 +325,19 @@ class Scheduler:
         with self._cond:  # the rest wait: tell each its place
             for i, t in enumerate(self._waiting):
                 ahead = f"{i} visitor{'s' if i != 1 else ''} ahead of you" if i else "you are next"
-                message = f"waiting for a free chat slot ({reason}; {ahead})"
-                if t.waiting != message:
-                    t.waiting = message
-                    t.put("wait", message)
+                t.tell(f"waiting for a free chat slot ({reason}; {ahead})")
 
     def _reload(self) -> None:
-        try:
-            self.backend.close()
-        except Exception:
-            log.exception("closing the chat backend failed")
-        self.backend = None
+        self._close_backend()
         self._open([])
+
+    def _close_backend(self) -> None:
+        if self.backend is not None:
+            try:
+                self.backend.close()
+            except Exception:
+                log.exception("closing the chat backend failed")
+            self.backend = None
 
     def _pop_waiting(self, ticket: Ticket) -> None:
         with self._cond:
@@ -371,9 +374,7 @@ class Scheduler:
         if ticket in self._active:
             self._active.remove(ticket)
         self._release_if_idle()
-        if not ticket.ended:
-            ticket.ended = True
-            ticket.put("end", reason)
+        ticket.close("end", reason)
 
     def _fail_all(self, error: Exception) -> None:
         with self._cond:
@@ -387,8 +388,7 @@ class Scheduler:
                 self._leave(row)
         self._release_if_idle()
         for t in tickets:
-            t.ended = True
-            t.put("error", error)
+            t.close("error", error)
 
     def _release_if_idle(self) -> None:
         """Give chat's card back as soon as nothing is answered or waiting, before the last visitor hears the end:
