@@ -215,11 +215,9 @@ def slot_cache(config, rows: int, length: int, pos, dtype, device):
             self.values.scatter_(2, v_index, value_states)
             return self.keys, self.values
 
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    n_layers, heads, head_dim = _kv_shape(config)
     layers = []
-    for _ in range(text.num_hidden_layers):
+    for _ in range(n_layers):
         layer = SlotLayer(max_cache_len=length)
         dummy = torch.empty(rows, heads, 1, head_dim, dtype=dtype, device=device)
         layer.lazy_initialization(dummy, dummy)  # allocates [rows, heads, length, head_dim], marked static
@@ -228,10 +226,16 @@ def slot_cache(config, rows: int, length: int, pos, dtype, device):
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    n_layers, heads, head_dim = _kv_shape(config)
+    return 2 * n_layers * heads * head_dim * dtype_bytes
+
+
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(decoder layers, key/value heads, head width) of a model config: what one cached token holds."""
     text = config.get_text_config(decoder=True)
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
+    return text.num_hidden_layers, heads, head_dim
 
 
 def buckets(length: int) -> list[int]:
