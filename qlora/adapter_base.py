@@ -16,8 +16,9 @@ from .model import ModelError
 
 # huggingface_hub's cache layout: .../models--owner--name/snapshots/<revision>
 _HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
-# peft's names for a LoRA matrix of module M: base_model.model.M.lora_A.weight (rank x in), .lora_B. (out x rank)
-_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+# peft's names for a LoRA matrix of module M: base_model.model.M.lora_A.weight (rank x in), .lora_B. (out x rank);
+# the chat engine reads adapters by the same names
+LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
 def check(adapter_dir: str | Path, base_model: str, loaded_base: Callable[[], Any]) -> None:
@@ -66,22 +67,22 @@ def identity(name: str) -> str | None:
 
 def first_misfit(weights: Path, model: Any) -> str | None:
     """The first LoRA matrix whose size does not fit its layer in `model`, said in a few words; None if all fit."""
-    from safetensors import safe_open
+    from .runs import safetensors_header
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: the model inside
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            match = _LORA_KEY.fullmatch(key)
-            if not match:
-                continue
-            module_name, which = match.groups()
-            try:
-                layer = base.get_submodule(module_name)
-            except AttributeError:
-                return f"the base has no layer {module_name}"
-            shape = f.get_slice(key).get_shape()
-            need, side = (shape[-1], "in_features") if which == "A" else (shape[0], "out_features")
-            have = getattr(layer, side, None)
-            if isinstance(have, int) and have != need:
-                return f"{module_name} has {side}={have}, the adapter's lora_{which} expects {need}"
+    entries, _ = safetensors_header(weights)
+    for key in sorted(entries):
+        match = LORA_KEY.fullmatch(key)
+        if not match:
+            continue
+        module_name, which = match.groups()
+        try:
+            layer = base.get_submodule(module_name)
+        except AttributeError:
+            return f"the base has no layer {module_name}"
+        shape = entries[key]["shape"]
+        need, side = (shape[-1], "in_features") if which == "A" else (shape[0], "out_features")
+        have = getattr(layer, side, None)
+        if isinstance(have, int) and have != need:
+            return f"{module_name} has {side}={have}, the adapter's lora_{which} expects {need}"
     return None

@@ -364,15 +364,8 @@ def _same_content(ref: AdapterRef) -> bool:
 
 def adapter_modules(folder: Path) -> frozenset:
     """The module paths an adapter's weights name (read from the safetensors header only)."""
-    from safetensors import safe_open
-
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
-        keys = list(f.keys())
-    out = set()
-    for key in keys:
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_[AB]\.weight", key)
-        out.add(m.group(1) if m else key)
-    return frozenset(out)
+    entries, _ = runs.safetensors_header(folder / "adapter_model.safetensors")
+    return frozenset(m.group(1) if (m := adapter_base.LORA_KEY.fullmatch(key)) else key for key in entries)
 
 
 def adapter_rank(folder: Path) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Callable
 
 import torch  # this module is imported only when the slot engine starts (`import qlora` stays light)
 
-from . import runs
+from . import adapter_base, runs
 from .rowexact import deterministic_attention
 
 log = logging.getLogger("qlora.chat")
@@ -64,7 +63,7 @@ def read_adapter(folder: Path) -> LoraWeights:
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     pairs: dict[str, dict] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+        m = adapter_base.LORA_KEY.fullmatch(key)
         if m is None:
             raise ValueError(f"{folder}: unexpected tensor {key!r} (only lora_A/lora_B weights are served)")
         pairs.setdefault(m.group(1), {})[m.group(2)] = value
