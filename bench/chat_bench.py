@@ -2,6 +2,7 @@
 path, greedy, on the 7B-shaped random 4-bit base with random r=64 q/v adapters.
 
     python -m bench.chat_bench                                   # bf16
+    python -m bench.chat_bench --capture graphs:bnb,graphs --nf4-sweep  # bitsandbytes' 4-bit matmuls vs nf4mm's
     QLORA_NO_BF16=1 python -m bench.chat_bench --gib 15 --tag t4  # T4 mode: fp16 compute, 15 GiB for this process
 
 Reports, for each capture variant: the one-time load and capture seconds, the slots (rows x tokens) planned from the
@@ -318,6 +319,8 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
 
 def _kind(name: str) -> str:
     n = name.lower()
+    if "nf4mm" in n or "sum_kernel" in n:
+        return "4-bit matmul (nf4mm)"
     if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
         return "4-bit matmul (bitsandbytes fused)"
     if "dequantize" in n:
@@ -333,6 +336,52 @@ def _kind(name: str) -> str:
     return "elementwise / copies / other"
 
 
+def nf4_sweep(model, rows: int = 16) -> dict:
+    """Microseconds of one [rows, K] x [N, K]^T matmul of the model's first decoder layer, per 4-bit weight shape:
+    bitsandbytes' Linear4bit and nf4mm's kernel at its chosen tiles and a few others (each timed over CUDA graph
+    replays, so launch costs are left out as in the engine's captured step)."""
+    import torch
+    import triton.testing
+
+    from qlora import nf4mm
+    from qlora.slots import decoder_layers
+
+    sms = torch.cuda.get_device_properties(model.device).multi_processor_count
+    shapes = {}
+    for name, m in decoder_layers(model)[0].named_modules():
+        if nf4mm.fits(m):
+            shapes.setdefault((m.out_features, m.in_features), (name, m))
+    out = {}
+    for (n, k), (name, m) in shapes.items():
+        x = torch.randn(rows, k, dtype=m.compute_dtype or torch.bfloat16, device=model.device)
+        w = nf4mm.Weight.of(m.weight)
+        chosen = nf4mm.config(n, k, sms)
+        configs = {chosen}
+        for bn in (16, 32, 64):
+            for bk in (128, 256):
+                for split in (1, 2, 4, 8):
+                    configs.add(nf4mm.Config(bn, bk, split))
+        times = {}
+        with torch.no_grad():
+            times["bitsandbytes"] = triton.testing.do_bench_cudagraph(lambda: m(x), rep=20)
+            for c in sorted(configs, key=lambda c: (c.block_n, c.block_k, c.split)):
+                try:
+                    times[f"{c.block_n}x{c.block_k}/{c.split}"] = triton.testing.do_bench_cudagraph(
+                        lambda: nf4mm.matmul(x, w, c), rep=20)
+                except Exception as e:  # a tile the card cannot hold: say so, time the rest
+                    times[f"{c.block_n}x{c.block_k}/{c.split}"] = f"{type(e).__name__}"
+        us = {key: round(1000 * t, 1) if isinstance(t, float) else t for key, t in times.items()}
+        best = min((t, key) for key, t in us.items() if isinstance(t, float) and key != "bitsandbytes")
+        out[f"{name} {n}x{k}"] = dict(chosen=f"{chosen.block_n}x{chosen.block_k}/{chosen.split}",
+                                      chosen_us=us[f"{chosen.block_n}x{chosen.block_k}/{chosen.split}"],
+                                      bitsandbytes_us=us["bitsandbytes"], best=best[1], best_us=best[0],
+                                      gb_per_s_chosen=round(n * k * 0.5625 / 1e3 / max(1e-9, us[
+                                          f"{chosen.block_n}x{chosen.block_k}/{chosen.split}"]), 1), all_us=us)
+        print(f"  nf4 sweep {name} {n}x{k}:", json.dumps({k2: v for k2, v in out[f'{name} {n}x{k}'].items()
+                                                          if k2 != "all_us"}), flush=True)
+    return out
+
+
 # --- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,7 +391,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
-    ap.add_argument("--capture", default="graphs", help="slot-engine variants, comma-separated: graphs, compile, eager")
+    ap.add_argument("--capture", default="graphs", help="slot-engine variants, comma-separated: graphs, compile, eager; "
+                    "a ':bnb' suffix keeps bitsandbytes' 4-bit decode matmuls (no nf4mm kernel), e.g. graphs:bnb,graphs")
+    ap.add_argument("--nf4-sweep", action="store_true", help="time nf4mm's tiles against bitsandbytes per 7B shape")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
     ap.add_argument("--eager-tokens", type=int, default=64)
@@ -396,17 +447,20 @@ def main(argv=None) -> int:
                                **one_visitor(eager, name_e, es, 1, PROMPTS[:a.eager_prompts]))
         report["precision"] = str(eager.model.dtype)
     variants = {}
-    for kind in a.capture.split(","):
-        print(f"slot engine, {kind}:", flush=True)
+    for variant in a.capture.split(","):
+        kind, _, matmul = variant.partition(":")
+        print(f"slot engine, {variant}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, **({"max_rows": a.max_rows} if a.max_rows else {}))
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, nf4=False if matmul == "bnb" else None,
+                            **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()
         engine.load()
         load_s = time.perf_counter() - t
         decoder = getattr(engine._scheduler.backend, "decoder", None)
-        v = dict(backend=engine.backend_kind, fallback_reason=engine.fallback_reason, load_s=round(load_s, 1),
+        v = dict(backend=engine.backend_kind, matmul=engine.matmul, fallback_reason=engine.fallback_reason,
+                 load_s=round(load_s, 1),
                  capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
                  rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),
                  adapter_columns=decoder.columns.columns if decoder else None,
@@ -425,7 +479,9 @@ def main(argv=None) -> int:
         v["peak_gib"] = peak()
         if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
-        variants[kind] = v
+        if a.nf4_sweep and "nf4_sweep" not in report and torch.cuda.is_available():
+            report["nf4_sweep"] = nf4_sweep(engine._base)
+        variants[variant] = v
         engine.unload()
         report["variants"] = variants
         main_v = next(iter(variants.values()))
@@ -455,7 +511,7 @@ def markdown(rep: dict) -> str:
     for kind, v in rep["variants"].items():
         o = v["one_visitor"]
         alone = [p["sequential"]["tokens_per_s_per_pane"] for p in o["prompts"]]
-        lines.append(f"| {kind} ({v['backend']}) | {v['load_s']} ({v['capture_s']}) | {v['rows']} x {v['slot_tokens']} "
+        lines.append(f"| {kind} ({v['backend']}, {v.get('matmul')}) | {v['load_s']} ({v['capture_s']}) | {v['rows']} x {v['slot_tokens']} "
                      f"| {o['tokens_per_s_per_pane']} ({alone}) | "
                      f"{[p['batched']['ttft_s'] for p in o['prompts']]} | {o['all_identical']} | {v['peak_gib']} |")
     for kind, v in rep["variants"].items():
@@ -477,6 +533,12 @@ def markdown(rep: dict) -> str:
             p = v["profile"]
             lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "
                          f"{p['graph_ms_per_step']} ms a step; kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
+    if "nf4_sweep" in rep:
+        lines += ["", "4-bit matmul of 16 rows, us (CUDA graph replays): bitsandbytes vs nf4mm (tiles block_n x block_k "
+                  "/ split-K)", "", "| weight | bitsandbytes | nf4mm chosen | us | best | us |", "|---|---|---|---|---|---|"]
+        for name, r in rep["nf4_sweep"].items():
+            lines.append(f"| {name} | {r['bitsandbytes_us']} | {r['chosen']} | {r['chosen_us']} | {r['best']} | "
+                         f"{r['best_us']} |")
     return "\n".join(lines) + "\n"
 
 

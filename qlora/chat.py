@@ -6,7 +6,9 @@ chosen when the base loads: on a CUDA card and a Llama-style model, the slot eng
 fixed row slots, per-row adapter columns, one-token steps captured in CUDA graphs, many visitors per batch); anywhere
 else (the CPU, another architecture, a capture error) today's eager path (`rowexact`: one peft `generate` per visitor),
 with one log line saying why. `QLORA_CHAT_DECODE` = auto | graphs | compile | eager | generate overrides the choice
-(eager: the slot engine without graphs, e.g. on the CPU).
+(eager: the slot engine without graphs, e.g. on the CPU). The slot engine's 4-bit decode matmuls run `nf4mm`'s Triton
+kernel where it can (CUDA, Triton, compute capability 8+, graphs), else bitsandbytes'; `QLORA_CHAT_NF4=0` (or
+`ChatEngine(nf4=False)`) keeps bitsandbytes'. One log line says which.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ class ChatEngine:
     """One base model, the adapters registered with it, and the scheduler that serves every visitor's rows."""
 
     def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None,
-                 decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None):
+                 decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None,
+                 nf4: bool | None = None):
         self.base_model, self.quantize, self.precision = base_model, quantize, precision
         self.cards = cards or host_cards  # the host's cards: chat serves on CHAT_CARD, which a training run may hold
         self._token = token
@@ -76,6 +79,8 @@ class ChatEngine:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"QLORA_CHAT_DECODE: one of {', '.join(DECODE_MODES)} (got {self.decode!r})")
         self.max_rows = max_rows
+        self.nf4 = nf4 if nf4 is not None else os.environ.get("QLORA_CHAT_NF4", "1") != "0"
+        self.matmul: str | None = None  # the 4-bit decode matmuls once loaded: "nf4mm", "bitsandbytes", ...
         self.tokenizer = None
         self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded
         self.fallback_reason: str | None = None
@@ -296,9 +301,12 @@ class ChatEngine:
                 with self._lock:  # adapter columns on the Linears the registered adapters target
                     targets = set().union(*(a.modules for a in self.adapters.values()))
                 rows, length, columns = slots.plan(model, context, self.max_rows, targets)
+                no_nf4 = self._no_nf4(model, kind)
                 t0 = time.perf_counter()
                 decoder = slots.open_decoder(model, rows, length, columns, None if kind == "eager" else kind, targets,
-                                             progress)
+                                             progress, nf4=no_nf4 is None)
+                self.matmul = decoder.matmul
+                log.info("chat: 4-bit decode matmuls: %s", decoder.matmul + (f" ({no_nf4})" if no_nf4 else ""))
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
@@ -312,9 +320,22 @@ class ChatEngine:
                 log.debug("decode capture failed", exc_info=True)
         from .rowexact import GenerateBackend
 
-        log.warning("chat: %s; using the eager generate path, one visitor at a time", why)
-        self.backend_kind, self.fallback_reason = "generate", why
+        log.warning("chat: %s; using the eager generate path, one visitor at a time (bitsandbytes' 4-bit matmuls)",
+                    why)
+        self.backend_kind, self.fallback_reason, self.matmul = "generate", why, "bitsandbytes"
         return GenerateBackend(model, self.tokenizer)
+
+    def _no_nf4(self, model, kind: str) -> str | None:
+        """Why the slot engine's 4-bit decode matmuls stay bitsandbytes' (None: the nf4mm kernel runs them)."""
+        from . import nf4mm
+
+        if not self.nf4:
+            return "the nf4mm kernel is turned off (QLORA_CHAT_NF4=0)"
+        if kind == "compile":
+            return "torch.compile mode traces bitsandbytes' ops, not the kernel"
+        if not any(nf4mm.fits(m) for m in model.modules()):
+            return "no nf4 weights"
+        return nf4mm.unavailable(model.device)
 
     def _pick_backend(self, model) -> tuple[str, str | None]:
         """(backend kind, why the fallback) for this model on this machine."""

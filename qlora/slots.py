@@ -16,6 +16,10 @@ A [in, C] and B [C, out] (`AdapterColumns`). An adapter in use occupies a run of
 peft's scaling folded in); each row has a mask of the columns its adapter owns, so the update is x A, masked, times B.
 A base row's mask is empty and its update is an exact zero: base rows stay exactly base.
 
+The base's 4-bit Linears run their decode matmuls in `nf4mm`'s kernel where the engine asks for it (CUDA with
+Triton): straight from the packed 4-bit data, each row on its own, where bitsandbytes would dequantize every weight to
+16 bits each step. Prefills keep bitsandbytes' path.
+
 Right after capture `check_exact` measures what this relies on, on the card at hand (`open_decoder`).
 """
 from __future__ import annotations
@@ -122,7 +126,9 @@ class AdapterColumns:
     """The LoRA columns of the decoder Linears adapters target, which adapter owns which run of them, and each row's
     column mask. Only the targeted Linears carry columns: each costs four kernels and its A/B reads every step."""
 
-    def __init__(self, model, columns: int, rows: int, dtype, device, targets=None, strict: bool = False):
+    def __init__(self, model, columns: int, rows: int, dtype, device, targets=None, strict: bool = False,
+                 nf4: bool = False):
+        from .nf4mm import NF4Linear, fits
 
         self.columns, self.dtype, self.device = columns, dtype, device
         self.decode_mask = torch.zeros(rows, columns, dtype=torch.bool, device=device)
@@ -134,12 +140,18 @@ class AdapterColumns:
         layers = decoder_layers(model)
         prefix = next(name for name, m in model.named_modules() if m is layers)
         self.served = set()  # every decoder Linear's path: what an adapter may target
+        self.nf4_linears = 0  # 4-bit Linears whose decode matmuls run the nf4mm kernel
         for name, module in list(layers.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 path = f"{prefix}.{name}"
                 self.served.add(path)
                 four_bit = getattr(module.weight, "quant_state", None) is not None
-                wrapped = DequantLinear(module) if strict and four_bit else module
+                wrapped = module
+                if strict and four_bit:
+                    wrapped = DequantLinear(module)
+                elif nf4 and fits(module):  # the decode step's few rows straight from the 4-bit data (nf4mm)
+                    wrapped = NF4Linear(module)
+                    self.nf4_linears += 1
                 if targets is None or path in targets:
                     wrapped = SlotLinear(wrapped, columns, self)
                     self.linears[path] = wrapped
@@ -295,7 +307,7 @@ class SlotDecoder:
     """
 
     def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
-                 strict: bool = False):
+                 strict: bool = False, nf4: bool = False):
         self.model, self.rows, self.length = model, rows, length
         self.capture_mode, self.targets, self.strict = capture, targets, strict
         self.device = model.device
@@ -310,7 +322,10 @@ class SlotDecoder:
         self.kv_index = torch.arange(length, device=self.device)
         for t in (self.ints, self.floats, self.kv_index):
             torch._dynamo.mark_static_address(t)
-        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict)
+        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict, nf4)
+        # the 4-bit matmuls of the step: strict wins over the kernel (check_exact found drift)
+        self.matmul = ("dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
+                       else "bitsandbytes")
         self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
         self._configs = []
         register_attention()
@@ -463,13 +478,14 @@ class SlotDecoder:
 
 
 def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,
-                 progress: Callable[[str], None] = lambda s: None) -> SlotDecoder:
+                 progress: Callable[[str], None] = lambda s: None, nf4: bool = False) -> SlotDecoder:
     """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
 
     `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
     again with the strict 4-bit path (dequantize + cuBLAS for every row count). A longer bucket that changes a row:
-    one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged."""
-    decoder = SlotDecoder(model, rows, length, columns, capture, targets)
+    one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged. `nf4`: the
+    4-bit Linears' decode matmuls run the nf4mm kernel (the strict path replaces it too)."""
+    decoder = SlotDecoder(model, rows, length, columns, capture, targets, nf4=nf4)
     if capture is None:
         return decoder
     try:

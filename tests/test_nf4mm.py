@@ -1,0 +1,87 @@
+"""nf4mm on the CPU: the kernel's reading of bitsandbytes' nf4 layout (plain torch, held to bitsandbytes' own
+dequantize), its tiles, and the engine staying on bitsandbytes' matmuls, logged, where the kernel cannot run.
+The kernel itself runs on a GPU only: tests/test_nf4mm_gpu.py."""
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+
+from apphelpers import Records
+from qlora import nf4mm
+from qlora.chat import ChatEngine
+from qlora.config import GenerationSettings
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_the_kernels_reading_of_the_packed_weight_equals_bitsandbytes_dequantize(nested, dtype_name):
+    import bitsandbytes.functional as bf
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(64, 256), (192, 320), (32, 17 * 64)]:  # 17 blocks a row: blocks of 256 scales straddle rows
+        w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+        w[3, :64] = 0  # a block of zeros (absmax 0)
+        data, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        weight = nf4mm.Weight.of(types.SimpleNamespace(data=data, quant_state=state))
+        assert weight.nested == nested and (n, k) == (weight.n, weight.k)
+        ref = bf.dequantize_4bit(data, state)
+        assert torch.equal(nf4mm.dequantize(weight).to(ref.dtype), ref), (n, k)
+
+
+def test_the_models_4bit_linears_are_read_as_bitsandbytes_reads_them(tiny_llama_dir):
+    import bitsandbytes.functional as bf
+    import torch
+
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    four_bit = [m for m in model.modules() if getattr(getattr(m, "weight", None), "quant_state", None) is not None]
+    assert len(four_bit) == 14 and all(nf4mm.fits(m) for m in four_bit)  # 7 Linears x 2 layers
+    for m in four_bit:
+        ref = bf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        assert torch.equal(nf4mm.dequantize(nf4mm.Weight.of(m.weight)), ref)
+    assert not nf4mm.fits(model.lm_head)  # 16-bit: not the kernel's
+
+
+def test_tiles_depend_on_the_weight_shape_only_and_cover_k():
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (64, 128), (128, 64)]:
+        for sms in (40, 132):
+            c = nf4mm.Config(*nf4mm.config(n, k, sms).__dict__.values())
+            span = -(-(-(-k // c.split)) // c.block_k) * c.block_k
+            assert span % c.block_k == 0 and (c.split - 1) * span < k <= c.split * span, (n, k, c)
+            assert c.block_n >= 16 and c.block_k >= 16  # tensor-core tiles
+
+
+def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llama_dir, monkeypatch, caplog):
+    assert nf4mm.unavailable("cpu") == "no CUDA device"
+    caplog.set_level(logging.INFO, logger="qlora.chat")  # the matmul line is an info line
+    records = Records()
+    logging.getLogger("qlora.chat").addHandler(records)
+    engines = []
+    try:
+        e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+        engines.append(e)
+        e.load()
+        assert e.matmul == "bitsandbytes"
+        lines = [line for line in records.lines if "4-bit decode matmuls" in line]
+        assert lines == ["chat: 4-bit decode matmuls: bitsandbytes (no CUDA device)"], records.lines
+        assert e.rows_ids([([1, 450, 4996], None, GenerationSettings(temperature=0, max_new_tokens=3))])[0]
+        monkeypatch.setenv("QLORA_CHAT_NF4", "0")
+        off = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+        engines.append(off)
+        assert not off.nf4
+        off.load()
+        assert "turned off (QLORA_CHAT_NF4=0)" in [line for line in records.lines if "4-bit decode" in line][-1]
+        generate = ChatEngine(str(tiny_llama_dir), "nf4", "fp32")  # the CPU default: the eager generate path
+        engines.append(generate)
+        generate.load()
+        assert generate.backend_kind == "generate" and generate.matmul == "bitsandbytes"
+        assert "bitsandbytes' 4-bit matmuls" in records.lines[-1]
+    finally:
+        logging.getLogger("qlora.chat").removeHandler(records)
+        for e in engines:
+            e.unload()
