@@ -338,47 +338,34 @@ def _kind(name: str) -> str:
 
 def nf4_sweep(model, rows: int = 16) -> dict:
     """Microseconds of one [rows, K] x [N, K]^T matmul of the model's first decoder layer, per 4-bit weight shape:
-    bitsandbytes' Linear4bit and nf4mm's kernel at its chosen tiles and a few others (each timed over CUDA graph
-    replays, so launch costs are left out as in the engine's captured step)."""
+    bitsandbytes' Linear4bit against each of nf4mm's candidate tiles and the one `nf4mm.tuned` picked (all timed over
+    CUDA graph replays, so launch costs are left out as in the engine's captured step)."""
     import torch
     import triton.testing
 
     from qlora import nf4mm
     from qlora.slots import decoder_layers
 
-    sms = torch.cuda.get_device_properties(model.device).multi_processor_count
     shapes = {}
     for name, m in decoder_layers(model)[0].named_modules():
         if nf4mm.fits(m):
             shapes.setdefault((m.out_features, m.in_features), (name, m))
     out = {}
     for (n, k), (name, m) in shapes.items():
-        x = torch.randn(rows, k, dtype=m.compute_dtype or torch.bfloat16, device=model.device)
+        dtype = m.compute_dtype or torch.bfloat16
+        x = torch.randn(rows, k, dtype=dtype, device=model.device)
         w = nf4mm.Weight.of(m.weight)
-        chosen = nf4mm.config(n, k, sms)
-        configs = {chosen}
-        for bn in (16, 32, 64):
-            for bk in (128, 256):
-                for split in (1, 2, 4, 8):
-                    configs.add(nf4mm.Config(bn, bk, split))
-        times = {}
         with torch.no_grad():
-            times["bitsandbytes"] = triton.testing.do_bench_cudagraph(lambda: m(x), rep=20)
-            for c in sorted(configs, key=lambda c: (c.block_n, c.block_k, c.split)):
-                try:
-                    times[f"{c.block_n}x{c.block_k}/{c.split}"] = triton.testing.do_bench_cudagraph(
-                        lambda: nf4mm.matmul(x, w, c), rep=20)
-                except Exception as e:  # a tile the card cannot hold: say so, time the rest
-                    times[f"{c.block_n}x{c.block_k}/{c.split}"] = f"{type(e).__name__}"
-        us = {key: round(1000 * t, 1) if isinstance(t, float) else t for key, t in times.items()}
-        best = min((t, key) for key, t in us.items() if isinstance(t, float) and key != "bitsandbytes")
-        out[f"{name} {n}x{k}"] = dict(chosen=f"{chosen.block_n}x{chosen.block_k}/{chosen.split}",
-                                      chosen_us=us[f"{chosen.block_n}x{chosen.block_k}/{chosen.split}"],
-                                      bitsandbytes_us=us["bitsandbytes"], best=best[1], best_us=best[0],
-                                      gb_per_s_chosen=round(n * k * 0.5625 / 1e3 / max(1e-9, us[
-                                          f"{chosen.block_n}x{chosen.block_k}/{chosen.split}"]), 1), all_us=us)
-        print(f"  nf4 sweep {name} {n}x{k}:", json.dumps({k2: v for k2, v in out[f'{name} {n}x{k}'].items()
-                                                          if k2 != "all_us"}), flush=True)
+            bnb_us = 1000 * triton.testing.do_bench_cudagraph(lambda: m(x), rep=20)
+        us = {f"{c.block_n}/{c.split}/{c.unroll}/{c.warps}{'/x' if c.split_x else ''}":
+              round(1000 * t, 1) if isinstance(t, float) else t for c, t in nf4mm.timings(w, dtype, rows).items()}
+        ok = [t for t in us.values() if isinstance(t, float)]
+        c = nf4mm.tuned(w, dtype)
+        chosen = f"{c.block_n}/{c.split}/{c.unroll}/{c.warps}{'/x' if c.split_x else ''}"
+        out[f"{name.split('.')[-2] if name.endswith('base') else name.split('.')[-1]} {n}x{k}"] = r = dict(
+            bitsandbytes_us=round(bnb_us, 1), chosen=chosen, chosen_us=us.get(chosen), best_us=min(ok),
+            gb_per_s=round(n * k * (0.5 + 4 / w.blocksize) / 1e3 / min(ok), 1), all_us=us)
+        print(f"  nf4 sweep {name} {n}x{k}:", json.dumps(r), flush=True)
     return out
 
 
@@ -391,8 +378,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tag", default="")
     ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
-    ap.add_argument("--capture", default="graphs", help="slot-engine variants, comma-separated: graphs, compile, eager; "
-                    "a ':bnb' suffix keeps bitsandbytes' 4-bit decode matmuls (no nf4mm kernel), e.g. graphs:bnb,graphs")
+    ap.add_argument("--capture", default="graphs",
+                    help="slot-engine variants, comma-separated: graphs, compile, eager; a ':bnb' suffix keeps "
+                    "bitsandbytes' 4-bit decode matmuls (no nf4mm kernel), e.g. graphs:bnb,graphs")
     ap.add_argument("--nf4-sweep", action="store_true", help="time nf4mm's tiles against bitsandbytes per 7B shape")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
@@ -479,7 +467,7 @@ def main(argv=None) -> int:
         v["peak_gib"] = peak()
         if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
-        if a.nf4_sweep and "nf4_sweep" not in report and torch.cuda.is_available():
+        if a.nf4_sweep and engine.matmul == "nf4mm" and "nf4_sweep" not in report:  # after its load: tiles timed there
             report["nf4_sweep"] = nf4_sweep(engine._base)
         variants[variant] = v
         engine.unload()
@@ -511,7 +499,8 @@ def markdown(rep: dict) -> str:
     for kind, v in rep["variants"].items():
         o = v["one_visitor"]
         alone = [p["sequential"]["tokens_per_s_per_pane"] for p in o["prompts"]]
-        lines.append(f"| {kind} ({v['backend']}, {v.get('matmul')}) | {v['load_s']} ({v['capture_s']}) | {v['rows']} x {v['slot_tokens']} "
+        lines.append(f"| {kind} ({v['backend']}, {v.get('matmul')}) | {v['load_s']} ({v['capture_s']}) | "
+                     f"{v['rows']} x {v['slot_tokens']} "
                      f"| {o['tokens_per_s_per_pane']} ({alone}) | "
                      f"{[p['batched']['ttft_s'] for p in o['prompts']]} | {o['all_identical']} | {v['peak_gib']} |")
     for kind, v in rep["variants"].items():
@@ -534,11 +523,12 @@ def markdown(rep: dict) -> str:
             lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "
                          f"{p['graph_ms_per_step']} ms a step; kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
     if "nf4_sweep" in rep:
-        lines += ["", "4-bit matmul of 16 rows, us (CUDA graph replays): bitsandbytes vs nf4mm (tiles block_n x block_k "
-                  "/ split-K)", "", "| weight | bitsandbytes | nf4mm chosen | us | best | us |", "|---|---|---|---|---|---|"]
+        lines += ["", "4-bit matmul of 16 rows, us (CUDA graph replays): bitsandbytes vs nf4mm (tiles: block_n / "
+                  "split-K / unroll / warps [/x: x split in registers])", "", "| weight | bitsandbytes us | nf4mm tiles picked | "
+                  "us (a second timing) | best of the candidates us | GB/s |", "|---|---|---|---|---|---|"]
         for name, r in rep["nf4_sweep"].items():
-            lines.append(f"| {name} | {r['bitsandbytes_us']} | {r['chosen']} | {r['chosen_us']} | {r['best']} | "
-                         f"{r['best_us']} |")
+            lines.append(f"| {name} | {r['bitsandbytes_us']} | {r['chosen']} | {r['chosen_us']} | {r['best_us']} | "
+                         f"{r['gb_per_s']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -303,8 +303,16 @@ class ChatEngine:
                 rows, length, columns = slots.plan(model, context, self.max_rows, targets)
                 no_nf4 = self._no_nf4(model, kind)
                 t0 = time.perf_counter()
-                decoder = slots.open_decoder(model, rows, length, columns, None if kind == "eager" else kind, targets,
-                                             progress, nf4=no_nf4 is None)
+                mode = None if kind == "eager" else kind
+                try:
+                    decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress,
+                                                 nf4=no_nf4 is None)
+                except Exception as e:
+                    if no_nf4 is not None:
+                        raise
+                    no_nf4 = f"the nf4mm kernel failed: {type(e).__name__}: {str(e).strip()[:200]}"
+                    log.debug("nf4mm failed", exc_info=True)
+                    decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress)
                 self.matmul = decoder.matmul
                 log.info("chat: 4-bit decode matmuls: %s", decoder.matmul + (f" ({no_nf4})" if no_nf4 else ""))
                 if kind != "eager":

@@ -14,9 +14,12 @@ from those ~1.1 bytes a 64-weight block, so the engine keeps no second copy of t
 same arithmetic in plain torch (the CPU tests hold it to bitsandbytes' own dequantize).
 
 Exactness: every program multiplies a fixed 16-row tile (rows past M are zeros) over a fixed K range, and split-K
-partial sums are added in a fixed order by a second kernel; the tile shapes depend on the weight's shape only, never on
-M. So an output row depends on its own input row only: a pane's answer alone equals its answer in any batch, bit for
-bit. The result differs from bitsandbytes' dequantize + cuBLAS by the accumulation order only (the dtype's rounding).
+partial sums are added in a fixed order by a second kernel; the tiles are picked per weight shape once, when the engine
+loads (`tuned`: the fastest of a few candidates on this card), never per call or per row count. So an output row
+depends on its own input row only: a pane's answer alone equals its answer in any batch, bit for bit. The result
+differs from bitsandbytes' dequantize + cuBLAS by the accumulation order only (the dtype's rounding); two loads may
+pick different tiles, so two server starts may round differently. Memory: nothing beyond bitsandbytes' own weights
+(the kernel reads them in place); split-K partials are [split, rows, N] fp32 scratch.
 """
 from __future__ import annotations
 
@@ -44,13 +47,14 @@ def unavailable(device) -> str | None:
 
 
 def fits(module) -> bool:
-    """Whether a bitsandbytes Linear4bit's weight is one this kernel reads: nf4, K a multiple of its block size."""
+    """Whether a bitsandbytes Linear4bit's weight is one this kernel reads: nf4, K a multiple of its block size (at
+    least 32: a tensor-core tile)."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is None or state.quant_type != "nf4" or len(state.shape) != 2:
         return False
     n, k = state.shape
     nested_ok = not state.nested or state.state2.code.numel() == 256
-    return k % state.blocksize == 0 and k % 2 == 0 and nested_ok
+    return 32 <= state.blocksize <= 256 and k % state.blocksize == 0 and nested_ok
 
 
 @dataclass
@@ -98,21 +102,46 @@ def dequantize(w: Weight) -> torch.Tensor:
 # --- the kernel ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Config:
-    block_n: int
-    block_k: int
-    split: int  # K ranges summed by the second kernel (1: no partials)
+    block_n: int  # weight rows (outputs) a program computes: the tensor-core tile's M side
+    split: int  # K ranges of a weight row computed by separate programs, summed by the second kernel (1: none)
+    unroll: int = 1  # scale blocks (64 weights of a row each) a loop turn reads
     warps: int = 4
     stages: int = 3
+    split_x: bool = False  # read x's block whole and split it into even/odd in registers (else two strided reads)
 
 
-def config(n: int, k: int, sms: int) -> Config:
-    """Tiles for an [n, k] weight, from its shape and the card's SM count only (never from the row count: see the
-    module doc). Enough programs to keep every SM streaming: split K where N alone gives too few tiles."""
-    block_n, block_k = 32, 256 if k % 256 == 0 or k > 4096 else 128
-    tiles = math.ceil(n / block_n)
-    want = max(1, min(math.ceil(4 * sms / tiles), k // (2 * block_k)))
-    span = math.ceil(math.ceil(k / want) / block_k) * block_k
-    return Config(block_n, block_k, math.ceil(k / span))
+# Tried once per weight shape when the engine loads (`tuned`); the fastest serves every call of that shape.
+CANDIDATES = (Config(64, 1, 2), Config(64, 2, 1), Config(64, 4, 1), Config(32, 4, 1, 2), Config(128, 2, 1),
+              Config(128, 4, 1, 8), Config(64, 2, 1, split_x=True), Config(64, 4, 1, split_x=True),
+              Config(128, 2, 1, split_x=True))
+_tuned: dict = {}
+
+
+def tuned(w: Weight, dtype) -> Config:
+    """The fastest candidate for this weight's shape on this card, timed once (16 rows, CUDA graph replays). It
+    depends on the shape only, never on the rows of a call: see the module doc."""
+    key = (w.n, w.k, w.nested, dtype, w.data.device)
+    if key not in _tuned:
+        times = {c: t for c, t in timings(w, dtype).items() if isinstance(t, float)}
+        if not times:
+            raise RuntimeError("no nf4mm tile runs on this card")
+        _tuned[key] = min(times, key=times.get)
+    return _tuned[key]
+
+
+def timings(w: Weight, dtype, rows: int = BLOCK_M) -> dict:
+    """Milliseconds of one call per candidate; a candidate that does not build or fit on this card (e.g. Triton's
+    OutOfResources: too much shared memory) gets its error's name instead."""
+    import triton.testing
+
+    x = torch.randn(rows, w.k, dtype=dtype, device=w.data.device)
+    out = {}
+    for c in CANDIDATES:
+        try:
+            out[c] = float(triton.testing.do_bench_cudagraph(lambda: matmul(x, w, c), rep=10))
+        except Exception as e:  # noqa: BLE001  (a compile error is the candidate's, not the engine's)
+            out[c] = type(e).__name__
+    return out
 
 
 _kernels = None
@@ -126,40 +155,56 @@ def _build():
     def nf4mm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, out_ptr,
                      M, N, K, SPAN, stride_xm,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, PARTIAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT_X: tl.constexpr):
+        # One turn per scale block: the weights w[n, k0:k0+BLOCKSIZE] share absmax[n, b], so the scale is a vector
+        # over n. The block's even weights (high nibbles) meet the even inputs, the odd (low) ones the odd inputs:
+        # out^T[n, m] += hi[n, :] . x[m, k0::2] + lo[n, :] . x[m, k0+1::2], the weights as the tile's A side.
+        HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        half = tl.arange(0, BLOCK_K // 2)
+        j = tl.arange(0, HALF)
         m_ok, n_ok = rm < M, rn < N
-        k_begin = pid_s * SPAN
-        k_end = tl.minimum(k_begin + SPAN, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < k_end
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            kb = k0 // 2 + half
-            wmask = n_ok[:, None] & (kb * 2 < k_end)[None, :]
-            packed = tl.load(w_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=wmask, other=0)
-            q = tl.interleave(packed >> 4, packed & 0xF).to(tl.int32)  # weights k0, k0 + 1, ...: high nibble first
-            values = tl.load(code_ptr + q)
-            block = rn[:, None] * (K // BLOCKSIZE) + kk[None, :] // BLOCKSIZE
-            bmask = n_ok[:, None] & k_ok[None, :]
-            if NESTED:
-                qa = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
-                scale = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=bmask, other=0.0)
-                scale = scale + offset
-            else:
-                scale = tl.load(absmax_ptr + block, mask=bmask, other=0.0)
-            w = (values * scale).to(x.dtype)  # fp32 product, then the compute dtype: bitsandbytes' dequantize
-            acc = tl.dot(x, tl.trans(w), acc)
-        out = out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :]
+        row_blocks = K // BLOCKSIZE
+        b_begin = pid_s * SPAN
+        b_end = tl.minimum(b_begin + SPAN, row_blocks)
+        dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for b0 in range(b_begin, b_end, UNROLL):
+            for u in tl.static_range(UNROLL):
+                b = b0 + u
+                # masks as tensors in the loads' shapes: past b_end (the last turn of a range) nothing is read
+                ok = (b + 0 * rn) < b_end
+                wmask = n_ok[:, None] & ok[:, None] & (j[None, :] < HALF)
+                packed = tl.load(w_ptr + rn[:, None] * (K // 2) + b * HALF + j[None, :], mask=wmask, other=0)
+                blk = rn * row_blocks + b
+                if NESTED:
+                    qa = tl.load(absmax_ptr + blk, mask=n_ok & ok, other=0).to(tl.int32)
+                    scale = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=n_ok & ok,
+                                                              other=0.0) + offset
+                else:
+                    scale = tl.load(absmax_ptr + blk, mask=n_ok & ok, other=0.0)
+                # fp32 product, then the compute dtype: bitsandbytes' dequantize, weight for weight
+                hi = (tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]).to(dtype)
+                lo = (tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]).to(dtype)
+                if SPLIT_X:
+                    kk = b * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
+                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                                 mask=m_ok[:, None] & (kk[None, :] < b_end * BLOCKSIZE), other=0.0)
+                    x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, HALF, 2)))
+                    acc = tl.dot(hi, tl.trans(x_even), acc)
+                    acc = tl.dot(lo, tl.trans(x_odd), acc)
+                else:
+                    xt = x_ptr + rm[None, :] * stride_xm + b * BLOCKSIZE + 2 * j[:, None]  # [HALF, BLOCK_M]: x^T
+                    xmask = m_ok[None, :] & ((b * BLOCKSIZE + 2 * j[:, None]) < b_end * BLOCKSIZE)
+                    acc = tl.dot(hi, tl.load(xt, mask=xmask, other=0.0), acc)
+                    acc = tl.dot(lo, tl.load(xt + 1, mask=xmask, other=0.0), acc)
+        out = out_ptr + pid_s * M * N + rm[None, :] * N + rn[:, None]
+        mask = n_ok[:, None] & m_ok[None, :]
         if PARTIAL:
-            tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(out, acc, mask=mask)
         else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def sum_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -173,11 +218,9 @@ def _build():
     return nf4mm_kernel, sum_kernel
 
 
-_sms: dict = {}
-
-
 def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tensor:
-    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype."""
+    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype. `cfg`: the tiles
+    (default: the ones `tuned` picked for this shape)."""
     global _kernels
     if _kernels is None:
         _kernels = _build()
@@ -187,13 +230,10 @@ def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tenso
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if cfg is None:
-        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if dev not in _sms:
-            _sms[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-        cfg = config(w.n, w.k, _sms[dev])
-    span = math.ceil(math.ceil(w.k / cfg.split) / cfg.block_k) * cfg.block_k
-    split = math.ceil(w.k / span)
+    cfg = cfg or tuned(w, x.dtype)
+    row_blocks = w.k // w.blocksize
+    span = math.ceil(row_blocks / cfg.split)  # scale blocks a program covers
+    split = math.ceil(row_blocks / span)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     target = torch.empty(split, m, w.n, dtype=torch.float32, device=x.device) if split > 1 else out
     grid = (math.ceil(w.n / cfg.block_n), split, math.ceil(m / BLOCK_M))
@@ -201,7 +241,7 @@ def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tenso
     nf4mm_kernel[grid](x2, w.data, w.absmax, w.code, w.code2 if nested else w.code,
                        w.absmax2 if nested else w.absmax, w.offset, target, m, w.n, w.k, span, x2.stride(0),
                        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, PARTIAL=split > 1,
-                       BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, UNROLL=cfg.unroll, SPLIT_X=cfg.split_x,
                        num_warps=cfg.warps, num_stages=cfg.stages)
     if split > 1:
         block = 1024
@@ -211,20 +251,22 @@ def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tenso
 
 class NF4Linear(torch.nn.Module):
     """A bitsandbytes Linear4bit whose few-row calls (the decode step) run the kernel; longer inputs (prefills) keep
-    bitsandbytes' own path. Computes in the layer's compute dtype and returns the input's dtype, as Linear4bit does."""
+    bitsandbytes' own path. Computes in the layer's compute dtype and returns the input's dtype, as Linear4bit does.
+    The tiles are picked for the weight's shape here, at load, outside any graph capture."""
 
-    def __init__(self, base):
+    def __init__(self, base, dtype):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight4 = Weight.of(base.weight)
+        self.dtype = getattr(base, "compute_dtype", None) or dtype
+        self.tiles = tuned(self.weight4, self.dtype) if self.dtype in (torch.bfloat16, torch.float16) else None
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        dtype = getattr(self.base, "compute_dtype", None) or x.dtype
-        if rows > MAX_ROWS or dtype not in (torch.bfloat16, torch.float16):
+        if rows > MAX_ROWS or self.tiles is None:
             return self.base(x)
-        out = matmul(x.to(dtype), self.weight4)
+        out = matmul(x.to(self.dtype), self.weight4, self.tiles)
         if self.base.bias is not None:
-            out = out + self.base.bias.to(dtype)
+            out = out + self.base.bias.to(self.dtype)
         return out.to(x.dtype)

@@ -141,25 +141,29 @@ class AdapterColumns:
         prefix = next(name for name, m in model.named_modules() if m is layers)
         self.served = set()  # every decoder Linear's path: what an adapter may target
         self.nf4_linears = 0  # 4-bit Linears whose decode matmuls run the nf4mm kernel
-        for name, module in list(layers.named_modules()):
-            if isinstance(module, torch.nn.Linear):
-                path = f"{prefix}.{name}"
-                self.served.add(path)
-                four_bit = getattr(module.weight, "quant_state", None) is not None
-                wrapped = module
-                if strict and four_bit:
-                    wrapped = DequantLinear(module)
-                elif nf4 and fits(module):  # the decode step's few rows straight from the 4-bit data (nf4mm)
-                    wrapped = NF4Linear(module)
-                    self.nf4_linears += 1
-                if targets is None or path in targets:
-                    wrapped = SlotLinear(wrapped, columns, self)
-                    self.linears[path] = wrapped
-                if wrapped is not module:
-                    parent_name, _, child = name.rpartition(".")
-                    parent = layers.get_submodule(parent_name) if parent_name else layers
-                    setattr(parent, child, wrapped)
-                    self._originals.append((parent, child, module))
+        try:  # (tiles for the nf4mm kernel are timed here: a failure leaves the model as it was)
+            for name, module in list(layers.named_modules()):
+                if isinstance(module, torch.nn.Linear):
+                    path = f"{prefix}.{name}"
+                    self.served.add(path)
+                    four_bit = getattr(module.weight, "quant_state", None) is not None
+                    wrapped = module
+                    if strict and four_bit:
+                        wrapped = DequantLinear(module)
+                    elif nf4 and fits(module) and dtype in (torch.bfloat16, torch.float16):
+                        wrapped = NF4Linear(module, dtype)  # the decode step's few rows straight from the 4-bit data
+                        self.nf4_linears += 1
+                    if targets is None or path in targets:
+                        wrapped = SlotLinear(wrapped, columns, self)
+                        self.linears[path] = wrapped
+                    if wrapped is not module:
+                        parent_name, _, child = name.rpartition(".")
+                        parent = layers.get_submodule(parent_name) if parent_name else layers
+                        setattr(parent, child, wrapped)
+                        self._originals.append((parent, child, module))
+        except BaseException:
+            self.restore()
+            raise
         for m in self.linears.values():
             torch._dynamo.mark_static_address(m.lora_a)
             torch._dynamo.mark_static_address(m.lora_b)

@@ -47,15 +47,6 @@ def test_the_models_4bit_linears_are_read_as_bitsandbytes_reads_them(tiny_llama_
     assert not nf4mm.fits(model.lm_head)  # 16-bit: not the kernel's
 
 
-def test_tiles_depend_on_the_weight_shape_only_and_cover_k():
-    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (64, 128), (128, 64)]:
-        for sms in (40, 132):
-            c = nf4mm.Config(*nf4mm.config(n, k, sms).__dict__.values())
-            span = -(-(-(-k // c.split)) // c.block_k) * c.block_k
-            assert span % c.block_k == 0 and (c.split - 1) * span < k <= c.split * span, (n, k, c)
-            assert c.block_n >= 16 and c.block_k >= 16  # tensor-core tiles
-
-
 def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llama_dir, monkeypatch, caplog):
     assert nf4mm.unavailable("cpu") == "no CUDA device"
     caplog.set_level(logging.INFO, logger="qlora.chat")  # the matmul line is an info line

@@ -67,7 +67,7 @@ def test_nf4linear_equals_linear4bit_and_replays_in_a_cuda_graph():
     layer.weight = bnb.nn.Params4bit(torch.randn(11008, 4096) * 0.02, requires_grad=False,
                                      compress_statistics=True, quant_type="nf4")
     layer = layer.cuda()
-    fast = nf4mm.NF4Linear(layer)
+    fast = nf4mm.NF4Linear(layer, torch.bfloat16)
     x = torch.randn(16, 1, 4096, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         ref, out = layer(x), fast(x)
