@@ -2,7 +2,7 @@
 path, greedy, on the 7B-shaped random 4-bit base with random r=64 q/v adapters.
 
     python -m bench.chat_bench                                   # bf16
-    python -m bench.chat_bench --capture graphs:bnb,graphs --nf4-sweep  # bitsandbytes' 4-bit matmuls vs nf4mm's
+    python -m bench.chat_bench --capture graphs:bnb,graphs:nf4 --nf4-sweep  # bitsandbytes' 4-bit matmuls vs nf4mm's
     QLORA_NO_BF16=1 python -m bench.chat_bench --gib 15 --tag t4  # T4 mode: fp16 compute, 15 GiB for this process
 
 Reports, for each capture variant: the one-time load and capture seconds, the slots (rows x tokens) planned from the
@@ -379,8 +379,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
     ap.add_argument("--capture", default="graphs",
-                    help="slot-engine variants, comma-separated: graphs, compile, eager; a ':bnb' suffix keeps "
-                    "bitsandbytes' 4-bit decode matmuls (no nf4mm kernel), e.g. graphs:bnb,graphs")
+                    help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix picks the 4-bit decode "
+                    "matmuls: ':nf4' nf4mm's kernel, ':bnb' bitsandbytes' (no suffix: the engine's default), "
+                    "e.g. graphs:bnb,graphs:nf4")
     ap.add_argument("--nf4-sweep", action="store_true", help="time nf4mm's tiles against bitsandbytes per 7B shape")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
         print(f"slot engine, {variant}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, nf4=False if matmul == "bnb" else None,
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, nf4={"bnb": False, "nf4": True}.get(matmul),
                             **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()

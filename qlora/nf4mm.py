@@ -1,5 +1,6 @@
 """A few rows times a bitsandbytes nf4 weight, read straight from its packed 4-bit data (a Triton kernel): the slot
-engine's decode-step matmul.
+engine's decode-step matmul when asked for (`QLORA_CHAT_NF4=1`; off by default: on the H200 it is still ~1.4x slower
+than bitsandbytes' dequantize + cuBLAS at 16 rows, bench/README.md run26).
 
 Why: for more than one input row bitsandbytes dequantizes the whole weight to 16 bits and then multiplies (its fast
 gemv takes one row only), so a 16-row decode step of the 7B model writes and reads ~26 GB of 16-bit weights; here each
