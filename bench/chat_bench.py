@@ -2,7 +2,7 @@
 path, greedy, on the 7B-shaped random 4-bit base with random r=64 q/v adapters.
 
     python -m bench.chat_bench                                   # bf16
-    python -m bench.chat_bench --capture graphs:bnb,graphs:nf4 --nf4-sweep  # bitsandbytes' 4-bit matmuls vs nf4mm's
+    python -m bench.chat_bench --capture graphs:bnb,graphs:nf4   # bitsandbytes' 4-bit decode matmuls vs nf4mm's
     QLORA_NO_BF16=1 python -m bench.chat_bench --gib 15 --tag t4  # T4 mode: fp16 compute, 15 GiB for this process
 
 Reports, for each capture variant: the one-time load and capture seconds, the slots (rows x tokens) planned from the
@@ -336,39 +336,6 @@ def _kind(name: str) -> str:
     return "elementwise / copies / other"
 
 
-def nf4_sweep(model, rows: int = 16) -> dict:
-    """Microseconds of one [rows, K] x [N, K]^T matmul of the model's first decoder layer, per 4-bit weight shape:
-    bitsandbytes' Linear4bit against each of nf4mm's candidate tiles and the one `nf4mm.tuned` picked (all timed over
-    CUDA graph replays, so launch costs are left out as in the engine's captured step)."""
-    import torch
-    import triton.testing
-
-    from qlora import nf4mm
-    from qlora.slots import decoder_layers
-
-    shapes = {}
-    for name, m in decoder_layers(model)[0].named_modules():
-        if nf4mm.fits(m):
-            shapes.setdefault((m.out_features, m.in_features), (name, m))
-    out = {}
-    for (n, k), (name, m) in shapes.items():
-        dtype = m.compute_dtype or torch.bfloat16
-        x = torch.randn(rows, k, dtype=dtype, device=model.device)
-        w = nf4mm.Weight.of(m.weight)
-        with torch.no_grad():
-            bnb_us = 1000 * triton.testing.do_bench_cudagraph(lambda: m(x), rep=20)
-        us = {f"{c.block_n}/{c.split}/{c.unroll}/{c.warps}{'/x' if c.split_x else ''}":
-              round(1000 * t, 1) if isinstance(t, float) else t for c, t in nf4mm.timings(w, dtype, rows).items()}
-        ok = [t for t in us.values() if isinstance(t, float)]
-        c = nf4mm.tuned(w, dtype)
-        chosen = f"{c.block_n}/{c.split}/{c.unroll}/{c.warps}{'/x' if c.split_x else ''}"
-        out[f"{name.split('.')[-2] if name.endswith('base') else name.split('.')[-1]} {n}x{k}"] = r = dict(
-            bitsandbytes_us=round(bnb_us, 1), chosen=chosen, chosen_us=us.get(chosen), best_us=min(ok),
-            gb_per_s=round(n * k * (0.5 + 4 / w.blocksize) / 1e3 / min(ok), 1), all_us=us)
-        print(f"  nf4 sweep {name} {n}x{k}:", json.dumps(r), flush=True)
-    return out
-
-
 # --- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,7 +349,6 @@ def main(argv=None) -> int:
                     help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix picks the 4-bit decode "
                     "matmuls: ':nf4' nf4mm's kernel, ':bnb' bitsandbytes' (no suffix: the engine's default), "
                     "e.g. graphs:bnb,graphs:nf4")
-    ap.add_argument("--nf4-sweep", action="store_true", help="time nf4mm's tiles against bitsandbytes per 7B shape")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
     ap.add_argument("--eager-tokens", type=int, default=64)
@@ -468,8 +434,6 @@ def main(argv=None) -> int:
         v["peak_gib"] = peak()
         if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
-        if a.nf4_sweep and engine.matmul == "nf4mm" and "nf4_sweep" not in report:  # after its load: tiles timed there
-            report["nf4_sweep"] = nf4_sweep(engine._base)
         variants[variant] = v
         engine.unload()
         report["variants"] = variants
@@ -523,13 +487,6 @@ def markdown(rep: dict) -> str:
             p = v["profile"]
             lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "
                          f"{p['graph_ms_per_step']} ms a step; kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
-    if "nf4_sweep" in rep:
-        lines += ["", "4-bit matmul of 16 rows, us (CUDA graph replays): bitsandbytes vs nf4mm (tiles: block_n / "
-                  "split-K / unroll / warps [/x: x split in registers])", "", "| weight | bitsandbytes us | nf4mm tiles picked | "
-                  "us (a second timing) | best of the candidates us | GB/s |", "|---|---|---|---|---|---|"]
-        for name, r in rep["nf4_sweep"].items():
-            lines.append(f"| {name} | {r['bitsandbytes_us']} | {r['chosen']} | {r['chosen_us']} | {r['best_us']} | "
-                         f"{r['gb_per_s']} |")
     return "\n".join(lines) + "\n"
 
 

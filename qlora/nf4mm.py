@@ -1,36 +1,52 @@
 """A few rows times a bitsandbytes nf4 weight, read straight from its packed 4-bit data (a Triton kernel): the slot
-engine's decode-step matmul when asked for (`QLORA_CHAT_NF4=1`; off by default: on the H200 it is still ~1.4x slower
-than bitsandbytes' dequantize + cuBLAS at 16 rows, bench/README.md run26).
+engine's decode-step matmul on CUDA cards of compute capability 8+ (bench/README.md run28: the 7B decoder's 4-bit work
+a 16-row step 6.6 ms here against 10.7 ms in bitsandbytes' own 16-row matmuls).
 
 Why: for more than one input row bitsandbytes dequantizes the whole weight to 16 bits and then multiplies (its fast
 gemv takes one row only), so a 16-row decode step of the 7B model writes and reads ~26 GB of 16-bit weights; here each
-program reads its tile of the 4-bit weight once (0.5 byte a weight plus the block scales) and multiplies it by every
-row in tensor-core tiles.
+program reads its tile of the 4-bit weight once (0.5 byte a weight plus the block scales) and multiplies it by 16 rows
+in tensor-core tiles.
 
-The layout is bitsandbytes' (`functional.dequantize_4bit`, its default backend's `_dequantize_4bit_compute`): the
-[N, K] weight flattened row by row, two weights a byte, the first in the high nibble; weight i is
-`code[nibble] * absmax[i // blocksize]` in fp32, then cast. With double quantization (`quant_state.nested`) absmax is
-itself uint8 codes: `state2.code[q] * state2.absmax[j // state2.blocksize] + offset` (fp32), computed in the kernel
-from those ~1.1 bytes a 64-weight block, so the engine keeps no second copy of the scales. `dequantize` below is the
-same arithmetic in plain torch (the CPU tests hold it to bitsandbytes' own dequantize).
+The layout is bitsandbytes' (`functional.dequantize_4bit`): the [N, K] weight flattened row by row, two weights a
+byte, the first in the high nibble; weight i is `code[nibble] * absmax[i // blocksize]`. With double quantization
+(`quant_state.nested`) absmax is itself uint8 codes: `state2.code[q] * state2.absmax[j // state2.blocksize] + offset`,
+computed in the kernel. `dequantize` below is that arithmetic in plain torch (the CPU tests hold it to bitsandbytes').
 
-Exactness: every program multiplies a fixed 16-row tile (rows past M are zeros) over a fixed K range, and split-K
-partial sums are added in a fixed order by a second kernel; the tiles are picked per weight shape once, when the engine
-loads (`tuned`: the fastest of a few candidates on this card), never per call or per row count. So an output row
-depends on its own input row only: a pane's answer alone equals its answer in any batch, bit for bit. The result
-differs from bitsandbytes' dequantize + cuBLAS by the accumulation order only (the dtype's rounding); two loads may
-pick different tiles, so two server starts may round differently. Memory: nothing beyond bitsandbytes' own weights
-(the kernel reads them in place); split-K partials are [split, rows, N] fp32 scratch.
+The arithmetic (what made it pay, run28): a loop turn takes one 64-weight scale block of BLOCK_N weight rows; one
+gather from a 256-entry table turns a byte into both its codes in the compute dtype (`Weight.pairs`); the block's
+even weights meet x's even inputs and the odd ones the odd inputs (x is handed over split that way, contiguous), two
+tensor-core dots give the block's [BLOCK_N, 16] partial in fp32, and the block's scale multiplies that partial. So a
+weight is rounded once (its code, to the compute dtype) where bitsandbytes rounds `code * absmax` once: the result
+differs from bitsandbytes' dequantize + cuBLAS by the dtype's rounding (the GPU test bounds it by twice cuBLAS's own
+error on the dequantized weight).
+
+Exactness: the tiles are fixed (`TILE`), never picked per call, per row count or per card; every program multiplies a
+16-row tile (rows past M are zeros) over a fixed K range, and split-K partial sums are added in a fixed order by a
+second kernel. So an output row depends on its own input row only, bit for bit: a pane's answer alone equals its
+answer in any batch. Memory: the 1 KB table a weight and [split, rows, N] fp32 scratch a call.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch  # imported only where the slot engine starts (`import qlora` stays light)
 
 BLOCK_M = 16  # rows a program multiplies: the tensor cores' smallest tile; more rows take more tiles
 MAX_ROWS = 64  # beyond this many rows (a prefill) bitsandbytes' dequantize + cuBLAS is the faster path
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_n: int  # weight rows (outputs) a program computes
+    split: int  # K ranges of a weight row computed by separate programs, summed in order by the second kernel
+    warps: int
+    stages: int
+
+
+# The fastest of run28's sweep on all three 7B shapes within 10% (bench/nf4_probe.py); fixed, so two server starts
+# round alike.
+TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
 
 def unavailable(device) -> str | None:
@@ -43,19 +59,18 @@ def unavailable(device) -> str | None:
         return "Triton is not installed"
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"compute capability {major}.x (the kernel's bf16 tiles need 8.0 or newer)"
+        return f"compute capability {major}.x (the kernel is built and measured for 8.0 or newer)"
     return None
 
 
 def fits(module) -> bool:
-    """Whether a bitsandbytes Linear4bit's weight is one this kernel reads: nf4, K a multiple of its block size (at
-    least 32: a tensor-core tile)."""
+    """Whether a bitsandbytes Linear4bit's weight is one this kernel reads: nf4, K a multiple of its block size."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if state is None or state.quant_type != "nf4" or len(state.shape) != 2:
         return False
     n, k = state.shape
     nested_ok = not state.nested or state.state2.code.numel() == 256
-    return 32 <= state.blocksize <= 256 and k % state.blocksize == 0 and nested_ok
+    return state.blocksize in (32, 64, 128, 256) and k % state.blocksize == 0 and nested_ok
 
 
 @dataclass
@@ -71,6 +86,7 @@ class Weight:
     absmax2: torch.Tensor | None = None  # nested: fp32, one scale a `blocksize2` absmax codes
     blocksize2: int = 1
     offset: float = 0.0
+    tables: dict = field(default_factory=dict)  # dtype -> `pairs`
 
     @classmethod
     def of(cls, param) -> "Weight":
@@ -88,6 +104,15 @@ class Weight:
     def nested(self) -> bool:
         return self.code2 is not None
 
+    def pairs(self, dtype) -> torch.Tensor:
+        """int32 [256]: byte b's two codes in `dtype`, the high nibble's in the upper 16 bits (one gather a byte)."""
+        if dtype not in self.tables:
+            bits = self.code.to(dtype).view(torch.int16).long() & 0xFFFF
+            b = torch.arange(256, device=self.code.device)
+            word = bits[b >> 4] << 16 | bits[b & 15]
+            self.tables[dtype] = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+        return self.tables[dtype]
+
 
 def dequantize(w: Weight) -> torch.Tensor:
     """The fp32 [N, K] weight, in plain torch, by the kernel's arithmetic (the CPU tests' reference)."""
@@ -101,50 +126,6 @@ def dequantize(w: Weight) -> torch.Tensor:
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Config:
-    block_n: int  # weight rows (outputs) a program computes: the tensor-core tile's M side
-    split: int  # K ranges of a weight row computed by separate programs, summed by the second kernel (1: none)
-    unroll: int = 1  # scale blocks (64 weights of a row each) a loop turn reads
-    warps: int = 4
-    stages: int = 3
-    split_x: bool = False  # read x's block whole and split it into even/odd in registers (else two strided reads)
-
-
-# Tried once per weight shape when the engine loads (`tuned`); the fastest serves every call of that shape.
-CANDIDATES = (Config(64, 1, 2), Config(64, 2, 1), Config(64, 4, 1), Config(32, 4, 1, 2), Config(128, 2, 1),
-              Config(128, 4, 1, 8), Config(64, 2, 1, split_x=True), Config(64, 4, 1, split_x=True),
-              Config(128, 2, 1, split_x=True))
-_tuned: dict = {}
-
-
-def tuned(w: Weight, dtype) -> Config:
-    """The fastest candidate for this weight's shape on this card, timed once (16 rows, CUDA graph replays). It
-    depends on the shape only, never on the rows of a call: see the module doc."""
-    key = (w.n, w.k, w.nested, dtype, w.data.device)
-    if key not in _tuned:
-        times = {c: t for c, t in timings(w, dtype).items() if isinstance(t, float)}
-        if not times:
-            raise RuntimeError("no nf4mm tile runs on this card")
-        _tuned[key] = min(times, key=times.get)
-    return _tuned[key]
-
-
-def timings(w: Weight, dtype, rows: int = BLOCK_M) -> dict:
-    """Milliseconds of one call per candidate; a candidate that does not build or fit on this card (e.g. Triton's
-    OutOfResources: too much shared memory) gets its error's name instead."""
-    import triton.testing
-
-    x = torch.randn(rows, w.k, dtype=dtype, device=w.data.device)
-    out = {}
-    for c in CANDIDATES:
-        try:
-            out[c] = float(triton.testing.do_bench_cudagraph(lambda: matmul(x, w, c), rep=10))
-        except Exception as e:  # noqa: BLE001  (a compile error is the candidate's, not the engine's)
-            out[c] = type(e).__name__
-    return out
-
-
 _kernels = None
 
 
@@ -152,56 +133,44 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["M", "stride_xm"])
-    def nf4mm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset, out_ptr,
-                     M, N, K, SPAN, stride_xm,
+    @triton.jit(do_not_specialize=["M", "XM"])
+    def nf4mm_kernel(xt_ptr, w_ptr, absmax_ptr, pairs_ptr, code2_ptr, absmax2_ptr, offset, out_ptr,
+                     M, N, K, SPAN, XM,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, PARTIAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr, SPLIT_X: tl.constexpr):
-        # One turn per scale block: the weights w[n, k0:k0+BLOCKSIZE] share absmax[n, b], so the scale is a vector
-        # over n. The block's even weights (high nibbles) meet the even inputs, the odd (low) ones the odd inputs:
-        # out^T[n, m] += hi[n, :] . x[m, k0::2] + lo[n, :] . x[m, k0+1::2], the weights as the tile's A side.
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # xt: [2, K // 2, XM], x's even and odd inputs, rows padded to XM (a multiple of BLOCK_M) with zeros.
+        # out^T[n, m] += scale[n, b] * (hi[n, :] . x[m, k0::2] + lo[n, :] . x[m, k0+1::2]) for each scale block b.
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, HALF)
-        m_ok, n_ok = rm < M, rn < N
+        n_ok = rn < N
         row_blocks = K // BLOCKSIZE
         b_begin = pid_s * SPAN
         b_end = tl.minimum(b_begin + SPAN, row_blocks)
-        dtype = x_ptr.dtype.element_ty
+        dtype = xt_ptr.dtype.element_ty
+        odd = (K // 2) * XM
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for b0 in range(b_begin, b_end, UNROLL):
-            for u in tl.static_range(UNROLL):
-                b = b0 + u
-                # masks as tensors in the loads' shapes: past b_end (the last turn of a range) nothing is read
-                ok = (b + 0 * rn) < b_end
-                wmask = n_ok[:, None] & ok[:, None] & (j[None, :] < HALF)
-                packed = tl.load(w_ptr + rn[:, None] * (K // 2) + b * HALF + j[None, :], mask=wmask, other=0)
-                blk = rn * row_blocks + b
-                if NESTED:
-                    qa = tl.load(absmax_ptr + blk, mask=n_ok & ok, other=0).to(tl.int32)
-                    scale = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=n_ok & ok,
-                                                              other=0.0) + offset
-                else:
-                    scale = tl.load(absmax_ptr + blk, mask=n_ok & ok, other=0.0)
-                # fp32 product, then the compute dtype: bitsandbytes' dequantize, weight for weight
-                hi = (tl.load(code_ptr + (packed >> 4).to(tl.int32)) * scale[:, None]).to(dtype)
-                lo = (tl.load(code_ptr + (packed & 0xF).to(tl.int32)) * scale[:, None]).to(dtype)
-                if SPLIT_X:
-                    kk = b * BLOCKSIZE + tl.arange(0, BLOCKSIZE)
-                    xs = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :],
-                                 mask=m_ok[:, None] & (kk[None, :] < b_end * BLOCKSIZE), other=0.0)
-                    x_even, x_odd = tl.split(tl.reshape(xs, (BLOCK_M, HALF, 2)))
-                    acc = tl.dot(hi, tl.trans(x_even), acc)
-                    acc = tl.dot(lo, tl.trans(x_odd), acc)
-                else:
-                    xt = x_ptr + rm[None, :] * stride_xm + b * BLOCKSIZE + 2 * j[:, None]  # [HALF, BLOCK_M]: x^T
-                    xmask = m_ok[None, :] & ((b * BLOCKSIZE + 2 * j[:, None]) < b_end * BLOCKSIZE)
-                    acc = tl.dot(hi, tl.load(xt, mask=xmask, other=0.0), acc)
-                    acc = tl.dot(lo, tl.load(xt + 1, mask=xmask, other=0.0), acc)
+        for b in range(b_begin, b_end):
+            packed = tl.load(w_ptr + rn[:, None] * (K // 2) + b * HALF + j[None, :], mask=n_ok[:, None], other=0)
+            blk = rn * row_blocks + b
+            if NESTED:
+                qa = tl.load(absmax_ptr + blk, mask=n_ok, other=0).to(tl.int32)
+                scale = tl.load(code2_ptr + qa) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=n_ok,
+                                                          other=0.0) + offset
+            else:
+                scale = tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
+            xe = tl.load(xt_ptr + (b * HALF + j[:, None]) * XM + rm[None, :])
+            xo = tl.load(xt_ptr + odd + (b * HALF + j[:, None]) * XM + rm[None, :])
+            pair = tl.load(pairs_ptr + packed.to(tl.int32))
+            hi = (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
+            lo = pair.to(tl.int16).to(dtype, bitcast=True)
+            part = tl.dot(hi, xe)
+            part = tl.dot(lo, xo, part)
+            acc += part * scale[:, None]
         out = out_ptr + pid_s * M * N + rm[None, :] * N + rn[:, None]
-        mask = n_ok[:, None] & m_ok[None, :]
+        mask = n_ok[:, None] & (rm < M)[None, :]
         if PARTIAL:
             tl.store(out, acc, mask=mask)
         else:
@@ -219,31 +188,29 @@ def _build():
     return nf4mm_kernel, sum_kernel
 
 
-def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tensor:
-    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype. `cfg`: the tiles
-    (default: the ones `tuned` picked for this shape)."""
+def matmul(x: torch.Tensor, w: Weight, tile: Tile = TILE) -> torch.Tensor:
+    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype."""
     global _kernels
     if _kernels is None:
         _kernels = _build()
     nf4mm_kernel, sum_kernel = _kernels
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
     m = x2.shape[0]
-    cfg = cfg or tuned(w, x.dtype)
+    xm = math.ceil(m / BLOCK_M) * BLOCK_M
+    xt = x2.new_zeros(2, w.k // 2, xm)
+    xt[:, :, :m] = x2.view(m, w.k // 2, 2).permute(2, 1, 0)  # even and odd inputs, each contiguous by row
     row_blocks = w.k // w.blocksize
-    span = math.ceil(row_blocks / cfg.split)  # scale blocks a program covers
+    span = math.ceil(row_blocks / tile.split)  # scale blocks a program covers
     split = math.ceil(row_blocks / span)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     target = torch.empty(split, m, w.n, dtype=torch.float32, device=x.device) if split > 1 else out
-    grid = (math.ceil(w.n / cfg.block_n), split, math.ceil(m / BLOCK_M))
     nested = w.nested
-    nf4mm_kernel[grid](x2, w.data, w.absmax, w.code, w.code2 if nested else w.code,
-                       w.absmax2 if nested else w.absmax, w.offset, target, m, w.n, w.k, span, x2.stride(0),
-                       BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, PARTIAL=split > 1,
-                       BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, UNROLL=cfg.unroll, SPLIT_X=cfg.split_x,
-                       num_warps=cfg.warps, num_stages=cfg.stages)
+    nf4mm_kernel[(math.ceil(w.n / tile.block_n), split, xm // BLOCK_M)](
+        xt, w.data, w.absmax, w.pairs(x.dtype), w.code2 if nested else w.code, w.absmax2 if nested else w.absmax,
+        w.offset, target, m, w.n, w.k, span, xm,
+        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, PARTIAL=split > 1, BLOCK_M=BLOCK_M,
+        BLOCK_N=tile.block_n, num_warps=tile.warps, num_stages=tile.stages)
     if split > 1:
         block = 1024
         sum_kernel[(math.ceil(m * w.n / block),)](target, out, m * w.n, SPLIT=split, BLOCK=block)
@@ -252,8 +219,7 @@ def matmul(x: torch.Tensor, w: Weight, cfg: Config | None = None) -> torch.Tenso
 
 class NF4Linear(torch.nn.Module):
     """A bitsandbytes Linear4bit whose few-row calls (the decode step) run the kernel; longer inputs (prefills) keep
-    bitsandbytes' own path. Computes in the layer's compute dtype and returns the input's dtype, as Linear4bit does.
-    The tiles are picked for the weight's shape here, at load, outside any graph capture."""
+    bitsandbytes' own path. Computes in the layer's compute dtype and returns the input's dtype, as Linear4bit does."""
 
     def __init__(self, base, dtype):
         super().__init__()
@@ -261,13 +227,13 @@ class NF4Linear(torch.nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight4 = Weight.of(base.weight)
         self.dtype = getattr(base, "compute_dtype", None) or dtype
-        self.tiles = tuned(self.weight4, self.dtype) if self.dtype in (torch.bfloat16, torch.float16) else None
+        self.weight4.pairs(self.dtype)  # built here, outside any graph capture
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_ROWS or self.tiles is None:
+        if rows > MAX_ROWS or self.dtype not in (torch.bfloat16, torch.float16):
             return self.base(x)
-        out = matmul(x.to(self.dtype), self.weight4, self.tiles)
+        out = matmul(x.to(self.dtype), self.weight4)
         if self.base.bias is not None:
             out = out + self.base.bias.to(self.dtype)
         return out.to(x.dtype)
