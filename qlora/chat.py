@@ -6,10 +6,10 @@ chosen when the base loads: on a CUDA card and a Llama-style model, the slot eng
 fixed row slots, per-row adapter columns, one-token steps captured in CUDA graphs, many visitors per batch); anywhere
 else (the CPU, another architecture, a capture error) today's eager path (`rowexact`: one peft `generate` per visitor),
 with one log line saying why. `QLORA_CHAT_DECODE` = auto | graphs | compile | eager | generate overrides the choice
-(eager: the slot engine without graphs, e.g. on the CPU). The slot engine's 4-bit decode matmuls are bitsandbytes';
-`QLORA_CHAT_NF4=1` (or `ChatEngine(nf4=True)`) runs them in `nf4mm`'s Triton kernel where it can (CUDA, Triton, compute
-capability 8+, graphs). It is off by default: on the H200 it was slower than bitsandbytes (run26, bench/README.md).
-One log line says which matmul the engine uses.
+(eager: the slot engine without graphs, e.g. on the CPU). The slot engine's 4-bit decode matmuls run in `nf4mm`'s
+Triton kernel where it can (CUDA, Triton, compute capability 8+): a 16-row step of the 7B shape 14.1 ms against 17.7
+with bitsandbytes' own matmuls on an H200 (run29, bench/README.md); elsewhere, or with `QLORA_CHAT_NF4=0` (or
+`ChatEngine(nf4=False)`), bitsandbytes'. One log line says which matmul the engine uses.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ class ChatEngine:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"QLORA_CHAT_DECODE: one of {', '.join(DECODE_MODES)} (got {self.decode!r})")
         self.max_rows = max_rows
-        self.nf4 = nf4 if nf4 is not None else os.environ.get("QLORA_CHAT_NF4", "0") == "1"
+        self.nf4 = nf4 if nf4 is not None else os.environ.get("QLORA_CHAT_NF4", "1") != "0"
         self.matmul: str | None = None  # the 4-bit decode matmuls once loaded: "nf4mm", "bitsandbytes", ...
         self.tokenizer = None
         self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded
@@ -320,8 +320,9 @@ class ChatEngine:
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
                     log.info("chat: %d rows of %d tokens, adapter columns on %d Linears, decode graphs (%s) for %d "
-                             "lengths captured and checked in %.1f s: %s", rows, length, len(decoder.columns.linears),
-                             kind, len(decoder.buckets), self.capture_s, decoder.exactness)
+                             "lengths and prompt graphs up to %s tokens captured and checked in %.1f s: %s", rows,
+                             length, len(decoder.columns.linears), kind, len(decoder.buckets),
+                             max(decoder.prompt_buckets, default=0), self.capture_s, decoder.exactness)
                 self.backend_kind = kind
                 return slots.SlotBackend(decoder)
             except Exception as e:
@@ -339,9 +340,7 @@ class ChatEngine:
         from . import nf4mm
 
         if not self.nf4:
-            return "the nf4mm kernel is off; QLORA_CHAT_NF4=1 turns it on"
-        if kind == "compile":
-            return "torch.compile mode traces bitsandbytes' ops, not the kernel"
+            return "the nf4mm kernel is turned off (QLORA_CHAT_NF4=0)"
         if not any(nf4mm.fits(m) for m in model.modules()):
             return "no nf4 weights"
         return nf4mm.unavailable(model.device)

@@ -198,8 +198,10 @@ def matmul(x: torch.Tensor, w: Weight, tile: Tile = TILE) -> torch.Tensor:
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
     xm = math.ceil(m / BLOCK_M) * BLOCK_M
-    xt = x2.new_zeros(2, w.k // 2, xm)
+    xt = x2.new_empty(2, w.k // 2, xm)
     xt[:, :, :m] = x2.view(m, w.k // 2, 2).permute(2, 1, 0)  # even and odd inputs, each contiguous by row
+    if xm > m:
+        xt[:, :, m:] = 0
     row_blocks = w.k // w.blocksize
     span = math.ceil(row_blocks / tile.split)  # scale blocks a program covers
     split = math.ceil(row_blocks / span)
@@ -218,20 +220,27 @@ def matmul(x: torch.Tensor, w: Weight, tile: Tile = TILE) -> torch.Tensor:
 
 
 class NF4Linear(torch.nn.Module):
-    """A bitsandbytes Linear4bit whose few-row calls (the decode step) run the kernel; longer inputs (prefills) keep
-    bitsandbytes' own path. Computes in the layer's compute dtype and returns the input's dtype, as Linear4bit does."""
+    """A bitsandbytes Linear4bit whose decode-step calls run the kernel; prompts (`holder.prefilling`, the slot
+    engine's flag) and calls of more than MAX_ROWS rows keep bitsandbytes' own path, which is faster there and
+    launches far fewer kernels from the host. Computes in the layer's compute dtype and returns the input's dtype,
+    as Linear4bit does."""
 
-    def __init__(self, base, dtype):
+    def __init__(self, base, dtype, holder=None):
+        global _kernels
         super().__init__()
         self.base = base
+        self.holder = holder  # a plain object with a `prefilling` flag (slots.AdapterColumns), or None
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight4 = Weight.of(base.weight)
         self.dtype = getattr(base, "compute_dtype", None) or dtype
-        self.weight4.pairs(self.dtype)  # built here, outside any graph capture
+        self.weight4.pairs(self.dtype)  # built here, outside any graph capture or compile
+        if _kernels is None:
+            _kernels = _build()
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_ROWS or self.dtype not in (torch.bfloat16, torch.float16):
+        prefilling = self.holder is not None and self.holder.prefilling
+        if prefilling or rows > MAX_ROWS or self.dtype not in (torch.bfloat16, torch.float16):
             return self.base(x)
         out = matmul(x.to(self.dtype), self.weight4)
         if self.base.bias is not None:

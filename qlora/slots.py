@@ -8,8 +8,12 @@ with them); it has one sampling setting for the whole batch and no per-request s
 Here the decode step always runs at the same shapes (`rows` slots, padded), so a row's arithmetic never depends on the
 other rows: each slot's answer in a full batch is the answer it gets alone. The pieces are the library's: the model's
 own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at its own position), a 4D attention
-mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step; prompts are prefilled
-eagerly one row at a time with a `DynamicCache`, then copied into the row's slot.
+mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step. Prompts are prefilled one
+row at a time, each layer writing the prompt's keys/values straight into the row's slot (`prefill_cache`); prompts up
+to PREFILL_BUCKETS[-1] tokens run in a graph captured for the bucket that holds them (the prompt padded at its end,
+which causal attention keeps out of the prompt's own positions; the pads' keys/values land past the prompt, where
+the row's decode steps overwrite them before reading them). A prompt's prefill is launch-bound without a graph (~50
+ms for 15 or 711 tokens on an H200, run29): the graphs are what keeps eight visitors' first tokens within a second.
 
 Per-row adapters inside the graph: every decoder Linear that the engine's adapters target gets two static buffers,
 A [in, C] and B [C, out] (`AdapterColumns`). An adapter in use occupies a run of those C columns (A^T, and B^T with
@@ -27,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -40,6 +45,7 @@ log = logging.getLogger("qlora.chat")
 
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
+PREFILL_BUCKETS = (64, 128, 256, 512, 1024)  # prompt lengths whose prefill is captured; longer prompts run eagerly
 COLUMN_GRAIN = 16  # adapters take columns in units of 16 (tensor-core tiles)
 SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:
 # the eager path
@@ -134,6 +140,7 @@ class AdapterColumns:
         self.decode_mask = torch.zeros(rows, columns, dtype=torch.bool, device=device)
         self.prefill_mask = torch.zeros(1, columns, dtype=torch.bool, device=device)
         self.mask = self.decode_mask  # what the SlotLinears read; the prefill swaps its own row in
+        self.prefilling = False  # a prompt runs through the model (eager): NF4Linears keep bitsandbytes' path
         self.placed: dict[str, tuple[int, int]] = {}  # adapter name -> (first column, width)
         self.linears: dict[str, torch.nn.Module] = {}
         self._originals: list[tuple] = []
@@ -141,7 +148,7 @@ class AdapterColumns:
         prefix = next(name for name, m in model.named_modules() if m is layers)
         self.served = set()  # every decoder Linear's path: what an adapter may target
         self.nf4_linears = 0  # 4-bit Linears whose decode matmuls run the nf4mm kernel
-        try:  # (tiles for the nf4mm kernel are timed here: a failure leaves the model as it was)
+        try:  # (a failure leaves the model as it was)
             for name, module in list(layers.named_modules()):
                 if isinstance(module, torch.nn.Linear):
                     path = f"{prefix}.{name}"
@@ -151,7 +158,7 @@ class AdapterColumns:
                     if strict and four_bit:
                         wrapped = DequantLinear(module)
                     elif nf4 and fits(module) and dtype in (torch.bfloat16, torch.float16):
-                        wrapped = NF4Linear(module, dtype)  # the decode step's few rows straight from the 4-bit data
+                        wrapped = NF4Linear(module, dtype, self)  # the decode step's rows straight from the 4-bit data
                         self.nf4_linears += 1
                     if targets is None or path in targets:
                         wrapped = SlotLinear(wrapped, columns, self)
@@ -238,6 +245,25 @@ def slot_cache(config, rows: int, length: int, pos, dtype, device):
         layer.lazy_initialization(dummy, dummy)  # allocates [rows, heads, length, head_dim], marked static
         layers.append(layer)
     return Cache(layers=layers)
+
+
+def prefill_cache(slot_cache_, slot):
+    """A Cache for one prompt's forward whose layers write the prompt's keys/values into row `slot` (a 1-element
+    device tensor) of the slot cache, and hand the prompt's own keys/values to attention."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PrefillLayer(DynamicLayer):
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[2]
+            self.target.keys.narrow(2, 0, n).index_copy_(0, slot, key_states)
+            self.target.values.narrow(2, 0, n).index_copy_(0, slot, value_states)
+            return key_states, value_states
+
+    return Cache(layers=[PrefillLayer(layer) for layer in slot_cache_.layers])
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:
@@ -340,6 +366,9 @@ class SlotDecoder:
                 c._attn_implementation = ATTENTION
         self.buckets = buckets(length)
         self._graphs: dict[int, tuple] = {}
+        self.prefill_slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the row a prefill writes
+        self.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)  # its prompt's last position
+        self._prefills: dict[int, tuple] = {}  # padded prompt length -> (graph, input ids, logits)
         self.last_logits = None  # the last step's logits [rows, vocab] (teacher-forced checks)
         self._logits_fn = self._logits
         self.capture_s = 0.0
@@ -380,19 +409,33 @@ class SlotDecoder:
         for i, length in enumerate(self.buckets):
             progress(f"capturing decode graphs (once): {i + 1}/{len(self.buckets)}")
             with torch.no_grad():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # warm: compile, cuBLAS workspaces, bitsandbytes' lazy state
-                        self._forward(self._positions(length))
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(self._positions(length))
-            self._graphs[length] = (graph, out)
+                self._graphs[length] = _captured(lambda: self._forward(self._positions(length)), pool)
+        self._prefills.clear()
+        try:
+            self._capture_prompts(pool, progress)
+        except Exception as e:  # a prompt still prefills without a graph, only slower to its first token
+            self._prefills.clear()
+            log.warning("chat: prompt graphs not captured (%s: %s); prompts are prefilled eagerly", type(e).__name__,
+                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         return self.capture_s
+
+    def _capture_prompts(self, pool, progress) -> None:
+        """One graph per prompt bucket shorter than the slot: the prompt's forward into slot `prefill_slot`."""
+        lengths = [b for b in PREFILL_BUCKETS if b < self.length]
+        for i, length in enumerate(lengths):
+            progress(f"capturing prompt graphs (once): {i + 1}/{len(lengths)}")
+            ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
+            no_columns = torch.zeros(self.columns.columns, dtype=torch.bool, device=self.device)
+            with torch.no_grad(), self._prefilling(no_columns):
+                graph, logits = _captured(lambda: self._prompt_logits(ids, self.prefill_last), pool)
+            self._prefills[length] = (graph, ids, logits)
+
+    @property
+    def prompt_buckets(self) -> list[int]:
+        """The prompt lengths prefilled in captured graphs (a prompt takes the shortest that holds it)."""
+        return sorted(self._prefills)
 
     def step(self, max_pos: int, sampling: bool = True, length: int | None = None) -> list[int]:
         """Advance every slot one token (free slots too, harmlessly); each slot's next token."""
@@ -442,25 +485,40 @@ class SlotDecoder:
 
     # --- prompts ----------------------------------------------------------------------------------------------
     def prefill(self, slot: int, prompt: list[int], columns):
-        """Run a prompt through the model alone (eager, any length) and store its keys/values in the slot; returns
-        its last position's logits."""
-        from transformers import DynamicCache
+        """Run a prompt through the model alone (any length) and store its keys/values in the slot; returns its last
+        position's logits. In the captured graph of the shortest bucket that holds it, else eagerly."""
+        n = len(prompt)
+        self.prefill_slot.fill_(slot)
+        self.prefill_last.fill_(n - 1)
+        length = next((b for b in self.prompt_buckets if b >= n), None)
+        if length is not None:
+            graph, ids, logits = self._prefills[length]
+            ids.copy_(torch.tensor([prompt + [0] * (length - n)]))
+            self.columns.prefill_mask.copy_(columns[None])
+            graph.replay()
+            out = logits[0, -1].float()
+        else:
+            with torch.no_grad(), self._prefilling(columns):
+                out = self._prompt_logits(torch.tensor([prompt], device=self.device), self.prefill_last)[0, -1].float()
+        self.columns.decode_mask[slot].copy_(columns)
+        return out
 
+    def _prompt_logits(self, ids, last):
+        """The logits at position `last` of a prompt's forward whose keys/values go to slot `prefill_slot`."""
+        cache = prefill_cache(self.cache, self.prefill_slot)
+        return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits
+
+    @contextmanager
+    def _prefilling(self, columns):
+        """The SlotLinears read the prompt's one column mask, the NF4Linears take bitsandbytes' path."""
         self.columns.prefill_mask.copy_(columns[None])
         self.columns.mask = self.columns.prefill_mask
+        self.columns.prefilling = True
         try:
-            cache = DynamicCache(config=self.model.config)
-            with torch.no_grad():
-                out = self.model(input_ids=torch.tensor([prompt], device=self.device), cache=cache, use_cache=True,
-                                 logits_to_keep=1)
-            n = len(prompt)
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys[slot, :, :n].copy_(theirs.keys[0])
-                mine.values[slot, :, :n].copy_(theirs.values[0])
+            yield
         finally:
             self.columns.mask = self.columns.decode_mask
-        self.columns.decode_mask[slot].copy_(columns)
-        return out.logits[0, -1].float()
+            self.columns.prefilling = False
 
     def first_token(self, logits, u: float, temperature: float, top_p: float, greedy: bool) -> int:
         f = lambda v: torch.tensor([v], dtype=torch.float32, device=self.device)  # noqa: E731
@@ -474,11 +532,27 @@ class SlotDecoder:
     def close(self) -> None:
         """Give the model back as it was (its Linears, its attention) and drop the graphs and the cache."""
         self._graphs.clear()
+        self._prefills.clear()
         self.columns.restore()
         for c, name in self._configs:
             c._attn_implementation = name
         self._configs.clear()
         self.cache = None
+
+
+def _captured(fn, pool):
+    """(a CUDA graph of fn's kernels, fn's output), after two warm runs on a side stream (compile, cuBLAS workspaces,
+    bitsandbytes' lazy state)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,

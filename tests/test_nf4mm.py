@@ -61,13 +61,13 @@ def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llam
         lines = [line for line in records.lines if "4-bit decode matmuls" in line]
         assert lines == ["chat: 4-bit decode matmuls: bitsandbytes (no CUDA device)"], records.lines
         assert e.rows_ids([([1, 450, 4996], None, GenerationSettings(temperature=0, max_new_tokens=3))])[0]
-        default = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
-        engines.append(default)
-        assert not default.nf4  # off unless asked for: slower than bitsandbytes on the H200 (bench/README.md)
-        default.load()
-        assert "off; QLORA_CHAT_NF4=1 turns it on" in [line for line in records.lines if "4-bit decode" in line][-1]
-        monkeypatch.setenv("QLORA_CHAT_NF4", "1")
-        assert ChatEngine(str(tiny_llama_dir), "nf4", "fp32").nf4
+        assert ChatEngine(str(tiny_llama_dir), "nf4", "fp32").nf4  # on by default, where it can run
+        monkeypatch.setenv("QLORA_CHAT_NF4", "0")
+        off = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+        engines.append(off)
+        assert not off.nf4
+        off.load()
+        assert "turned off (QLORA_CHAT_NF4=0)" in [line for line in records.lines if "4-bit decode" in line][-1]
         generate = ChatEngine(str(tiny_llama_dir), "nf4", "fp32")  # the CPU default: the eager generate path
         engines.append(generate)
         generate.load()

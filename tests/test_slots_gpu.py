@@ -1,0 +1,51 @@
+"""On a GPU only (CI skips these): the slot engine's captured prompt graphs (prefill by length bucket).
+
+    python -m pytest -m gpu tests/test_slots_gpu.py -s
+"""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.gpu
+def test_prompt_graphs_fill_the_slot_as_the_eager_prefill_does_and_panes_stay_exact(tiny_llama_dir, tmp_path):
+    import torch
+
+    from bench.chat_bench import random_adapter
+    from qlora.chat import ChatEngine
+    from qlora.config import GenerationSettings
+
+    run = random_adapter(tiny_llama_dir, tmp_path / "a", r=8, seed=1)
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=8)
+    try:
+        name = e.load_adapter(run)
+        e.load()
+        dec = e._scheduler.backend.decoder
+        buckets = dec.prompt_buckets
+        assert buckets and buckets[0] == 64 and buckets[-1] < dec.length, buckets
+        g = torch.Generator().manual_seed(0)
+        prompts = {n: torch.randint(3, 1000, (n,), generator=g).tolist()
+                   for n in (5, 63, 64, 65, buckets[-1], buckets[-1] + 7)}  # the last one: no graph holds it
+        settings = GenerationSettings(temperature=0, max_new_tokens=8)
+        spec = [(prompts[n], adapter, settings) for n in (63, 65, buckets[-1] + 7) for adapter in (None, name)]
+        batch = e.rows_ids(spec)  # (this also places the adapter in the engine's columns, where it stays)
+        alone = [e.rows_ids([row])[0] for row in spec]
+        assert batch == alone and all(batch)
+        for adapter in (None, name):
+            mask = dec.columns.row_mask(adapter)
+            for n, prompt in prompts.items():
+                captured = dec.prefill(0, prompt, mask)
+                keys = [layer.keys[0, :, :n].clone() for layer in dec.cache.layers]
+                saved, dec._prefills = dec._prefills, {}
+                try:
+                    eager = dec.prefill(1, prompt, mask)
+                finally:
+                    dec._prefills = saved
+                # the padded prompt's matmuls have other shapes: bf16 rounding apart, never more
+                torch.testing.assert_close(captured, eager, atol=0.15, rtol=0.05)
+                for mine, layer in zip(keys, dec.cache.layers):
+                    torch.testing.assert_close(mine, layer.keys[1, :, :n], atol=0.05, rtol=0.05)
+        for slot in range(dec.rows):
+            dec.clear(slot)
+    finally:
+        e.unload()
