@@ -1,5 +1,6 @@
 """nf4mm on the CPU: the kernel's reading of bitsandbytes' nf4 layout (plain torch, held to bitsandbytes' own
-dequantize), its tiles, and the engine staying on bitsandbytes' matmuls, logged, where the kernel cannot run.
+dequantize), its byte-to-codes table, and the engine staying on bitsandbytes' matmuls, logged, where the kernel cannot
+run.
 The kernel itself runs on a GPU only: tests/test_nf4mm_gpu.py."""
 from __future__ import annotations
 
@@ -30,6 +31,23 @@ def test_the_kernels_reading_of_the_packed_weight_equals_bitsandbytes_dequantize
         assert weight.nested == nested and (n, k) == (weight.n, weight.k)
         ref = bf.dequantize_4bit(data, state)
         assert torch.equal(nf4mm.dequantize(weight).to(ref.dtype), ref), (n, k)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_one_table_entry_a_byte_holds_both_of_its_codes_in_the_compute_dtype(dtype_name):
+    import bitsandbytes.functional as bf
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    data, state = bf.quantize_4bit(torch.randn(64, 128).to(dtype), blocksize=64, quant_type="nf4")
+    weight = nf4mm.Weight.of(types.SimpleNamespace(data=data, quant_state=state))
+    table = weight.pairs(dtype)
+    assert table.dtype == torch.int32 and table.shape == (256,)
+    b = torch.arange(256)
+    hi, lo = (table >> 16).to(torch.int16).view(dtype), table.to(torch.int16).view(dtype)  # as the kernel reads it
+    codes = state.code.to(dtype)
+    assert torch.equal(hi, codes[b >> 4]) and torch.equal(lo, codes[b & 15])  # the first weight: the high nibble
+    assert weight.pairs(dtype) is table  # built once a dtype
 
 
 def test_the_models_4bit_linears_are_read_as_bitsandbytes_reads_them(tiny_llama_dir):

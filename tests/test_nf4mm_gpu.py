@@ -117,5 +117,5 @@ def test_the_slot_engine_with_nf4mm_is_exact_and_each_pane_alone_equals_the_batc
         finally:
             e.unload()
     lines = [r.getMessage() for r in caplog.records if "4-bit decode matmuls" in r.getMessage()]
-    assert lines[0].endswith("nf4mm") and "off; QLORA_CHAT_NF4=1" in lines[1], lines
+    assert lines[0].endswith("nf4mm") and "turned off (QLORA_CHAT_NF4=0)" in lines[1], lines
     print("nf4mm vs bitsandbytes engine answers equal:", answers[True] == answers[False])

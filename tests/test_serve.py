@@ -296,3 +296,31 @@ def test_a_row_ends_at_any_of_its_stop_ids(decode, tiny_llama_dir, runs_root):
         assert [r.ids for r in rows] == want and all(len(w) < 12 for w in want)  # both cut, each where it must be
     finally:
         e.unload()
+
+
+def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(tiny_llama_dir):
+    """The prefill writes each layer's keys/values straight into the row's slot (slots.prefill_cache; the captured
+    prompt graphs on a GPU run the same code): the same tensors transformers' own DynamicCache would hold, in that row
+    only, and the same last logits."""
+    import torch
+    from transformers import DynamicCache
+
+    from qlora import slots
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    prompt = [1, 450, 4996, 17354, 1701, 29916, 432]
+    n = len(prompt)
+    decoder = slots.SlotDecoder(model, rows=3, length=64, columns=16, capture=None)
+    try:
+        logits = decoder.prefill(1, prompt, decoder.columns.row_mask(None))
+        slot_keys = [(layer.keys.clone(), layer.values.clone()) for layer in decoder.cache.layers]
+    finally:
+        decoder.close()  # the model's own Linears again, for the reference
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, logits_to_keep=1)
+    assert torch.equal(logits, ref.logits[0, -1].float())
+    for (keys, values), theirs in zip(slot_keys, cache.layers, strict=True):
+        assert torch.equal(keys[1, :, :n], theirs.keys[0]) and torch.equal(values[1, :, :n], theirs.values[0])
+        assert not keys[[0, 2]].any() and not keys[1, :, n:].any()  # nothing else written
