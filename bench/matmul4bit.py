@@ -19,16 +19,9 @@ def _time_graph(fn, reps: int = 50) -> float:
     """Microseconds a call of fn takes, replayed from a CUDA graph that holds `reps` calls."""
     import torch
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
+    from qlora.slots import captured
+
+    g, _ = captured(lambda: [fn() for _ in range(reps)])  # as the chat engine captures its step
     g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -409,7 +409,7 @@ class SlotDecoder:
         for i, length in enumerate(self.buckets):
             progress(f"capturing decode graphs (once): {i + 1}/{len(self.buckets)}")
             with torch.no_grad():
-                self._graphs[length] = _captured(lambda: self._forward(self._positions(length)), pool)
+                self._graphs[length] = captured(lambda: self._forward(self._positions(length)), pool)
         self._prefills.clear()
         try:
             self._capture_prompts(pool, progress)
@@ -429,7 +429,7 @@ class SlotDecoder:
             ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
             no_columns = torch.zeros(self.columns.columns, dtype=torch.bool, device=self.device)
             with torch.no_grad(), self._prefilling(no_columns):
-                graph, logits = _captured(lambda: self._prompt_logits(ids, self.prefill_last), pool)
+                graph, logits = captured(lambda: self._prompt_logits(ids, self.prefill_last), pool)
             self._prefills[length] = (graph, ids, logits)
 
     @property
@@ -540,7 +540,7 @@ class SlotDecoder:
         self.cache = None
 
 
-def _captured(fn, pool):
+def captured(fn, pool=None):
     """(a CUDA graph of fn's kernels, fn's output), after two warm runs on a side stream (compile, cuBLAS workspaces,
     bitsandbytes' lazy state)."""
     side = torch.cuda.Stream()
