@@ -7,8 +7,8 @@ fixed row slots, per-row adapter columns, one-token steps captured in CUDA graph
 else (the CPU, another architecture, a capture error) today's eager path (`rowexact`: one peft `generate` per visitor),
 with one log line saying why. `QLORA_CHAT_DECODE` = auto | graphs | compile | eager | generate overrides the choice
 (eager: the slot engine without graphs, e.g. on the CPU). The slot engine's 4-bit decode matmuls run in `nf4mm`'s
-Triton kernel where it can (CUDA, Triton, compute capability 8+): a 16-row step of the 7B shape 14.1 ms against 17.7
-with bitsandbytes' own matmuls on an H200 (run29, bench/README.md); elsewhere, or with `QLORA_CHAT_NF4=0` (or
+Triton kernel where it can (CUDA, Triton, compute capability 8+): a 16-row step of the 7B shape 15.9 ms against 17.6
+with bitsandbytes' own matmuls on an H200 (run30, bench/README.md); elsewhere, or with `QLORA_CHAT_NF4=0` (or
 `ChatEngine(nf4=False)`), bitsandbytes'. One log line says which matmul the engine uses.
 """
 from __future__ import annotations
