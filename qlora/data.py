@@ -485,7 +485,15 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
 
     split = f"train[:{max_rows}]" if max_rows else "train"
     try:
+        # `datasets` downloads every file of the split before a preview's slice or the limits below apply: the
+        # repository's size, from the Hub's file list, is checked first
+        size = _hub_data_bytes(dataset_id, token)
+        if size > MAX_DATA_BYTES:
+            raise DataError(f"{dataset_id}: {size / 2**20:,.0f} MB of files on the Hub, over the "
+                            f"{MAX_DATA_BYTES // 2**20:,} MB limit; nothing was downloaded (use a smaller dataset)")
         ds = datasets.load_dataset(f"hf://datasets/{dataset_id}", split=split, token=hub_token(token))
+    except DataError:
+        raise
     except hub_errors.GatedRepoError:
         raise DataError(f"{dataset_id}: gated dataset: accept its terms on the Hub and give a token") from None
     except (hub_errors.RepositoryNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
@@ -504,6 +512,14 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
                         "limit; set max_rows")
     rows = ds.to_list()
     return Rows(rows, (f"row {i}" for i in range(1, len(rows) + 1)))
+
+
+def _hub_data_bytes(dataset_id: str, token: str | None) -> int:
+    """Bytes of a Hub dataset repository's files (all but its docs), from the Hub's file list."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().dataset_info(dataset_id, files_metadata=True, token=hub_token(token))
+    return sum(f.size or 0 for f in info.siblings or [] if not f.rfilename.endswith((".md", ".gitattributes")))
 
 
 def _short(value: Any) -> str:

@@ -246,6 +246,11 @@ class Hub(http.server.BaseHTTPRequestHandler):
             if self.path.endswith("/config.json"):
                 return self.send(200, CONFIG, X_Repo_Commit=SHA, ETag=f'"{hashlib.sha1(CONFIG).hexdigest()}"')
             return self.send(404, X_Error_Code="EntryNotFound")
+        if self.path.startswith("/api/datasets/owner/huge-data"):  # 50 GB of parquet behind a one-line id
+            files = [{"rfilename": "README.md", "size": 900}, {"rfilename": "data/train-00000.parquet",
+                     "size": 50 * 2**30, "blobId": "1" * 40}]
+            info = {"id": "owner/huge-data", "sha": SHA, "private": False, "siblings": files}
+            return self.send(200, json.dumps(info).encode(), Content_Type="application/json")
         if "gated" in self.path:
             return self.send(401, X_Error_Code="GatedRepo")
         return self.send(404, X_Error_Code="RepoNotFound")
@@ -274,6 +279,13 @@ for name in ("nobody-xyz/does-not-exist", "meta-llama/gated-model", "owner/bin-o
             out[f"{name} {what}"] = "LOADED"
         except (ModelError, DataError) as e:
             out[f"{name} {what}"] = str(e)
+from qlora.data import load_rows
+for what, call in (("train", lambda: prepare("owner/huge-data")), ("preview", lambda: load_rows("owner/huge-data", max_rows=5))):
+    try:
+        call()
+        out[f"owner/huge-data {what}"] = "LOADED"
+    except DataError as e:
+        out[f"owner/huge-data {what}"] = str(e)
 # a visitor of an open app (no token given) while the server has its own HF_TOKEN: the libraries must not use it
 os.environ["HF_TOKEN"] = "hf_OwnerOwnerOwnerOwnerOwnerOwner1234"
 for name in ("meta-llama/gated-model", "owner/open-model"):
@@ -306,6 +318,10 @@ def test_hub_ids_that_do_not_exist_are_gated_or_have_no_safetensors_get_clear_me
     for what in ("model", "app model"):
         assert got[f"owner/bin-only {what}"] == \
             "owner/bin-only: no .safetensors weights; only safetensors are loaded (pickled .bin files can run code)"
+    for what in ("train", "preview"):  # refused from the Hub's file list: the 50 GB file is never asked for
+        assert got[f"owner/huge-data {what}"] == ("owner/huge-data: 51,200 MB of files on the Hub, over the 512 MB "
+                                                  "limit; nothing was downloaded (use a smaller dataset)")
+    assert [r for r in got["requests"] if "huge-data" in r] == ["GET /api/datasets/owner/huge-data?blobs=true"] * 2
     bin_only = [r for r in got["requests"] if "bin-only" in r]
     assert not [r for r in bin_only if r.endswith(".bin")]  # the pickle is never downloaded
     # transformers' auto-conversion (which sends the token to a conversion Space and loads a PR branch) never starts
