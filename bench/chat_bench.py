@@ -436,7 +436,7 @@ def main(argv=None) -> int:
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
         variants[variant] = v
         engine.unload()
-        decoder = None  # (held, it kept the engine's cache and base alive while the next variant planned its slots)
+        decoder = None  # (held, it kept the closed engine's base alive while the next variant planned its slots)
         report["variants"] = variants
         main_v = next(iter(variants.values()))
         report.update({k: main_v["one_visitor"][k] for k in ("prompts", "combined_tokens_per_s", "speedup",
