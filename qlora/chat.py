@@ -198,8 +198,10 @@ class ChatEngine:
         streams new token ids per row; `ticket.rows[i].ids` holds them all). Each row stops on its adapter's format's
         stop ids (a base row: the base's own). For benchmarks and tests."""
         tokenizer = self._ensure_tokenizer()
-        rows = [Row(list(p), self.adapters[a] if a else None, s, s.max_new_tokens,
-                    frozenset(stop_ids(self.prompt_format(a), tokenizer))) for p, a, s in rows_spec]
+        with self._lock:  # (load_adapter may be replacing entries from another thread)
+            refs = [self.adapters[a] if a else None for _, a, _ in rows_spec]
+        rows = [Row(list(p), ref, s, s.max_new_tokens, frozenset(stop_ids(self.prompt_format(a), tokenizer)))
+                for (p, a, s), ref in zip(rows_spec, refs)]
         return self._submit(rows, stop)
 
     def rows_ids(self, rows_spec, stop: threading.Event | None = None) -> list[list[int]]:
