@@ -324,3 +324,32 @@ def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(
     for (keys, values), theirs in zip(slot_keys, cache.layers, strict=True):
         assert torch.equal(keys[1, :, :n], theirs.keys[0]) and torch.equal(values[1, :, :n], theirs.values[0])
         assert not keys[[0, 2]].any() and not keys[1, :, n:].any()  # nothing else written
+
+
+def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_alone(tiny_llama_dir):
+    """What a captured prompt graph runs on a GPU (`SlotDecoder._capture_prompts`), run eagerly here: the prompt padded
+    at its end to the bucket's length, the logits taken at its last position. Causal attention keeps the pads out of
+    the prompt's positions, so logits and keys equal the prompt's own up to the rounding of other matmul shapes."""
+    import torch
+
+    from qlora import slots
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    decoder = slots.SlotDecoder(model, rows=2, length=128, columns=16, capture=None)
+    try:
+        prompt = [1, 450, 4996, 17354, 1701, 29916, 432, 975, 278, 17366]
+        n, bucket = len(prompt), slots.PREFILL_BUCKETS[0]
+        mask = decoder.columns.row_mask(None)
+        alone = decoder.prefill(0, prompt, mask)  # no graphs on the CPU: the eager prefill
+        decoder.prefill_slot.fill_(1)
+        decoder.prefill_last.fill_(n - 1)
+        with torch.no_grad(), decoder._prefilling(mask):
+            padded = decoder._prompt_logits(torch.tensor([prompt + [0] * (bucket - n)]), decoder.prefill_last)[0, -1]
+        torch.testing.assert_close(padded.float(), alone, rtol=1e-4, atol=1e-4)
+        for layer in decoder.cache.layers:
+            torch.testing.assert_close(layer.keys[1, :, :n], layer.keys[0, :, :n], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer.values[1, :, :n], layer.values[0, :, :n], rtol=1e-4, atol=1e-4)
+        assert layer.keys[1, :, n:bucket].abs().sum() > 0  # the pads' keys land past the prompt (decode overwrites)
+    finally:
+        decoder.close()
