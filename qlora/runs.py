@@ -500,12 +500,17 @@ def usable_runs(root: str | Path) -> list[RunInfo]:
     return [r for r in list_runs(root) if r.usable]
 
 
-def usable_run(root: str | Path, name: str) -> RunInfo:
-    """The run called `name` under root if its adapter is usable; ValueError says why not. Names never escape root."""
+def find_run(root: str | Path, name: str) -> RunInfo | None:
+    """The run called `name` under root, as listed, reading only its folder (a click names one run: the list is not
+    read); None when there is none. A name that is no run name (a path, "..") is a ValueError: it never escapes root."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
         raise ValueError("pick a run from the list")
-    # only this folder is read (a chat turn asks for one run, not the list); "." would be root itself
-    info = None if name.startswith(".") else _listed(Path(root) / name)
+    return None if name.startswith(".") else _listed(Path(root) / name)  # "." would be root itself
+
+
+def usable_run(root: str | Path, name: str) -> RunInfo:
+    """The run called `name` under root if its adapter is usable; ValueError says why not."""
+    info = find_run(root, name)
     if info is None:
         raise ValueError(f"no run called {name}")
     if info.damaged:

@@ -27,6 +27,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_through_the_api(tiny_cfg
     try:
         assert "Only the admin" in client.predict(run="crashed", api_name="/resume")
         assert "only a run whose process died" in client.predict(run="nope", admin_password="pw", api_name="/resume")
+        for outside in ("../crashed", "..", ".", "/etc"):  # a run name never reaches past the runs folder
+            assert "only a run whose process died" in client.predict(run=outside, admin_password="pw",
+                                                                     api_name="/resume")
         message = client.predict(run="crashed", admin_password="pw", api_name="/resume")
         assert "Resuming crashed" in message, message
         status = wait_for(client, lambda s: s["status"] in ("finished", "failed"), timeout=120)

@@ -214,7 +214,10 @@ def make_handlers(ctx: AppContext):
         """Continue an interrupted run (the app or the machine restarted) from its last checkpoint."""
         if not ctx.is_admin(admin_password):
             return LOCKED
-        info = next((r for r in runs.list_runs(ctx.runs_root) if r.name == str(run or "")), None)
+        try:
+            info = runs.find_run(ctx.runs_root, str(run or ""))
+        except ValueError:
+            info = None
         if info is None or info.status != "interrupted":
             return "❌ pick an interrupted run: only a run whose process died can be resumed"
         if runs.latest_checkpoint(info.path) is None:
