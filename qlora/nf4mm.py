@@ -44,7 +44,7 @@ class Tile:
     stages: int
 
 
-# The fastest of run28's sweep on all three 7B shapes within 10% (bench/nf4_probe.py); fixed, so two server starts
+# The fastest of run28's sweep on the three 7B shapes, within 1% (bench/nf4_probe.py); fixed, so two server starts
 # round alike.
 TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
