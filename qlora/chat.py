@@ -317,7 +317,8 @@ class ChatEngine:
                     log.debug("nf4mm failed", exc_info=True)
                     decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress)
                 self.matmul = decoder.matmul
-                log.info("chat: 4-bit decode matmuls: %s", decoder.matmul + (f" ({no_nf4})" if no_nf4 else ""))
+                why_not = f" ({no_nf4})" if no_nf4 and decoder.matmul == "bitsandbytes" else ""
+                log.info("chat: 4-bit decode matmuls: %s%s", decoder.matmul, why_not)
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
@@ -332,9 +333,11 @@ class ChatEngine:
                 log.debug("decode capture failed", exc_info=True)
         from .rowexact import GenerateBackend
 
-        log.warning("chat: %s; using the eager generate path, one visitor at a time (bitsandbytes' 4-bit matmuls)",
-                    why)
-        self.backend_kind, self.fallback_reason, self.matmul = "generate", why, "bitsandbytes"
+        four_bit = self.quantize == "nf4"
+        log.warning("chat: %s; using the eager generate path, one visitor at a time%s", why,
+                    " (bitsandbytes' 4-bit matmuls)" if four_bit else "")
+        self.backend_kind, self.fallback_reason = "generate", why
+        self.matmul = "bitsandbytes" if four_bit else "16-bit (no 4-bit weights)"
         return GenerateBackend(model, self.tokenizer)
 
     def _no_nf4(self, model, kind: str) -> str | None:

@@ -148,12 +148,14 @@ class AdapterColumns:
         prefix = next(name for name, m in model.named_modules() if m is layers)
         self.served = set()  # every decoder Linear's path: what an adapter may target
         self.nf4_linears = 0  # 4-bit Linears whose decode matmuls run the nf4mm kernel
+        self.four_bit = False  # the decoder has 4-bit Linears at all
         try:  # (a failure leaves the model as it was)
             for name, module in list(layers.named_modules()):
                 if isinstance(module, torch.nn.Linear):
                     path = f"{prefix}.{name}"
                     self.served.add(path)
                     four_bit = getattr(module.weight, "quant_state", None) is not None
+                    self.four_bit |= four_bit
                     wrapped = module
                     if strict and four_bit:
                         wrapped = DequantLinear(module)
@@ -354,7 +356,8 @@ class SlotDecoder:
             torch._dynamo.mark_static_address(t)
         self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict, nf4)
         # the 4-bit matmuls of the step: strict wins over the kernel (check_exact found drift)
-        self.matmul = ("dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
+        self.matmul = ("16-bit (no 4-bit weights)" if not self.columns.four_bit
+                       else "dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
                        else "bitsandbytes")
         self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
         self._configs = []

@@ -95,3 +95,21 @@ def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llam
         logging.getLogger("qlora.chat").removeHandler(records)
         for e in engines:
             e.unload()
+
+
+def test_a_base_without_4bit_weights_is_not_said_to_use_4bit_matmuls(tiny_llama_dir, caplog):
+    caplog.set_level(logging.INFO, logger="qlora.chat")
+    records = Records()
+    logging.getLogger("qlora.chat").addHandler(records)
+    engines = []
+    try:
+        for decode in ("eager", "generate"):
+            e = ChatEngine(str(tiny_llama_dir), "none", "fp32", decode=decode, max_rows=2)
+            engines.append(e)
+            e.load()
+            assert e.matmul == "16-bit (no 4-bit weights)", (decode, e.matmul)
+        assert not [line for line in records.lines if "bitsandbytes" in line], records.lines
+    finally:
+        logging.getLogger("qlora.chat").removeHandler(records)
+        for e in engines:
+            e.unload()
