@@ -482,12 +482,13 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
     load_dataset would read a folder of the same relative name from the working directory first."""
     import datasets
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import is_offline_mode
 
     split = f"train[:{max_rows}]" if max_rows else "train"
     try:
         # `datasets` downloads every file of the split before a preview's slice or the limits below apply: the
-        # repository's size, from the Hub's file list, is checked first
-        size = _hub_data_bytes(dataset_id, token)
+        # repository's size, from the Hub's file list, is checked first (offline, only the cache is read)
+        size = 0 if is_offline_mode() else _hub_data_bytes(dataset_id, token)
         if size > MAX_DATA_BYTES:
             raise DataError(f"{dataset_id}: {size / 2**20:,.0f} MB of files on the Hub, over the "
                             f"{MAX_DATA_BYTES // 2**20:,} MB limit; nothing was downloaded (use a smaller dataset)")
