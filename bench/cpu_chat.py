@@ -27,9 +27,14 @@ def measure(decode: str, counts: list[int], new_tokens: int) -> dict:
     from qlora.model import materialize_embedded
 
     engine = ChatEngine(str(materialize_embedded()), "none", "fp32", decode=decode)
+    rss = _rss_gib()
     t = time.perf_counter()
     engine.load()
     out = dict(decode=decode, backend=engine.backend_kind, load_s=round(time.perf_counter() - t, 1), visitors={})
+    decoder = getattr(engine._scheduler.backend, "decoder", None)
+    if decoder is not None:
+        out["slots"] = f"{decoder.rows} rows x {decoder.length} tokens"
+    out["rss_added_gib"] = round(_rss_gib() - rss, 2)  # the engine's memory: base, and the slot engine's KV cache
     settings = GenerationSettings(temperature=0, max_new_tokens=new_tokens)
     requests = [[(ids, None, settings)] * 2 for ids in (engine.prompt_ids([], q) for q in QUESTIONS)]
     concurrent(engine, requests[:1])  # warm
@@ -45,6 +50,12 @@ def measure(decode: str, counts: list[int], new_tokens: int) -> dict:
     finally:
         engine.unload()
     return out
+
+
+def _rss_gib() -> float:
+    """This process's resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**30
 
 
 def main(argv=None) -> int:
