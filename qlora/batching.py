@@ -27,6 +27,7 @@ from .device import cards as host_cards
 log = logging.getLogger("qlora.chat")
 
 MAX_WAITING = 64  # visitors queued beyond the batch; more are told the chat is full
+UNLOADING = "the chat model is being unloaded (a training run starts); try again when it ends"
 RELOAD = "reload"  # a backend's wait_reason: serve this ticket after loading the backend again (new adapter layers)
 
 
@@ -167,7 +168,7 @@ class Scheduler:
         ticket = Ticket(rows, stop)
         with self._cond:
             if self._closing:
-                raise BusyError("the chat model is being unloaded (a training run starts); try again when it ends")
+                raise BusyError(UNLOADING)
             if len(self._waiting) >= self.max_waiting:
                 n = len(self._waiting)
                 raise BusyError(f"the chat is full ({n} visitor{'s' if n != 1 else ''} waiting); try again in a "
@@ -181,6 +182,8 @@ class Scheduler:
         """Load the backend now (the model and its graphs) without a visitor waiting; raises what loading raised."""
         done, error = threading.Event(), []
         with self._cond:
+            if self._closing:
+                raise BusyError(UNLOADING)
             self._take()
             self._open_waiters.append((done, error))
             self._cond.notify_all()
@@ -217,8 +220,12 @@ class Scheduler:
             gone = BusyError("the chat model was unloaded (a training run started); chat is back when it ends")
             with self._cond:
                 tickets, self._waiting, self._active = self._waiting + self._active, [], []
+                openers, self._open_waiters = self._open_waiters, []
             for t in tickets:
                 t.close("error", gone)
+            for done, error in openers:  # an open() that came as the loop ended: told, not left waiting
+                error.append(gone)
+                done.set()
             self._close_backend()
             self._lease.loaded(False)
             with self._cond:

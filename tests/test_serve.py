@@ -353,3 +353,50 @@ def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_a
         assert layer.keys[1, :, n:bucket].abs().sum() > 0  # the pads' keys land past the prompt (decode overwrites)
     finally:
         decoder.close()
+
+
+def test_a_load_asked_for_as_chat_unloads_is_told_busy_not_left_waiting():
+    """The Chat tab asks for the model as it opens (ui/chat.py prepare); a training run may close the engine while
+    that load waits behind another. Both the load asked for during the close and the one after it hear why, at once."""
+    import threading
+
+    from qlora.batching import Scheduler
+    from qlora.device import BusyError
+
+    class Backend:  # the scheduler's protocol, as far as a load and a close use it
+        def close(self):
+            pass
+
+    loading, release = threading.Event(), threading.Event()
+
+    def open_backend(progress):
+        loading.set()
+        release.wait(30)
+        return Backend()
+
+    scheduler = Scheduler(open_backend)
+    first = threading.Thread(target=scheduler.open, kwargs=dict(timeout=30))
+    first.start()
+    assert loading.wait(10)  # the scheduler's thread is loading for the first asker
+    second: list = []
+
+    def ask_again():
+        try:
+            scheduler.open(timeout=10)
+            second.append("loaded")
+        except BaseException as e:  # noqa: BLE001
+            second.append(e)
+
+    waiter = threading.Thread(target=ask_again)
+    waiter.start()
+    time.sleep(0.2)  # the second asker waits behind the first load
+    closer = threading.Thread(target=scheduler.close)
+    closer.start()
+    time.sleep(0.2)
+    release.set()
+    for t in (first, waiter, closer):
+        t.join(20)
+    assert len(second) == 1 and isinstance(second[0], BusyError), second  # (without the fix: a TimeoutError)
+    assert "unloaded" in str(second[0])
+    with pytest.raises(BusyError, match="being unloaded"):
+        scheduler.open(timeout=5)  # after the close: at once
