@@ -61,8 +61,9 @@ def build_demo(jobs: JobManager | None = None, runs_root: str | Path | None = No
         with gr.Tabs():
             with gr.Tab("Training", id="training"):
                 t = training.build(ctx, defaults)
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 c = chat.build(ctx)
+        chat_tab.select(**c["prepare"], api_visibility="private")  # the model loads while the visitor types
 
         # The page polls the server-side job: a reload or a second browser re-attaches to the same run.
         last = gr.State("")  # this page's last rendered version, so unchanged ticks send nothing

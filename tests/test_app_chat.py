@@ -67,3 +67,30 @@ def test_clients_at_once_each_get_their_own_answers_and_one_stops_alone(server):
     base, tuned, *_ = long.result(timeout=60)
     words = len(base[-1]["content"][0]["text"].split()) + len(tuned[-1]["content"][0]["text"].split())
     assert words < 400, words  # far short of 500 tokens a pane
+
+
+def test_picking_a_run_loads_its_model_before_the_first_message(tmp_path, tiny_llama_dir, monkeypatch):
+    """The Chat tab's opening and a run picked by hand load the model while the visitor types (`/prepare_chat`, the
+    dropdown's input event): the first message then streams at once, with no "loading" state of its own."""
+    monkeypatch.delenv("QLORA_CHAT_DECODE", raising=False)  # the CPU's own choice (the module's server sets one)
+    runs_root = tmp_path / "runs"
+    tiny_run(runs_root, "qv", tiny_llama_dir, seed=1)
+    demo, client = launch(runs_root)
+    try:
+        assert not demo.ctx.engines._engines  # a page load takes nothing (Train must find chat's card free)
+        said = client.predict("qv", api_name="/prepare_chat")
+        assert said.startswith("✅ Chat model ready: one visitor at a time"), said  # the CPU's fallback, named
+        engine, = demo.ctx.engines._engines.values()
+        assert engine.backend_kind == "generate"
+        unchanged = {"__type__": "update"}  # gr.skip(): the status is left as it is
+        assert client.predict("qv", api_name="/prepare_chat") == unchanged  # again: nothing to do, no reload
+        assert engine.backend_kind == "generate"
+        job = client.submit("What is the secret word?", [], [], "qv", 0.0, 0.9, 6, 0, "", api_name="/chat")
+        final = job.result(timeout=120)
+        statuses = [str(o[3]) for o in job.outputs()]
+        assert final[3].startswith("done"), final[3]
+        assert not [s for s in statuses if "loading" in s], statuses
+        assert client.predict("no-such-run", api_name="/prepare_chat") == unchanged  # a message says what is wrong
+    finally:
+        demo.close()
+        demo.ctx.engines.unload_all()

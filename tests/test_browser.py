@@ -306,6 +306,9 @@ def run_the_loop(app_url, page, statuses):
     # Chat: the finished run is already picked; one message fills both panes.
     page.get_by_role("tab", name="Chat").click()
     page.wait_for_function("document.querySelector('#adapter-pick input').value.startsWith('run-')", timeout=30_000)
+    # opening the tab loaded the run's model, before any message (the status says how it will answer)
+    page.wait_for_function("document.querySelector('#chat-status').innerText.startsWith('✅ Chat model ready')",
+                           timeout=120_000)
     max_new = page.locator("#max-new-tokens input[type=number]")
     max_new.fill("32")
     max_new.press("Tab")

@@ -157,6 +157,35 @@ def make_handlers(ctx: AppContext):
         yield base_new, tuned_new, "", f"done: adapter {html.escape(info.name)}, seed {settings.seed}{_where(ctx)}", \
             shown
 
+    def prepare(adapter: str):
+        """Load the picked run's base and capture its decode graphs now, while the visitor types, so the first message
+        does not wait for them (the Chat tab opened, a run picked). Quiet where there is nothing to do or say: no run
+        yet, a model already loaded; training holding chat's card is said at once, as a message would be."""
+        if ctx.jobs.holds_chat_card():
+            yield _busy(ctx)
+            return
+        try:
+            info = runs.usable_run(ctx.runs_root, adapter)
+            engine = ctx.engines.get(*_run_model(info))
+            engine.load_adapter(info.path)  # before the load: its layers get adapter columns in the captured step
+        except Exception:  # noqa: BLE001  (a message to this run says what is wrong, in full)
+            yield gr.skip()
+            return
+        if engine.backend_kind is not None:
+            yield gr.skip()
+            return
+        yield "⏳ loading the chat model for this run (once; the first message waits for it otherwise)…"
+        try:
+            engine.load()
+        except BusyError as e:
+            yield _busy(ctx, e)
+            return
+        except Exception as e:  # noqa: BLE001  (the log has the trace; a message retries the load)
+            log.exception("loading the chat model failed")
+            yield f"❌ loading the chat model failed ({type(e).__name__}); see the server log"
+            return
+        yield f"✅ Chat model ready: {html.escape(_serving(engine))}"
+
     def stop_chat(request: gr.Request = None) -> str:
         ctx.chat_stop(request.session_hash if request else "").set()
         return "stopped"
@@ -205,8 +234,17 @@ def make_handlers(ctx: AppContext):
         return (f"✅ Counted. The fine-tuned answer was on the **{side}**. This adapter so far: "
                 f"{html.escape(counts.text())}."), None
 
-    return dict(send=send, stop_chat=stop_chat, show_prompt=show_prompt, blind_send=blind_send, vote=vote,
+    return dict(send=send, prepare=prepare, stop_chat=stop_chat, show_prompt=show_prompt, blind_send=blind_send, vote=vote,
                 refresh=lambda current=None: adapter_dropdown(ctx.runs_root, current))
+
+
+def _serving(engine) -> str:
+    """How the loaded engine answers, in a visitor's words."""
+    how = {"graphs": "decode steps in captured CUDA graphs, visitors answered together",
+           "compile": "compiled decode steps in captured CUDA graphs, visitors answered together",
+           "eager": "visitors answered together (no graphs)",
+           "generate": "one visitor at a time"}.get(engine.backend_kind or "", engine.backend_kind or "")
+    return how + (f" ({engine.fallback_reason})" if engine.fallback_reason else "")
 
 
 def adapter_dropdown(runs_root, current: str | None = None):
@@ -301,4 +339,9 @@ def build(ctx: AppContext) -> dict[str, Any]:
     show_btn.click(h["show_prompt"], [message, base_pane, tuned_pane, c["adapter"], system], prompt_box,
                    api_name="show_prompt")
     refresh_btn.click(h["refresh"], c["adapter"], c["adapter"], api_name="adapters", queue=False)
+    # A run picked (by hand, not by the page's own refresh: a page load must not take the GPU from a Train click)
+    # loads its model now; app.py wires the Chat tab's opening to the same event.
+    c["prepare"] = dict(fn=h["prepare"], inputs=c["adapter"], outputs=status, concurrency_id="chat-load",
+                        concurrency_limit=CHAT_CONCURRENCY, show_progress="hidden")
+    c["adapter"].input(**c["prepare"], api_name="prepare_chat")
     return c
