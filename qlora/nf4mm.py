@@ -126,7 +126,16 @@ def dequantize(w: Weight) -> torch.Tensor:
 
 
 # --- the kernel ------------------------------------------------------------------------------------------------
-_kernels = None
+_built = None
+
+
+def _kernels():
+    """The two Triton kernels (Triton compiles each on its first launch), defined once. (A plain global, not
+    functools.cache: the compile mode traces this call.)"""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
 
 
 def _build():
@@ -190,10 +199,7 @@ def _build():
 
 def matmul(x: torch.Tensor, w: Weight, tile: Tile = TILE) -> torch.Tensor:
     """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype."""
-    global _kernels
-    if _kernels is None:
-        _kernels = _build()
-    nf4mm_kernel, sum_kernel = _kernels
+    nf4mm_kernel, sum_kernel = _kernels()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
@@ -226,7 +232,6 @@ class NF4Linear(torch.nn.Module):
     as Linear4bit does."""
 
     def __init__(self, base, dtype, holder=None):
-        global _kernels
         super().__init__()
         self.base = base
         self.holder = holder  # a plain object with a `prefilling` flag (slots.AdapterColumns), or None
@@ -234,8 +239,7 @@ class NF4Linear(torch.nn.Module):
         self.weight4 = Weight.of(base.weight)
         self.dtype = getattr(base, "compute_dtype", None) or dtype
         self.weight4.pairs(self.dtype)  # built here, outside any graph capture or compile
-        if _kernels is None:
-            _kernels = _build()
+        _kernels()
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
