@@ -430,8 +430,7 @@ class SlotDecoder:
         for i, length in enumerate(lengths):
             progress(f"capturing prompt graphs (once): {i + 1}/{len(lengths)}")
             ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
-            no_columns = torch.zeros(self.columns.columns, dtype=torch.bool, device=self.device)
-            with torch.no_grad(), self._prefilling(no_columns):
+            with torch.no_grad(), self._prefilling():  # (the graph reads prefill_mask as each replay finds it)
                 graph, logits = captured(lambda: self._prompt_logits(ids, self.prefill_last), pool)
             self._prefills[length] = (graph, ids, logits)
 
@@ -493,15 +492,15 @@ class SlotDecoder:
         n = len(prompt)
         self.prefill_slot.fill_(slot)
         self.prefill_last.fill_(n - 1)
+        self.columns.prefill_mask.copy_(columns[None])
         length = next((b for b in self.prompt_buckets if b >= n), None)
         if length is not None:
             graph, ids, logits = self._prefills[length]
             ids.copy_(torch.tensor([prompt + [0] * (length - n)]))
-            self.columns.prefill_mask.copy_(columns[None])
             graph.replay()
             out = logits[0, -1].float()
         else:
-            with torch.no_grad(), self._prefilling(columns):
+            with torch.no_grad(), self._prefilling():
                 out = self._prompt_logits(torch.tensor([prompt], device=self.device), self.prefill_last)[0, -1].float()
         self.columns.decode_mask[slot].copy_(columns)
         return out
@@ -512,9 +511,9 @@ class SlotDecoder:
         return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits
 
     @contextmanager
-    def _prefilling(self, columns):
-        """The SlotLinears read the prompt's one column mask, the NF4Linears take bitsandbytes' path."""
-        self.columns.prefill_mask.copy_(columns[None])
+    def _prefilling(self):
+        """The SlotLinears read the prompt's one column mask (`prefill_mask`), the NF4Linears take bitsandbytes'
+        path."""
         self.columns.mask = self.columns.prefill_mask
         self.columns.prefilling = True
         try:

@@ -344,7 +344,8 @@ def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_a
         alone = decoder.prefill(0, prompt, mask)  # no graphs on the CPU: the eager prefill
         decoder.prefill_slot.fill_(1)
         decoder.prefill_last.fill_(n - 1)
-        with torch.no_grad(), decoder._prefilling(mask):
+        decoder.columns.prefill_mask.copy_(mask[None])  # what prefill() sets before a graph's replay
+        with torch.no_grad(), decoder._prefilling():
             padded = decoder._prompt_logits(torch.tensor([prompt + [0] * (bucket - n)]), decoder.prefill_last)[0, -1]
         torch.testing.assert_close(padded.float(), alone, rtol=1e-4, atol=1e-4)
         for layer in decoder.cache.layers:
