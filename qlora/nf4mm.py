@@ -115,7 +115,8 @@ class Weight:
 
 
 def dequantize(w: Weight) -> torch.Tensor:
-    """The fp32 [N, K] weight, in plain torch, by the kernel's arithmetic (the CPU tests' reference)."""
+    """The fp32 [N, K] weight, in plain torch, as the kernel reads the layout (the CPU tests hold it to bitsandbytes'
+    dequantize; the kernel itself rounds each code to the compute dtype and scales a block's partial sum instead)."""
     q = torch.stack([w.data >> 4, w.data & 0xF], dim=-1).reshape(-1).long()  # high nibble first
     values = w.code[q]
     absmax = w.absmax
