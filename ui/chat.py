@@ -96,6 +96,11 @@ def prompt_text(tokenizer, fmt: PromptFormat, base_hist, tuned_hist, message: st
 
 
 def make_handlers(ctx: AppContext):
+    def engine_for(info: runs.RunInfo):
+        """(the engine of the run's base, the run's adapter name in it): the adapter registered with that engine."""
+        engine = ctx.engines.get(*_run_model(info))
+        return engine, engine.load_adapter(info.path)
+
     def send(message: str, base_hist: list, tuned_hist: list, adapter: str, temperature: float, top_p: float,
              max_new_tokens: int, seed: int, system_prompt: str, request: gr.Request = None):
         """Stream both answers: yields (base pane, tuned pane, prompt box, status, exact prompt)."""
@@ -117,8 +122,7 @@ def make_handlers(ctx: AppContext):
             yield base_hist, tuned_hist, message, f"❌ {html.escape(str(e))}", gr.skip()
             return
         try:  # registers the adapter; the base loads in the engine's thread, which holds chat's card meanwhile
-            engine = ctx.engines.get(*_run_model(info))
-            name = engine.load_adapter(info.path)
+            engine, name = engine_for(info)
         except (ModelError, OSError, ValueError) as e:
             yield base_hist, tuned_hist, message, f"❌ {html.escape(hub.redact(str(e)))}", gr.skip()
             return
@@ -165,9 +169,8 @@ def make_handlers(ctx: AppContext):
             yield _busy(ctx)
             return
         try:
-            info = runs.usable_run(ctx.runs_root, adapter)
-            engine = ctx.engines.get(*_run_model(info))
-            engine.load_adapter(info.path)  # before the load: its layers get adapter columns in the captured step
+            engine, _ = engine_for(runs.usable_run(ctx.runs_root, adapter))  # (registered first: its layers get
+            # adapter columns in the captured step)
         except Exception:  # noqa: BLE001  (a message to this run says what is wrong, in full)
             yield gr.skip()
             return
