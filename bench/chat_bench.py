@@ -18,6 +18,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import build_random_model, cap_memory, card, versions, write_json
@@ -325,12 +326,14 @@ def _kind(name: str) -> str:
         return "4-bit matmul (bitsandbytes fused)"
     if "dequantize" in n:
         return "4-bit dequantize (bitsandbytes)"
-    if "fmha" in n or "attention" in n or "flash" in n:
+    if "fmha" in n or "attention" in n or "flash" in n or "attend" in n or "merge_kernel" in n:
         return "attention"
     if "sort" in n or "scan" in n or "radix" in n or "cumsum" in n:
         return "sampling (sort, cumsum)"
     if "gemm" in n or "gemv" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
         return "16-bit matmul (LM head, LoRA, dequantized 4-bit)"
+    if "rms_norm" in n:
+        return "RMSNorm (decodeops)"
     if "triton" in n:
         return "fused elementwise (inductor)"
     return "elementwise / copies / other"
@@ -346,9 +349,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="")
     ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
     ap.add_argument("--capture", default="graphs",
-                    help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix picks the 4-bit decode "
-                    "matmuls: ':nf4' nf4mm's kernel, ':bnb' bitsandbytes' (no suffix: the engine's default), "
-                    "e.g. graphs:bnb,graphs:nf4")
+                    help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix of '+'-joined options "
+                    "departs from the engine's default: 'bnb' bitsandbytes' 4-bit decode matmuls, 'nf4' nf4mm's, 'v3' "
+                    "nf4mm in run30's form, 'plain' SDPA and transformers' RMSNorm (no decodeops kernels), "
+                    "e.g. graphs:bnb+plain,graphs:v3+plain,graphs")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
     ap.add_argument("--eager-tokens", type=int, default=64)
@@ -402,19 +406,29 @@ def main(argv=None) -> int:
                                **one_visitor(eager, name_e, es, 1, PROMPTS[:a.eager_prompts]))
         report["precision"] = str(eager.model.dtype)
     variants = {}
+    from qlora import nf4mm
+
+    default_tile = nf4mm.TILE
     for variant in a.capture.split(","):
-        kind, _, matmul = variant.partition(":")
+        kind, _, opts = variant.partition(":")
+        opts = set(opts.split("+")) - {""}
         print(f"slot engine, {variant}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind, nf4={"bnb": False, "nf4": True}.get(matmul),
+        # run30's nf4mm form: x pre-split by a copy kernel, split-K summed by a second kernel
+        nf4mm.TILE = replace(default_tile, natural=False, fixup=False) if "v3" in opts else default_tile
+        engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind,
+                            nf4=False if "bnb" in opts else True if "nf4" in opts or "v3" in opts else None,
+                            fused=False if "plain" in opts else None,
                             **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns
         t = time.perf_counter()
         engine.load()
         load_s = time.perf_counter() - t
         decoder = getattr(engine._scheduler.backend, "decoder", None)
-        v = dict(backend=engine.backend_kind, matmul=engine.matmul, fallback_reason=engine.fallback_reason,
+        v = dict(backend=engine.backend_kind, matmul=engine.matmul, kernels=engine.kernels,
+                 nf4mm_tile=str(nf4mm.TILE) if engine.matmul == "nf4mm" else None,
+                 fallback_reason=engine.fallback_reason,
                  load_s=round(load_s, 1),
                  capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
                  rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),

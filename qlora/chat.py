@@ -72,7 +72,7 @@ class ChatEngine:
 
     def __init__(self, base_model: str, quantize: str = "nf4", precision: str = "auto", token: str | None = None,
                  decode: str | None = None, max_rows: int = MAX_ROWS, cards: Cards | None = None,
-                 nf4: bool | None = None):
+                 nf4: bool | None = None, fused: bool | None = None):
         self.base_model, self.quantize, self.precision = base_model, quantize, precision
         self.cards = cards or host_cards  # the host's cards: chat serves on CHAT_CARD, which a training run may hold
         self._token = token
@@ -81,6 +81,8 @@ class ChatEngine:
             raise ValueError(f"QLORA_CHAT_DECODE: one of {', '.join(DECODE_MODES)} (got {self.decode!r})")
         self.max_rows = max_rows
         self.nf4 = nf4 if nf4 is not None else os.environ.get("QLORA_CHAT_NF4", "1") != "0"
+        self.fused = fused if fused is not None else os.environ.get("QLORA_CHAT_FUSED", "1") != "0"
+        self.kernels: str | None = None  # the decode step's own kernels once loaded (attention and RMSNorm)
         self.matmul: str | None = None  # the 4-bit decode matmuls once loaded: "nf4mm", "bitsandbytes", ...
         self.tokenizer = None
         self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded
@@ -305,20 +307,25 @@ class ChatEngine:
                     targets = set().union(*(a.modules for a in self.adapters.values()))
                 rows, length, columns = slots.plan(model, context, self.max_rows, targets)
                 no_nf4 = self._no_nf4(model, kind)
+                no_fused = self._no_fused(model)
                 t0 = time.perf_counter()
                 mode = None if kind == "eager" else kind
                 try:
                     decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress,
-                                                 nf4=no_nf4 is None)
+                                                 nf4=no_nf4 is None, fused=no_fused is None)
                 except Exception as e:
-                    if no_nf4 is not None:
+                    if no_nf4 is not None and no_fused is not None:
                         raise
-                    no_nf4 = f"the nf4mm kernel failed: {type(e).__name__}: {str(e).strip()[:200]}"
-                    log.debug("nf4mm failed", exc_info=True)
+                    no_nf4 = no_nf4 or f"the Triton kernels failed: {type(e).__name__}: {str(e).strip()[:200]}"
+                    no_fused = no_fused or no_nf4
+                    log.debug("Triton decode kernels failed", exc_info=True)
                     decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress)
                 self.matmul = decoder.matmul
                 why_not = f" ({no_nf4})" if no_nf4 and decoder.matmul == "bitsandbytes" else ""
                 log.info("chat: 4-bit decode matmuls: %s%s", decoder.matmul, why_not)
+                self.kernels = ("attention over each row's own length, RMSNorm in one kernel" if decoder.fused
+                                else f"SDPA over the length bucket, transformers' RMSNorm ({no_fused})")
+                log.info("chat: decode attention and norms: %s", self.kernels)
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
@@ -348,6 +355,14 @@ class ChatEngine:
             return "the nf4mm kernel is turned off (QLORA_CHAT_NF4=0)"
         if not any(nf4mm.fits(m) for m in model.modules()):
             return "no nf4 weights"
+        return nf4mm.unavailable(model.device)
+
+    def _no_fused(self, model) -> str | None:
+        """Why the decode step keeps SDPA and transformers' RMSNorm (None: decodeops' kernels run them)."""
+        from . import nf4mm
+
+        if not self.fused:
+            return "turned off (QLORA_CHAT_FUSED=0)"
         return nf4mm.unavailable(model.device)
 
     def _pick_backend(self, model) -> tuple[str, str | None]:

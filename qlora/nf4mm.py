@@ -39,13 +39,15 @@ MAX_ROWS = 64  # beyond this many rows (a prefill) bitsandbytes' dequantize + cu
 @dataclass(frozen=True)
 class Tile:
     block_n: int  # weight rows (outputs) a program computes
-    split: int  # K ranges of a weight row computed by separate programs, summed in order by the second kernel
+    split: int  # K ranges of a weight row computed by separate programs, summed in a fixed order
     warps: int
     stages: int
+    natural: bool = True  # x read as it is (each block's two codes joined back into input order), not pre-split
+    fixup: bool = True  # the last of a tile's split programs sums the partials (no second kernel)
 
 
-# The fastest of run28's sweep on the three 7B shapes, within 1% (bench/nf4_probe.py); fixed, so two server starts
-# round alike.
+# Run28's sweep on the three 7B shapes (bench/nf4_probe.py) fixed the tile; run32 the natural-order x and the
+# in-kernel sum (two launches a call fewer). Fixed, so two server starts round alike.
 TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
 
@@ -87,6 +89,7 @@ class Weight:
     blocksize2: int = 1
     offset: float = 0.0
     tables: dict = field(default_factory=dict)  # dtype -> `pairs`
+    locks: torch.Tensor | None = None  # int32 arrival counters of the split programs, one a tile, zero between calls
 
     @classmethod
     def of(cls, param) -> "Weight":
@@ -98,6 +101,8 @@ class Weight:
             w.blocksize2, w.offset = s.state2.blocksize, float(s.offset)
         else:
             w.absmax = w.absmax.float()
+        w.locks = torch.zeros(math.ceil(n / 16) * math.ceil(MAX_ROWS / BLOCK_M), dtype=torch.int32,
+                              device=w.data.device)  # enough for any tile of up to MAX_ROWS rows
         return w
 
     @property
@@ -143,23 +148,27 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["M", "XM"])
-    def nf4mm_kernel(xt_ptr, w_ptr, absmax_ptr, pairs_ptr, code2_ptr, absmax2_ptr, offset, out_ptr,
-                     M, N, K, SPAN, XM,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, PARTIAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # xt: [2, K // 2, XM], x's even and odd inputs, rows padded to XM (a multiple of BLOCK_M) with zeros.
-        # out^T[n, m] += scale[n, b] * (hi[n, :] . x[m, k0::2] + lo[n, :] . x[m, k0+1::2]) for each scale block b.
+    @triton.jit(do_not_specialize=["M", "XM", "SPLITS"])
+    def nf4mm_kernel(x_ptr, w_ptr, absmax_ptr, pairs_ptr, code2_ptr, absmax2_ptr, offset, out_ptr, part_ptr, locks_ptr,
+                     M, N, K, SPAN, XM, SPLITS,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, NATURAL: tl.constexpr,
+                     FIXUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # out^T[n, m] = sum over scale blocks b of scale[n, b] * (w[n, block b] . x[m, block b]), this program's blocks
+        # [pid_s * SPAN, (pid_s + 1) * SPAN). NATURAL: x is [M, K] as given, and a block's codes are joined back
+        # into input order (w[2j] = high nibble of byte j); else x is [2, K // 2, XM], its even and odd inputs
+        # (rows padded to XM with zeros), and the even and odd codes meet them in two dots.
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.arange(0, HALF)
+        kk = tl.arange(0, BLOCKSIZE)
         n_ok = rn < N
+        m_ok = rm < M
         row_blocks = K // BLOCKSIZE
         b_begin = pid_s * SPAN
         b_end = tl.minimum(b_begin + SPAN, row_blocks)
-        dtype = xt_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         odd = (K // 2) * XM
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for b in range(b_begin, b_end):
@@ -171,20 +180,36 @@ def _build():
                                                           other=0.0) + offset
             else:
                 scale = tl.load(absmax_ptr + blk, mask=n_ok, other=0.0)
-            xe = tl.load(xt_ptr + (b * HALF + j[:, None]) * XM + rm[None, :])
-            xo = tl.load(xt_ptr + odd + (b * HALF + j[:, None]) * XM + rm[None, :])
             pair = tl.load(pairs_ptr + packed.to(tl.int32))
             hi = (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
             lo = pair.to(tl.int16).to(dtype, bitcast=True)
-            part = tl.dot(hi, xe)
-            part = tl.dot(lo, xo, part)
+            if NATURAL:
+                w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCKSIZE))
+                xb = tl.load(x_ptr + rm[None, :] * K + b * BLOCKSIZE + kk[:, None], mask=m_ok[None, :], other=0.0)
+                part = tl.dot(w, xb)
+            else:
+                xe = tl.load(x_ptr + (b * HALF + j[:, None]) * XM + rm[None, :])
+                xo = tl.load(x_ptr + odd + (b * HALF + j[:, None]) * XM + rm[None, :])
+                part = tl.dot(hi, xe)
+                part = tl.dot(lo, xo, part)
             acc += part * scale[:, None]
-        out = out_ptr + pid_s * M * N + rm[None, :] * N + rn[:, None]
-        mask = n_ok[:, None] & (rm < M)[None, :]
-        if PARTIAL:
-            tl.store(out, acc, mask=mask)
+        mask = n_ok[:, None] & m_ok[None, :]
+        offs = rm[None, :] * N + rn[:, None]
+        if SPLITS == 1:
+            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(part_ptr + pid_s * M * N + offs, acc, mask=mask)
+            if FIXUP:
+                # The last of the tile's SPLITS programs to arrive sums their partials, in split order (so the sum's
+                # rounding never depends on which arrived last), and zeroes the counter for the next call.
+                tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+                lock = locks_ptr + pid_m * tl.num_programs(0) + pid_n
+                if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+                    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    for s in range(0, SPLITS):
+                        total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                    tl.atomic_xchg(lock, 0)
 
     @triton.jit
     def sum_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -198,31 +223,38 @@ def _build():
     return nf4mm_kernel, sum_kernel
 
 
-def matmul(x: torch.Tensor, w: Weight, tile: Tile = TILE) -> torch.Tensor:
-    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype."""
+def matmul(x: torch.Tensor, w: Weight, tile: Tile | None = None) -> torch.Tensor:
+    """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype (`tile`: TILE)."""
     nf4mm_kernel, sum_kernel = _kernels()
+    tile = tile or TILE
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     m = x2.shape[0]
     xm = math.ceil(m / BLOCK_M) * BLOCK_M
-    xt = x2.new_empty(2, w.k // 2, xm)
-    xt[:, :, :m] = x2.view(m, w.k // 2, 2).permute(2, 1, 0)  # even and odd inputs, each contiguous by row
-    if xm > m:
-        xt[:, :, m:] = 0
+    if tile.natural:
+        xt = x2.contiguous()
+    else:
+        xt = x2.new_empty(2, w.k // 2, xm)
+        xt[:, :, :m] = x2.view(m, w.k // 2, 2).permute(2, 1, 0)  # even and odd inputs, each contiguous by row
+        if xm > m:
+            xt[:, :, m:] = 0
     row_blocks = w.k // w.blocksize
     span = math.ceil(row_blocks / tile.split)  # scale blocks a program covers
     split = math.ceil(row_blocks / span)
+    grid = (math.ceil(w.n / tile.block_n), split, xm // BLOCK_M)
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
-    target = torch.empty(split, m, w.n, dtype=torch.float32, device=x.device) if split > 1 else out
+    part = torch.empty(split, m, w.n, dtype=torch.float32, device=x.device) if split > 1 else out
+    if tile.fixup and (w.locks is None or w.locks.numel() < grid[0] * grid[2]):
+        w.locks = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x.device)
     nested = w.nested
-    nf4mm_kernel[(math.ceil(w.n / tile.block_n), split, xm // BLOCK_M)](
+    nf4mm_kernel[grid](
         xt, w.data, w.absmax, w.pairs(x.dtype), w.code2 if nested else w.code, w.absmax2 if nested else w.absmax,
-        w.offset, target, m, w.n, w.k, span, xm,
-        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, PARTIAL=split > 1, BLOCK_M=BLOCK_M,
-        BLOCK_N=tile.block_n, num_warps=tile.warps, num_stages=tile.stages)
-    if split > 1:
+        w.offset, out, part, w.locks if tile.fixup else part, m, w.n, w.k, span, xm, split,
+        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, NATURAL=tile.natural, FIXUP=tile.fixup,
+        BLOCK_M=BLOCK_M, BLOCK_N=tile.block_n, num_warps=tile.warps, num_stages=tile.stages)
+    if split > 1 and not tile.fixup:
         block = 1024
-        sum_kernel[(math.ceil(m * w.n / block),)](target, out, m * w.n, SPLIT=split, BLOCK=block)
+        sum_kernel[(math.ceil(m * w.n / block),)](part, out, m * w.n, SPLIT=split, BLOCK=block)
     return out.view(*lead, w.n)
 
 

@@ -297,6 +297,12 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def slots_sdpa(module, query, key, value, attention_mask, **kwargs):
+        decoder = getattr(module, "slot_decoder", None)  # set while a decoder with the fused kernels is open
+        if decoder is not None and not decoder.columns.prefilling and attention_mask is not None:
+            from .decodeops import attend  # each row over its own length, not the whole bucket
+
+            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
+            return attend(query, key, value, decoder.ints[1], attention_mask.shape[-1], scale), None
         if attention_mask is not None:  # (a no-op slice in the prefill; no branch: the length stays symbolic)
             n = attention_mask.shape[-1]
             key, value = key[:, :, :n], value[:, :, :n]
@@ -339,7 +345,7 @@ class SlotDecoder:
     """
 
     def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
-                 strict: bool = False, nf4: bool = False):
+                 strict: bool = False, nf4: bool = False, fused: bool = False):
         self.model, self.rows, self.length = model, rows, length
         self.capture_mode, self.targets, self.strict = capture, targets, strict
         self.device = model.device
@@ -361,6 +367,11 @@ class SlotDecoder:
                        else "bitsandbytes")
         self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
         self._configs = []
+        self._norms: list[tuple] = []  # (parent, name, the model's own RMSNorm) replaced by decodeops.RMSNorm
+        self._attention: list = []  # attention modules whose decode steps run decodeops.attend
+        self.fused = fused and self.dtype in (torch.bfloat16, torch.float16)
+        if self.fused:
+            self._fuse()
         register_attention()
         for m in model.modules():
             c = getattr(m, "config", None)
@@ -376,6 +387,30 @@ class SlotDecoder:
         self._logits_fn = self._logits
         self.capture_s = 0.0
         self.exactness: dict = {}
+
+    def _fuse(self) -> None:
+        """decodeops' kernels in the model for this decoder's life: RMSNorm in one kernel, and decode attention over
+        each row's own length (prompts keep SDPA)."""
+        from .decodeops import RMSNorm, is_rms_norm
+
+        head_dim = _kv_shape(self.model.config)[2]
+        attention = head_dim >= 16 and head_dim & (head_dim - 1) == 0  # the kernel's tiles: a power of two
+        for name, module in list(self.model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if is_rms_norm(child):
+                    setattr(module, child_name, RMSNorm(child))
+                    self._norms.append((module, child_name, child))
+            if attention and hasattr(module, "q_proj") and hasattr(module, "layer_idx"):
+                module.slot_decoder = self
+                self._attention.append(module)
+
+    def _unfuse(self) -> None:
+        for parent, name, module in self._norms:
+            setattr(parent, name, module)
+        for module in self._attention:
+            del module.slot_decoder
+        self._norms.clear()
+        self._attention.clear()
 
     # --- the step ---------------------------------------------------------------------------------------------
     def _logits(self, positions):
@@ -536,6 +571,7 @@ class SlotDecoder:
         self._graphs.clear()
         self._prefills.clear()
         self.columns.restore()
+        self._unfuse()
         for c, name in self._configs:
             c._attn_implementation = name
         self._configs.clear()
@@ -558,14 +594,16 @@ def captured(fn, pool=None):
 
 
 def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,
-                 progress: Callable[[str], None] = lambda s: None, nf4: bool = False) -> SlotDecoder:
+                 progress: Callable[[str], None] = lambda s: None, nf4: bool = False, fused: bool = False
+                 ) -> SlotDecoder:
     """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
 
     `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
     again with the strict 4-bit path (dequantize + cuBLAS for every row count). A longer bucket that changes a row:
     one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged. `nf4`: the
-    4-bit Linears' decode matmuls run the nf4mm kernel (the strict path replaces it too)."""
-    decoder = SlotDecoder(model, rows, length, columns, capture, targets, nf4=nf4)
+    4-bit Linears' decode matmuls run the nf4mm kernel (the strict path replaces it too); `fused`: decodeops'
+    attention and RMSNorm kernels."""
+    decoder = SlotDecoder(model, rows, length, columns, capture, targets, nf4=nf4, fused=fused)
     if capture is None:
         return decoder
     try:
@@ -575,7 +613,7 @@ def open_decoder(model, rows: int, length: int, columns: int, capture: str | Non
             progress("rows drifted: capturing again with the strict 4-bit path")
             log.warning("chat: decode rows not exact (%s); capturing again with dequantize + cuBLAS", report)
             decoder.close()
-            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True)
+            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True, fused=fused)
             decoder.capture(progress)
             report = decoder.check_exact()
         if report["bucket"]:

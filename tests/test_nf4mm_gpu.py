@@ -100,12 +100,13 @@ def test_the_slot_engine_with_nf4mm_is_exact_and_each_pane_alone_equals_the_batc
     settings = GenerationSettings(temperature=0, max_new_tokens=12)
     answers = {}
     caplog.set_level(logging.INFO, logger="qlora.chat")
-    for nf4 in (True, False):
-        e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=4, nf4=nf4)
+    for nf4 in (True, False):  # the second: bitsandbytes' matmuls, SDPA, transformers' RMSNorm
+        e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=4, nf4=nf4, fused=nf4)
         try:
             name = e.load_adapter(run)
             e.load()
             assert e.backend_kind == "graphs" and e.matmul == ("nf4mm" if nf4 else "bitsandbytes")
+            assert e._scheduler.backend.decoder.fused == nf4 and e.exactness["bucket"] == 0, e.exactness
             assert e.exactness["repeat"] == 0 and e.exactness["neighbours"] == 0, e.exactness
             prompts = [e.prompt_ids([], q, adapter=name) for q in ("Hi", "Who guards the gate? Tell me all.")]
             spec = [(prompts[0], None, settings), (prompts[0], name, settings), (prompts[1], None, settings),
@@ -118,4 +119,7 @@ def test_the_slot_engine_with_nf4mm_is_exact_and_each_pane_alone_equals_the_batc
             e.unload()
     lines = [r.getMessage() for r in caplog.records if "4-bit decode matmuls" in r.getMessage()]
     assert lines[0].endswith("nf4mm") and "turned off (QLORA_CHAT_NF4=0)" in lines[1], lines
+    kernels = [r.getMessage() for r in caplog.records if "decode attention and norms" in r.getMessage()]
+    assert "each row's own length" in kernels[0] and "QLORA_CHAT_FUSED=0" in kernels[1], kernels
+    print("greedy answers, Triton kernels vs bitsandbytes + SDPA:", answers)
     print("nf4mm vs bitsandbytes engine answers equal:", answers[True] == answers[False])

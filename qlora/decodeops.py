@@ -1,0 +1,163 @@
+"""The slot engine's decode-step kernels besides the 4-bit matmul (Triton, CUDA cards of compute capability 8+, as
+nf4mm): attention that reads each row's own length of its slot, and RMSNorm in one pass.
+
+Why by hand: SDPA's masked decode attends every slot over the whole length bucket, free slots too (2.2 of run30's
+15.9 ms step: one visitor's two rows paid for sixteen), and has no per-row length argument; flash-attn's
+`flash_attn_with_kvcache` has one (`cache_seqlens`) but ships as a CUDA build this project cannot install on a Space.
+transformers' RMSNorm is eight kernels a norm (65 norms a 7B step), launch-bound at 16 rows.
+
+Exactness, as in nf4mm: a row's result depends on its own inputs only. Attention splits a row's keys into fixed
+CHUNK-position chunks (whatever the length bucket), each chunk's partial softmax computed alone and merged in chunk
+order; chunks at or past the row's length are never read, so a row gets the same bits alone or batched and in any
+length bucket. RMSNorm is one program a row: transformers' arithmetic (fp32, cast back, then times the weight in the
+input dtype), only the sum's order differs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch  # imported only where the slot engine starts (`import qlora` stays light)
+
+CHUNK = 256  # key positions a program reduces; fixed so a row's rounding never depends on the bucket
+BLOCK_KEYS = 64  # keys a loop turn reads
+
+_built = None
+
+
+def _kernels():
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["CHUNKS"])
+    def attend_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, scale, H, GROUP, CHUNKS,
+                      sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                      D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # program (row b, head h, chunk c): the softmax partial of q . keys[c * CHUNK, min((c + 1) * CHUNK, length))
+        # as (acc [D], max, sum) in fp32, where length = pos[b] + 1 (the row's token was just written at pos[b])
+        bh, c = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        kvh = h // GROUP
+        length = tl.load(pos_ptr + b).to(tl.int32) + 1
+        start = c * CHUNK
+        if start < length:
+            d = tl.arange(0, D)
+            q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+            m = tl.full((1,), float("-inf"), tl.float32)
+            s = tl.zeros((1,), tl.float32)
+            acc = tl.zeros((D,), tl.float32)
+            end = tl.minimum(start + CHUNK, length)
+            for first in range(start, end, BLOCK):
+                t = first + tl.arange(0, BLOCK)
+                ok = t < end
+                k = tl.load(k_ptr + b * sk_b + kvh * sk_h + t[:, None] * sk_l + d[None, :], mask=ok[:, None],
+                            other=0.0).to(tl.float32)
+                score = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
+                m_new = tl.maximum(m, tl.max(score, 0))
+                p = tl.exp(score - m_new)
+                alpha = tl.exp(m - m_new)
+                v = tl.load(v_ptr + b * sv_b + kvh * sv_h + t[:, None] * sv_l + d[None, :], mask=ok[:, None],
+                            other=0.0).to(tl.float32)
+                acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+                s = s * alpha + tl.sum(p, 0)
+                m = m_new
+            out = part_ptr + (bh * CHUNKS + c) * (D + 2)
+            tl.store(out + d, acc)
+            one = tl.arange(0, 1)
+            tl.store(out + D + one, m)
+            tl.store(out + D + 1 + one, s)
+
+    @triton.jit(do_not_specialize=["CHUNKS"])
+    def merge_kernel(part_ptr, pos_ptr, o_ptr, H, CHUNKS, so_b, so_h, D: tl.constexpr, CHUNK: tl.constexpr):
+        # program (row b, head h): the row's chunks merged in chunk order (chunk 0 always holds position 0)
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
+        length = tl.load(pos_ptr + b).to(tl.int32) + 1
+        n = tl.minimum(tl.cdiv(length, CHUNK), CHUNKS)
+        d = tl.arange(0, D)
+        one = tl.arange(0, 1)
+        base = part_ptr + bh * CHUNKS * (D + 2)
+        acc = tl.load(base + d)
+        m = tl.load(base + D + one)
+        s = tl.load(base + D + 1 + one)
+        for c in range(1, n):
+            part = base + c * (D + 2)
+            mc = tl.load(part + D + one)
+            m_new = tl.maximum(m, mc)
+            a, bb = tl.exp(m - m_new), tl.exp(mc - m_new)
+            acc = acc * a + tl.load(part + d) * bb
+            s = s * a + tl.load(part + D + 1 + one) * bb
+            m = m_new
+        tl.store(o_ptr + b * so_b + h * so_h + d, (acc / s).to(o_ptr.dtype.element_ty))
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=ok, other=0.0).to(tl.float32)
+        y = (x * tl.rsqrt(tl.sum(x * x, 0) / N + eps)).to(x_ptr.dtype.element_ty)  # transformers: cast back first
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                 mask=ok)
+
+    return attend_kernel, merge_kernel, rms_norm_kernel
+
+
+def attend(query, key, value, pos, length: int, scale: float):
+    """One decode token a row: query [rows, heads, 1, D]; key/value the slot cache [rows, kv heads, slot, D]; pos
+    [rows] each row's position (it attends to 0..pos); length the bucket (>= every pos + 1). [rows, 1, heads, D]."""
+    attend_kernel, merge_kernel, _ = _kernels()
+    rows, heads, _, d = query.shape
+    group = heads // key.shape[1]
+    chunks = math.ceil(length / CHUNK)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    part = torch.empty(rows * heads, chunks, d + 2, dtype=torch.float32, device=query.device)
+    out = torch.empty(rows, 1, heads, d, dtype=query.dtype, device=query.device)
+    attend_kernel[(rows * heads, chunks)](
+        query, key, value, pos, part, scale, heads, group, chunks,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), D=d, CHUNK=CHUNK, BLOCK=BLOCK_KEYS, num_warps=4)
+    merge_kernel[(rows * heads,)](part, pos, out, heads, chunks, out.stride(0), out.stride(2), D=d, CHUNK=CHUNK,
+                                  num_warps=1)
+    return out
+
+
+class RMSNorm(torch.nn.Module):
+    """A transformers Llama RMSNorm in one kernel (16-bit CUDA inputs; anything else goes to the module itself)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.weight = base.weight
+        self.eps = float(getattr(base, "variance_epsilon", getattr(base, "eps", 1e-6)))
+        _kernels()
+
+    def forward(self, x):
+        if x.dtype not in (torch.bfloat16, torch.float16) or self.weight.dtype != x.dtype or not x.is_cuda:
+            return self.base(x)
+        _, _, rms_norm_kernel = _kernels()
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        out = torch.empty_like(x2)
+        rms_norm_kernel[(x2.shape[0],)](x2, self.weight, out, n, self.eps, BLOCK=triton_block(n),
+                                        num_warps=8 if n >= 2048 else 4)
+        return out.view(x.shape)
+
+
+def triton_block(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def is_rms_norm(module) -> bool:
+    """transformers' Llama-style RMSNorm (weight times x / rms(x)); other norms keep their own forward."""
+    return type(module).__name__ in ("LlamaRMSNorm",) and getattr(module, "weight", None) is not None

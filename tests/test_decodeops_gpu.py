@@ -1,0 +1,81 @@
+"""On a GPU only (CI skips these): decodeops' attention against fp32 softmax attention, each row over its own length,
+the same bits alone, batched and in any length bucket; its RMSNorm against transformers'.
+
+    python -m pytest -m gpu tests/test_decodeops_gpu.py -s
+"""
+from __future__ import annotations
+
+import pytest
+
+
+def reference(q, k, v, pos, scale):
+    """fp32 attention of each row's one query over its keys 0..pos (grouped heads expanded)."""
+    import torch
+
+    rows, heads, _, d = q.shape
+    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.float().repeat_interleave(heads // v.shape[1], dim=1)
+    out = torch.empty(rows, 1, heads, d, dtype=torch.float32, device=q.device)
+    for r in range(rows):
+        n = int(pos[r]) + 1
+        w = torch.softmax((q[r, :, 0].float()[:, None, :] * k[r, :, :n]).sum(-1) * scale, dim=-1)
+        out[r, 0] = (w[:, :, None] * v[r, :, :n]).sum(1)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,d", [(32, 32, 128), (9, 3, 64)])  # Llama-2-7B; SmolLM2's grouped heads
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independent(heads, kv_heads, d, dtype_name):
+    import torch
+
+    from qlora.decodeops import CHUNK, attend
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, slot = 7, 1300
+    q = torch.randn(rows, heads, 1, d, dtype=dtype, device="cuda", generator=g)
+    k = torch.randn(rows, kv_heads, slot, d, dtype=dtype, device="cuda", generator=g)
+    v = torch.randn(rows, kv_heads, slot, d, dtype=dtype, device="cuda", generator=g)
+    pos = torch.tensor([0, 5, CHUNK - 1, CHUNK, 700, 1023, 1299], device="cuda")
+    scale = d ** -0.5
+    out = attend(q, k, v, pos, 1300, scale)
+    ref = reference(q, k, v, pos, scale)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 4 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3, err
+    # what lies past a row's position is never read: garbage there changes nothing
+    k2, v2 = k.clone(), v.clone()
+    for r in range(rows):
+        k2[r, :, int(pos[r]) + 1:] = float("nan")
+        v2[r, :, int(pos[r]) + 1:] = float("nan")
+    assert torch.equal(attend(q, k2, v2, pos, 1300, scale), out)
+    assert torch.equal(attend(q, k, v, pos, 2048, scale), out)  # a longer bucket: the same bits
+    for r in range(rows):  # each row alone = that row in the batch, bit for bit
+        alone = attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r:r + 1], int(pos[r]) + 1, scale)
+        assert torch.equal(alone[0], out[r]), r
+    short = pos.clamp(max=200)  # rows shorter than a chunk: the bucket's length only bounds the grid
+    assert torch.equal(attend(q, k, v, short, 256, scale), attend(q, k, v, short, 1300, scale))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_rms_norm_equals_transformers_within_rounding_and_rows_are_independent(dtype_name):
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from qlora.decodeops import RMSNorm, is_rms_norm
+
+    dtype = getattr(torch, dtype_name)
+    base = LlamaRMSNorm(4096, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.rand(4096) + 0.5)
+    assert is_rms_norm(base)
+    fused = RMSNorm(base)
+    x = torch.randn(16, 1, 4096, dtype=dtype, device="cuda") * 3
+    with torch.no_grad():
+        ref, out = base(x), fused(x)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        # transformers' arithmetic but the sum's order: at most a rounding step of the output apart
+        assert (out.float() - ref.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref.float().abs().max()
+        assert torch.equal(fused(x[3:4]), out[3:4])
+        assert torch.equal(fused(x.float()), base(x.float()))  # fp32: the module's own forward
