@@ -254,6 +254,14 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
     for _ in range(steps):
         decoder.step(pos)
     graph_ms = 1000 * (time.perf_counter() - t) / steps
+    decoder.host_ints[1, 2:] = 0  # one visitor: two rows at pos, the other slots free (position 0)
+    decoder.step(pos)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        decoder.step(pos)
+    one_ms = 1000 * (time.perf_counter() - t) / steps
+    decoder.host_ints[1] = pos
     positions = decoder._positions(decoder.bucket(pos))
     with torch.no_grad():
         decoder._forward(positions)
@@ -274,10 +282,12 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
     for i in range(rows):
         decoder.clear(i)
     out = dict(rows=rows, position=pos, bucket=decoder.bucket(pos), graph_ms_per_step=round(graph_ms, 3),
+               graph_ms_two_rows_live=round(one_ms, 3),
                kernel_ms_per_step={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                kernel_ms_total=round(sum(kinds.values()), 3),
                top_kernels=[dict(ms=round(ms, 3), kernel=k, per_step=c) for ms, k, c in top[:15]])
-    print("  profile:", json.dumps({k: out[k] for k in ("graph_ms_per_step", "kernel_ms_per_step")}), flush=True)
+    print("  profile:", json.dumps({k: out[k] for k in ("graph_ms_per_step", "graph_ms_two_rows_live",
+                                                         "kernel_ms_per_step")}), flush=True)
     return out
 
 
@@ -351,8 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--capture", default="graphs",
                     help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix of '+'-joined options "
                     "departs from the engine's default: 'bnb' bitsandbytes' 4-bit decode matmuls, 'nf4' nf4mm's, 'v3' "
-                    "nf4mm in run30's form, 'plain' SDPA and transformers' RMSNorm (no decodeops kernels), "
-                    "e.g. graphs:bnb+plain,graphs:v3+plain,graphs")
+                    "nf4mm in run30's form, 'plain' SDPA and transformers' RMSNorm and rotary (no decodeops kernels), 'sync' "
+                    "no step launched before the last one's tokens are read, e.g. graphs:v3+plain+sync,graphs")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
     ap.add_argument("--eager-tokens", type=int, default=64)
@@ -426,7 +436,10 @@ def main(argv=None) -> int:
         engine.load()
         load_s = time.perf_counter() - t
         decoder = getattr(engine._scheduler.backend, "decoder", None)
+        if "sync" in opts and decoder is not None:  # each step's tokens read before the next step is launched
+            engine._scheduler.backend.depth = 1
         v = dict(backend=engine.backend_kind, matmul=engine.matmul, kernels=engine.kernels,
+                 steps_in_flight=getattr(engine._scheduler.backend, "depth", None),
                  nf4mm_tile=str(nf4mm.TILE) if engine.matmul == "nf4mm" else None,
                  fallback_reason=engine.fallback_reason,
                  load_s=round(load_s, 1),

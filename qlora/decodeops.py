@@ -107,13 +107,46 @@ def _build():
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=ok)
 
-    return attend_kernel, merge_kernel, rms_norm_kernel
+    @triton.jit
+    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, H, KVH,
+                          s_cos, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, D: tl.constexpr):
+        # program (row b, head h): q rotated into qo [rows, H, D]; for h < KVH also the row's new key (rotated) and
+        # value written into the slot cache at pos[b]. transformers' rotary: x * cos + rotate_half(x) * sin, where
+        # rotate_half(x) = (-x[D/2:], x[:D/2]); here in fp32, rounded once.
+        b, h = tl.program_id(0), tl.program_id(1)
+        HALF: tl.constexpr = D // 2
+        i = tl.arange(0, D)
+        partner = tl.where(i < HALF, i + HALF, i - HALF)
+        sign = tl.where(i < HALF, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * s_cos + i).to(tl.float32)
+        sin = tl.load(sin_ptr + b * s_cos + i).to(tl.float32)
+        q_row = q_ptr + (b * H + h) * D
+        q = tl.load(q_row + i).to(tl.float32) * cos + sign * tl.load(q_row + partner).to(tl.float32) * sin
+        tl.store(qo_ptr + (b * H + h) * D + i, q.to(qo_ptr.dtype.element_ty))
+        if h < KVH:
+            p = tl.load(pos_ptr + b)
+            k_row = k_ptr + (b * KVH + h) * D
+            k = tl.load(k_row + i).to(tl.float32) * cos + sign * tl.load(k_row + partner).to(tl.float32) * sin
+            tl.store(kc_ptr + b * skc_b + h * skc_h + p * skc_l + i, k.to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + b * svc_b + h * svc_h + p * svc_l + i, tl.load(v_ptr + (b * KVH + h) * D + i))
+
+    @triton.jit
+    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        # transformers' LlamaMLP: act_fn(gate) * up, each rounded to the dtype as torch rounds them
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)
+        up = tl.load(u_ptr + offs, mask=ok, other=0.0)
+        tl.store(out_ptr + offs, (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
+
+    return attend_kernel, merge_kernel, rms_norm_kernel, rope_store_kernel, silu_mul_kernel
 
 
 def attend(query, key, value, pos, length: int, scale: float):
     """One decode token a row: query [rows, heads, 1, D]; key/value the slot cache [rows, kv heads, slot, D]; pos
     [rows] each row's position (it attends to 0..pos); length the bucket (>= every pos + 1). [rows, 1, heads, D]."""
-    attend_kernel, merge_kernel, _ = _kernels()
+    attend_kernel, merge_kernel = _kernels()[:2]
     rows, heads, _, d = query.shape
     group = heads // key.shape[1]
     chunks = math.ceil(length / CHUNK)
@@ -130,6 +163,32 @@ def attend(query, key, value, pos, length: int, scale: float):
     return out
 
 
+def rope_and_store(q, k, v, cos, sin, pos, keys, values):
+    """One decode token a row: q [rows, 1, heads * D], k and v [rows, 1, kv heads * D] as the projections give them,
+    cos/sin [rows, 1, D] (the model's rotary embedding); the rotated key and the value go into the slot cache
+    (keys/values [rows, kv heads, slot, D]) at each row's pos. The rotated query, [rows, heads, 1, D]."""
+    rope_store_kernel = _kernels()[3]
+    rows, d = q.shape[0], keys.shape[-1]
+    heads, kv_heads = q.shape[-1] // d, keys.shape[1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(rows, heads, 1, d, dtype=q.dtype, device=q.device)
+    rope_store_kernel[(rows, heads)](q, k, v, cos, sin, pos, out, keys, values, heads, kv_heads, cos.stride(0),
+                                     keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                                     values.stride(1), values.stride(2), D=d, num_warps=1)
+    return out
+
+
+def silu_mul(gate, up):
+    """transformers' Llama MLP middle, silu(gate) * up, in one kernel."""
+    silu_mul_kernel = _kernels()[4]
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    silu_mul_kernel[(math.ceil(n / 1024),)](gate, up, out, n, BLOCK=1024, num_warps=4)
+    return out
+
+
 class RMSNorm(torch.nn.Module):
     """A transformers Llama RMSNorm in one kernel (16-bit CUDA inputs; anything else goes to the module itself)."""
 
@@ -143,7 +202,7 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x):
         if x.dtype not in (torch.bfloat16, torch.float16) or self.weight.dtype != x.dtype or not x.is_cuda:
             return self.base(x)
-        _, _, rms_norm_kernel = _kernels()
+        rms_norm_kernel = _kernels()[2]
         n = x.shape[-1]
         x2 = x.reshape(-1, n)
         if not x2.is_contiguous():

@@ -46,6 +46,7 @@ log = logging.getLogger("qlora.chat")
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
 PREFILL_BUCKETS = (64, 128, 256, 512, 1024)  # prompt lengths whose prefill is captured; longer prompts run eagerly
+SILU = ("SiLUActivation", "SiLU")  # the MLP activations decodeops.silu_mul computes
 COLUMN_GRAIN = 16  # adapters take columns in units of 16 (tensor-core tiles)
 SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:
 # the eager path
@@ -297,12 +298,6 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def slots_sdpa(module, query, key, value, attention_mask, **kwargs):
-        decoder = getattr(module, "slot_decoder", None)  # set while a decoder with the fused kernels is open
-        if decoder is not None and not decoder.columns.prefilling and attention_mask is not None:
-            from .decodeops import attend  # each row over its own length, not the whole bucket
-
-            scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-            return attend(query, key, value, decoder.ints[1], attention_mask.shape[-1], scale), None
         if attention_mask is not None:  # (a no-op slice in the prefill; no branch: the length stays symbolic)
             n = attention_mask.shape[-1]
             key, value = key[:, :, :n], value[:, :, :n]
@@ -339,9 +334,14 @@ def sample(logits, u, temperature, top_p, greedy, sampling: bool = True):
 class SlotDecoder:
     """The slot state on the device and the step that advances every slot by one token.
 
-    Host side, per slot: the input token and position, and the sampling inputs (u, temperature, top-p, greedy) live
-    in two small pinned staging arrays, copied to their device twins before each step. The step reads only those
-    device buffers, the KV cache and the adapter columns, so it is one graph per length bucket.
+    The step reads only device buffers (each slot's input token and position, its sampling inputs, the KV cache and
+    the adapter columns), so it is one graph per length bucket; it ends by writing each slot's new token as its next
+    input and moving its live slots one position on. So steps can follow each other without the host: the serving
+    loop (`launch`, then `collect` the step before) launches step k+1 before it reads step k's tokens, and the host's
+    work on them (stop ids, streaming to visitors) overlaps the GPU's next step instead of stalling it. The host
+    changes a slot between steps through `set_row` and `clear` (kernels ordered on the same stream) and stages each
+    step's sampling inputs (u, temperature, top-p, greedy, live) in pinned buffers. `step` is the synchronous form
+    (the host's `host_ints` copied in first) that the exactness checks and tests use.
     """
 
     def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
@@ -352,11 +352,17 @@ class SlotDecoder:
         self.dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
         cuda = self.device.type == "cuda"
         self.ints = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # input token, position
-        self.floats = torch.zeros(4, rows, dtype=torch.float32, device=self.device)  # u, temperature, top-p, greedy
+        # u, temperature, top-p, greedy, live (a slot in use moves on a position each step; a free one stays at 0)
+        self.floats = torch.zeros(5, rows, dtype=torch.float32, device=self.device)
         self.host_ints = torch.zeros(2, rows, dtype=torch.long, pin_memory=cuda)
-        self.host_floats = torch.zeros(4, rows, dtype=torch.float32, pin_memory=cuda)
+        self.host_floats = torch.zeros(5, rows, dtype=torch.float32)
         self.host_floats[1:3] = 1.0
-        self.host_next = torch.zeros(rows, dtype=torch.long, pin_memory=cuda)
+        # two of each staging buffer: step k+1's are filled while step k's copies may still be pending
+        self._staged = [torch.zeros(5, rows, dtype=torch.float32, pin_memory=cuda) for _ in range(2)]
+        self._next = [torch.zeros(rows, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._done = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self._launched = 0  # steps launched; collected ones are counted by _collected
+        self._collected = 0
         self.kv_index = torch.arange(length, device=self.device)
         for t in (self.ints, self.floats, self.kv_index):
             torch._dynamo.mark_static_address(t)
@@ -368,7 +374,7 @@ class SlotDecoder:
         self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
         self._configs = []
         self._norms: list[tuple] = []  # (parent, name, the model's own RMSNorm) replaced by decodeops.RMSNorm
-        self._attention: list = []  # attention modules whose decode steps run decodeops.attend
+        self._forwards: list = []  # attention and MLP modules whose decode steps run decodeops' kernels
         self.fused = fused and self.dtype in (torch.bfloat16, torch.float16)
         if self.fused:
             self._fuse()
@@ -389,28 +395,63 @@ class SlotDecoder:
         self.exactness: dict = {}
 
     def _fuse(self) -> None:
-        """decodeops' kernels in the model for this decoder's life: RMSNorm in one kernel, and decode attention over
-        each row's own length (prompts keep SDPA)."""
+        """decodeops' kernels in the model for this decoder's life: every RMSNorm in one kernel; and in the decode
+        step (prompts keep the model's own path) each attention layer's rotary, cache write and attention over each
+        row's own length in three kernels, each MLP's silu(gate) * up in one. Instance attributes only: the model's
+        classes, and any other model of the process (a training run), are untouched."""
         from .decodeops import RMSNorm, is_rms_norm
 
         head_dim = _kv_shape(self.model.config)[2]
-        attention = head_dim >= 16 and head_dim & (head_dim - 1) == 0  # the kernel's tiles: a power of two
-        for name, module in list(self.model.named_modules()):
+        attention = head_dim >= 16 and head_dim & (head_dim - 1) == 0  # the kernels' tiles: a power of two
+        for module in list(self.model.modules()):
             for child_name, child in list(module.named_children()):
                 if is_rms_norm(child):
                     setattr(module, child_name, RMSNorm(child))
                     self._norms.append((module, child_name, child))
-            if attention and hasattr(module, "q_proj") and hasattr(module, "layer_idx"):
-                module.slot_decoder = self
-                self._attention.append(module)
+            kind = type(module).__name__
+            if attention and kind == "LlamaAttention":
+                module.forward = self._attention_forward(module)
+                self._forwards.append(module)
+            elif kind == "LlamaMLP" and type(getattr(module, "act_fn", None)).__name__ in SILU:
+                module.forward = self._mlp_forward(module)
+                self._forwards.append(module)
+
+    def _attention_forward(self, module):
+        from .decodeops import attend, rope_and_store
+
+        own = module.forward
+
+        def forward(hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+            if self.columns.prefilling or attention_mask is None or cache is None:
+                return own(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
+                           cache=cache, **kwargs)
+            layer, pos = cache.layers[module.layer_idx], self.ints[1]
+            q = rope_and_store(module.q_proj(hidden_states), module.k_proj(hidden_states),
+                               module.v_proj(hidden_states), *position_embeddings, pos, layer.keys, layer.values)
+            out = attend(q, layer.keys, layer.values, pos, attention_mask.shape[-1], module.scaling)
+            return module.o_proj(out.view(*hidden_states.shape[:-1], -1)), None
+
+        return forward
+
+    def _mlp_forward(self, module):
+        from .decodeops import silu_mul
+
+        own = module.forward
+
+        def forward(x):
+            if self.columns.prefilling:
+                return own(x)
+            return module.down_proj(silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+        return forward
 
     def _unfuse(self) -> None:
         for parent, name, module in self._norms:
             setattr(parent, name, module)
-        for module in self._attention:
-            del module.slot_decoder
+        for module in self._forwards:
+            del module.forward  # the class's forward again
         self._norms.clear()
-        self._attention.clear()
+        self._forwards.clear()
 
     # --- the step ---------------------------------------------------------------------------------------------
     def _logits(self, positions):
@@ -422,9 +463,14 @@ class SlotDecoder:
         return out.logits[:, -1].float()
 
     def _forward(self, positions, sampling: bool = True):
+        """Every slot's next token and logits; the new tokens become the next inputs and live slots move on."""
         logits = self._logits_fn(positions)
         f = self.floats
-        return sample(logits, f[0], f[1], f[2], f[3] > 0.5, sampling), logits
+        tokens = sample(logits, f[0], f[1], f[2], f[3] > 0.5, sampling)
+        self.ints[0].copy_(tokens)
+        # clamped: a slot that reached its end (the host ends its row) rewrites its last position, never past it
+        self.ints[1].add_(f[4].long()).clamp_(max=self.length - 1)
+        return tokens, logits
 
     def _positions(self, length: int):
         positions = self.kv_index[:length]
@@ -475,20 +521,51 @@ class SlotDecoder:
         return sorted(self._prefills)
 
     def step(self, max_pos: int, sampling: bool = True, length: int | None = None) -> list[int]:
-        """Advance every slot one token (free slots too, harmlessly); each slot's next token."""
+        """Synchronously: every slot's token and position from `host_ints`, one step; each slot's next token."""
+        assert self._launched == self._collected, "a launched step is still to be collected"
+        self.ints.copy_(self.host_ints)
+        self.launch(max_pos, sampling, length)
+        return self.collect()
+
+    def launch(self, max_pos: int, sampling: bool = True, length: int | None = None) -> None:
+        """Advance every slot one token without waiting for it (free slots too, harmlessly): from the tokens and
+        positions on the device, with `host_floats` as the sampling inputs. At most two steps are left uncollected."""
+        assert self._launched - self._collected < 2, "collect a step before launching a third"
         length = length or self.bucket(max_pos)
-        self.ints.copy_(self.host_ints, non_blocking=True)
-        self.floats.copy_(self.host_floats, non_blocking=True)
+        i = self._launched % 2
+        staged = self._staged[i]
+        staged.copy_(self.host_floats)  # (its last copy was step k-1's, collected by now)
+        self.floats.copy_(staged, non_blocking=True)
         if length in self._graphs:
             graph, (out, self.last_logits) = self._graphs[length]
             graph.replay()
         else:
             with torch.no_grad():
                 out, self.last_logits = self._forward(self._positions(length), sampling)
-        self.host_next.copy_(out, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        return self.host_next.tolist()
+        self._next[i].copy_(out, non_blocking=True)
+        if self._done[i] is not None:
+            self._done[i].record()
+        self._launched += 1
+
+    def collect(self) -> list[int]:
+        """The oldest uncollected step's tokens, one per slot (waits for that step only)."""
+        assert self._collected < self._launched, "no step to collect"
+        i = self._collected % 2
+        if self._done[i] is not None:
+            self._done[i].synchronize()
+        self._collected += 1
+        return self._next[i].tolist()
+
+    @property
+    def in_flight(self) -> int:
+        return self._launched - self._collected
+
+    def set_row(self, slot: int, token: int, pos: int, live: bool = True) -> None:
+        """A slot's next input token and position, written on the device after every step launched so far."""
+        self.host_ints[0, slot], self.host_ints[1, slot] = token, pos
+        self.ints[0, slot].fill_(token)
+        self.ints[1, slot].fill_(pos)
+        self.host_floats[4, slot] = float(live)
 
     def check_exact(self) -> dict:
         """Measure what the design relies on, with every slot decoding: the same inputs give the same logits twice
@@ -562,9 +639,9 @@ class SlotDecoder:
         return int(sample(logits[None], f(u), f(temperature), f(top_p), f(greedy) > 0.5)[0])
 
     def clear(self, slot: int) -> None:
-        """A freed slot: no adapter columns, position 0 (it keeps decoding garbage no one reads)."""
+        """A freed slot: no adapter columns, position 0, not live (it keeps decoding garbage no one reads)."""
         self.columns.decode_mask[slot] = False
-        self.host_ints[:, slot] = 0
+        self.set_row(slot, 0, 0, live=False)
 
     def close(self) -> None:
         """Give the model back as it was (its Linears, its attention) and drop the graphs and the cache."""
@@ -684,6 +761,11 @@ class SlotBackend:
         self.active: dict[int, object] = {}
         self.users: dict[str, int] = {}  # adapter name -> rows using it now
         self.last_used: dict[str, float] = {}
+        self.next_pos: dict[int, int] = {}  # slot -> the position its row's next launched step writes
+        self.pending: list[list[tuple]] = []  # per uncollected step: (row, position) of the rows it advanced
+        # steps in flight: two on a GPU (the host reads step k while step k+1 runs); on the CPU the host is the
+        # device, so each step's tokens are read at once
+        self.depth = 2 if decoder.device.type == "cuda" else 1
 
     def free_rows(self) -> int:
         return len(self.free)
@@ -730,6 +812,8 @@ class SlotBackend:
                 token = self.decoder.first_token(logits, self._u(row), s.temperature or 1.0, s.top_p, s.greedy)
                 h = self.decoder.host_floats
                 h[1, row.slot], h[2, row.slot], h[3, row.slot] = s.temperature or 1.0, s.top_p, float(s.greedy)
+                self.decoder.set_row(row.slot, token, len(row.prompt))
+                self.next_pos[row.slot] = len(row.prompt)
                 self._advance(row, token, len(row.prompt))
         except BaseException:
             for row in joined:
@@ -737,16 +821,25 @@ class SlotBackend:
             raise
 
     def step(self) -> None:
+        """Launch the next step for the rows still answering, then hand out the tokens of the step before it: the
+        host's work on them overlaps the GPU's next step. A row that ended in that earlier step was also in the one
+        just launched, which decodes a token nobody reads."""
         rows = [r for r in self.active.values() if not r.done]
-        if not rows:
-            return
-        hi, hf = self.decoder.host_ints, self.decoder.host_floats
-        for row in rows:
-            hf[0, row.slot] = self._u(row)
-        tokens = self.decoder.step(max(int(hi[1, r.slot]) for r in rows),
-                                   sampling=not all(r.settings.greedy for r in rows))
-        for row in rows:
-            self._advance(row, tokens[row.slot], int(hi[1, row.slot]) + 1)
+        if rows:
+            hf = self.decoder.host_floats
+            for row in rows:
+                hf[0, row.slot] = self._u(row)
+            positions = [(row, self.next_pos[row.slot]) for row in rows]
+            self.decoder.launch(max(pos for _, pos in positions), sampling=not all(r.settings.greedy for r in rows))
+            self.pending.append(positions)
+            for row, pos in positions:
+                self.next_pos[row.slot] = min(pos + 1, self.decoder.length - 1)
+        while self.pending and (len(self.pending) >= self.depth or not rows):
+            tokens = self.decoder.collect()
+            for row, pos in self.pending.pop(0):
+                if not row.done and self.active.get(row.slot) is row:
+                    self._advance(row, tokens[row.slot], pos + 1)
+            rows = [r for r in rows if not r.done]  # none left: the step in flight is collected too (the GPU idle)
 
     def leave(self, row) -> None:
         slot = row.slot
@@ -768,6 +861,9 @@ class SlotBackend:
                 self.last_used.pop(name, None)
 
     def close(self) -> None:
+        while self.decoder.in_flight:
+            self.decoder.collect()
+        self.pending.clear()
         self.decoder.close()
 
     # --- helpers ----------------------------------------------------------------------------------------------
@@ -775,10 +871,9 @@ class SlotBackend:
         return 0.0 if row.settings.greedy else float(torch.rand((), generator=row.rng))
 
     def _advance(self, row, token: int, pos: int) -> None:
-        """The row's new token is the next step's input, at `pos`; a row whose slot is full ends."""
+        """The row's new token (the device already took it as the next step's input, at `pos`); a row whose slot is
+        full ends."""
         row.add(token)
-        self.decoder.host_ints[0, row.slot] = token
-        self.decoder.host_ints[1, row.slot] = pos
         if pos >= self.decoder.length:
             row.done = True
 

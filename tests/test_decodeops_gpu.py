@@ -79,3 +79,50 @@ def test_rms_norm_equals_transformers_within_rounding_and_rows_are_independent(d
         assert (out.float() - ref.float()).abs().max() <= 2 * torch.finfo(dtype).eps * ref.float().abs().max()
         assert torch.equal(fused(x[3:4]), out[3:4])
         assert torch.equal(fused(x.float()), base(x.float()))  # fp32: the module's own forward
+
+
+@pytest.mark.gpu
+def test_rope_and_store_equals_transformers_rotary_and_cache_write_within_rounding():
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from qlora.decodeops import rope_and_store
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, heads, kv_heads, d, slot = 5, 9, 3, 64, 300
+    dtype = torch.bfloat16
+    q = torch.randn(rows, 1, heads * d, dtype=dtype, device="cuda", generator=g)
+    k = torch.randn(rows, 1, kv_heads * d, dtype=dtype, device="cuda", generator=g)
+    v = torch.randn(rows, 1, kv_heads * d, dtype=dtype, device="cuda", generator=g)
+    pos = torch.tensor([0, 7, 100, 255, 299], device="cuda")
+    angle = pos[:, None, None].float() * torch.rand(d // 2, device="cuda", generator=g).repeat(2)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)  # [rows, 1, d], as LlamaRotaryEmbedding gives them
+    keys = torch.zeros(rows, kv_heads, slot, d, dtype=dtype, device="cuda")
+    values = torch.zeros_like(keys)
+    out = rope_and_store(q, k, v, cos, sin, pos, keys, values)
+    q4, k4 = q.view(rows, 1, heads, d).transpose(1, 2), k.view(rows, 1, kv_heads, d).transpose(1, 2)
+    ref_q, ref_k = apply_rotary_pos_emb(q4.float(), k4.float(), cos.float(), sin.float())  # fp32: rounded once
+    eps = torch.finfo(dtype).eps
+    assert out.shape == (rows, heads, 1, d) and (out.float() - ref_q).abs().max() <= eps * ref_q.abs().max()
+    for r in range(rows):
+        p = int(pos[r])
+        assert (keys[r, :, p].float() - ref_k[r, :, 0]).abs().max() <= eps * ref_k.abs().max()
+        assert torch.equal(values[r, :, p], v[r, 0].view(kv_heads, d))
+        written = torch.zeros(slot, dtype=torch.bool)
+        written[p] = True
+        assert not keys[r, :, ~written].any() and not values[r, :, ~written].any()  # nothing else written
+
+
+@pytest.mark.gpu
+def test_silu_mul_equals_the_llama_mlp_middle_within_a_rounding_step():
+    import torch
+
+    from qlora.decodeops import silu_mul
+
+    gate = torch.randn(16, 1, 11008, dtype=torch.bfloat16, device="cuda") * 4
+    up = torch.randn_like(gate)
+    ref = torch.nn.functional.silu(gate) * up
+    out = silu_mul(gate, up)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert (out.float() - ref.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * ref.float().abs().max()
+    assert torch.equal(silu_mul(gate[5:6], up[5:6]), out[5:6])
