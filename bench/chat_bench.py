@@ -51,12 +51,14 @@ def random_adapter(model_dir: Path, run_dir: Path, r: int = 64, seed: int = 1) -
     return run_dir
 
 
-def visitor_prompts(engine, n: int, max_tokens: int = 10**9) -> list[str]:
+def visitor_prompts(engine, n: int, max_tokens: int = 10**9, mix: str = "documents") -> list[str]:
     """n questions of very different lengths (a few tokens to ~1,300, at most max_tokens), so one batch spans several
-    attention lengths."""
+    attention lengths; mix "questions": the one-visitor questions only (the same prefill work a visitor as there)."""
     from bench.common import DATA
     from qlora.data import prepare
 
+    if mix == "questions":
+        return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     convs = prepare(str(DATA / "guanaco-llama2-1k.parquet")).train
     texts = sorted((" ".join(m["content"] for m in c) for c in convs), key=len)
     out = []
@@ -157,11 +159,11 @@ def one_visitor(engine, adapter: str, settings, rounds: int, prompts=PROMPTS) ->
                                             / sum(r["batched"]["wall_s"] for r in rows), 1))
 
 
-def visitors(engine, adapters: list[str], settings, counts: list[int]) -> dict:
+def visitors(engine, adapters: list[str], settings, counts: list[int], mix: str = "documents") -> dict:
     """N visitors at once (two rows each, own prompt, adapters alternating): TTFT, tok/s, and each equal to alone."""
     n_max = max(counts)
     decoder = getattr(engine._scheduler.backend, "decoder", None)
-    prompts = visitor_prompts(engine, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9)
+    prompts = visitor_prompts(engine, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9, mix)
     requests = []
     for i, prompt in enumerate(prompts):
         ids = engine.prompt_ids([], prompt, "", adapters[i % len(adapters)])
@@ -364,6 +366,8 @@ def main(argv=None) -> int:
                     "nf4mm in run30's form, 'plain' SDPA and transformers' RMSNorm and rotary (no decodeops kernels), 'sync' "
                     "no step launched before the last one's tokens are read, e.g. graphs:v3+plain+sync,graphs")
     ap.add_argument("--visitors", default="1,2,4,8")
+    ap.add_argument("--questions-too", action="store_true",
+                    help="also run the visitors with the one-visitor questions (no pasted documents to prefill)")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
     ap.add_argument("--eager-tokens", type=int, default=64)
     ap.add_argument("--gib", type=float, default=0.0, help="cap this process's GPU memory (15: a T4)")
@@ -453,6 +457,9 @@ def main(argv=None) -> int:
         v["one_visitor"] = one_visitor(engine, names[0], settings, a.rounds)
         counts = [int(c) for c in a.visitors.split(",") if c]
         v["visitors"] = visitors(engine, names, settings, counts)
+        if a.questions_too:
+            print("  the same, every visitor asking a one-visitor question:", flush=True)
+            v["visitors_questions"] = visitors(engine, names, settings, counts, "questions")
         v["sampled_alone_equals_batched"] = sampled_alone_vs_batched(engine, names[0], min(a.new_tokens, 48))
         if a.logits and eager is not None and decoder is not None:
             v["teacher_forced_logits"] = teacher_forced(engine, eager, names[0], name_e, 32)
@@ -497,15 +504,19 @@ def markdown(rep: dict) -> str:
                      f"| {o['tokens_per_s_per_pane']} ({alone}) | "
                      f"{[p['batched']['ttft_s'] for p in o['prompts']]} | {o['all_identical']} | {v['peak_gib']} |")
     for kind, v in rep["variants"].items():
-        lengths = v["visitors"][max(v["visitors"], key=int)]["prompt_tokens"]
-        lines += ["", f"**{kind}**: concurrent visitors (2 rows each, own prompt of {min(lengths)}-{max(lengths)} "
-                  "tokens, adapters alternating)",
-                  "", "| visitors | aggregate tok/s | tok/s a pane (min / mean) | TTFT s (max / mean) | "
-                  "every pane = alone |", "|---|---|---|---|---|"]
-        for n, r in v["visitors"].items():
-            lines.append(f"| {n} | {r['aggregate_tokens_per_s']} | {r['tokens_per_s_per_pane']['min']} / "
-                         f"{r['tokens_per_s_per_pane']['mean']} | {r['ttft_s']['max']} / {r['ttft_s']['mean']} | "
-                         f"{r['all_identical_to_alone']} |")
+        for key, what in (("visitors", "own prompt"), ("visitors_questions", "one-visitor questions")):
+            if key not in v:
+                continue
+            lengths = v[key][max(v[key], key=int)]["prompt_tokens"]
+            lines += ["", f"**{kind}**: concurrent visitors (2 rows each, {what} of {min(lengths)}-{max(lengths)} "
+                      "tokens, adapters alternating)",
+                      "", "| visitors | aggregate tok/s | x one visitor | tok/s a pane (min / mean) | "
+                      "TTFT s (max / mean) | every pane = alone |", "|---|---|---|---|---|---|"]
+            for n, r in v[key].items():
+                x = r["aggregate_tokens_per_s"] / v[key]["1"]["aggregate_tokens_per_s"] if "1" in v[key] else None
+                lines.append(f"| {n} | {r['aggregate_tokens_per_s']} | {x and round(x, 2)} | "
+                             f"{r['tokens_per_s_per_pane']['min']} / {r['tokens_per_s_per_pane']['mean']} | "
+                             f"{r['ttft_s']['max']} / {r['ttft_s']['mean']} | {r['all_identical_to_alone']} |")
         lines.append(f"\nSampling (seed 5, T=0.8, top-p 0.9) alone = next to 3 visitors: "
                      f"{v['sampled_alone_equals_batched']}")
         if "teacher_forced_logits" in v:
@@ -514,7 +525,8 @@ def markdown(rep: dict) -> str:
         if "profile" in v:
             p = v["profile"]
             lines.append(f"\nStep profile ({p['rows']} rows at position {p['position']}, bucket {p['bucket']}): graph "
-                         f"{p['graph_ms_per_step']} ms a step; kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
+                         f"{p['graph_ms_per_step']} ms a step ({p.get('graph_ms_two_rows_live')} with two rows live); "
+                         f"kernel ms a step: {json.dumps(p['kernel_ms_per_step'])}")
     return "\n".join(lines) + "\n"
 
 

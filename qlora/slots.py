@@ -45,7 +45,10 @@ log = logging.getLogger("qlora.chat")
 
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
-PREFILL_BUCKETS = (64, 128, 256, 512, 1024)  # prompt lengths whose prefill is captured; longer prompts run eagerly
+# prompt lengths whose prefill is captured (longer prompts run eagerly): steps of at most 1.5x, so padding wastes at
+# most a third of a prompt's compute (powers of two wasted up to half: run33's eight visitors padded 7,608 tokens to
+# 10,008); 2,048 where the slot is longer
+PREFILL_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 SILU = ("SiLUActivation", "SiLU")  # the MLP activations decodeops.silu_mul computes
 COLUMN_GRAIN = 16  # adapters take columns in units of 16 (tensor-core tiles)
 SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:

@@ -31,11 +31,15 @@ def runs_root(tmp_path_factory, tiny_llama_dir):
     return root
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama_dir, runs_root):
+@pytest.fixture(scope="module", params=[1, 2], ids=["each-step-read-at-once", "one-step-launched-ahead"])
+def engine(request, tiny_llama_dir, runs_root):
+    """The slot engine without graphs. Its second form launches each step before the host reads the step before (as
+    on a GPU), which the CPU would not do by itself: answers, stops and freed slots must be the same."""
     e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=4)
     e.load_adapter(runs_root / "qv")
     e.load_adapter(runs_root / "qv2")
+    e.load()
+    e._scheduler.backend.depth = request.param
     yield e
     e.unload()
 
