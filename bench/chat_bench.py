@@ -419,6 +419,9 @@ def main(argv=None) -> int:
         report["eager"] = dict(load_s=round(load_s, 1), new_tokens=a.eager_tokens,
                                **one_visitor(eager, name_e, es, 1, PROMPTS[:a.eager_prompts]))
         report["precision"] = str(eager.model.dtype)
+        if not a.logits:  # (only the teacher-forced check reads it later: its base would crowd a 15 GiB cap)
+            eager.unload()
+            eager = None
     variants = {}
     from qlora import nf4mm
 

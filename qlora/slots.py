@@ -725,6 +725,7 @@ def plan(model, context: int, max_rows: int, targets=None, min_rows: int = 8, re
     if model.device.type != "cuda":
         return max_rows, context, 256
     dev = model.device
+    torch.cuda.empty_cache()  # blocks cached from loading the base (its 16-bit transients) count as free
     free, total = torch.cuda.mem_get_info(dev)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)
     cap = fraction * total - torch.cuda.memory_reserved(dev)

@@ -54,3 +54,35 @@ def test_prompt_graphs_fill_the_slot_as_the_eager_prefill_does_and_panes_stay_ex
             dec.clear(slot)
     finally:
         e.unload()
+
+
+@pytest.mark.gpu
+def test_unloading_the_graph_engine_gives_its_memory_back(tiny_llama_dir, tmp_path):
+    """A training run starts by unloading chat: the base, the KV cache, the graphs and the kernels' buffers must all
+    go (a T4 has nothing to spare)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from bench.chat_bench import random_adapter
+    from qlora.chat import ChatEngine
+    from qlora.config import GenerationSettings
+
+    run = random_adapter(tiny_llama_dir, tmp_path / "a", r=8, seed=1)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=4)
+    name = e.load_adapter(run)
+    ids = e.prompt_ids([], "Hello there", adapter=name)
+    s = GenerationSettings(temperature=0, max_new_tokens=6)
+    assert all(e.rows_ids([(ids, None, s), (ids, name, s)]))
+    assert e.backend_kind == "graphs"
+    base, decoder = weakref.ref(e._base), weakref.ref(e._scheduler.backend.decoder)
+    held = torch.cuda.memory_allocated() - before
+    e.unload()
+    gc.collect()
+    left = torch.cuda.memory_allocated() - before
+    assert base() is None and decoder() is None, gc.get_referrers(base() or decoder())[:5]
+    assert left < 0.02 * held, (held, left)
