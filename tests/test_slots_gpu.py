@@ -70,19 +70,22 @@ def test_unloading_the_graph_engine_gives_its_memory_back(tiny_llama_dir, tmp_pa
     from qlora.config import GenerationSettings
 
     run = random_adapter(tiny_llama_dir, tmp_path / "a", r=8, seed=1)
-    gc.collect()
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
-    e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=4)
-    name = e.load_adapter(run)
-    ids = e.prompt_ids([], "Hello there", adapter=name)
     s = GenerationSettings(temperature=0, max_new_tokens=6)
-    assert all(e.rows_ids([(ids, None, s), (ids, name, s)]))
-    assert e.backend_kind == "graphs"
-    base, decoder = weakref.ref(e._base), weakref.ref(e._scheduler.backend.decoder)
-    held = torch.cuda.memory_allocated() - before
-    e.unload()
-    gc.collect()
+
+    def serve_and_unload():
+        e = ChatEngine(str(tiny_llama_dir), "nf4", "bf16", decode="graphs", max_rows=4)
+        name = e.load_adapter(run)
+        ids = e.prompt_ids([], "Hello there", adapter=name)
+        assert all(e.rows_ids([(ids, None, s), (ids, name, s)])) and e.backend_kind == "graphs"
+        refs = weakref.ref(e._base), weakref.ref(e._scheduler.backend.decoder)
+        held = torch.cuda.memory_allocated()
+        e.unload()
+        gc.collect()
+        assert all(r() is None for r in refs), [gc.get_referrers(r()) for r in refs if r() is not None]
+        return held
+
+    serve_and_unload()  # the first: what a process keeps for good (cuBLAS's workspace for the capture stream)
+    before = torch.cuda.memory_allocated()
+    held = serve_and_unload()
     left = torch.cuda.memory_allocated() - before
-    assert base() is None and decoder() is None, gc.get_referrers(base() or decoder())[:5]
-    assert left < 0.02 * held, (held, left)
+    assert held > before and left <= 2**20, (before, held, left)  # every later load gives it all back
