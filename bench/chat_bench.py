@@ -389,13 +389,13 @@ def main(argv=None) -> int:
         from qlora import slots
 
         slots.buckets = lambda length: [length]
+    shape = TINY if a.tiny else None
+    model_dir = build_random_model(Path(a.model), shape)  # (before the cap: it builds the 16-bit model on the card)
     if a.gib:
         import os
 
         os.environ["QLORA_GPU_MEMORY_GIB"] = str(a.gib)
         cap_memory(a.gib)
-    shape = TINY if a.tiny else None
-    model_dir = build_random_model(Path(a.model), shape)
     runs_dir = Path(a.model).parent / (Path(a.model).name + "-chat-runs")  # adapters: not in the results
     run_a = random_adapter(model_dir, runs_dir / "a", seed=1)
     run_b = random_adapter(model_dir, runs_dir / "b", seed=2)
