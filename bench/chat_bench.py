@@ -18,7 +18,6 @@ import json
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from bench.common import build_random_model, cap_memory, card, versions, write_json
@@ -332,7 +331,7 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
 
 def _kind(name: str) -> str:
     n = name.lower()
-    if "nf4mm" in n or "sum_kernel" in n:
+    if "nf4mm" in n:
         return "4-bit matmul (nf4mm)"
     if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
         return "4-bit matmul (bitsandbytes fused)"
@@ -362,9 +361,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="times over the one-visitor prompts")
     ap.add_argument("--capture", default="graphs",
                     help="slot-engine variants, comma-separated: graphs, compile, eager; a suffix of '+'-joined options "
-                    "departs from the engine's default: 'bnb' bitsandbytes' 4-bit decode matmuls, 'nf4' nf4mm's, 'v3' "
-                    "nf4mm in run30's form, 'plain' SDPA and transformers' RMSNorm and rotary (no decodeops kernels), 'sync' "
-                    "no step launched before the last one's tokens are read, e.g. graphs:v3+plain+sync,graphs")
+                    "departs from the engine's default: 'bnb' bitsandbytes' 4-bit decode matmuls, 'nf4' nf4mm's, "
+                    "'plain' SDPA and transformers' RMSNorm and rotary (no decodeops kernels), 'sync' "
+                    "no step launched before the last one's tokens are read, e.g. graphs:bnb+plain+sync,graphs")
     ap.add_argument("--visitors", default="1,2,4,8")
     ap.add_argument("--questions-too", action="store_true",
                     help="also run the visitors with the one-visitor questions (no pasted documents to prefill)")
@@ -425,17 +424,14 @@ def main(argv=None) -> int:
     variants = {}
     from qlora import nf4mm
 
-    default_tile = nf4mm.TILE
     for variant in a.capture.split(","):
         kind, _, opts = variant.partition(":")
         opts = set(opts.split("+")) - {""}
         print(f"slot engine, {variant}:", flush=True)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        # run30's nf4mm form: x pre-split by a copy kernel, split-K summed by a second kernel
-        nf4mm.TILE = replace(default_tile, natural=False, fixup=False) if "v3" in opts else default_tile
         engine = ChatEngine(str(model_dir), "nf4", "auto", decode=kind,
-                            nf4=False if "bnb" in opts else True if "nf4" in opts or "v3" in opts else None,
+                            nf4=False if "bnb" in opts else True if "nf4" in opts else None,
                             fused=False if "plain" in opts else None,
                             **({"max_rows": a.max_rows} if a.max_rows else {}))
         names = [engine.load_adapter(run_a), engine.load_adapter(run_b)]  # before loading: their layers get columns

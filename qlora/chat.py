@@ -6,10 +6,11 @@ chosen when the base loads: on a CUDA card and a Llama-style model, the slot eng
 fixed row slots, per-row adapter columns, one-token steps captured in CUDA graphs, many visitors per batch); anywhere
 else (the CPU, another architecture, a capture error) today's eager path (`rowexact`: one peft `generate` per visitor),
 with one log line saying why. `QLORA_CHAT_DECODE` = auto | graphs | compile | eager | generate overrides the choice
-(eager: the slot engine without graphs, e.g. on the CPU). The slot engine's 4-bit decode matmuls run in `nf4mm`'s
-Triton kernel where it can (CUDA, Triton, compute capability 8+): a 16-row step of the 7B shape 15.9 ms against 17.6
-with bitsandbytes' own matmuls on an H200 (run30, bench/README.md); elsewhere, or with `QLORA_CHAT_NF4=0` (or
-`ChatEngine(nf4=False)`), bitsandbytes'. One log line says which matmul the engine uses.
+(eager: the slot engine without graphs, e.g. on the CPU). Where it can (CUDA, Triton, compute capability 8+) the slot
+engine's decode step runs the project's Triton kernels: `nf4mm` for the 4-bit matmuls, `decodeops` for attention over
+each row's own length, rotary + cache write, RMSNorm and silu*up (run33 on an H200: one visitor 106.7 tok/s a pane
+against 71.9 with run30's engine, bench/README.md); `QLORA_CHAT_NF4=0` (or `ChatEngine(nf4=False)`) keeps bitsandbytes'
+matmuls and `QLORA_CHAT_FUSED=0` (`fused=False`) the model's own attention and norms. Two log lines say which.
 """
 from __future__ import annotations
 
@@ -323,8 +324,9 @@ class ChatEngine:
                 self.matmul = decoder.matmul
                 why_not = f" ({no_nf4})" if no_nf4 and decoder.matmul == "bitsandbytes" else ""
                 log.info("chat: 4-bit decode matmuls: %s%s", decoder.matmul, why_not)
-                self.kernels = ("attention over each row's own length, RMSNorm in one kernel" if decoder.fused
-                                else f"SDPA over the length bucket, transformers' RMSNorm ({no_fused})")
+                self.kernels = ("decodeops: attention over each row's own length, rotary + cache write, RMSNorm, "
+                                "silu*up" if decoder.fused
+                                else f"SDPA over the length bucket, transformers' norms and rotary ({no_fused})")
                 log.info("chat: decode attention and norms: %s", self.kernels)
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0

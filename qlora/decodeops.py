@@ -1,16 +1,19 @@
 """The slot engine's decode-step kernels besides the 4-bit matmul (Triton, CUDA cards of compute capability 8+, as
-nf4mm): attention that reads each row's own length of its slot, and RMSNorm in one pass.
+nf4mm): attention that reads each row's own length of its slot, the rotary embedding with the new key/value's write
+into the slot, RMSNorm, and the MLP's silu(gate) * up, one kernel each.
 
 Why by hand: SDPA's masked decode attends every slot over the whole length bucket, free slots too (2.2 of run30's
 15.9 ms step: one visitor's two rows paid for sixteen), and has no per-row length argument; flash-attn's
 `flash_attn_with_kvcache` has one (`cache_seqlens`) but ships as a CUDA build this project cannot install on a Space.
-transformers' RMSNorm is eight kernels a norm (65 norms a 7B step), launch-bound at 16 rows.
+transformers' RMSNorm is eight kernels a norm (65 a 7B step), its rotary ten a layer and the cache write two more:
+at 16 rows each is a launch-bound ~2-3 us, ~1,000 of them a step (run33: 3.5 ms of elementwise work down to 0.5).
 
 Exactness, as in nf4mm: a row's result depends on its own inputs only. Attention splits a row's keys into fixed
 CHUNK-position chunks (whatever the length bucket), each chunk's partial softmax computed alone and merged in chunk
 order; chunks at or past the row's length are never read, so a row gets the same bits alone or batched and in any
-length bucket. RMSNorm is one program a row: transformers' arithmetic (fp32, cast back, then times the weight in the
-input dtype), only the sum's order differs.
+length bucket. The elementwise kernels use transformers' arithmetic per row (RMSNorm: fp32, cast back, then times the
+weight; silu*up: each rounded to the dtype as torch rounds it; rotary in fp32, rounded once where transformers rounds
+each product), the GPU tests hold them within a rounding step of transformers'.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A few rows times a bitsandbytes nf4 weight, read straight from its packed 4-bit data (a Triton kernel): the slot
-engine's decode-step matmul on CUDA cards of compute capability 8+ (bench/README.md run28: the 7B decoder's 4-bit work
-a 16-row step 6.6 ms here against 10.7 ms in bitsandbytes' own 16-row matmuls).
+engine's decode-step matmul on CUDA cards of compute capability 8+ (bench/README.md: the 7B decoder's 4-bit work of a
+16-row step 6.8 ms in run33's profile, against 10.7 ms in bitsandbytes' own 16-row matmuls in run28's).
 
 Why: for more than one input row bitsandbytes dequantizes the whole weight to 16 bits and then multiplies (its fast
 gemv takes one row only), so a 16-row decode step of the 7B model writes and reads ~26 GB of 16-bit weights; here each
@@ -12,18 +12,18 @@ byte, the first in the high nibble; weight i is `code[nibble] * absmax[i // bloc
 (`quant_state.nested`) absmax is itself uint8 codes: `state2.code[q] * state2.absmax[j // state2.blocksize] + offset`,
 computed in the kernel. `dequantize` below is that arithmetic in plain torch (the CPU tests hold it to bitsandbytes').
 
-The arithmetic (what made it pay, run28): a loop turn takes one 64-weight scale block of BLOCK_N weight rows; one
-gather from a 256-entry table turns a byte into both its codes in the compute dtype (`Weight.pairs`); the block's
-even weights meet x's even inputs and the odd ones the odd inputs (x is handed over split that way, contiguous), two
-tensor-core dots give the block's [BLOCK_N, 16] partial in fp32, and the block's scale multiplies that partial. So a
-weight is rounded once (its code, to the compute dtype) where bitsandbytes rounds `code * absmax` once: the result
-differs from bitsandbytes' dequantize + cuBLAS by the dtype's rounding (the GPU test bounds it by twice cuBLAS's own
-error on the dequantized weight).
+The arithmetic (run28 and run32): a loop turn takes one 64-weight scale block of BLOCK_N weight rows; one gather from
+a 256-entry table turns a byte into both its codes in the compute dtype (`Weight.pairs`), joined back into input
+order; one tensor-core dot with x's block (read as it is) gives the block's [BLOCK_N, 16] partial in fp32, and the
+block's scale multiplies that partial. So a weight is rounded once (its code, to the compute dtype) where bitsandbytes
+rounds `code * absmax` once: the result differs from bitsandbytes' dequantize + cuBLAS by the dtype's rounding (the
+GPU test bounds it by twice cuBLAS's own error on the dequantized weight).
 
 Exactness: the tiles are fixed (`TILE`), never picked per call, per row count or per card; every program multiplies a
-16-row tile (rows past M are zeros) over a fixed K range, and split-K partial sums are added in a fixed order by a
-second kernel. So an output row depends on its own input row only, bit for bit: a pane's answer alone equals its
-answer in any batch. Memory: the 1 KB table a weight and [split, rows, N] fp32 scratch a call.
+16-row tile (rows past M read as zeros) over a fixed K range, and the split-K partial sums are added in a fixed order
+by the last program of the tile to finish (an arrival counter a tile, `Weight.locks`). So an output row depends on its
+own input row only, bit for bit: a pane's answer alone equals its answer in any batch. Memory: the 1 KB table and the
+counters a weight, and [split, rows, N] fp32 scratch a call.
 """
 from __future__ import annotations
 
@@ -42,12 +42,10 @@ class Tile:
     split: int  # K ranges of a weight row computed by separate programs, summed in a fixed order
     warps: int
     stages: int
-    natural: bool = True  # x read as it is (each block's two codes joined back into input order), not pre-split
-    fixup: bool = True  # the last of a tile's split programs sums the partials (no second kernel)
 
 
-# Run28's sweep on the three 7B shapes (bench/nf4_probe.py) fixed the tile; run32 the natural-order x and the
-# in-kernel sum (two launches a call fewer). Fixed, so two server starts round alike.
+# The fastest of run28's and run32's sweeps on the three 7B shapes (bench/nf4_probe.py), within 1-2%; fixed, so two
+# server starts round alike.
 TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
 
@@ -136,7 +134,7 @@ _built = None
 
 
 def _kernels():
-    """The two Triton kernels (Triton compiles each on its first launch), defined once. (A plain global, not
+    """The Triton kernel (Triton compiles it on its first launch), defined once. (A plain global, not
     functools.cache: the compile mode traces this call.)"""
     global _built
     if _built is None:
@@ -148,15 +146,14 @@ def _build():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["M", "XM", "SPLITS"])
+    @triton.jit(do_not_specialize=["M", "SPLITS"])
     def nf4mm_kernel(x_ptr, w_ptr, absmax_ptr, pairs_ptr, code2_ptr, absmax2_ptr, offset, out_ptr, part_ptr, locks_ptr,
-                     M, N, K, SPAN, XM, SPLITS,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, NATURAL: tl.constexpr,
-                     FIXUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     M, N, K, SPAN, SPLITS,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # out^T[n, m] = sum over scale blocks b of scale[n, b] * (w[n, block b] . x[m, block b]), this program's blocks
-        # [pid_s * SPAN, (pid_s + 1) * SPAN). NATURAL: x is [M, K] as given, and a block's codes are joined back
-        # into input order (w[2j] = high nibble of byte j); else x is [2, K // 2, XM], its even and odd inputs
-        # (rows padded to XM with zeros), and the even and odd codes meet them in two dots.
+        # [pid_s * SPAN, (pid_s + 1) * SPAN); x is [M, K] as given, and a block's codes are joined back into input
+        # order (w[2j] = the high nibble of byte j, w[2j + 1] its low nibble).
         HALF: tl.constexpr = BLOCKSIZE // 2
         pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,7 +166,6 @@ def _build():
         b_begin = pid_s * SPAN
         b_end = tl.minimum(b_begin + SPAN, row_blocks)
         dtype = x_ptr.dtype.element_ty
-        odd = (K // 2) * XM
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for b in range(b_begin, b_end):
             packed = tl.load(w_ptr + rn[:, None] * (K // 2) + b * HALF + j[None, :], mask=n_ok[:, None], other=0)
@@ -183,78 +179,51 @@ def _build():
             pair = tl.load(pairs_ptr + packed.to(tl.int32))
             hi = (pair >> 16).to(tl.int16).to(dtype, bitcast=True)
             lo = pair.to(tl.int16).to(dtype, bitcast=True)
-            if NATURAL:
-                w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCKSIZE))
-                xb = tl.load(x_ptr + rm[None, :] * K + b * BLOCKSIZE + kk[:, None], mask=m_ok[None, :], other=0.0)
-                part = tl.dot(w, xb)
-            else:
-                xe = tl.load(x_ptr + (b * HALF + j[:, None]) * XM + rm[None, :])
-                xo = tl.load(x_ptr + odd + (b * HALF + j[:, None]) * XM + rm[None, :])
-                part = tl.dot(hi, xe)
-                part = tl.dot(lo, xo, part)
-            acc += part * scale[:, None]
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCKSIZE))
+            xb = tl.load(x_ptr + rm[None, :] * K + b * BLOCKSIZE + kk[:, None], mask=m_ok[None, :], other=0.0)
+            acc += tl.dot(w, xb) * scale[:, None]
         mask = n_ok[:, None] & m_ok[None, :]
         offs = rm[None, :] * N + rn[:, None]
         if SPLITS == 1:
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(part_ptr + pid_s * M * N + offs, acc, mask=mask)
-            if FIXUP:
-                # The last of the tile's SPLITS programs to arrive sums their partials, in split order (so the sum's
-                # rounding never depends on which arrived last), and zeroes the counter for the next call.
-                tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
-                lock = locks_ptr + pid_m * tl.num_programs(0) + pid_n
-                if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
-                    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                    for s in range(0, SPLITS):
-                        total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
-                    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-                    tl.atomic_xchg(lock, 0)
+            # The last of the tile's SPLITS programs to arrive sums their partials, in split order (so the sum's
+            # rounding never depends on which arrived last), and zeroes the counter for the next call: no second
+            # kernel (run32: 224 launches a step fewer).
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+            lock = locks_ptr + pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(lock, 1, sem="acq_rel") == SPLITS - 1:
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for s in range(0, SPLITS):
+                    total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock, 0)
 
-    @triton.jit
-    def sum_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < MN
-        acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-        for s in tl.static_range(1, SPLIT):  # a fixed order, element by element
-            acc += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
-
-    return nf4mm_kernel, sum_kernel
+    return nf4mm_kernel
 
 
 def matmul(x: torch.Tensor, w: Weight, tile: Tile | None = None) -> torch.Tensor:
     """x [..., K] (bf16 or fp16, CUDA) times the nf4 weight's transpose: [..., N] in x's dtype (`tile`: TILE)."""
-    nf4mm_kernel, sum_kernel = _kernels()
+    nf4mm_kernel = _kernels()
     tile = tile or TILE
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
+    x2 = x.reshape(-1, w.k).contiguous()
     m = x2.shape[0]
-    xm = math.ceil(m / BLOCK_M) * BLOCK_M
-    if tile.natural:
-        xt = x2.contiguous()
-    else:
-        xt = x2.new_empty(2, w.k // 2, xm)
-        xt[:, :, :m] = x2.view(m, w.k // 2, 2).permute(2, 1, 0)  # even and odd inputs, each contiguous by row
-        if xm > m:
-            xt[:, :, m:] = 0
     row_blocks = w.k // w.blocksize
     span = math.ceil(row_blocks / tile.split)  # scale blocks a program covers
     split = math.ceil(row_blocks / span)
-    grid = (math.ceil(w.n / tile.block_n), split, xm // BLOCK_M)
+    grid = (math.ceil(w.n / tile.block_n), split, math.ceil(m / BLOCK_M))
     out = torch.empty(m, w.n, dtype=x.dtype, device=x.device)
     part = torch.empty(split, m, w.n, dtype=torch.float32, device=x.device) if split > 1 else out
-    if tile.fixup and (w.locks is None or w.locks.numel() < grid[0] * grid[2]):
+    if w.locks is None or w.locks.numel() < grid[0] * grid[2]:  # (a call of more rows than NF4Linear makes)
         w.locks = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x.device)
     nested = w.nested
     nf4mm_kernel[grid](
-        xt, w.data, w.absmax, w.pairs(x.dtype), w.code2 if nested else w.code, w.absmax2 if nested else w.absmax,
-        w.offset, out, part, w.locks if tile.fixup else part, m, w.n, w.k, span, xm, split,
-        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, NATURAL=tile.natural, FIXUP=tile.fixup,
-        BLOCK_M=BLOCK_M, BLOCK_N=tile.block_n, num_warps=tile.warps, num_stages=tile.stages)
-    if split > 1 and not tile.fixup:
-        block = 1024
-        sum_kernel[(math.ceil(m * w.n / block),)](part, out, m * w.n, SPLIT=split, BLOCK=block)
+        x2, w.data, w.absmax, w.pairs(x.dtype), w.code2 if nested else w.code, w.absmax2 if nested else w.absmax,
+        w.offset, out, part, w.locks, m, w.n, w.k, span, split,
+        BLOCKSIZE=w.blocksize, BLOCKSIZE2=w.blocksize2, NESTED=nested, BLOCK_M=BLOCK_M, BLOCK_N=tile.block_n,
+        num_warps=tile.warps, num_stages=tile.stages)
     return out.view(*lead, w.n)
 
 

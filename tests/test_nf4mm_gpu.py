@@ -120,6 +120,7 @@ def test_the_slot_engine_with_nf4mm_is_exact_and_each_pane_alone_equals_the_batc
     lines = [r.getMessage() for r in caplog.records if "4-bit decode matmuls" in r.getMessage()]
     assert lines[0].endswith("nf4mm") and "turned off (QLORA_CHAT_NF4=0)" in lines[1], lines
     kernels = [r.getMessage() for r in caplog.records if "decode attention and norms" in r.getMessage()]
-    assert "each row's own length" in kernels[0] and "QLORA_CHAT_FUSED=0" in kernels[1], kernels
+    assert "decodeops: attention over each row's own length" in kernels[0], kernels
+    assert "QLORA_CHAT_FUSED=0" in kernels[1], kernels
     print("greedy answers, Triton kernels vs bitsandbytes + SDPA:", answers)
     print("nf4mm vs bitsandbytes engine answers equal:", answers[True] == answers[False])
