@@ -249,19 +249,18 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
     decoder.host_ints[1] = pos
     decoder.host_floats[1:3] = 1.0
     decoder.host_floats[3] = 1.0
-    decoder.step(pos)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
+
+    def ms_per_step() -> float:
         decoder.step(pos)
-    graph_ms = 1000 * (time.perf_counter() - t) / steps
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            decoder.step(pos)
+        return 1000 * (time.perf_counter() - t) / steps
+
+    graph_ms = ms_per_step()
     decoder.host_ints[1, 2:] = 0  # one visitor: two rows at pos, the other slots free (position 0)
-    decoder.step(pos)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        decoder.step(pos)
-    one_ms = 1000 * (time.perf_counter() - t) / steps
+    one_ms = ms_per_step()
     decoder.host_ints[1] = pos
     positions = decoder._positions(decoder.bucket(pos))
     with torch.no_grad():
