@@ -236,7 +236,7 @@ class NF4Linear(torch.nn.Module):
     def __init__(self, base, dtype, holder=None):
         super().__init__()
         self.base = base
-        self.holder = holder  # a plain object with a `prefilling` flag (slots.AdapterColumns), or None
+        self.holder = holder  # a plain object with a `prefilling` flag (columns.AdapterColumns), or None
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight4 = Weight.of(base.weight)
         self.dtype = getattr(base, "compute_dtype", None) or dtype
