@@ -83,7 +83,7 @@ class ChatEngine:
         self.max_rows = max_rows
         self.nf4 = nf4 if nf4 is not None else os.environ.get("QLORA_CHAT_NF4", "1") != "0"
         self.fused = fused if fused is not None else os.environ.get("QLORA_CHAT_FUSED", "1") != "0"
-        self.kernels: str | None = None  # the decode step's own kernels once loaded (attention and RMSNorm)
+        self.kernels: str | None = None  # once loaded: what runs the step's attention and norms, and why
         self.matmul: str | None = None  # the 4-bit decode matmuls once loaded: "nf4mm", "bitsandbytes", ...
         self.tokenizer = None
         self.backend_kind: str | None = None  # "graphs", "compile", "eager" or "generate" once loaded

@@ -50,7 +50,7 @@ TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
 
 def unavailable(device) -> str | None:
-    """Why the kernel cannot run on `device` (None: it can)."""
+    """Why the project's Triton kernels (this one and decodeops') cannot run on `device` (None: they can)."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return "no CUDA device"
     try:
@@ -59,7 +59,7 @@ def unavailable(device) -> str | None:
         return "Triton is not installed"
     major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
-        return f"compute capability {major}.x (the kernel is built and measured for 8.0 or newer)"
+        return f"compute capability {major}.x (the Triton kernels are built and measured for 8.0 or newer)"
     return None
 
 
