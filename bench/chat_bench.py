@@ -467,8 +467,8 @@ def main(argv=None) -> int:
         if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])
         variants[variant] = v
+        decoder = None  # (held past the unload, it kept the engine's KV cache alive while the next variant planned)
         engine.unload()
-        decoder = None  # (held, it kept the closed engine's base alive while the next variant planned its slots)
         report["variants"] = variants
         main_v = next(iter(variants.values()))
         report.update({k: main_v["one_visitor"][k] for k in ("prompts", "combined_tokens_per_s", "speedup",

@@ -481,7 +481,9 @@ class SlotDecoder:
         for c, name in self._configs:
             c._attn_implementation = name
         self._configs.clear()
-        self.cache = None
+        # what holds memory goes now, not when the garbage collector finds the decoder (its bound `_logits_fn` is a
+        # cycle): a decoder a caller still holds must not keep the base or the KV cache on the card
+        self.cache = self.last_logits = self._logits_fn = self.model = None
 
 
 _side_streams: dict = {}  # device -> the one side stream every capture warms up on

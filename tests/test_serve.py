@@ -405,3 +405,19 @@ def test_a_load_asked_for_as_chat_unloads_is_told_busy_not_left_waiting():
     assert "unloaded" in str(second[0])
     with pytest.raises(BusyError, match="being unloaded"):
         scheduler.open(timeout=5)  # after the close: at once
+
+
+def test_a_decoder_still_held_after_unload_keeps_neither_base_nor_cache(tiny_llama_dir):
+    """Whoever still holds the closed decoder (a bench variable, a log record's argument) must not keep the base and
+    the KV cache on the card: a training run starts by unloading chat (run36's second engine planned around the
+    first's memory)."""
+    import gc
+    import weakref
+
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
+    e.load()
+    decoder = e._scheduler.backend.decoder
+    base, keys = weakref.ref(e._base), weakref.ref(decoder.cache.layers[0].keys)
+    e.unload()
+    gc.collect()
+    assert decoder is not None and base() is None and keys() is None
