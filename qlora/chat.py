@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 from . import adapter_base, runs
 from .batching import Row, Scheduler
 from .config import GenerationSettings, hub_token
-from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, use_gpu
+from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, triton_kernels_unavailable, use_gpu
 from .device import cards as host_cards
 from .model import load_base, load_tokenizer, resolve
 from .prompts import PromptFormat, chat_prompt, choose, stop_ids
@@ -357,15 +357,13 @@ class ChatEngine:
             return "the nf4mm kernel is turned off (QLORA_CHAT_NF4=0)"
         if not any(nf4mm.fits(m) for m in model.modules()):
             return "no nf4 weights"
-        return nf4mm.unavailable(model.device)
+        return triton_kernels_unavailable(model.device)
 
     def _no_fused(self, model) -> str | None:
         """Why the decode step keeps SDPA and transformers' RMSNorm (None: decodeops' kernels run them)."""
-        from . import nf4mm
-
         if not self.fused:
             return "turned off (QLORA_CHAT_FUSED=0)"
-        return nf4mm.unavailable(model.device)
+        return triton_kernels_unavailable(model.device)
 
     def _pick_backend(self, model) -> tuple[str, str | None]:
         """(backend kind, why the fallback) for this model on this machine."""

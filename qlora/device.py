@@ -445,6 +445,23 @@ def compute_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(torch.cuda.current_device()))
 
 
+def triton_kernels_unavailable(device) -> str | None:
+    """Why the chat engine's Triton kernels (`nf4mm`, `decodeops`) cannot run on `device` (None: they can): they need
+    CUDA, Triton, and compute capability 8.0 or newer, where they were built and measured."""
+    import torch
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"compute capability {major}.x (the Triton kernels are built and measured for 8.0 or newer)"
+    return None
+
+
 def matmul_tflops() -> float | None:
     """Large fp16 matmuls' sustained rate on this card, TFLOP/s: QLORA_GPU_TFLOPS (the bench's compute-capped mode
     sets the rate it calibrated), else the datasheet peak of a known card times MATMUL_EFFICIENCY, else measured once

@@ -49,20 +49,6 @@ class Tile:
 TILE = Tile(block_n=64, split=8, warps=4, stages=2)
 
 
-def unavailable(device) -> str | None:
-    """Why the project's Triton kernels (this one and decodeops') cannot run on `device` (None: they can)."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"compute capability {major}.x (the Triton kernels are built and measured for 8.0 or newer)"
-    return None
-
-
 def fits(module) -> bool:
     """Whether a bitsandbytes Linear4bit's weight is one this kernel reads: nf4, K a multiple of its block size."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from apphelpers import Records
-from qlora import nf4mm
+from qlora import device, nf4mm
 from qlora.chat import ChatEngine
 from qlora.config import GenerationSettings
 
@@ -66,7 +66,7 @@ def test_the_models_4bit_linears_are_read_as_bitsandbytes_reads_them(tiny_llama_
 
 
 def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llama_dir, monkeypatch, caplog):
-    assert nf4mm.unavailable("cpu") == "no CUDA device"
+    assert device.triton_kernels_unavailable("cpu") == "no CUDA device"
     caplog.set_level(logging.INFO, logger="qlora.chat")  # the matmul line is an info line
     records = Records()
     logging.getLogger("qlora.chat").addHandler(records)
@@ -78,14 +78,21 @@ def test_on_the_cpu_the_engine_keeps_bitsandbytes_matmuls_and_logs_why(tiny_llam
         assert e.matmul == "bitsandbytes"
         lines = [line for line in records.lines if "4-bit decode matmuls" in line]
         assert lines == ["chat: 4-bit decode matmuls: bitsandbytes (no CUDA device)"], records.lines
+        kernels = [line for line in records.lines if "decode attention and norms" in line]
+        assert kernels == ["chat: decode attention and norms: SDPA over the length bucket, transformers' norms and "
+                           "rotary (no CUDA device)"], records.lines
+        assert not e._scheduler.backend.decoder.fused
         assert e.rows_ids([([1, 450, 4996], None, GenerationSettings(temperature=0, max_new_tokens=3))])[0]
         assert ChatEngine(str(tiny_llama_dir), "nf4", "fp32").nf4  # on by default, where it can run
+        assert ChatEngine(str(tiny_llama_dir), "nf4", "fp32").fused
         monkeypatch.setenv("QLORA_CHAT_NF4", "0")
+        monkeypatch.setenv("QLORA_CHAT_FUSED", "0")
         off = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=2)
         engines.append(off)
-        assert not off.nf4
+        assert not off.nf4 and not off.fused
         off.load()
         assert "turned off (QLORA_CHAT_NF4=0)" in [line for line in records.lines if "4-bit decode" in line][-1]
+        assert "turned off (QLORA_CHAT_FUSED=0)" in [line for line in records.lines if "and norms" in line][-1]
         generate = ChatEngine(str(tiny_llama_dir), "nf4", "fp32")  # the CPU default: the eager generate path
         engines.append(generate)
         generate.load()
