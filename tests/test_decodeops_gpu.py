@@ -41,8 +41,9 @@ def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independ
     scale = d ** -0.5
     out = attend(q, k, v, pos, 1300, scale)
     ref = reference(q, k, v, pos, scale)
-    err = (out.float() - ref).abs().max().item()
-    assert err <= 4 * torch.finfo(dtype).eps * ref.abs().max().item() + 1e-3, err
+    for r in range(rows):  # each row at its own scale (a one-key row's output is a value, the others' averages)
+        err = (out[r].float() - ref[r]).abs().max().item()
+        assert err <= 4 * torch.finfo(dtype).eps * ref[r].abs().max().item() + 1e-4, (r, err)
     # what lies past a row's position is never read: garbage there changes nothing
     k2, v2 = k.clone(), v.clone()
     for r in range(rows):
