@@ -14,6 +14,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run these through tests/test_kernels_interpreted.py"
 
+from kernel_refs import softmax_attention  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 _patch_tensor = interpreter._patch_lang_tensor
@@ -25,18 +26,6 @@ def _patched(tensor, scope):
 
 
 interpreter._patch_lang_tensor = _patched
-
-
-def softmax_attention(q, k, v, pos, scale):
-    rows, heads, _, d = q.shape
-    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
-    v = v.float().repeat_interleave(heads // v.shape[1], dim=1)
-    out = []
-    for r in range(rows):
-        n = int(pos[r]) + 1
-        w = torch.softmax((q[r, :, 0].float()[:, None, :] * k[r, :, :n]).sum(-1) * scale, dim=-1)
-        out.append((w[:, :, None] * v[r, :, :n]).sum(1))
-    return torch.stack(out)[:, None]
 
 
 def attention_reads_each_rows_own_length_alone_batched_and_in_any_bucket(dtype_name: str):

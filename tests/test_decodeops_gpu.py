@@ -6,21 +6,7 @@ the same bits alone, batched and in any length bucket; its RMSNorm against trans
 from __future__ import annotations
 
 import pytest
-
-
-def reference(q, k, v, pos, scale):
-    """fp32 attention of each row's one query over its keys 0..pos (grouped heads expanded)."""
-    import torch
-
-    rows, heads, _, d = q.shape
-    k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
-    v = v.float().repeat_interleave(heads // v.shape[1], dim=1)
-    out = torch.empty(rows, 1, heads, d, dtype=torch.float32, device=q.device)
-    for r in range(rows):
-        n = int(pos[r]) + 1
-        w = torch.softmax((q[r, :, 0].float()[:, None, :] * k[r, :, :n]).sum(-1) * scale, dim=-1)
-        out[r, 0] = (w[:, :, None] * v[r, :, :n]).sum(1)
-    return out
+from kernel_refs import softmax_attention
 
 
 @pytest.mark.gpu
@@ -40,7 +26,7 @@ def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independ
     pos = torch.tensor([0, 5, CHUNK - 1, CHUNK, 700, 1023, 1299], device="cuda")
     scale = d ** -0.5
     out = attend(q, k, v, pos, 1300, scale)
-    ref = reference(q, k, v, pos, scale)
+    ref = softmax_attention(q, k, v, pos, scale)
     for r in range(rows):  # each row at its own scale (a one-key row's output is a value, the others' averages)
         err = (out[r].float() - ref[r]).abs().max().item()
         assert err <= 4 * torch.finfo(dtype).eps * ref[r].abs().max().item() + 1e-4, (r, err)
