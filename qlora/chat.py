@@ -317,8 +317,8 @@ class ChatEngine:
                 except Exception as e:
                     if no_nf4 is not None and no_fused is not None:
                         raise
-                    no_nf4 = no_nf4 or f"the Triton kernels failed: {type(e).__name__}: {str(e).strip()[:200]}"
-                    no_fused = no_fused or no_nf4
+                    failed = f"the Triton kernels failed: {type(e).__name__}: {str(e).strip()[:200]}"
+                    no_nf4, no_fused = no_nf4 or failed, no_fused or failed  # (each keeps its own reason if it had one)
                     log.debug("Triton decode kernels failed", exc_info=True)
                     decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress)
                 self.matmul = decoder.matmul
