@@ -18,6 +18,7 @@ each product), the GPU tests hold them within a rounding step of transformers'.
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch  # imported only where the slot engine starts (`import qlora` stays light)
 
@@ -143,13 +144,14 @@ def _build():
         up = tl.load(u_ptr + offs, mask=ok, other=0.0)
         tl.store(out_ptr + offs, (act.to(tl.float32) * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=ok)
 
-    return attend_kernel, merge_kernel, rms_norm_kernel, rope_store_kernel, silu_mul_kernel
+    return SimpleNamespace(attend=attend_kernel, merge=merge_kernel, rms_norm=rms_norm_kernel,
+                           rope_store=rope_store_kernel, silu_mul=silu_mul_kernel)
 
 
 def attend(query, key, value, pos, length: int, scale: float):
     """One decode token a row: query [rows, heads, 1, D]; key/value the slot cache [rows, kv heads, slot, D]; pos
     [rows] each row's position (it attends to 0..pos); length the bucket (>= every pos + 1). [rows, 1, heads, D]."""
-    attend_kernel, merge_kernel = _kernels()[:2]
+    kernels = _kernels()
     rows, heads, _, d = query.shape
     group = heads // key.shape[1]
     chunks = math.ceil(length / CHUNK)
@@ -157,12 +159,12 @@ def attend(query, key, value, pos, length: int, scale: float):
         query = query.contiguous()
     part = torch.empty(rows * heads, chunks, d + 2, dtype=torch.float32, device=query.device)
     out = torch.empty(rows, 1, heads, d, dtype=query.dtype, device=query.device)
-    attend_kernel[(rows * heads, chunks)](
+    kernels.attend[(rows * heads, chunks)](
         query, key, value, pos, part, scale, heads, group, chunks,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), D=d, CHUNK=CHUNK, BLOCK=BLOCK_KEYS, num_warps=4)
-    merge_kernel[(rows * heads,)](part, pos, out, heads, chunks, out.stride(0), out.stride(2), D=d, CHUNK=CHUNK,
-                                  num_warps=1)
+    kernels.merge[(rows * heads,)](part, pos, out, heads, chunks, out.stride(0), out.stride(2), D=d, CHUNK=CHUNK,
+                                   num_warps=1)
     return out
 
 
@@ -170,25 +172,23 @@ def rope_and_store(q, k, v, cos, sin, pos, keys, values):
     """One decode token a row: q [rows, 1, heads * D], k and v [rows, 1, kv heads * D] as the projections give them,
     cos/sin [rows, 1, D] (the model's rotary embedding); the rotated key and the value go into the slot cache
     (keys/values [rows, kv heads, slot, D]) at each row's pos. The rotated query, [rows, heads, 1, D]."""
-    rope_store_kernel = _kernels()[3]
     rows, d = q.shape[0], keys.shape[-1]
     heads, kv_heads = q.shape[-1] // d, keys.shape[1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(rows, heads, 1, d, dtype=q.dtype, device=q.device)
-    rope_store_kernel[(rows, heads)](q, k, v, cos, sin, pos, out, keys, values, heads, kv_heads, cos.stride(0),
-                                     keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-                                     values.stride(1), values.stride(2), D=d, num_warps=1)
+    _kernels().rope_store[(rows, heads)](q, k, v, cos, sin, pos, out, keys, values, heads, kv_heads, cos.stride(0),
+                                         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                                         values.stride(1), values.stride(2), D=d, num_warps=1)
     return out
 
 
 def silu_mul(gate, up):
     """transformers' Llama MLP middle, silu(gate) * up, in one kernel."""
-    silu_mul_kernel = _kernels()[4]
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     n = gate.numel()
-    silu_mul_kernel[(math.ceil(n / 1024),)](gate, up, out, n, BLOCK=1024, num_warps=4)
+    _kernels().silu_mul[(math.ceil(n / 1024),)](gate, up, out, n, BLOCK=1024, num_warps=4)
     return out
 
 
@@ -205,14 +205,11 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x):
         if x.dtype not in (torch.bfloat16, torch.float16) or self.weight.dtype != x.dtype or not x.is_cuda:
             return self.base(x)
-        rms_norm_kernel = _kernels()[2]
         n = x.shape[-1]
-        x2 = x.reshape(-1, n)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
+        x2 = x.reshape(-1, n).contiguous()
         out = torch.empty_like(x2)
-        rms_norm_kernel[(x2.shape[0],)](x2, self.weight, out, n, self.eps, BLOCK=triton_block(n),
-                                        num_warps=8 if n >= 2048 else 4)
+        _kernels().rms_norm[(x2.shape[0],)](x2, self.weight, out, n, self.eps, BLOCK=triton_block(n),
+                                            num_warps=8 if n >= 2048 else 4)
         return out.view(x.shape)
 
 

@@ -22,26 +22,26 @@ def kernels(t: str) -> dict:
     from qlora import decodeops, nf4mm
 
     nf4 = nf4mm._build()
-    attend, merge, rms, rope, silu = decodeops._build()
+    ops = decodeops._build()
     return {
         "nf4mm": (nf4, dict(x_ptr=f"*{t}", w_ptr="*u8", absmax_ptr="*u8", pairs_ptr="*i32", code2_ptr="*fp32",
                             absmax2_ptr="*fp32", offset="fp32", out_ptr=f"*{t}", part_ptr="*fp32", locks_ptr="*i32",
                             M="i32", N="i32", K="i32", SPAN="i32", SPLITS="i32"),
                   dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BLOCK_M=nf4mm.BLOCK_M,
                        BLOCK_N=nf4mm.TILE.block_n), dict(num_warps=nf4mm.TILE.warps, num_stages=nf4mm.TILE.stages)),
-        "attend": (attend, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", pos_ptr="*i64", part_ptr="*fp32",
+        "attend": (ops.attend, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", pos_ptr="*i64", part_ptr="*fp32",
                                 scale="fp32", H="i32", GROUP="i32", CHUNKS="i32", sq_b="i32", sq_h="i32", sk_b="i32",
                                 sk_h="i32", sk_l="i32", sv_b="i32", sv_h="i32", sv_l="i32"),
                    dict(D=128, CHUNK=decodeops.CHUNK, BLOCK=decodeops.BLOCK_KEYS), dict(num_warps=4)),
-        "merge": (merge, dict(part_ptr="*fp32", pos_ptr="*i64", o_ptr=f"*{t}", H="i32", CHUNKS="i32", so_b="i32",
+        "merge": (ops.merge, dict(part_ptr="*fp32", pos_ptr="*i64", o_ptr=f"*{t}", H="i32", CHUNKS="i32", so_b="i32",
                               so_h="i32"), dict(D=128, CHUNK=decodeops.CHUNK), dict(num_warps=1)),
-        "rms_norm": (rms, dict(x_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", eps="fp32"),
+        "rms_norm": (ops.rms_norm, dict(x_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", eps="fp32"),
                      dict(BLOCK=4096), dict(num_warps=8)),
-        "rope_store": (rope, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", cos_ptr=f"*{t}", sin_ptr=f"*{t}",
+        "rope_store": (ops.rope_store, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", cos_ptr=f"*{t}", sin_ptr=f"*{t}",
                                   pos_ptr="*i64", qo_ptr=f"*{t}", kc_ptr=f"*{t}", vc_ptr=f"*{t}", H="i32", KVH="i32",
                                   s_cos="i32", skc_b="i32", skc_h="i32", skc_l="i32", svc_b="i32", svc_h="i32",
                                   svc_l="i32"), dict(D=128), dict(num_warps=1)),
-        "silu_mul": (silu, dict(g_ptr=f"*{t}", u_ptr=f"*{t}", out_ptr=f"*{t}", N="i32"), dict(BLOCK=1024),
+        "silu_mul": (ops.silu_mul, dict(g_ptr=f"*{t}", u_ptr=f"*{t}", out_ptr=f"*{t}", N="i32"), dict(BLOCK=1024),
                      dict(num_warps=4)),
     }
 
