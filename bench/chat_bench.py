@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import build_random_model, cap_memory, card, versions, write_json
+from bench.common import build_random_model, cap_memory, card, kernel_kind, versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
@@ -276,7 +276,7 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
         if e.device_type.name != "CUDA" or e.self_device_time_total <= 0:
             continue
         ms = e.self_device_time_total / 1000 / 5
-        kinds[_kind(e.key)] = kinds.get(_kind(e.key), 0.0) + ms
+        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + ms
         top.append((ms, e.key[:90], e.count // 5))
     top.sort(reverse=True)
     for i in range(rows):
@@ -288,6 +288,44 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
                top_kernels=[dict(ms=round(ms, 3), kernel=k, per_step=c) for ms, k, c in top[:15]])
     print("  profile:", json.dumps({k: out[k] for k in ("graph_ms_per_step", "graph_ms_two_rows_live",
                                                          "kernel_ms_per_step")}), flush=True)
+    return out
+
+
+def profile_prefill(slot_engine, reps: int = 10, kernels_at: int = 512) -> dict:
+    """A prompt's prefill: the captured graph's wall time per bucket (one row), and kernel time by kind of one eager
+    prefill of `kernels_at` tokens (what the 4-bit dequantize costs beside the matmuls)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    decoder = slot_engine._scheduler.backend.decoder
+    columns = decoder.columns.row_mask(None)
+    out = dict(graph_ms={})
+    for length in decoder.prompt_buckets:
+        prompt = [500 + i % 1000 for i in range(length)]
+        decoder.prefill(0, prompt, columns)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            decoder.prefill(0, prompt, columns)
+        torch.cuda.synchronize()
+        out["graph_ms"][length] = round(1000 * (time.perf_counter() - t) / reps, 2)
+    ids = torch.arange(500, 500 + kernels_at, device=decoder.device)[None]
+    decoder.prefill_slot.fill_(0)
+    decoder.prefill_last.fill_(kernels_at - 1)
+    decoder.columns.prefill_mask.copy_(columns[None])
+    with torch.no_grad(), decoder._prefilling():
+        decoder._prompt_logits(ids, decoder.prefill_last)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decoder._prompt_logits(ids, decoder.prefill_last)
+            torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000
+    decoder.clear(0)
+    out.update(kernels_at=kernels_at, kernel_ms={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+    print("  prefill:", json.dumps(out), flush=True)
     return out
 
 
@@ -328,27 +366,6 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
     return out
 
 
-def _kind(name: str) -> str:
-    n = name.lower()
-    if "nf4mm" in n:
-        return "4-bit matmul (nf4mm)"
-    if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
-        return "4-bit matmul (bitsandbytes fused)"
-    if "dequantize" in n:
-        return "4-bit dequantize (bitsandbytes)"
-    if "fmha" in n or "attention" in n or "flash" in n or "attend" in n or "merge_kernel" in n:
-        return "attention"
-    if "sort" in n or "scan" in n or "radix" in n or "cumsum" in n:
-        return "sampling (sort, cumsum)"
-    if "gemm" in n or "gemv" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
-        return "16-bit matmul (LM head, LoRA, dequantized 4-bit)"
-    if "rms_norm" in n:
-        return "RMSNorm (decodeops)"
-    if "triton" in n:
-        return "fused elementwise (inductor)"
-    return "elementwise / copies / other"
-
-
 # --- main -----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -370,6 +387,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-tokens", type=int, default=64)
     ap.add_argument("--gib", type=float, default=0.0, help="cap this process's GPU memory (15: a T4)")
     ap.add_argument("--profile", action="store_true", help="kernel-time profile of the full-batch step")
+    ap.add_argument("--prefill-profile", action="store_true", help="prompt graphs' time per bucket, prefill kernels")
     ap.add_argument("--logits", action="store_true", help="teacher-forced logits against eager transformers + peft")
     ap.add_argument("--rows-sweep", default="", help="also time the captured step at these slot counts, e.g. 2,4,8,16")
     ap.add_argument("--no-buckets", action="store_true", help="attend over the whole slot every step (one graph)")
@@ -463,6 +481,8 @@ def main(argv=None) -> int:
             v["teacher_forced_logits"] = teacher_forced(engine, eager, names[0], name_e, 32)
         if a.profile and decoder is not None and torch.cuda.is_available():
             v["profile"] = profile_step(engine)
+        if a.prefill_profile and decoder is not None and torch.cuda.is_available():
+            v["prefill_profile"] = profile_prefill(engine)
         v["peak_gib"] = peak()
         if a.rows_sweep and kind == "graphs" and decoder is not None and torch.cuda.is_available():
             v["rows_sweep"] = rows_sweep(engine, kind, [int(r) for r in a.rows_sweep.split(",")])

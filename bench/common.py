@@ -133,3 +133,31 @@ class StepMeter:
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+
+
+def kernel_kind(name: str) -> str:
+    """A profiled CUDA kernel's kind, for the benches' where-the-time-goes tables (chat steps and training steps)."""
+    n = name.lower()
+    if "nf4mm" in n:
+        return "4-bit matmul (nf4mm)"
+    if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
+        return "4-bit matmul (bitsandbytes fused)"
+    if "dequantize" in n:
+        return "4-bit dequantize (bitsandbytes)"
+    if "fmha" in n or "attention" in n or "flash" in n or "attend" in n or "merge_kernel" in n:
+        return "attention"
+    if "adam" in n or "multi_tensor" in n or "optimizer" in n:
+        return "optimizer"
+    if "softmax" in n or "nll" in n or "cross_entropy" in n:
+        return "softmax / cross-entropy"
+    if "sort" in n or "scan" in n or "radix" in n or "cumsum" in n:
+        return "sampling (sort, cumsum)"
+    if "gemm" in n or "gemv" in n or "xmma" in n or "cutlass" in n or "sm90" in n or "cublas" in n or "matmul" in n:
+        return "16-bit matmul (LM head, LoRA, dequantized 4-bit)"
+    if "rms_norm" in n:
+        return "RMSNorm (decodeops)"
+    if "triton" in n:
+        return "fused elementwise (inductor)"
+    if "reduce_kernel" in n:
+        return "reductions (norms, sums)"
+    return "elementwise / copies / other"

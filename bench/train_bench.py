@@ -21,7 +21,6 @@ of the multiprocessors), so one call can measure many levers side by side with t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -127,8 +126,8 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
                                 plan=plan)
     meter = StepMeter(trainer.model)
     trainer.add_callback(meter.callback())
-    profile = Profile(int(os.environ.get("BENCH_PROFILE_STEP", "0")) if arm == os.environ.get("BENCH_PROFILE_ARM")
-                      else 0)
+    profiled = os.environ.get("BENCH_PROFILE_ARM", "").split(",")  # arms, comma-separated
+    profile = Profile(int(os.environ.get("BENCH_PROFILE_STEP", "0")) if arm in profiled else 0)
     if profile.at and cuda:
         trainer.add_callback(profile.callback())
     setup_s = time.perf_counter() - t0
@@ -166,14 +165,20 @@ class Profile:
                 if outer.prof is not None and state.global_step == outer.at + 3:
                     import torch
 
+                    from bench.common import kernel_kind
+
                     torch.cuda.synchronize()
                     outer.prof.__exit__(None, None, None)
                     ka = outer.prof.key_averages()
-                    busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                               for e in ka) / 1e6
-                    outer.table = (f"GPU busy {busy:.3f} s over 3 steps\n" +
-                                   ka.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50) +
-                                   ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+                    kinds: dict[str, float] = {}
+                    for e in ka:
+                        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+                            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
+                    busy = sum(kinds.values()) / 1e6
+                    by_kind = "\n".join(f"  {k}: {v / 1e6:.3f} s" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+                    outer.table = (f"GPU busy {busy:.3f} s over 3 steps, by kind:\n{by_kind}\n" +
+                                   ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) +
+                                   ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
                     outer.prof = None
 
         return _Cb()
@@ -350,7 +355,7 @@ def _finish_arm(a, job: dict, epoch_tokens: int) -> dict:
           f"{r['peak_allocated_gib']} GiB alloc / {r['peak_reserved_gib']} reserved, loss {r['final_loss']}, wall "
           f"{r['wall_s']} s{', plan: ' + '; '.join(r['plan']['notes']) if r.get('plan') else ''}", flush=True)
     if r.get("profile"):
-        print(r["profile"][-6000:], flush=True)
+        print(r["profile"], flush=True)
     return r
 
 
