@@ -22,6 +22,7 @@ and falls back to dequantize + matmul where its kernel does not pay.
 """
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ class Options:
     fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels and fewer fp32 temporaries
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op instead of dequantize + matmul
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the fp32 master weights (False: in fp32)
+    compiled: bool = False  # the elementwise steps (norms and their residual adds, RoPE, SiLU*up and their backward)
+    # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
 
 
 @dataclass
@@ -360,10 +363,17 @@ def _norm(h, norm, r=None, fewer: bool = False):
         if r is None:
             r = h.to(torch.float32, copy=True).pow_(2).mean(-1, keepdim=True).add_(norm.variance_epsilon).rsqrt_()
         return torch.mul(h, r, out=torch.empty_like(h)).mul_(norm.weight), r
+    return _norm_plain(h, norm.weight, norm.variance_epsilon, r)
+
+
+def _norm_plain(h, weight, eps: float, r=None):
+    """_norm's formula on tensors (what torch.compile reads)."""
+    import torch
+
     h32 = h.float()
     if r is None:
-        r = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return (norm.weight * (h32 * r).to(h.dtype)).to(h.dtype), r
+        r = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (h32 * r).to(h.dtype)).to(h.dtype), r
 
 
 def _norm_backward(dy, h, r, norm, residual, fewer: bool = False):
@@ -376,8 +386,12 @@ def _norm_backward(dy, h, r, norm, residual, fewer: bool = False):
         c = (n * dn).mean(-1, keepdim=True)
         g = torch.addcmul(dn, n, c, value=-1)  # fp32: dn - n * c
         return torch.addcmul(residual, g, r, out=torch.empty_like(residual))
+    return _norm_backward_plain(dy, h, r, norm.weight, residual)
+
+
+def _norm_backward_plain(dy, h, r, weight, residual):
     n = h.float() * r
-    dn = (dy * norm.weight).float()
+    dn = (dy * weight).float()
     return residual + (r * (dn - n * (dn * n).mean(-1, keepdim=True))).to(h.dtype)
 
 
@@ -481,25 +495,24 @@ def _layer_function():
     class LayerFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, h, cos, sin, parts: LayerParts, seed: int, *trainable):
-            P, opts, fewer = parts.proj, parts.options, parts.options.fewer_passes
+            P, opts, S = parts.proj, parts.options, _Steps(parts.options)
             qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
             b, s, _ = h.shape
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-            if fewer:
+            if S.fewer:
                 sin = _signed_sin(sin)
             with _autocast_off(h.device):
-                x, r1 = _norm(h, parts.norm_in, fewer=fewer)
+                x, r1 = S.norm(h, parts.norm_in)
                 (q, k, v), (tq, tk, tv), _ = _project_all(qkv, parts.qkv, x, seed, opts)
-                q = _rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2), cos, sin, fewer)
-                k = _rope(k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin, fewer)
+                q, k = S.rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2),
+                              k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin)
                 v = v.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2)
                 q, k, v, o = _attention(parts, q, k, v)
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
                 (a,), (to,), _ = _project_all([P["o_proj"]], None, attn, seed, opts)
-                h2 = h + a
-                y, r2 = _norm(h2, parts.norm_post, fewer=fewer)
+                h2, y, r2 = S.add_norm(h, a, parts.norm_post)
                 (g, u), (tg, tu), _ = _project_all(gate_up, parts.gate_up, y, seed, opts)
-                m = F.silu(g).mul_(u) if fewer else F.silu(g) * u
+                m = S.silu_mul(g, u)
                 (d,), (td,), _ = _project_all([P["down_proj"]], None, m, seed, opts)
                 out = h2 + d
                 kept = _kept(g, parts.keep_bits) + _kept(u, parts.keep_bits) if parts.keep_bits else ()
@@ -512,7 +525,7 @@ def _layer_function():
         @staticmethod
         def backward(ctx, dout):
             parts, seed = ctx.parts, ctx.seed
-            P, opts, fewer = parts.proj, parts.options, parts.options.fewer_passes
+            P, opts, S = parts.proj, parts.options, _Steps(parts.options)
             qkv, gate_up = parts.group(QKV), parts.group(GATE_UP)
             h, r1, h2, r2, cos, sin, *rest = ctx.saved_tensors
             tq, tk, tv, to, tg, tu, td = (t if t.numel() else None for t in rest[:7])
@@ -523,7 +536,7 @@ def _layer_function():
             grads: dict = {}
 
             def post_norm():  # the MLP's input, rebuilt from the saved residual
-                return _norm(h2, parts.norm_post, r2, fewer)[0]
+                return S.norm(h2, parts.norm_post, r2)[0]
 
             with _autocast_off(h.device):
                 if parts.keep_bits:  # gate and up as forward made them (16 bits) or as kept (8 bits)
@@ -533,14 +546,12 @@ def _layer_function():
                 else:  # recomputed: norm, gate and up (with the kept lora_A outputs)
                     y = post_norm()
                     (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, opts, t_saved=(tg, tu))
-                sg = F.silu(g)
-                dm = _backward_all([P["down_proj"]], None, [dout], lambda: sg * u, [td], seed, grads)
-                dg = torch.ops.aten.silu_backward(dm * u, g)
-                du = sg.mul_(dm) if fewer else dm * sg
-                del g, u, sg, dm
-                dy = _backward_all(gate_up, parts.gate_up, [dg, du], y, [tg, tu], seed, grads, w_gate_up)
-                del dg, du, w_gate_up
-                dh2 = _norm_backward(dy, h2, r2, parts.norm_post, dout, fewer)
+                dm = _backward_all([P["down_proj"]], None, [dout], lambda: S.silu_mul(g, u), [td], seed, grads)
+                dys, dy_cat = S.mlp_grads(dm, g, u)
+                del g, u, dm
+                dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, w_gate_up, dy_cat=dy_cat)
+                del dys, dy_cat, w_gate_up
+                dh2 = S.norm_backward(dy, h2, r2, parts.norm_post, dout)
                 del dy
                 # attention
                 da = _backward_all([P["o_proj"]], None, [dh2], lambda: o.detach().transpose(1, 2).reshape(b, s, -1),
@@ -548,11 +559,11 @@ def _layer_function():
                 do = da.view(b, s, parts.heads, parts.head_dim).transpose(1, 2)
                 dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
                 ctx.attention = None
-                dys, dy_cat = _qkv_grads(parts, dq, dk, dv, cos, sin, fewer)
+                dys, dy_cat = S.qkv_grads(parts, dq, dk, dv, cos, sin)
                 need_dx = ctx.needs_input_grad[0]
-                dx = _backward_all(qkv, parts.qkv, dys, lambda: _norm(h, parts.norm_in, r1, fewer)[0],
+                dx = _backward_all(qkv, parts.qkv, dys, lambda: S.norm(h, parts.norm_in, r1)[0],
                                    [tq, tk, tv], seed, grads, need_dx=need_dx, dy_cat=dy_cat)
-                dh = _norm_backward(dx, h, r1, parts.norm_in, dh2, fewer) if need_dx else None
+                dh = S.norm_backward(dx, h, r1, parts.norm_in, dh2) if need_dx else None
             return (dh, None, None, None, None, *[grads.get(id(t)) for t in parts.trainable])
 
     return LayerFunction
@@ -565,9 +576,7 @@ def _qkv_grads(parts: LayerParts, dq, dk, dv, cos, sin, fewer: bool):
 
     b, _, s, d = dq.shape
     if not fewer:
-        dq = _rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, -1)
-        dk = _rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, -1)
-        return [dq, dk, dv.transpose(1, 2).reshape(b, s, -1)], None
+        return _qkv_plain(dq, dk, dv, cos, sin), None
     widths = [parts.heads * d, parts.kv_heads * d, parts.kv_heads * d]
     cat = torch.empty(b, s, sum(widths), dtype=dq.dtype, device=dq.device)
     dys = list(cat.split(widths, dim=-1))
@@ -578,6 +587,134 @@ def _qkv_grads(parts: LayerParts, dq, dk, dv, cos, sin, fewer: bool):
         else:
             view.copy_(grad)
     return dys, cat
+
+
+def _qkv_plain(dq, dk, dv, cos, sin) -> list:
+    b, _, s, _ = dq.shape
+    return [_rope_backward(dq, cos, sin).transpose(1, 2).reshape(b, s, -1),
+            _rope_backward(dk, cos, sin).transpose(1, 2).reshape(b, s, -1), dv.transpose(1, 2).reshape(b, s, -1)]
+
+
+# --- the elementwise steps, as the options ask -----------------------------------------------------------
+# Pure functions of tensors (torch.compile reads them): transformers' formulas, each step's passes in one function.
+def _add_norm_plain(h, a, weight, eps: float):
+    h2 = h + a
+    return (h2, *_norm_plain(h2, weight, eps))
+
+
+def _rope_pair(q, k, cos, sin):
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _silu_mul(g, u):
+    import torch.nn.functional as F
+
+    return F.silu(g) * u
+
+
+def _mlp_grads_cat(dm, g, u):
+    """d(gate) and d(up) from d(SiLU(gate) * up), side by side as the packed gate/up weight reads them."""
+    import torch
+    import torch.nn.functional as F
+
+    return torch.cat([torch.ops.aten.silu_backward(dm * u, g), dm * F.silu(g)], dim=-1)
+
+
+def _qkv_cat(dq, dk, dv, cos, sin):
+    import torch
+
+    return torch.cat(_qkv_plain(dq, dk, dv, cos, sin), dim=-1)
+
+
+class _Steps:
+    """The layer's elementwise steps as its Options ask: transformers' formulas op by op (the first version), the
+    same with fewer passes (`fewer_passes`), or transformers' formulas compiled into fused kernels (`compiled`: on a
+    compute-poor card these passes are a third of the layer's GPU time, bench/README.md)."""
+
+    def __init__(self, opts: Options):
+        self.compiled = opts.compiled
+        self.fewer = opts.fewer_passes and not opts.compiled
+
+    def norm(self, h, norm, r=None):
+        """The norm's output and its fp32 scale (given `r`, the scale is reused)."""
+        if self.compiled:
+            return _compiled(_norm_plain)(h, norm.weight, norm.variance_epsilon, r)
+        return _norm(h, norm, r, self.fewer)
+
+    def add_norm(self, h, a, norm):
+        """h + a, its norm, the norm's scale."""
+        if self.compiled:
+            return _compiled(_add_norm_plain)(h, a, norm.weight, norm.variance_epsilon)
+        h2 = h + a
+        return (h2, *_norm(h2, norm, fewer=self.fewer))
+
+    def rope(self, q, k, cos, sin):
+        """q and k rotated (with fewer, `sin` is _signed_sin's)."""
+        if self.compiled:
+            return _compiled(_rope_pair)(q, k, cos, sin)
+        return _rope(q, cos, sin, self.fewer), _rope(k, cos, sin, self.fewer)
+
+    def silu_mul(self, g, u):
+        import torch.nn.functional as F
+
+        if self.compiled:
+            return _compiled(_silu_mul)(g, u)
+        return F.silu(g).mul_(u) if self.fewer else F.silu(g) * u
+
+    def mlp_grads(self, dm, g, u):
+        """[d(gate), d(up)], and the two side by side where they were written so (else None)."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.compiled:
+            cat = _compiled(_mlp_grads_cat)(dm, g, u)
+            return list(cat.split(g.shape[-1], dim=-1)), cat
+        sg = F.silu(g)
+        dg = torch.ops.aten.silu_backward(dm * u, g)
+        return [dg, sg.mul_(dm) if self.fewer else dm * sg], None
+
+    def norm_backward(self, dy, h, r, norm, residual):
+        """residual + d(input) of the norm."""
+        if self.compiled:
+            return _compiled(_norm_backward_plain)(dy, h, r, norm.weight, residual)
+        return _norm_backward(dy, h, r, norm, residual, self.fewer)
+
+    def qkv_grads(self, parts: LayerParts, dq, dk, dv, cos, sin):
+        """As _qkv_grads: the (b, s, width) gradients of q, k, v before RoPE, and the three side by side (or None)."""
+        if self.compiled:
+            cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
+            d = dq.shape[-1]
+            return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
+        return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
+
+
+_COMPILED: dict = {}  # fn -> its compiled form, or fn itself once compiling failed
+
+
+def _compiled(fn):
+    """fn compiled by torch.compile, once a process (dynamic shapes: one compile serves every batch length). Where
+    compiling fails (no Triton for this card, no C++ compiler on the CPU), fn itself from then on, with a log line."""
+    if fn not in _COMPILED:
+        import torch
+
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args):
+            if _COMPILED[fn] is fn:
+                return fn(*args)
+            try:
+                return compiled(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                logging.getLogger("qlora").warning(
+                    "speed: the fused layer's %s step did not compile (%s: %s); it runs op by op", fn.__name__,
+                    type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                _COMPILED[fn] = fn
+                return fn(*args)
+
+        _COMPILED[fn] = run
+    return _COMPILED[fn]
 
 
 _BUILT: list = []

@@ -50,6 +50,11 @@ KEEP_HEADROOM = 0.85
 # Fewer elementwise kernels in the fused layers (fused.Options.fewer_passes): the same formulas with fewer 16-bit
 # roundings, about a third of the layer's elementwise memory traffic and fewer launches on every card.
 FEWER_PASSES = True
+# On a compute-poor card the fused layers' elementwise passes (norms and residual adds, RoPE, SiLU*up and their
+# backward) took about a third of the GPU's time in the t4c profile (bench/README.md): torch.compile writes each step
+# as a few fused kernels (fused.Options.compiled; compiled once a process, dynamic shapes). On a fast card the step
+# waits on the CPU, where the compiled functions' guards only add host time, so they stay op by op there.
+COMPILE_STEPS = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
 TRL_METRICS = False
@@ -97,6 +102,7 @@ class Plan:
     fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op, not dequantize + matmul
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the master weights (False: in theirs)
+    compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
     estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
@@ -132,7 +138,7 @@ class Plan:
         from .fused import Options
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
-                       lora_fp16=self.lora_fp16)
+                       lora_fp16=self.lora_fp16, compiled=self.compiled)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -241,6 +247,10 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
                        f"(budget {budget_gib:.1f} GiB)")
     if p.fused:
         _choose_keep(p, cfg, arch, tflops, (budget_gib or 0) * KEEP_HEADROOM)
+        if compute_poor(tflops) and COMPILE_STEPS:
+            p.compiled = True
+            p.notes.append("the fused layers' norms, RoPE and SiLU*up (and their backward) compiled into fused kernels "
+                           "(torch.compile, once, at the first step)")
     if not p.trl_metrics:
         p.notes.append("trl's per-step entropy and token accuracy off (each waited for the GPU)")
     p.estimated_peak_gib = p.estimate(cfg, arch)

@@ -129,7 +129,8 @@ LEVERS = {
     "bitsandbytes gemm_4bit forward": dict(options=fused.Options(gemm_4bit=True)),
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
-    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True), keep_mlp=2),
+    "elementwise steps compiled": dict(options=fused.Options(compiled=True)),
+    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True), keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -152,6 +153,9 @@ def test_every_lever_gives_the_loss_and_lora_gradients_of_transformers_and_peft(
 
     ref_loss, ref = reference(tiny_llama_dir, **case)
     loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **case, **LEVERS[lever])
+    options = LEVERS[lever].get("options")
+    if options is not None and options.compiled:  # the steps ran compiled, none fell back to op by op
+        assert len(fused._COMPILED) == 7 and all(run is not fn for fn, run in fused._COMPILED.items())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
@@ -208,6 +212,30 @@ def test_in_fp16_the_levers_are_as_accurate_as_the_stock_layer(tiny_llama_dir, m
             mine, stock = (((g[name].float() - exact[name]).norm() / exact[name].norm()).item() for g in (got, ref))
             assert mine <= 1.5 * stock + 2e-3, (lever, name, mine, stock)
         assert abs(loss.item() - exact_loss.item()) <= 1.5 * abs(ref_loss.item() - exact_loss.item()) + 1e-2
+
+
+def test_a_step_that_does_not_compile_runs_op_by_op_and_says_so(tiny_llama_dir, monkeypatch, caplog):
+    """Where torch.compile fails (no Triton for the card, no C++ compiler), training goes on with the same
+    arithmetic op by op, and the log says which step and why."""
+    import torch
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    ref_loss, ref = reference(tiny_llama_dir, **RECIPE)
+    with caplog.at_level("WARNING", logger="qlora"):
+        loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **RECIPE,
+                                   options=fused.Options(compiled=True))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(run is fn for fn, run in fused._COMPILED.items()) and len(fused._COMPILED) == 7
+    warned = [r.getMessage() for r in caplog.records if "did not compile" in r.getMessage()]
+    assert len(warned) == 7 and "_norm_plain step did not compile (RuntimeError: no compiler here)" in warned[0]
 
 
 def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):
