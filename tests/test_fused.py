@@ -352,7 +352,8 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
 def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_syncs(tiny_cfg, tmp_path):
     """Through build_trainer: the levers a T4 gets (memory-efficient attention with math as the fallback, gate/up kept
     on the last layer, the elementwise steps and the 4-bit dequantize compiled, trl's per-step metrics off) give the
-    stock layers' losses, step after step; the metrics trl computes with a `.item()` each step are gone from the logs, and only those."""
+    stock layers' losses, step after step; the metrics trl computes with a `.item()` each step are gone from the logs,
+    and only those."""
     # no dropout: the fused layer draws its own masks (the same ones forward and backward; the tests above give both
     # paths the same masks), so with dropout the runs would train on different draws
     cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
