@@ -7,7 +7,7 @@ Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compu
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
 picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
-compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes), compiled (those passes compiled), cdq (the 4-bit dequantize compiled), mm4bit
+compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes), compiled (those passes compiled), mm4bit
 (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
 (flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
@@ -63,8 +63,7 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "lora32": ("lora_fp32", _flag), "lean": ("lean", _flag), "fused": ("fused", _flag),
              "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
-             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag),
-             "cdq": ("compiled_dequant", _flag), "attn": ("attention", _one_of("flash", "efficient", "math"))}
+             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag), "attn": ("attention", _one_of("flash", "efficient", "math"))}
 
 
 def parse_overrides(overrides: str) -> list[tuple[str, object]]:

@@ -103,7 +103,6 @@ class Plan:
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op, not dequantize + matmul
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the master weights (False: in theirs)
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
-    compiled_dequant: bool = False  # ... and their nf4 weights dequantized by a compiled kernel
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
     estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
@@ -139,7 +138,7 @@ class Plan:
         from .fused import Options
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
-                       lora_fp16=self.lora_fp16, compiled=self.compiled, compiled_dequant=self.compiled_dequant)
+                       lora_fp16=self.lora_fp16, compiled=self.compiled)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -230,12 +229,12 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         p.notes.append(f"right-padded batches: sdpa is_causal without a mask, {kernel} kernel ({where}; not cuDNN)")
     else:
         p.notes.append(f"attention: the {kernel} kernel where sdpa runs ({where})")
-    # on a compute-poor card the fused layers' elementwise passes and 4-bit dequantize cost GPU time: compiled
-    p.compiled = p.compiled_dequant = p.fused and compute_poor(tflops) and COMPILE_STEPS
+    # on a compute-poor card the fused layers' elementwise passes cost GPU time: compiled
+    p.compiled = p.fused and compute_poor(tflops) and COMPILE_STEPS
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
-                       + (", norms, RoPE, SiLU*up and the 4-bit dequantize compiled into fused kernels by "
-                          "torch.compile once at the first step)" if p.compiled else
+                       + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "
+                          "first step)" if p.compiled else
                           ", fewer elementwise passes)" if p.fewer_passes else ")"))
     limit = (budget_gib or 0) * HEADROOM
     if not cfg.gradient_checkpointing:

@@ -130,9 +130,7 @@ LEVERS = {
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
     "elementwise steps compiled": dict(options=fused.Options(compiled=True)),
-    "4-bit dequantize compiled": dict(options=fused.Options(compiled_dequant=True)),
-    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
-                                              compiled_dequant=True), keep_mlp=2),
+    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True), keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -157,9 +155,7 @@ def test_every_lever_gives_the_loss_and_lora_gradients_of_transformers_and_peft(
     loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **case, **LEVERS[lever])
     options = LEVERS[lever].get("options")
     if options is not None and options.compiled:  # the steps ran compiled, none fell back to op by op
-        assert len(fused._COMPILED) >= 7 and all(run is not fn for fn, run in fused._COMPILED.items())
-    if options is not None and options.compiled_dequant:
-        assert fused._COMPILED[fused._dequantize_nf4] is not fused._dequantize_nf4
+        assert len(fused._COMPILED) == 7 and all(run is not fn for fn, run in fused._COMPILED.items())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
@@ -216,27 +212,6 @@ def test_in_fp16_the_levers_are_as_accurate_as_the_stock_layer(tiny_llama_dir, m
             mine, stock = (((g[name].float() - exact[name]).norm() / exact[name].norm()).item() for g in (got, ref))
             assert mine <= 1.5 * stock + 2e-3, (lever, name, mine, stock)
         assert abs(loss.item() - exact_loss.item()) <= 1.5 * abs(ref_loss.item() - exact_loss.item()) + 1e-2
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_the_compiled_dequantize_gives_bitsandbytes_bits(dtype, device, monkeypatch):
-    """_dequantize_nf4, compiled (C++ on the CPU, Triton on a GPU), against bitsandbytes' own dequantize of the same
-    nf4 weights (its CUDA kernel on a GPU): equal bit for bit (every code of the table, blocks of 64, the weight
-    shapes of q/k/v packed and of o)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    dt = getattr(torch, dtype)
-    for shape in ((3 * 96, 64), (96, 64)):
-        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).to(dt).to(device)
-        data, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        assert set(range(16)) <= set((data >> 4).flatten().tolist()) | set((data & 15).flatten().tolist())
-        want = bnbf.dequantize_4bit(data, state)
-        got = fused._compiled(fused._dequantize_nf4)(data, state.absmax, state.code, 64, dt).view(shape)
-        assert got.dtype == want.dtype == dt and torch.equal(got, want)
-    assert fused._COMPILED[fused._dequantize_nf4] is not fused._dequantize_nf4  # (it compiled)
 
 
 def test_a_compiled_step_compiles_once_for_every_batch_shape(monkeypatch):
@@ -351,7 +326,7 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
 
 def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_syncs(tiny_cfg, tmp_path):
     """Through build_trainer: the levers a T4 gets (memory-efficient attention with math as the fallback, gate/up kept
-    on the last layer, the elementwise steps and the 4-bit dequantize compiled, trl's per-step metrics off) give the
+    on the last layer, the elementwise steps compiled, trl's per-step metrics off) give the
     stock layers' losses, step after step; the metrics trl computes with a `.item()` each step are gone from the logs,
     and only those."""
     # no dropout: the fused layer draws its own masks (the same ones forward and backward; the tests above give both
@@ -359,13 +334,12 @@ def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_sy
     cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
-                      fewer_passes=True, trl_metrics=False, compiled=True, compiled_dequant=True)
+                      fewer_passes=True, trl_metrics=False, compiled=True)
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
     layers = [m._qlora_parts for m in trainer.model.modules() if hasattr(m, "_qlora_parts")]
     assert [parts.keep_bits for parts in layers] == [0, 16]  # the last layer keeps
-    assert all(parts.options.attention == "efficient" and parts.options.compiled and parts.qkv.compiled
-               for parts in layers)
+    assert all(parts.options.attention == "efficient" and parts.options.compiled for parts in layers)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     stock_logged = [h for h in stock_trainer.state.log_history if "loss" in h]
     assert all("entropy" in h and "mean_token_accuracy" in h for h in stock_logged)
