@@ -629,64 +629,66 @@ def _qkv_cat(dq, dk, dv, cos, sin):
 
 class _Steps:
     """The layer's elementwise steps as its Options ask: transformers' formulas op by op (the first version), the
-    same with fewer passes (`fewer_passes`), or transformers' formulas compiled into fused kernels (`compiled`: on a
-    compute-poor card these passes are a third of the layer's GPU time, bench/README.md)."""
+    same formulas compiled into fused kernels (`compiled`: on a compute-poor card these passes were a third of the
+    layer's GPU time, bench/README.md), or the same arithmetic in fewer, partly in-place passes (`fewer_passes`)."""
 
     def __init__(self, opts: Options):
         self.compiled = opts.compiled
         self.fewer = opts.fewer_passes and not opts.compiled
 
+    def _step(self, fn):
+        return _compiled(fn) if self.compiled else fn
+
     def norm(self, h, norm, r=None):
         """The norm's output and its fp32 scale (given `r`, the scale is reused)."""
-        if self.compiled:
-            return _compiled(_norm_plain)(h, norm.weight, norm.variance_epsilon, r)
-        return _norm(h, norm, r, self.fewer)
+        if self.fewer:
+            return _norm(h, norm, r, fewer=True)
+        return self._step(_norm_plain)(h, norm.weight, norm.variance_epsilon, r)
 
     def add_norm(self, h, a, norm):
         """h + a, its norm, the norm's scale."""
-        if self.compiled:
-            return _compiled(_add_norm_plain)(h, a, norm.weight, norm.variance_epsilon)
-        h2 = h + a
-        return (h2, *_norm(h2, norm, fewer=self.fewer))
+        if self.fewer:
+            h2 = h + a
+            return (h2, *_norm(h2, norm, fewer=True))
+        return self._step(_add_norm_plain)(h, a, norm.weight, norm.variance_epsilon)
 
     def rope(self, q, k, cos, sin):
         """q and k rotated (with fewer, `sin` is _signed_sin's)."""
-        if self.compiled:
-            return _compiled(_rope_pair)(q, k, cos, sin)
-        return _rope(q, cos, sin, self.fewer), _rope(k, cos, sin, self.fewer)
+        if self.fewer:
+            return _rope(q, cos, sin, fewer=True), _rope(k, cos, sin, fewer=True)
+        return self._step(_rope_pair)(q, k, cos, sin)
 
     def silu_mul(self, g, u):
         import torch.nn.functional as F
 
-        if self.compiled:
-            return _compiled(_silu_mul)(g, u)
-        return F.silu(g).mul_(u) if self.fewer else F.silu(g) * u
+        if self.fewer:
+            return F.silu(g).mul_(u)
+        return self._step(_silu_mul)(g, u)
 
     def mlp_grads(self, dm, g, u):
         """[d(gate), d(up)], and the two side by side where they were written so (else None)."""
         import torch
         import torch.nn.functional as F
 
-        if self.compiled:
-            cat = _compiled(_mlp_grads_cat)(dm, g, u)
-            return list(cat.split(g.shape[-1], dim=-1)), cat
-        sg = F.silu(g)
-        dg = torch.ops.aten.silu_backward(dm * u, g)
-        return [dg, sg.mul_(dm) if self.fewer else dm * sg], None
+        if self.fewer:
+            sg = F.silu(g)
+            return [torch.ops.aten.silu_backward(dm * u, g), sg.mul_(dm)], None
+        cat = self._step(_mlp_grads_cat)(dm, g, u)
+        return list(cat.split(g.shape[-1], dim=-1)), cat
 
     def norm_backward(self, dy, h, r, norm, residual):
         """residual + d(input) of the norm."""
-        if self.compiled:
-            return _compiled(_norm_backward_plain)(dy, h, r, norm.weight, residual)
-        return _norm_backward(dy, h, r, norm, residual, self.fewer)
+        if self.fewer:
+            return _norm_backward(dy, h, r, norm, residual, fewer=True)
+        return self._step(_norm_backward_plain)(dy, h, r, norm.weight, residual)
 
     def qkv_grads(self, parts: LayerParts, dq, dk, dv, cos, sin):
         """As _qkv_grads: the (b, s, width) gradients of q, k, v before RoPE, and the three side by side (or None)."""
-        if self.compiled:
-            cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
-            d = dq.shape[-1]
-            return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
-        return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
+        if not self.compiled:
+            return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
+        cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
+        d = dq.shape[-1]
+        return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
 
 
 _COMPILED: dict = {}  # fn -> its compiled form, or fn itself once compiling failed
