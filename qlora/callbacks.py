@@ -23,16 +23,21 @@ class EventCallback(TrainerCallback):
         self.run_dir, self.base_model, self.dataset = run_dir, base_model, dataset
         self.t0 = time.perf_counter()
         self.tokens0 = 0
+        self.first: tuple[float, int, int] | None = None  # (time, tokens seen, step) when this session's first step
+        # ended (a resumed run's first step is not step 1)
         self.stop_requested = False
         self.bad_loss_step: int | None = None  # set when the loss went NaN/inf; train() reports it as a failure
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.t0 = time.perf_counter()
         self.tokens0 = state.num_input_tokens_seen
+        self.first = None
         self.emit(Started(run_dir=self.run_dir, total_steps=state.max_steps, base_model=self.base_model,
                           dataset=self.dataset))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.first is None:
+            self.first = (time.perf_counter(), state.num_input_tokens_seen, state.global_step)
         if _any_rank(self.stop.is_set()):
             self.stop_requested = True  # on any rank: the others may not have seen the flag yet
             control.should_training_stop = True
@@ -48,10 +53,18 @@ class EventCallback(TrainerCallback):
             if not math.isfinite(loss):
                 self.bad_loss_step = step
                 control.should_training_stop = True
-            tokens = state.num_input_tokens_seen - self.tokens0
+            # rates from the steps after the first where there are some: the first step carries one-time work (the
+            # card's warm-up and, on a compute-poor card, compiling the fused layers' kernels: 15-40 s), which would
+            # overstate the ETA and understate tokens/s for most of a run
+            t, tokens, steps = self.t0, self.tokens0, 1  # only the first step seen: nothing better to go on
+            if self.first is not None and step > self.first[2]:
+                t, tokens, steps = self.first[0], self.first[1], step - self.first[2]
+            span = time.perf_counter() - t
+            rate = (state.num_input_tokens_seen - tokens) / span if span > 0 else 0.0
             self.emit(Progress(step=step, total_steps=total, loss=loss, learning_rate=logs.get("learning_rate"),
-                               tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed,
-                               eta_s=elapsed / step * (total - step) if step else None, epoch=logs.get("epoch")))
+                               tokens_per_s=rate, elapsed_s=elapsed,
+                               eta_s=span / steps * (total - step) if self.first is not None else None,
+                               epoch=logs.get("epoch")))
         if "eval_loss" in logs:
             self.emit(EvalLoss(step=step, loss=float(logs["eval_loss"])))
         shown = {k: v for k, v in logs.items() if k not in ("total_flos", "num_input_tokens_seen")}

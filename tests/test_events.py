@@ -45,3 +45,39 @@ def test_summary_names_only_what_is_known_of_the_current_job():
     assert running.started_at == at and running.summary() == "running: m on d, step 2/10, started 09:05"
     done = running.apply(Finished("r", {}))
     assert "started" not in done.summary() and done.summary().startswith("finished at step 2/10")
+
+
+def test_progress_rates_leave_out_the_first_steps_one_time_work(monkeypatch):
+    """The first step carries the card's warm-up and, on a compute-poor card, the compile of the fused layers'
+    kernels: the ETA and tokens/s come from the steps after it, so a 30 s compile does not stretch the ETA."""
+    import threading
+    from types import SimpleNamespace
+
+    from qlora import callbacks
+
+    clock = [100.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    events = []
+    cb = callbacks.EventCallback(events.append, threading.Event(), "r", "m", "d")
+    state = SimpleNamespace(global_step=0, max_steps=101, num_input_tokens_seen=0)
+    cb.on_train_begin(None, state, None)
+    for step, seconds in [(1, 32.0)] + [(k, 2.0) for k in range(2, 11)]:  # 30 s of compile, then 2 s a step
+        clock[0] += seconds
+        state.global_step, state.num_input_tokens_seen = step, step * 1000
+        cb.on_step_end(None, state, SimpleNamespace(should_training_stop=False))
+        cb.on_log(None, state, None, logs={"loss": 1.0})
+    first, last = [e for e in events if isinstance(e, Progress)][::9]
+    assert first.step == 1 and first.eta_s == 32.0 * 100  # one step seen: nothing better to go on
+    assert last.step == 10 and last.eta_s == 2.0 * 91 and last.tokens_per_s == 500.0
+    assert last.elapsed_s == 32.0 + 9 * 2.0  # elapsed is the whole run's
+    # a run resumed at step 40: its first step here is 41, and the rates count this session's steps only
+    events.clear()
+    clock[0] += 100.0
+    state.global_step = 40
+    cb.on_train_begin(None, state, None)
+    for step in (41, 42, 43):
+        clock[0] += 30.0 if step == 41 else 2.0
+        state.global_step = step
+        cb.on_step_end(None, state, SimpleNamespace(should_training_stop=False))
+        cb.on_log(None, state, None, logs={"loss": 1.0})
+    assert [e.eta_s for e in events if isinstance(e, Progress)] == [30.0 * 60, 2.0 * 59, 2.0 * 58]
