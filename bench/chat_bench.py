@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import build_random_model, cap_memory, card, kernel_kind, versions, write_json
+from bench.common import build_random_model, cap_memory, card, ms_by_kind, versions, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
@@ -270,20 +270,15 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
             for _ in range(5):
                 decoder._forward(positions)
             torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    top = []
-    for e in prof.key_averages():
-        if e.device_type.name != "CUDA" or e.self_device_time_total <= 0:
-            continue
-        ms = e.self_device_time_total / 1000 / 5
-        kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + ms
-        top.append((ms, e.key[:90], e.count // 5))
-    top.sort(reverse=True)
+    events = prof.key_averages()
+    kinds = ms_by_kind(events, 5)
+    top = sorted(((e.self_device_time_total / 1000 / 5, e.key[:90], e.count // 5) for e in events
+                  if e.device_type.name == "CUDA" and e.self_device_time_total > 0), reverse=True)
     for i in range(rows):
         decoder.clear(i)
     out = dict(rows=rows, position=pos, bucket=decoder.bucket(pos), graph_ms_per_step=round(graph_ms, 3),
                graph_ms_two_rows_live=round(one_ms, 3),
-               kernel_ms_per_step={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+               kernel_ms_per_step={k: round(v, 3) for k, v in kinds.items()},
                kernel_ms_total=round(sum(kinds.values()), 3),
                top_kernels=[dict(ms=round(ms, 3), kernel=k, per_step=c) for ms, k, c in top[:15]])
     print("  profile:", json.dumps({k: out[k] for k in ("graph_ms_per_step", "graph_ms_two_rows_live",
@@ -319,12 +314,8 @@ def profile_prefill(slot_engine, reps: int = 10, kernels_at: int = 512) -> dict:
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             decoder._prompt_logits(ids, decoder.prefill_last)
             torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 1000
     decoder.clear(0)
-    out.update(kernels_at=kernels_at, kernel_ms={k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+    out.update(kernels_at=kernels_at, kernel_ms={k: round(v, 3) for k, v in ms_by_kind(prof.key_averages()).items()})
     print("  prefill:", json.dumps(out), flush=True)
     return out
 

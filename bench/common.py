@@ -161,3 +161,15 @@ def kernel_kind(name: str) -> str:
     if "reduce_kernel" in n:
         return "reductions (norms, sums)"
     return "elementwise / copies / other"
+
+
+def ms_by_kind(events, runs: int = 1) -> dict[str, float]:
+    """A profile's CUDA kernel time by kernel_kind, in ms a run (`events`: the profiler's key_averages()), largest
+    first."""
+    kinds: dict[str, float] = {}
+    for e in events:
+        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
+            kind = kernel_kind(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / runs
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+

@@ -7,9 +7,9 @@ Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compu
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
 picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
-compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes), compiled (those passes compiled), mm4bit
-(bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
-(flash, efficient or math).
+compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes),
+compiled (the elementwise steps compiled), mm4bit (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0:
+fp32), metrics (trl's per-step metrics), attn (flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
@@ -63,7 +63,8 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "lora32": ("lora_fp32", _flag), "lean": ("lean", _flag), "fused": ("fused", _flag),
              "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
-             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag), "attn": ("attention", _one_of("flash", "efficient", "math"))}
+             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag),
+             "attn": ("attention", _one_of("flash", "efficient", "math"))}
 
 
 def parse_overrides(overrides: str) -> list[tuple[str, object]]:
@@ -165,17 +166,14 @@ class Profile:
                 if outer.prof is not None and state.global_step == outer.at + 3:
                     import torch
 
-                    from bench.common import kernel_kind
+                    from bench.common import ms_by_kind
 
                     torch.cuda.synchronize()
                     outer.prof.__exit__(None, None, None)
                     ka = outer.prof.key_averages()
-                    kinds: dict[str, float] = {}
-                    for e in ka:
-                        if e.device_type.name == "CUDA" and e.self_device_time_total > 0:
-                            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + e.self_device_time_total
-                    busy = sum(kinds.values()) / 1e6
-                    by_kind = "\n".join(f"  {k}: {v / 1e6:.3f} s" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+                    kinds = ms_by_kind(ka)
+                    busy = sum(kinds.values()) / 1000
+                    by_kind = "\n".join(f"  {k}: {ms / 1000:.3f} s" for k, ms in kinds.items())
                     outer.table = (f"GPU busy {busy:.3f} s over 3 steps, by kind:\n{by_kind}\n" +
                                    ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) +
                                    ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))

@@ -52,8 +52,8 @@ KEEP_HEADROOM = 0.85
 FEWER_PASSES = True
 # On a compute-poor card the fused layers' elementwise passes (norms and residual adds, RoPE, SiLU*up and their
 # backward) took about a third of the GPU's time in the t4c profile (bench/README.md): torch.compile writes each step
-# as a few fused kernels (fused.Options.compiled; compiled once a process, dynamic shapes). On a fast card the step
-# waits on the CPU, where the compiled functions' guards only add host time, so they stay op by op there.
+# as a few fused kernels (fused.Options.compiled; once a process, batch and token dimensions dynamic). On a fast card
+# the step waits on the CPU, where the compiled functions' guards only add host time, so they stay op by op there.
 COMPILE_STEPS = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
