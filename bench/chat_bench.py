@@ -304,16 +304,16 @@ def profile_prefill(slot_engine, reps: int = 10, kernels_at: int = 512) -> dict:
             decoder.prefill(0, prompt, columns)
         torch.cuda.synchronize()
         out["graph_ms"][length] = round(1000 * (time.perf_counter() - t) / reps, 2)
-    ids = torch.arange(500, 500 + kernels_at, device=decoder.device)[None]
-    decoder.prefill_slot.fill_(0)
-    decoder.prefill_last.fill_(kernels_at - 1)
-    decoder.columns.prefill_mask.copy_(columns[None])
-    with torch.no_grad(), decoder._prefilling():
-        decoder._prompt_logits(ids, decoder.prefill_last)
+    prompt = list(range(500, 500 + kernels_at))
+    saved, decoder._prefills = decoder._prefills, {}  # the prefill run eagerly: its kernels show by name
+    try:
+        decoder.prefill(0, prompt, columns)
         torch.cuda.synchronize()
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder._prompt_logits(ids, decoder.prefill_last)
+            decoder.prefill(0, prompt, columns)
             torch.cuda.synchronize()
+    finally:
+        decoder._prefills = saved
     decoder.clear(0)
     out.update(kernels_at=kernels_at, kernel_ms={k: round(v, 3) for k, v in ms_by_kind(prof.key_averages()).items()})
     print("  prefill:", json.dumps(out), flush=True)
