@@ -287,8 +287,8 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
 
 
 def profile_prefill(slot_engine, reps: int = 10, kernels_at: int = 512) -> dict:
-    """A prompt's prefill: the captured graph's wall time per bucket (one row), and kernel time by kind of one eager
-    prefill of `kernels_at` tokens (what the 4-bit dequantize costs beside the matmuls)."""
+    """A visitor's prefill: the captured graph's wall time per bucket (its two panes' rows), and kernel time by kind
+    of one eager prefill of `kernels_at` tokens (what the 4-bit dequantize costs beside the matmuls)."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 

@@ -103,13 +103,13 @@ class AdapterColumns:
     column mask. Only the targeted Linears carry columns: each costs four kernels and its A/B reads every step."""
 
     def __init__(self, model, columns: int, rows: int, dtype, device, targets=None, strict: bool = False,
-                 nf4: bool = False):
+                 nf4: bool = False, prefill_rows: int = 1):
         from .nf4mm import NF4Linear, fits
 
         self.columns, self.dtype, self.device = columns, dtype, device
         self.decode_mask = torch.zeros(rows, columns, dtype=torch.bool, device=device)
-        self.prefill_mask = torch.zeros(1, columns, dtype=torch.bool, device=device)
-        self.mask = self.decode_mask  # what the SlotLinears read; the prefill swaps its own row in
+        self.prefill_mask = torch.zeros(prefill_rows, columns, dtype=torch.bool, device=device)
+        self.mask = self.decode_mask  # what the SlotLinears read; the prefill swaps its own rows in
         self.prefilling = False  # a prompt runs through the model (eager): NF4Linears keep bitsandbytes' path
         self.placed: dict[str, tuple[int, int]] = {}  # adapter name -> (first column, width)
         self.linears: dict[str, torch.nn.Module] = {}

@@ -8,12 +8,16 @@ with them); it has one sampling setting for the whole batch and no per-request s
 Here the decode step always runs at the same shapes (`rows` slots, padded), so a row's arithmetic never depends on the
 other rows: each slot's answer in a full batch is the answer it gets alone. The pieces are the library's: the model's
 own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at its own position), a 4D attention
-mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step. Prompts are prefilled one
-row at a time, each layer writing the prompt's keys/values straight into the row's slot (`prefill_cache`); prompts up
-to PREFILL_BUCKETS[-1] tokens run in a graph captured for the bucket that holds them (the prompt padded at its end,
-which causal attention keeps out of the prompt's own positions; the pads' keys/values land past the prompt, where
-the row's decode steps overwrite them before reading them). A prompt's prefill is launch-bound without a graph (~50
-ms for 15 or 711 tokens on an H200, run29): the graphs are what keeps eight visitors' first tokens within a second.
+mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step. Prompts are prefilled
+one visitor at a time, its two panes in one forward of two rows where their prompts take the same length (one pass
+over the 4-bit weights, one dequantize of each, where two forwards dequantized everything twice; a lone row runs
+twice, so a row's shapes, and so its bits, never depend on its partner), each layer writing the prompts' keys/values
+straight into their slots (`prefill_cache`); prompts up to PREFILL_BUCKETS[-1] tokens run in a graph captured for
+the bucket that holds them (each prompt padded at its end, which causal attention keeps out of the prompt's own
+positions; the pads' keys/values land past the prompt, where the row's decode steps overwrite them before reading
+them). A prompt's prefill is launch-bound without a graph
+(~50 ms for 15 or 711 tokens on an H200, run29): the graphs are what keeps eight visitors' first tokens within a
+second.
 
 Per-row adapters inside the graph: `columns.AdapterColumns` (each adapter in use holds a run of static LoRA columns on
 the Linears adapters target, each row a mask of its own; a base row's update is an exact zero).
@@ -51,6 +55,8 @@ MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to
 # most a third of a prompt's compute (powers of two wasted up to half: run33's eight visitors padded 7,608 tokens to
 # 10,008); 2,048 where the slot is longer
 PREFILL_BUCKETS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+PREFILL_ROWS = 2  # rows of every prefill: a visitor's two panes (run39: at 512 tokens a one-row prefill's 22.6 ms held
+# 7.4 ms of dequantize, which two rows share)
 SILU = ("SiLUActivation", "SiLU")  # the MLP activations decodeops.silu_mul computes
 SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as assumed (no sliding window); others:
 # the eager path
@@ -80,8 +86,8 @@ def slot_cache(config, rows: int, length: int, pos, dtype, device):
 
 
 def prefill_cache(slot_cache_, slot):
-    """A Cache for one prompt's forward whose layers write the prompt's keys/values into row `slot` (a 1-element
-    device tensor) of the slot cache, and hand the prompt's own keys/values to attention."""
+    """A Cache for a prefill's forward whose layers write each prompt's keys/values into its row of the slot cache
+    (`slot`: a device tensor, a row index per prompt), and hand the prompts' own keys/values to attention."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PrefillLayer(DynamicLayer):
@@ -195,7 +201,8 @@ class SlotDecoder:
         self.kv_index = torch.arange(length, device=self.device)
         for t in (self.ints, self.floats, self.kv_index):
             torch._dynamo.mark_static_address(t)
-        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict, nf4)
+        self.columns = AdapterColumns(model, columns, rows, self.dtype, self.device, targets, strict, nf4,
+                                      PREFILL_ROWS)
         # the 4-bit matmuls of the step: strict wins over the kernel (check_exact found drift)
         self.matmul = ("16-bit (no 4-bit weights)" if not self.columns.four_bit
                        else "dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
@@ -215,8 +222,8 @@ class SlotDecoder:
                 c._attn_implementation = ATTENTION
         self.buckets = buckets(length)
         self._graphs: dict[int, tuple] = {}
-        self.prefill_slot = torch.zeros(1, dtype=torch.long, device=self.device)  # the row a prefill writes
-        self.prefill_last = torch.zeros(1, dtype=torch.long, device=self.device)  # its prompt's last position
+        self.prefill_slot = torch.zeros(PREFILL_ROWS, dtype=torch.long, device=self.device)  # the rows it writes
+        self.prefill_last = torch.zeros(PREFILL_ROWS, dtype=torch.long, device=self.device)  # prompts' last positions
         self._prefills: dict[int, tuple] = {}  # padded prompt length -> (graph, input ids, logits)
         self.last_logits = None  # the last step's logits [rows, vocab] (teacher-forced checks)
         self._logits_fn = self._logits
@@ -335,11 +342,11 @@ class SlotDecoder:
         return self.capture_s
 
     def _capture_prompts(self, pool, progress) -> None:
-        """One graph per prompt bucket shorter than the slot: the prompt's forward into slot `prefill_slot`."""
+        """One graph per prompt bucket shorter than the slot: the prompts' forward into slots `prefill_slot`."""
         lengths = [b for b in PREFILL_BUCKETS if b < self.length]
         for i, length in enumerate(lengths):
             progress(f"capturing prompt graphs (once): {i + 1}/{len(lengths)}")
-            ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
+            ids = torch.zeros(PREFILL_ROWS, length, dtype=torch.long, device=self.device)
             with torch.no_grad(), self._prefilling():  # (the graph reads prefill_mask as each replay finds it)
                 graph, logits = captured(lambda: self._prompt_logits(ids, self.prefill_last), pool)
             self._prefills[length] = (graph, ids, logits)
@@ -427,33 +434,48 @@ class SlotDecoder:
         return self.exactness
 
     # --- prompts ----------------------------------------------------------------------------------------------
+    def prefill_length(self, n: int) -> int:
+        """The length a prompt of n tokens is prefilled at: the shortest captured bucket that holds it, else n."""
+        return next((b for b in self.prompt_buckets if b >= n), n)
+
     def prefill(self, slot: int, prompt: list[int], columns):
-        """Run a prompt through the model alone (any length) and store its keys/values in the slot; returns its last
-        position's logits. In the captured graph of the shortest bucket that holds it, else eagerly."""
-        n = len(prompt)
-        self.prefill_slot.fill_(slot)
-        self.prefill_last.fill_(n - 1)
-        self.columns.prefill_mask.copy_(columns[None])
-        length = next((b for b in self.prompt_buckets if b >= n), None)
-        if length is not None:
-            graph, ids, logits = self._prefills[length]
-            ids.copy_(torch.tensor([prompt + [0] * (length - n)]))
+        """One prompt's prefill (see prefill_rows): its last position's logits."""
+        return self.prefill_rows([(slot, prompt, columns)])[0]
+
+    def prefill_rows(self, rows: list[tuple]) -> list:
+        """Run one or two prompts of one prefill length, each (slot, token ids, adapter column mask), through the
+        model together and store each one's keys/values in its slot; each one's last position's logits. Always
+        PREFILL_ROWS rows of that length: a lone prompt runs twice (the same inputs give the same bits, written to
+        the same slot), so a row's arithmetic is the same with either partner or none. In the captured graph of its
+        bucket, else eagerly."""
+        assert 1 <= len(rows) <= PREFILL_ROWS, len(rows)
+        length = self.prefill_length(len(rows[0][1]))
+        assert all(self.prefill_length(len(prompt)) == length for _, prompt, _ in rows), "prompts of two lengths"
+        full = list(rows) + [rows[0]] * (PREFILL_ROWS - len(rows))
+        self.prefill_slot.copy_(torch.tensor([slot for slot, _, _ in full]))
+        self.prefill_last.copy_(torch.tensor([len(prompt) - 1 for _, prompt, _ in full]))
+        self.columns.prefill_mask.copy_(torch.stack([columns for _, _, columns in full]))
+        ids = torch.tensor([prompt + [0] * (length - len(prompt)) for _, prompt, _ in full])
+        if length in self._prefills:
+            graph, static_ids, logits = self._prefills[length]
+            static_ids.copy_(ids)
             graph.replay()
-            out = logits[0, -1].float()
         else:
             with torch.no_grad(), self._prefilling():
-                out = self._prompt_logits(torch.tensor([prompt], device=self.device), self.prefill_last)[0, -1].float()
-        self.columns.decode_mask[slot].copy_(columns)
-        return out
+                logits = self._prompt_logits(ids.to(self.device), self.prefill_last)
+        for slot, _, columns in rows:
+            self.columns.decode_mask[slot].copy_(columns)
+        # logits at every row's last position: row i's own is [i, i]
+        return [logits[i, i].float() for i in range(len(rows))]
 
     def _prompt_logits(self, ids, last):
-        """The logits at position `last` of a prompt's forward whose keys/values go to slot `prefill_slot`."""
+        """The logits at positions `last` of the prompts' forward whose keys/values go to slots `prefill_slot`."""
         cache = prefill_cache(self.cache, self.prefill_slot)
         return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits
 
     @contextmanager
     def _prefilling(self):
-        """The SlotLinears read the prompt's one column mask (`prefill_mask`), the NF4Linears take bitsandbytes'
+        """The SlotLinears read the prompts' column masks (`prefill_mask`), the NF4Linears take bitsandbytes'
         path."""
         self.columns.mask = self.columns.prefill_mask
         self.columns.prefilling = True
@@ -623,6 +645,8 @@ class SlotBackend:
         return None
 
     def join(self, rows) -> None:
+        """A visitor's rows take slots (their adapters columns) and are prefilled, two of one prefill length at a
+        time (its two panes' first turn: one forward), each getting its first token."""
         joined = []
         try:
             for row in rows:
@@ -637,14 +661,18 @@ class SlotBackend:
                 if name is not None:
                     self.users[name] = self.users.get(name, 0) + 1
                 row.rng = torch.Generator().manual_seed(row.settings.seed)
-                logits = self.decoder.prefill(row.slot, row.prompt, self.decoder.columns.row_mask(name))
-                s = row.settings
-                token = self.decoder.first_token(logits, self._u(row), s.temperature or 1.0, s.top_p, s.greedy)
-                h = self.decoder.host_floats
-                h[1, row.slot], h[2, row.slot], h[3, row.slot] = s.temperature or 1.0, s.top_p, float(s.greedy)
-                self.decoder.set_row(row.slot, token, len(row.prompt))
-                self.next_pos[row.slot] = len(row.prompt)
-                self._advance(row, token, len(row.prompt))
+            for pair in self._prefill_groups(joined):
+                masks = [self.decoder.columns.row_mask(r.adapter.name if r.adapter is not None else None) for r in pair]
+                logits = self.decoder.prefill_rows([(r.slot, r.prompt, m) for r, m in zip(pair, masks)])
+                for row, row_logits in zip(pair, logits):
+                    s = row.settings
+                    token = self.decoder.first_token(row_logits, self._u(row), s.temperature or 1.0, s.top_p,
+                                                     s.greedy)
+                    h = self.decoder.host_floats
+                    h[1, row.slot], h[2, row.slot], h[3, row.slot] = s.temperature or 1.0, s.top_p, float(s.greedy)
+                    self.decoder.set_row(row.slot, token, len(row.prompt))
+                    self.next_pos[row.slot] = len(row.prompt)
+                    self._advance(row, token, len(row.prompt))
         except BaseException:
             for row in joined:
                 self.leave(row)
@@ -697,6 +725,20 @@ class SlotBackend:
         self.decoder.close()
 
     # --- helpers ----------------------------------------------------------------------------------------------
+    def _prefill_groups(self, rows) -> list[list]:
+        """Rows in groups of up to PREFILL_ROWS that share a prefill length, in their order (a pane's prefill must
+        not take its partner's longer bucket: its bits would then depend on the partner)."""
+        groups: list[list] = []
+        open_: dict[int, list] = {}
+        for row in rows:
+            length = self.decoder.prefill_length(len(row.prompt))
+            group = open_.get(length)
+            if group is None or len(group) == PREFILL_ROWS:
+                group = open_[length] = []
+                groups.append(group)
+            group.append(row)
+        return groups
+
     def _u(self, row) -> float:
         return 0.0 if row.settings.greedy else float(torch.rand((), generator=row.rng))
 

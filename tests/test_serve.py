@@ -304,8 +304,9 @@ def test_a_row_ends_at_any_of_its_stop_ids(decode, tiny_llama_dir, runs_root):
 
 def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(tiny_llama_dir):
     """The prefill writes each layer's keys/values straight into the row's slot (slots.prefill_cache; the captured
-    prompt graphs on a GPU run the same code): the same tensors transformers' own DynamicCache would hold, in that row
-    only, and the same last logits."""
+    prompt graphs on a GPU run the same code): the same tensors transformers' own DynamicCache holds after a forward
+    of the same rows (a lone prompt runs as two rows, slots.PREFILL_ROWS), in that row only, and the same last
+    logits."""
     import torch
     from transformers import DynamicCache
 
@@ -323,8 +324,9 @@ def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(
         decoder.close()  # the model's own Linears again, for the reference
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, logits_to_keep=1)
-    assert torch.equal(logits, ref.logits[0, -1].float())
+        ref = model(input_ids=torch.tensor([prompt] * slots.PREFILL_ROWS), cache=cache, use_cache=True,
+                    logits_to_keep=torch.tensor([n - 1] * slots.PREFILL_ROWS))  # (each row's last position)
+    assert torch.equal(logits, ref.logits[0, 0].float())
     for (keys, values), theirs in zip(slot_keys, cache.layers, strict=True):
         assert torch.equal(keys[1, :, :n], theirs.keys[0]) and torch.equal(values[1, :, :n], theirs.values[0])
         assert not keys[[0, 2]].any() and not keys[1, :, n:].any()  # nothing else written
@@ -350,12 +352,69 @@ def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_a
         decoder.prefill_last.fill_(n - 1)
         decoder.columns.prefill_mask.copy_(mask[None])  # what prefill() sets before a graph's replay
         with torch.no_grad(), decoder._prefilling():
-            padded = decoder._prompt_logits(torch.tensor([prompt + [0] * (bucket - n)]), decoder.prefill_last)[0, -1]
+            ids = torch.tensor([prompt + [0] * (bucket - n)] * slots.PREFILL_ROWS)
+            padded = decoder._prompt_logits(ids, decoder.prefill_last)[0, 0]
         torch.testing.assert_close(padded.float(), alone, rtol=1e-4, atol=1e-4)
         for layer in decoder.cache.layers:
             torch.testing.assert_close(layer.keys[1, :, :n], layer.keys[0, :, :n], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(layer.values[1, :, :n], layer.values[0, :, :n], rtol=1e-4, atol=1e-4)
         assert layer.keys[1, :, n:bucket].abs().sum() > 0  # the pads' keys land past the prompt (decode overwrites)
+    finally:
+        decoder.close()
+
+
+def test_a_visitors_two_panes_prefill_in_one_forward_and_each_gets_its_bits_alone(tiny_llama_dir, runs_root):
+    """Both panes of a visitor (base and adapter, the first turn's one prompt or two of one length) run through the
+    model as the two rows of one forward: one pass over the 4-bit weights. Each pane's logits and keys are, bit for
+    bit, what it gets prefilled alone (a lone row runs as two copies of itself: the same shapes). Panes whose prompts
+    take different lengths are prefilled apart, so no pane is padded to its partner's length."""
+    import torch
+
+    from qlora import slots
+    from qlora.batching import Row
+    from qlora.columns import read_adapter
+    from qlora.config import GenerationSettings
+    from qlora.model import load_base
+
+    model = load_base(str(tiny_llama_dir), "nf4", "fp32")
+    decoder = slots.SlotDecoder(model, rows=4, length=64, columns=16, capture=None)
+    forwards = []
+    own = decoder._prompt_logits
+    decoder._prompt_logits = lambda ids, last: forwards.append(ids.shape) or own(ids, last)
+    backend = slots.SlotBackend(decoder)
+    try:
+        decoder.columns.place("qv", read_adapter(runs_root / "qv" / "adapter"), 0)
+        base_mask, tuned_mask = decoder.columns.row_mask(None), decoder.columns.row_mask("qv")
+        first = [1, 450, 4996, 17354, 1701, 29916, 432]
+        other = [1, 450, 4996, 17354, 1701, 29916, 975]  # the other pane's history, the same length
+        longer = first + [278, 17366, 975]
+
+        def alone(prompt, mask):
+            logits = decoder.prefill(3, prompt, mask)
+            return logits, [layer.keys[3, :, :len(prompt)].clone() for layer in decoder.cache.layers]
+
+        for pair in ([(first, base_mask), (first, tuned_mask)], [(first, base_mask), (other, tuned_mask)]):
+            forwards.clear()
+            logits = decoder.prefill_rows([(slot, prompt, mask) for slot, (prompt, mask) in enumerate(pair)])
+            assert forwards == [(2, len(first))]  # one forward of the two panes
+            for slot, ((prompt, mask), got) in enumerate(zip(pair, logits)):
+                want, keys = alone(prompt, mask)
+                assert torch.equal(got, want)
+                assert all(torch.equal(layer.keys[slot, :, :len(prompt)], k)
+                           for layer, k in zip(decoder.cache.layers, keys))
+        with pytest.raises(AssertionError, match="two lengths"):
+            decoder.prefill_rows([(0, first, base_mask), (1, longer, tuned_mask)])
+        for slot in range(4):
+            decoder.clear(slot)
+        # the backend groups a visitor's rows by length: one forward for the first turn, two for panes apart
+        settings = GenerationSettings(temperature=0, max_new_tokens=2)
+        for prompts, expected in (((first, first), [(2, 7)]), ((first, longer), [(2, 7), (2, 10)])):
+            forwards.clear()
+            rows = [Row(prompt=list(p), adapter=None, settings=settings) for p in prompts]
+            backend.join(rows)
+            assert forwards == expected
+            for row in rows:
+                backend.leave(row)
     finally:
         decoder.close()
 
