@@ -173,3 +173,45 @@ def ms_by_kind(events, runs: int = 1) -> dict[str, float]:
             kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / runs
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
+
+
+def idle_gaps(trace: dict, top: int = 12, min_us: float = 50.0) -> dict:
+    """Where the GPU sat idle in a profiler's chrome trace (`prof.export_chrome_trace`): the wall time from the first
+    kernel to the last, the time some kernel ran (the union of kernel intervals), and the idle gaps of at least
+    `min_us` grouped by what the host was doing when the kernel after each gap was launched (the profiled ops that
+    enclose the launch, outermost first, the last three) and by the host calls that waited for the GPU in the gap
+    (a sync ending inside it). The `top` groups by idle time."""
+    events = trace.get("traceEvents", [])
+    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy",
+                                                                                    "gpu_memset")),
+                     key=lambda e: e["ts"])
+    if not kernels:
+        return {}
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")),
+                 key=lambda e: e["ts"])
+    waits = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+             and any(w in e.get("name", "") for w in ("Synchronize", "Memcpy", "EventQuery"))]
+    busy, groups, gaps = 0.0, {}, 0
+    end = kernels[0]["ts"]
+    for k in kernels:
+        start = k["ts"]
+        if start - end >= min_us:
+            launch = launches.get(k.get("args", {}).get("correlation"))
+            at = launch["ts"] if launch else start
+            inside = [o["name"] for o in ops if o["ts"] <= at <= o["ts"] + o.get("dur", 0)]
+            waited = sorted({w["name"] for w in waits if end <= w["ts"] + w.get("dur", 0) <= start})
+            key = " > ".join(inside[-3:]) or "(no op)"
+            if waited:
+                key += " | after " + ", ".join(waited)
+            g = groups.setdefault(key, [0.0, 0])
+            g[0] += start - end
+            g[1] += 1
+            gaps += 1
+        busy += max(0.0, k["ts"] + k.get("dur", 0) - max(start, end))
+        end = max(end, k["ts"] + k.get("dur", 0))
+    wall = end - kernels[0]["ts"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return dict(wall_ms=round(wall / 1000, 1), busy_ms=round(busy / 1000, 1), idle_ms=round((wall - busy) / 1000, 1),
+                gaps=gaps, largest=[dict(ms=round(v[0] / 1000, 2), n=v[1], where=k) for k, v in ranked])

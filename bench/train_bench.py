@@ -8,8 +8,9 @@ checkpointing on every layer, padded batches). `project` is qlora.train.build_tr
 picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
 compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes),
-compiled (the elementwise steps compiled), mm4bit (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0:
-fp32), metrics (trl's per-step metrics), attn (flash, efficient or math).
+compiled (the elementwise steps compiled), tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), mm4bit
+(bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
+(flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
@@ -63,7 +64,7 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "lora32": ("lora_fp32", _flag), "lean": ("lean", _flag), "fused": ("fused", _flag),
              "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
-             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag),
+             "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag), "tdq": ("triton_dequant", _flag),
              "attn": ("attention", _one_of("flash", "efficient", "math"))}
 
 
@@ -174,12 +175,28 @@ class Profile:
                     kinds = ms_by_kind(ka)
                     busy = sum(kinds.values()) / 1000
                     by_kind = "\n".join(f"  {k}: {ms / 1000:.3f} s" for k, ms in kinds.items())
-                    outer.table = (f"GPU busy {busy:.3f} s over 3 steps, by kind:\n{by_kind}\n" +
+                    outer.table = (f"GPU busy {busy:.3f} s over 3 steps, by kind:\n{by_kind}\n{_idle(outer.prof)}\n" +
                                    ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) +
                                    ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
                     outer.prof = None
 
         return _Cb()
+
+
+def _idle(prof) -> str:
+    """The profile's GPU idle time and its largest gaps by where the host was (bench.common.idle_gaps)."""
+    import tempfile
+
+    from bench.common import idle_gaps
+
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        gaps = idle_gaps(json.loads(Path(f"{d}/trace.json").read_text()))
+    if not gaps:
+        return "GPU idle: no kernels in the trace"
+    rows = "\n".join(f"  {g['ms']:8.2f} ms in {g['n']:4d} gaps: {g['where']}" for g in gaps["largest"])
+    return (f"GPU idle {gaps['idle_ms']:.1f} ms of {gaps['wall_ms']:.1f} ms from first kernel to last "
+            f"({gaps['gaps']} gaps of 50 us or more); the largest, by where the host was:\n{rows}")
 
 
 def seed_trainer(cfg, model, tok, ids, precision, run_dir):
