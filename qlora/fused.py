@@ -49,6 +49,7 @@ class Options:
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the fp32 master weights (False: in fp32)
     compiled: bool = False  # the elementwise steps (norms and their residual adds, RoPE, SiLU*up and their backward)
     # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
+    triton_dequant: bool = False  # nf4 weights dequantized by dequant.py's Triton kernel (bitsandbytes' bits)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Projection:
 @dataclass
 class Packed:
     """The 4-bit weights of projections that read the same input (q/k/v, gate/up), stored back to back: one
-    dequantize and one matmul instead of three or two. The modules' own weights become views of this storage."""
+    dequantize and one matmul instead of three or two (o and down are packed alone, so every 4-bit weight
+    dequantizes here). The modules' own weights become views of this storage."""
 
     data: object  # packed nf4 bytes, (n, 1) uint8
     absmax: object  # one fp32 scale per block
@@ -78,12 +80,20 @@ class Packed:
     dtype: object
     blocksize: int
     quant_type: str
+    code: object = None  # fp32 [16]: the 4-bit type's values (quant_state.code)
+    triton: bool = False  # nf4 dequantized by dequant.py's kernel (Options.triton_dequant)
 
     def weight(self, dtype):
         import torch
 
-        w = torch.ops.bitsandbytes.dequantize_4bit.default(self.data, self.absmax, self.blocksize, self.quant_type,
-                                                             self.shape, self.dtype)
+        w = None
+        if self.triton and self.quant_type == "nf4" and self.data.is_cuda:
+            from . import dequant
+
+            w = dequant.dequantize(self.data, self.absmax, self.code, self.shape, self.dtype, self.blocksize)
+        if w is None:
+            w = torch.ops.bitsandbytes.dequantize_4bit.default(self.data, self.absmax, self.blocksize,
+                                                                 self.quant_type, self.shape, self.dtype)
         return w if w.dtype == dtype else w.to(dtype)
 
 
@@ -101,6 +111,8 @@ class LayerParts:
     trainable: list = field(default_factory=list)  # A, B of every adapted projection, in PROJECTIONS order
     qkv: Packed | None = None
     gate_up: Packed | None = None
+    o: Packed | None = None  # o_proj's and down_proj's weights, each packed alone
+    down: Packed | None = None
     options: Options = field(default_factory=Options)
     keep_bits: int = 0  # 0: the MLP recomputes in backward; 16 or 8: gate/up outputs are kept in that many bits
 
@@ -184,7 +196,7 @@ def pack(projections: list[Projection]) -> Packed | None:
         s.absmax = absmax[block_at:block_at + blocks]
         at, block_at = at + n, block_at + blocks
     return Packed(data, absmax, (sum(s.shape[0] for s in states), first.shape[1]), first.dtype, first.blocksize,
-                  first.quant_type)
+                  first.quant_type, first.code)
 
 
 def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: int = 16) -> int:
@@ -198,6 +210,10 @@ def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: i
               if type(m).__name__ == "LlamaDecoderLayer" and not hasattr(m, "_qlora_parts")]
     for index, (module, parts) in enumerate(layers):
         parts.qkv, parts.gate_up = pack(parts.group(QKV)), pack(parts.group(GATE_UP))
+        parts.o, parts.down = pack([parts.proj["o_proj"]]), pack([parts.proj["down_proj"]])
+        for packed in (parts.qkv, parts.gate_up, parts.o, parts.down):
+            if packed is not None:
+                packed.triton = options.triton_dequant
         parts.options = options
         parts.keep_bits = keep_bits if index >= len(layers) - keep_mlp else 0
         module._qlora_parts = parts
@@ -341,7 +357,9 @@ def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, 
     if need_dx:
         if packed is not None:
             w = w if w is not None else packed.weight(dys[0].dtype)
-            dx = torch.matmul(dy_cat if dy_cat is not None else torch.cat(dys, dim=-1), w)
+            if dy_cat is None:
+                dy_cat = dys[0] if len(dys) == 1 else torch.cat(dys, dim=-1)
+            dx = torch.matmul(dy_cat, w)
         else:
             dx = sum(torch.matmul(dy, _weight(p.base, dy.dtype)) for p, dy in zip(projs, dys))
     for p, dy, t in zip(projs, dys, ts):
@@ -510,11 +528,11 @@ def _layer_function():
                 v = v.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2)
                 q, k, v, o = _attention(parts, q, k, v)
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
-                (a,), (to,), _ = _project_all([P["o_proj"]], None, attn, seed, opts)
+                (a,), (to,), _ = _project_all([P["o_proj"]], parts.o, attn, seed, opts)
                 h2, y, r2 = S.add_norm(h, a, parts.norm_post)
                 (g, u), (tg, tu), _ = _project_all(gate_up, parts.gate_up, y, seed, opts)
                 m = S.silu_mul(g, u)
-                (d,), (td,), _ = _project_all([P["down_proj"]], None, m, seed, opts)
+                (d,), (td,), _ = _project_all([P["down_proj"]], parts.down, m, seed, opts)
                 out = h2 + d
                 kept = _kept(g, parts.keep_bits) + _kept(u, parts.keep_bits) if parts.keep_bits else ()
             ctx.parts, ctx.seed = parts, seed
@@ -547,7 +565,7 @@ def _layer_function():
                 else:  # recomputed: norm, gate and up (with the kept lora_A outputs)
                     y = post_norm()
                     (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, opts, t_saved=(tg, tu))
-                dm = _backward_all([P["down_proj"]], None, [dout], lambda: S.silu_mul(g, u), [td], seed, grads)
+                dm = _backward_all([P["down_proj"]], parts.down, [dout], lambda: S.silu_mul(g, u), [td], seed, grads)
                 dys, dy_cat = S.mlp_grads(dm, g, u)
                 del g, u, dm
                 dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, w_gate_up, dy_cat=dy_cat)
@@ -555,7 +573,7 @@ def _layer_function():
                 dh2 = S.norm_backward(dy, h2, r2, parts.norm_post, dout)
                 del dy
                 # attention
-                da = _backward_all([P["o_proj"]], None, [dh2], lambda: o.detach().transpose(1, 2).reshape(b, s, -1),
+                da = _backward_all([P["o_proj"]], parts.o, [dh2], lambda: o.detach().transpose(1, 2).reshape(b, s, -1),
                                    [to], seed, grads)
                 do = da.view(b, s, parts.heads, parts.head_dim).transpose(1, 2)
                 dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)

@@ -55,6 +55,10 @@ FEWER_PASSES = True
 # as a few fused kernels (fused.Options.compiled; once a process, batch and token dimensions dynamic). On a fast card
 # the step waits on the CPU, where the compiled functions' guards only add host time, so they stay op by op there.
 COMPILE_STEPS = True
+# On the same card bitsandbytes' dequantize kernel moved ~150 GB/s (8% of the step, run45's profile): dequant.py's
+# Triton kernel gives the same bits (fused.Options.triton_dequant). On a fast card its launch costs host time the
+# GPU waits on, so bitsandbytes' kernel stays there.
+TRITON_DEQUANT = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
 TRL_METRICS = False
@@ -103,6 +107,7 @@ class Plan:
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op, not dequantize + matmul
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the master weights (False: in theirs)
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
+    triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
     estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
@@ -138,7 +143,7 @@ class Plan:
         from .fused import Options
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
-                       lora_fp16=self.lora_fp16, compiled=self.compiled)
+                       lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -231,11 +236,13 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         p.notes.append(f"attention: the {kernel} kernel where sdpa runs ({where})")
     # on a compute-poor card the fused layers' elementwise passes cost GPU time: compiled
     p.compiled = p.fused and compute_poor(tflops) and COMPILE_STEPS
+    p.triton_dequant = p.fused and compute_poor(tflops) and TRITON_DEQUANT
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
                        + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "
-                          "first step)" if p.compiled else
-                          ", fewer elementwise passes)" if p.fewer_passes else ")"))
+                          "first step" if p.compiled else ", fewer elementwise passes" if p.fewer_passes else "")
+                       + (", nf4 weights dequantized by a Triton kernel (bitsandbytes' bits)" if p.triton_dequant
+                          else "") + ")")
     limit = (budget_gib or 0) * HEADROOM
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0

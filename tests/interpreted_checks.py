@@ -111,3 +111,22 @@ def rms_norm_rope_and_silu_mul_do_transformers_arithmetic():
     gate, up = (torch.randn(4, 1, 200, generator=g) * 4).to(dtype), torch.randn(4, 1, 200, generator=g).to(dtype)
     ref = torch.nn.functional.silu(gate.float()).to(dtype).float() * up.float()
     assert (ops.silu_mul(gate, up).float() - ref).abs().max() <= 2 * eps * ref.abs().max()
+
+
+def the_triton_dequantize_gives_bitsandbytes_bits():
+    import bitsandbytes.functional as bf
+
+    from qlora import dequant
+    for dtype, blocksize, rows in ((torch.float16, 64, 3 * 96), (torch.float32, 64, 96), (torch.float16, 128, 40)):
+        # blocks: 432, 96 and 60, so the last program of each runs part empty (ROWS = 64)
+        w = torch.randn(rows, 64 * 3, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        data, state = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        assert dequant.fits(state) and set(range(16)) <= set((data >> 4).flatten().tolist())
+        got = dequant.dequantize(data, state.absmax, state.code, state.shape, state.dtype, blocksize)
+        assert got is not None and got.dtype == dtype
+        if blocksize == 64:  # bitsandbytes' CPU backend (0.50) gives other values at 128; the GPU test checks its CUDA
+            assert torch.equal(got, bf.dequantize_4bit(data, state)), dtype
+        d = data.reshape(-1)  # the layout's arithmetic: high nibble first, code * absmax in fp32, one rounding
+        codes = torch.stack([d >> 4, d & 15], dim=-1).reshape(-1).long()
+        want = (state.code[codes].view(-1, blocksize) * state.absmax.view(-1, 1)).to(dtype).view(state.shape)
+        assert torch.equal(got, want), (dtype, blocksize)

@@ -130,7 +130,10 @@ LEVERS = {
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
     "elementwise steps compiled": dict(options=fused.Options(compiled=True)),
-    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True), keep_mlp=2),
+    "nf4 dequantized by the Triton kernel (a GPU's; bitsandbytes on the CPU)": dict(
+        options=fused.Options(triton_dequant=True)),
+    "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
+                                              triton_dequant=True), keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -252,6 +255,44 @@ def test_a_step_that_does_not_compile_runs_op_by_op_and_says_so(tiny_llama_dir, 
     assert all(run is fn for fn, run in fused._COMPILED.items()) and len(fused._COMPILED) == 7
     warned = [r.getMessage() for r in caplog.records if "did not compile" in r.getMessage()]
     assert len(warned) == 7 and "_norm_plain step did not compile (RuntimeError: no compiler here)" in warned[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_on_the_gpu_the_triton_dequantize_gives_bitsandbytes_bits(dtype):
+    """dequant.py's kernel against bitsandbytes' own CUDA kernel on the same nf4 weights: equal bit for bit (every
+    code of the table; blocks of 64 and 128; the 7B shapes' packed q/k/v and gate/up, and odd block counts)."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from qlora import dequant
+
+    dt = getattr(torch, dtype)
+    for shape, blocksize in (((3 * 4096, 4096), 64), ((2 * 11008, 4096), 64), ((96, 200), 64), ((40, 192), 128)):
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])).to(dt).cuda()
+        data, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        want = bnbf.dequantize_4bit(data, state)
+        got = dequant.dequantize(data, state.absmax, state.code, state.shape, state.dtype, blocksize)
+        assert got is not None and got.dtype == want.dtype == dt and torch.equal(got, want), (shape, blocksize)
+    assert not dequant._failed
+
+
+def test_where_the_triton_dequantize_cannot_run_bitsandbytes_dequantizes_and_the_log_says_so(monkeypatch, caplog):
+    """No Triton for the card (here: CPU tensors, no interpreter): None, one log line, and no second try."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from qlora import dequant
+
+    monkeypatch.setattr(dequant, "_failed", [])
+    monkeypatch.setattr(dequant, "_built", None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data, state = bnbf.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
+    with caplog.at_level("WARNING", logger="qlora"):
+        for _ in range(2):
+            assert dequant.dequantize(data, state.absmax, state.code, state.shape, torch.float32, 64) is None
+    warned = [r.getMessage() for r in caplog.records if "Triton nf4 dequantize did not run" in r.getMessage()]
+    assert len(warned) == 1 and "bitsandbytes' kernel dequantizes instead" in warned[0]
 
 
 def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):

@@ -1,0 +1,83 @@
+"""bitsandbytes' nf4 dequantize as one Triton kernel, bit for bit: the fused training layer's 4-bit weights on a
+compute-poor card (`fused.Options.triton_dequant`, chosen by `speed.plan`).
+
+Why: on a T4-sized share of an H200 (the train bench's t4c mode) bitsandbytes' `kDequantizeBlockwise` moved ~150 GB/s
+and took 8% of a training step's GPU time (bench/README.md, run45's profile), where the card copies at ~650 GB/s.
+A compute-poor card has few multiprocessors, and that kernel's small blocks of 64 threads, each reading a few bytes,
+leave most of their bandwidth unused. Here a program reads 64 scale blocks' bytes in one 2-D load and writes 64 x 64
+weights in one store.
+
+The arithmetic is bitsandbytes' (`functional.dequantize_4bit` for nf4, its CUDA kernel and its CPU backend alike):
+byte j of the flat data holds weights 2j (high nibble) and 2j + 1 (low nibble); weight i is `code[nibble] *
+absmax[i // blocksize]` in fp32, rounded once to the output dtype. The GPU test holds the result to bitsandbytes' own
+kernel bit for bit, the interpreted CPU test to its CPU backend. Plain (not nested) absmax only, which is what the
+fused layer's packed weights are; anything else stays with bitsandbytes.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch  # imported by fused.py only when a layer dequantizes on a card (`import qlora` stays light)
+
+ROWS = 64  # scale blocks a program dequantizes
+_built = None
+_failed: list = []  # the reason, once the kernel failed on this process's card: bitsandbytes' kernel from then on
+
+
+def fits(state) -> bool:
+    """Whether a bitsandbytes quant state is one the kernel reads: nf4, plain absmax, a power-of-two block size."""
+    return (state is not None and state.quant_type == "nf4" and not state.nested
+            and state.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096))
+
+
+def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape, dtype, blocksize: int):
+    """The [shape] weight in `dtype` from nf4 `data` (uint8, two weights a byte), fp32 `absmax` (one a block) and
+    `code` (fp32 [16], the nf4 values), on data's CUDA device; None where the kernel cannot run here (the caller
+    then takes bitsandbytes' path; the first failure is logged)."""
+    if _failed:
+        return None
+    half = blocksize // 2
+    blocks = data.numel() // half
+    if blocks * half != data.numel() or absmax.numel() != blocks or absmax.dtype != torch.float32:
+        return None
+    out = torch.empty(shape, dtype=dtype, device=data.device)
+    try:
+        _kernel()[(-(-blocks // ROWS),)](data.reshape(-1), absmax.reshape(-1), code, out, blocks, HALF=half,
+                                                  ROWS=ROWS, num_warps=4)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # no Triton for this card, a compile error: bitsandbytes' kernel, said once
+        _failed.append(e)
+        logging.getLogger("qlora").warning("speed: the Triton nf4 dequantize did not run (%s: %s); bitsandbytes' "
+                                           "kernel dequantizes instead", type(e).__name__,
+                                           str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+        return None
+    return out
+
+
+def _kernel():
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["blocks"])
+    def nf4_dequantize_kernel(data_ptr, absmax_ptr, code_ptr, out_ptr, blocks, HALF: tl.constexpr,
+                              ROWS: tl.constexpr):
+        # rows of this program: scale blocks; a row's HALF bytes are its 2 * HALF weights, high nibble first
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = r < blocks
+        packed = tl.load(data_ptr + r[:, None] * HALF + tl.arange(0, HALF)[None, :], mask=ok[:, None],
+                         other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + r, mask=ok, other=0.0)[:, None]
+        hi = tl.load(code_ptr + (packed >> 4)) * scale  # fp32, as bitsandbytes multiplies
+        lo = tl.load(code_ptr + (packed & 15)) * scale
+        w = tl.reshape(tl.join(hi, lo), (ROWS, 2 * HALF)).to(out_ptr.dtype.element_ty)  # one rounding
+        tl.store(out_ptr + r[:, None] * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :], w, mask=ok[:, None])
+
+    return nf4_dequantize_kernel
