@@ -8,7 +8,8 @@ checkpointing on every layer, padded batches). `project` is qlora.train.build_tr
 picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
 compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes),
-compiled (the elementwise steps compiled), tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), mm4bit
+compiled (the elementwise steps compiled), tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), expandable
+(the allocator's expandable segments), mm4bit
 (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
 (flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
@@ -22,6 +23,7 @@ of the multiprocessors), so one call can measure many levers side by side with t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -65,6 +67,7 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
              "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag), "tdq": ("triton_dequant", _flag),
+             "expandable": ("expandable_segments", _flag),
              "attn": ("attention", _one_of("flash", "efficient", "math"))}
 
 
@@ -135,7 +138,8 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     setup_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    with speed.allocator(plan) if plan is not None else contextlib.nullcontext():
+        trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return dict(arm=arm, mode=mode, precision=precision, plan=plan.to_dict() if plan else None, setup_s=setup_s,
                 step_s=meter.times, step_tokens=meter.tokens, loss=losses,

@@ -7,7 +7,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from . import prompts, runs
+from . import prompts, runs, speed
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
 from .data import DataError, keep_answered, prepare, tokenize
@@ -17,7 +17,6 @@ from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 
 if TYPE_CHECKING:
     from .data import Row
-    from .speed import Plan
 
 log = logging.getLogger("qlora")
 
@@ -81,7 +80,8 @@ def train(cfg: TrainConfig, emit: Callable[[Event], None] = lambda e: None, stop
         if cfg.sample_every:
             trainer.add_callback(SampleCallback(emit, tokenizer, fmt, cfg.sample_every))
         checkpoint = runs.latest_checkpoint(run_dir) if resume_from else None
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with speed.allocator(trainer.speed_plan):
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
         # 6. Save, whatever made training end; a NaN loss is a failure, not an adapter.
         step = trainer.state.global_step
@@ -146,14 +146,12 @@ def _shared_run_dir(cfg: TrainConfig, resume_from, dist) -> Path:
 
 
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", eval_rows: "list[Row]", precision: str,
-                  run_dir: Path, plan: "Plan | None" = None):
+                  run_dir: Path, plan: "speed.Plan | None" = None):
     """SFTTrainer for the recipe on pre-tokenized rows (data.tokenize: ids, and labels with -100 where the loss does
     not train); `plan` (default: picked from the card by qlora/speed.py) is the fast path."""
     from peft import get_peft_model
     from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
-
-    from . import speed
 
     on_gpu = cuda_available()
     if plan is None:
