@@ -142,6 +142,8 @@ def kernel_kind(name: str) -> str:
         return "4-bit matmul (nf4mm)"
     if "gemm_4bit" in n or "kgemm" in n or "gemv" in n or "4bit_inference" in n:
         return "4-bit matmul (bitsandbytes fused)"
+    if "nf4_dequantize" in n:
+        return "4-bit dequantize (qlora/dequant.py)"
     if "dequantize" in n:
         return "4-bit dequantize (bitsandbytes)"
     if "fmha" in n or "attention" in n or "flash" in n or "attend" in n or "merge_kernel" in n:
