@@ -15,12 +15,13 @@ Used only where that is exact: training mode with grad on, no KV cache, no atten
 `speed.CAUSAL_ATTENTION`), a layer that does not checkpoint, plain LoRA (no DoRA, no LoRA bias) on any of the seven
 projections over 4-bit or 16-bit frozen weights. Anything else runs the layer's own forward.
 
-Kernels: the project writes none. Everything here is torch and bitsandbytes operators, which run on any CUDA card
-torch supports, sm_75 (a T4) included; attention is sdpa restricted to the kernel the card has (memory-efficient on
-Turing, math as the fallback, `Options.attention`), and `gemm_4bit` is bitsandbytes' own op, which ships an sm_75 path
-and falls back to dequantize + matmul where its kernel does not pay. With `Options.compiled` (a compute-poor card),
-torch.compile turns the elementwise steps (`_Steps`) into Triton kernels of its own for the card at hand (sm_75
-included); where that fails, the same steps run op by op.
+Kernels: torch and bitsandbytes operators, which run on any CUDA card torch supports, sm_75 (a T4) included;
+attention is sdpa restricted to the kernel the card has (memory-efficient on Turing, math as the fallback,
+`Options.attention`), and `gemm_4bit` is bitsandbytes' own op, which ships an sm_75 path and falls back to dequantize
++ matmul where its kernel does not pay. On a compute-poor card two options add Triton kernels, each with a fallback
+that logs once: `Options.compiled`, torch.compile's kernels for the elementwise steps (`_Steps`, written for the card
+at hand, sm_75 included; else op by op), and `Options.triton_dequant`, the project's one training kernel
+(qlora/dequant.py: bitsandbytes' nf4 dequantize, bit for bit; else bitsandbytes' own).
 """
 from __future__ import annotations
 
