@@ -15,12 +15,12 @@ fused layer's packed weights are; anything else stays with bitsandbytes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch  # imported by fused.py only when a layer dequantizes on a card (`import qlora` stays light)
 
 ROWS = 64  # scale blocks a program dequantizes
-_built = None
 _failed: list = []  # the reason, once the kernel failed on this process's card: bitsandbytes' kernel from then on
 
 
@@ -55,14 +55,9 @@ def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, sha
     return out
 
 
+@functools.cache
 def _kernel():
-    global _built
-    if _built is None:
-        _built = _build()
-    return _built
-
-
-def _build():
+    """The kernel, defined once (Triton compiles it for the card at its first launch)."""
     import triton
     import triton.language as tl
 

@@ -285,7 +285,7 @@ def test_where_the_triton_dequantize_cannot_run_bitsandbytes_dequantizes_and_the
     from qlora import dequant
 
     monkeypatch.setattr(dequant, "_failed", [])
-    monkeypatch.setattr(dequant, "_built", None)
+    dequant._kernel.cache_clear()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     data, state = bnbf.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")
     with caplog.at_level("WARNING", logger="qlora"):
