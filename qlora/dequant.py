@@ -24,17 +24,12 @@ ROWS = 64  # scale blocks a program dequantizes
 _failed: list = []  # the reason, once the kernel failed on this process's card: bitsandbytes' kernel from then on
 
 
-def fits(state) -> bool:
-    """Whether a bitsandbytes quant state is one the kernel reads: nf4, plain absmax, a power-of-two block size."""
-    return (state is not None and state.quant_type == "nf4" and not state.nested
-            and state.blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096))
-
-
 def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape, dtype, blocksize: int):
     """The [shape] weight in `dtype` from nf4 `data` (uint8, two weights a byte), fp32 `absmax` (one a block) and
     `code` (fp32 [16], the nf4 values), on data's CUDA device; None where the kernel cannot run here (the caller
-    then takes bitsandbytes' path; the first failure is logged)."""
-    if _failed:
+    then takes bitsandbytes' path; the first failure is logged) or does not read this layout (a block size that is
+    not a power of two, absmax not plain fp32)."""
+    if _failed or blocksize < 2 or blocksize & (blocksize - 1):
         return None
     half = blocksize // 2
     blocks = data.numel() // half

@@ -574,11 +574,11 @@ def _layer_function():
                     y = post_norm()
                     (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, opts, t_saved=(tg, tu))
                 dm = _backward_all([P["down_proj"]], parts.down, [dout], lambda: S.silu_mul(g, u), [td], seed, grads)
-                dys, dy_cat = S.mlp_grads(dm, g, u)
+                dys = S.mlp_grads(dm, g, u)
                 del g, u, dm
-                dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, w_gate_up, dy_cat=dy_cat,
-                                   split=S.compiled)
-                del dys, dy_cat, w_gate_up
+                # compiled, the two gradients come from one kernel, and a cat of them would cost a pass of its own
+                dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, w_gate_up, split=S.compiled)
+                del dys, w_gate_up
                 dh2 = S.norm_backward(dy, h2, r2, parts.norm_post, dout)
                 del dy
                 # attention
@@ -695,14 +695,14 @@ class _Steps:
         return self._step(_silu_mul)(g, u)
 
     def mlp_grads(self, dm, g, u):
-        """[d(gate), d(up)], and the two side by side where they were written so (else None)."""
+        """[d(gate), d(up)]."""
         import torch
         import torch.nn.functional as F
 
         if self.fewer:
             sg = F.silu(g)
-            return [torch.ops.aten.silu_backward(dm * u, g), sg.mul_(dm)], None
-        return list(self._step(_mlp_grads)(dm, g, u)), None
+            return [torch.ops.aten.silu_backward(dm * u, g), sg.mul_(dm)]
+        return list(self._step(_mlp_grads)(dm, g, u))
 
     def norm_backward(self, dy, h, r, norm, residual):
         """residual + d(input) of the norm."""

@@ -308,8 +308,12 @@ def _choose_keep(p: Plan, cfg, arch: Arch, tflops: float | None, limit: float) -
 @contextmanager
 def allocator(p: Plan):
     """The CUDA allocator as the plan wants it while training (expandable segments), and as it was afterwards, also
-    when training fails: the chat engine that loads next captures its graphs with the process's usual settings."""
-    if not p.expandable_segments:
+    when training fails: the chat engine that loads next captures its graphs with the process's usual settings.
+    Where the process was started with expandable segments (PYTORCH_CUDA_ALLOC_CONF), they stay as they are."""
+    import os
+
+    started = (os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")).lower()
+    if not p.expandable_segments or "expandable_segments:true" in started.replace(" ", ""):
         yield
         return
     import torch

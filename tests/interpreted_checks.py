@@ -121,7 +121,7 @@ def the_triton_dequantize_gives_bitsandbytes_bits():
         # blocks: 432, 96 and 60, so the last program of each runs part empty (ROWS = 64)
         w = torch.randn(rows, 64 * 3, generator=torch.Generator().manual_seed(rows)).to(dtype)
         data, state = bf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
-        assert dequant.fits(state) and set(range(16)) <= set((data >> 4).flatten().tolist())
+        assert not state.nested and set(range(16)) <= set((data >> 4).flatten().tolist())
         got = dequant.dequantize(data, state.absmax, state.code, state.shape, state.dtype, blocksize)
         assert got is not None and got.dtype == dtype
         if blocksize == 64:  # bitsandbytes' CPU backend (0.50) gives other values at 128; the GPU test checks its CUDA

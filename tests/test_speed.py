@@ -207,6 +207,10 @@ def test_the_allocator_takes_expandable_segments_for_training_only_and_gives_the
             assert calls == ["expandable_segments:True"]
             raise RuntimeError("CUDA out of memory")
     assert calls == ["expandable_segments:True", "expandable_segments:False"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # the process's own: left alone
+    with speed.allocator(speed.Plan(precision="fp16", expandable_segments=True)):
+        pass
+    assert len(calls) == 2
 
 
 def test_an_fp32_run_on_a_gpu_is_planned_with_the_fp32_figure_it_reports():
