@@ -1,4 +1,5 @@
-"""The chat engine's Triton kernels compile for every card generation they may meet, on a machine without a GPU.
+"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize) compile for every card
+generation they may meet, on a machine without a GPU.
 
 Triton compiles ahead of time for a named target (`triton.compile(..., target=GPUTarget("cuda", cc, 32))`: its own
 LLVM and the ptxas it ships), so CI catches a kernel that no longer builds before a GPU ever sees it: Turing (a
@@ -19,7 +20,7 @@ CARDS = [(75, "fp16"), (80, "fp16"), (80, "bf16"), (90, "bf16")]  # (compute cap
 
 def kernels(t: str) -> dict:
     """name -> (kernel, argument types, constexprs, launch options), as the engine launches them (7B shapes)."""
-    from qlora import decodeops, nf4mm
+    from qlora import decodeops, dequant, nf4mm
 
     nf4 = nf4mm._build()
     ops = decodeops._build()
@@ -43,11 +44,14 @@ def kernels(t: str) -> dict:
                                   svc_l="i32"), dict(D=128), dict(num_warps=1)),
         "silu_mul": (ops.silu_mul, dict(g_ptr=f"*{t}", u_ptr=f"*{t}", out_ptr=f"*{t}", N="i32"), dict(BLOCK=1024),
                      dict(num_warps=4)),
+        "nf4_dequantize": (dequant._kernel(), dict(data_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
+                                                   out_ptr=f"*{t}", blocks="i32"),
+                           dict(HALF=32, ROWS=dequant.ROWS), dict(num_warps=4)),
     }
 
 
 @pytest.mark.parametrize("cc,dtype", CARDS, ids=[f"sm{cc}-{t}" for cc, t in CARDS])
-def test_every_chat_kernel_compiles_for_the_card(cc, dtype):
+def test_every_kernel_compiles_for_the_card(cc, dtype):
     built = {}
     for name, (kernel, types, constexprs, options) in kernels(dtype).items():
         assert set(types) | set(constexprs) == set(kernel.arg_names), name  # the test knows every argument
