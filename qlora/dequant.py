@@ -7,10 +7,10 @@ A compute-poor card has few multiprocessors, and that kernel's small blocks of 6
 leave most of their bandwidth unused. Here a program reads 64 scale blocks' bytes in one 2-D load and writes 64 x 64
 weights in one store.
 
-The arithmetic is bitsandbytes' (`functional.dequantize_4bit` for nf4, its CUDA kernel and its CPU backend alike):
-byte j of the flat data holds weights 2j (high nibble) and 2j + 1 (low nibble); weight i is `code[nibble] *
-absmax[i // blocksize]` in fp32, rounded once to the output dtype. The GPU test holds the result to bitsandbytes' own
-kernel bit for bit, the interpreted CPU test to its CPU backend. Plain (not nested) absmax only, which is what the
+The arithmetic is bitsandbytes' CUDA kernel's (`functional.dequantize_4bit` for nf4): byte j of the flat data holds
+weights 2j (high nibble) and 2j + 1 (low nibble); weight i is `code[nibble] * absmax[i // blocksize]` in fp32,
+rounded once to the output dtype. The GPU test holds the result to that kernel bit for bit; the interpreted CPU test
+holds it to the formula and, at block size 64, to bitsandbytes' CPU backend (whose 0.50 values differ at 128). Plain (not nested) absmax only, which is what the
 fused layer's packed weights are; anything else stays with bitsandbytes.
 """
 from __future__ import annotations
