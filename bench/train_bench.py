@@ -9,9 +9,8 @@ picks for the card. `project:key=value+key=value` overrides that plan to measure
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
 compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes),
 compiled (the elementwise steps compiled), tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), expandable
-(the allocator's expandable segments), mm4bit
-(bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
-(flash, efficient or math).
+(the allocator's expandable segments), mm4bit (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0:
+fp32), metrics (trl's per-step metrics), attn (flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
