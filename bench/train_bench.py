@@ -7,10 +7,11 @@ Arms: `seed` is the plain seed recipe built directly with trl + peft (fp16 compu
 checkpointing on every layer, padded batches). `project` is qlora.train.build_trainer with the plan qlora/speed.py
 picks for the card. `project:key=value+key=value` overrides that plan to measure one lever (arms are separated by
 commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckpt, lora32, fused, and the levers of a
-compute-poor card: keep_mlp (layers keeping gate/up), keep_bits (16 or 8), fewer (fewer elementwise passes),
-compiled (the elementwise steps compiled), tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), expandable
-(the allocator's expandable segments), mm4bit (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0:
-fp32), metrics (trl's per-step metrics), attn (flash, efficient or math).
+compute-poor card: keep_mlp (layers keeping gate/up on every batch), shorter (more layers keeping on shorter
+batches; 0: none), keep_bits (16 or 8), fewer (fewer elementwise passes), compiled (the elementwise steps compiled),
+tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), expandable (the allocator's expandable segments), mm4bit
+(bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), attn
+(flash, efficient or math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
@@ -60,10 +61,17 @@ def _one_of(*choices):
     return parse
 
 
+def _off(value: str) -> list:
+    if value != "0":
+        raise ValueError(f"only 0 (off) is a value here, got {value!r}")
+    return []
+
+
 # project:key=value -> the Plan field it sets and how its value reads
 OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag), "ckpt": ("checkpoint_layers", int),
              "lora32": ("lora_fp32", _flag), "lean": ("lean", _flag), "fused": ("fused", _flag),
-             "keep_mlp": ("keep_mlp", int), "keep_bits": ("keep_bits", _one_of(16, 8)),
+             "keep_mlp": ("keep_mlp", int), "shorter": ("keep_upto_tokens", _off),
+             "keep_bits": ("keep_bits", _one_of(16, 8)),
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
              "metrics": ("trl_metrics", _flag), "compiled": ("compiled", _flag), "tdq": ("triton_dequant", _flag),
              "expandable": ("expandable_segments", _flag),
@@ -86,10 +94,20 @@ def parse_overrides(overrides: str) -> list[tuple[str, object]]:
 
 
 def apply_overrides(plan, overrides: str, cfg, arch) -> None:
-    """Set the plan fields an arm names, then re-estimate its memory."""
-    for field, value in parse_overrides(overrides):
+    """Set the plan fields an arm names, then re-estimate its memory (and re-plan the layers that keep on shorter
+    batches around a changed keep count or width, unless the arm turns them off)."""
+    from qlora import speed
+
+    named = parse_overrides(overrides)
+    for field, value in named:
         setattr(plan, field, value)
         plan.notes.append(f"override {field}={getattr(plan, field)}")
+    fields = {field for field, _ in named}
+    if plan.keep_upto_tokens and fields & {"keep_mlp", "keep_bits"} and "keep_upto_tokens" not in fields:
+        speed.keep_on_shorter_batches(plan, cfg, arch)
+        upto = plan.keep_upto_tokens
+        plan.notes.append(f"re-planned: {len(upto)} more layers keep on shorter batches"
+                          + (f" (all up to {upto[-1]:,} tokens)" if upto else ""))
     if plan.padding_free:
         plan.causal_attention = False  # packed rows need their block mask
     plan.estimated_peak_gib = plan.estimate(cfg, arch)

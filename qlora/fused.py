@@ -7,7 +7,8 @@ the attention output (the attention kernel needs them), the post-attention resid
 LoRA rank-r activations. Norms, dropout masks and, by default, the MLP are recomputed in backward, which is cheap on a
 GPU that is otherwise waiting. The saved memory is what lets a 7B run skip gradient checkpointing within a T4's 15 GiB.
 On a compute-poor card (a T4) recomputing is not free: speed.plan then has some layers keep their gate/up outputs
-(`keep_mlp`, in 16 bits, or in 8 with a scale per token) and picks the other `Options` below from the card.
+(`keep_mlp`, in 16 bits, or in 8 with a scale per token; more layers on batches shorter than the longest,
+`keep_upto_tokens`) and picks the other `Options` below from the card.
 
 The forward is transformers' LlamaDecoderLayer with peft's LoRA, op for op: RMSNorm in fp32, q/k/v/o, RoPE, causal
 sdpa with no mask, SiLU*up, and `base(x) + lora_B(lora_A(dropout(x))) * scaling` on every adapted projection.
@@ -26,6 +27,7 @@ at hand, sm_75 included; else op by op), and `Options.triton_dequant`, the proje
 from __future__ import annotations
 
 import logging
+import math
 import types
 from dataclasses import dataclass, field
 
@@ -115,7 +117,8 @@ class LayerParts:
     o: Packed | None = None  # o_proj's and down_proj's weights, each packed alone
     down: Packed | None = None
     options: Options = field(default_factory=Options)
-    keep_bits: int = 0  # 0: the MLP recomputes in backward; 16 or 8: gate/up outputs are kept in that many bits
+    keep_bits: int = 16  # gate/up outputs kept for backward in 16 bits (exact) or 8 (int8, a scale a token) ...
+    keep_tokens: float = 0  # ... on batches of at most this many tokens (inf: all); longer ones recompute them
 
     def group(self, names) -> list[Projection]:
         return [self.proj[n] for n in names]
@@ -200,11 +203,14 @@ def pack(projections: list[Projection]) -> Packed | None:
                   first.quant_type, first.code)
 
 
-def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: int = 16) -> int:
+def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: int = 16,
+            keep_upto_tokens=()) -> int:
     """Give every Llama decoder layer of `model` the fused training forward; returns how many layers took it.
 
     The last `keep_mlp` layers keep their gate/up outputs for backward in `keep_bits` bits (16 or 8) instead of
-    recomputing them; layers that checkpoint are the first ones (speed.Plan), so the two never meet."""
+    recomputing them; the layers below those, going down, keep them on batches of at most `keep_upto_tokens[j]`
+    tokens (speed.keep_on_shorter_batches). Layers that checkpoint are the first ones (speed.Plan), so they never
+    keep."""
     if keep_bits not in (16, 8):
         raise ValueError(f"keep_bits must be 16 or 8, not {keep_bits}")
     layers = [(m, layer_parts(m)) for m in model.modules()  # every layer checked before any is changed
@@ -216,7 +222,10 @@ def install(model, options: Options = Options(), keep_mlp: int = 0, keep_bits: i
             if packed is not None:
                 packed.triton = options.triton_dequant
         parts.options = options
-        parts.keep_bits = keep_bits if index >= len(layers) - keep_mlp else 0
+        parts.keep_bits = keep_bits
+        below = len(layers) - keep_mlp - 1 - index  # 0 for the layer just below the ones that always keep
+        parts.keep_tokens = (math.inf if below < 0 else keep_upto_tokens[below] if below < len(keep_upto_tokens)
+                             else 0)
         module._qlora_parts = parts
         module._qlora_stock_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
@@ -542,7 +551,8 @@ def _layer_function():
                 m = S.silu_mul(g, u)
                 (d,), (td,), _ = _project_all([P["down_proj"]], parts.down, m, seed, opts)
                 out = h2 + d
-                kept = _kept(g, parts.keep_bits) + _kept(u, parts.keep_bits) if parts.keep_bits else ()
+                keep = b * s <= parts.keep_tokens  # this batch leaves room for this layer's gate/up
+                kept = _kept(g, parts.keep_bits) + _kept(u, parts.keep_bits) if keep else ()
             ctx.parts, ctx.seed = parts, seed
             ctx.attention = (q, k, v, o)  # o carries its own little graph back to q, k, v
             ctx.save_for_backward(h, r1, h2, r2, cos, sin, *[t if t is not None else h.new_empty(0)
@@ -566,7 +576,7 @@ def _layer_function():
                 return S.norm(h2, parts.norm_post, r2)[0]
 
             with _autocast_off(h.device):
-                if parts.keep_bits:  # gate and up as forward made them (16 bits) or as kept (8 bits)
+                if kept:  # gate and up as forward made them (16 bits) or as kept (8 bits)
                     half = len(kept) // 2
                     g, u = _unkept(kept[:half], h.dtype), _unkept(kept[half:], h.dtype)
                     y, w_gate_up = post_norm, None

@@ -135,6 +135,9 @@ def describe(p: Plan, cfg: TrainConfig, arch: Arch) -> str:
     lora = "fp32" if p.lora_fp32 else "bf16"
     kind = "fused decoder layers" if p.fused else "stock decoder layers with lean norms"
     kept = f", gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} layers" if p.fused and p.keep_mlp else ""
+    if p.fused and p.keep_upto_tokens:
+        kept += (f"{' and' if kept else ', gate/up kept'} on {p.keep_mlp + len(p.keep_upto_tokens)} layers for "
+                 f"batches of at most {p.keep_upto_tokens[-1]:,} tokens")
     attention = f", {p.attention} attention kernel" if p.attention not in (None, "flash") else ""
     return f"plan: {p.precision} compute, LoRA weights in {lora}, {kind}, {layers}{kept}{attention}"
 

@@ -110,6 +110,9 @@ class Plan:
     # how the fused layers compute and what they keep (fused.Options; each a bench lever, bench/README.md)
     attention: str | None = None  # the sdpa kernel the card has: flash | efficient (Turing, Volta) | math (None: off)
     keep_mlp: int = 0  # fused layers (the last ones) that keep gate/up for backward instead of recomputing them
+    # ... and the layers below those, one entry each going down: keeping on batches of at most this many tokens
+    # (padded), where a batch shorter than the longest leaves the room (`keep_on_shorter_batches`)
+    keep_upto_tokens: list[int] = field(default_factory=list)
     keep_bits: int = 16  # ... in 16 bits (exact) or 8 (int8 with a scale a token: half the memory, not exact)
     fewer_passes: bool = False  # norms, RoPE and SiLU*up in fewer elementwise kernels
     gemm_4bit: bool = False  # forward 4-bit matmuls through bitsandbytes' gemm_4bit op, not dequantize + matmul
@@ -139,13 +142,15 @@ class Plan:
         """This plan's peak memory (estimate_peak_gib with its settings), GiB to two decimals."""
         return round(self.peak(cfg, arch), 2)
 
-    def peak(self, cfg, arch: Arch, checkpoint_layers: int | None = None, keep_mlp: int | None = None) -> float:
-        """estimate_peak_gib with this plan's settings, or with another checkpoint or keep count (while planning)."""
+    def peak(self, cfg, arch: Arch, checkpoint_layers: int | None = None, keep_mlp: int | None = None,
+             tokens: int | None = None) -> float:
+        """estimate_peak_gib with this plan's settings, or with another checkpoint or keep count or batch size in
+        tokens (while planning)."""
         lora_fp32 = self.lora_fp32 if self.lora_fp32 is not None else self.precision != "bf16"
         layers = self.checkpointed(cfg, arch) if checkpoint_layers is None else checkpoint_layers
         keep = (self.keep_mlp if keep_mlp is None else keep_mlp) if self.fused else 0
         return estimate_peak_gib(arch, cfg, layers, self.lean, cfg.quantize == "nf4", lora_fp32, self.fused,
-                                 4 if self.precision == "fp32" else 2, keep, self.keep_bits)
+                                 4 if self.precision == "fp32" else 2, keep, self.keep_bits, tokens)
 
     def fused_options(self):
         """What the fused layers compute with (qlora/fused.py's Options)."""
@@ -176,18 +181,20 @@ def activation_bytes_per_token(arch: Arch, cfg, lean: bool, fused: bool = False)
 
 def estimate_peak_gib(arch: Arch, cfg, checkpoint_layers: int, lean: bool, quantized: bool = True,
                       lora_fp32: bool = True, fused: bool = False, element_bytes: int = 2, keep_mlp: int = 0,
-                      keep_bits: int = 16) -> float:
+                      keep_bits: int = 16, tokens: int | None = None) -> float:
     """Peak memory of one run: weights, LoRA state, activations of the longest batch, workspace.
 
     element_bytes: 2 for 16-bit compute on a GPU, 4 for the CPU's fp32 (weights and activations twice as big).
-    keep_mlp: fused layers that also keep gate and up (in keep_bits bits) instead of recomputing them."""
+    keep_mlp: fused layers that also keep gate and up (in keep_bits bits) instead of recomputing them.
+    tokens: a batch of this many (padded) tokens instead of the longest (the activations grow linearly with it)."""
     width = element_bytes
     weight_bytes = arch.params * (0.5 + 4 / 64) if quantized else arch.params * width  # nf4 + fp32 absmax per 64
     weight_bytes += arch.vocab * arch.hidden * 2 * width * (1 if quantized else 0)  # embeddings and head stay 16-bit
     lora_params = arch.layers * cfg.lora_r * 2 * arch.hidden * (7 if cfg.target_modules == ["all-linear"]
                                                                else len(cfg.target_modules))
     lora_bytes = lora_params * ((4 if lora_fp32 else 2) * 2 + 8)  # weights, grads, two Adam states in fp32
-    tokens = cfg.batch_size * cfg.max_length  # group_by_length runs the longest batch first; rows are pre-truncated
+    if tokens is None:  # group_by_length runs the longest batch first; rows are pre-truncated
+        tokens = cfg.batch_size * cfg.max_length
     per_layer = activation_bytes_per_token(arch, cfg, lean) * tokens
     kept = arch.layers - checkpoint_layers
     acts = (kept * activation_bytes_per_token(arch, cfg, lean, fused) * tokens
@@ -299,9 +306,31 @@ def _choose_keep(p: Plan, cfg, arch: Arch, tflops: float | None, limit: float) -
         if p.peak(cfg, arch, keep_mlp=keep) <= limit:
             p.keep_mlp = keep
             break
-    p.notes.append(f"gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} of {fused_layers} fused layers, the rest "
-                   f"recompute ({rate}, below {COMPUTE_POOR_TFLOPS:.0f}: recomputing costs time)"
+    keep_on_shorter_batches(p, cfg, arch)
+    shorter = (f"; on shorter batches more (all {p.keep_mlp + len(p.keep_upto_tokens)} up to "
+               f"{p.keep_upto_tokens[-1]:,} tokens)" if p.keep_upto_tokens else "")
+    p.notes.append(f"gate/up kept ({p.keep_bits}-bit) on {p.keep_mlp} of {fused_layers} fused layers{shorter}, the "
+                   f"rest recompute ({rate}, below {COMPUTE_POOR_TFLOPS:.0f}: recomputing costs time)"
                    + ("; the allocator's expandable segments while training" if p.expandable_segments else ""))
+
+
+def keep_on_shorter_batches(p: Plan, cfg, arch: Arch) -> None:
+    """p.keep_upto_tokens: for each fused layer below the p.keep_mlp that keep on every batch, going down, the
+    longest batch (in padded tokens) on which it keeps gate/up too with the estimate still within KEEP_HEADROOM of
+    the budget. The plan fits the longest batch, but group_by_length's batches are mostly far shorter (the reference
+    dataset's steps average ~1,700 tokens against the longest 4 x 1,024), and a batch's activations shrink with its
+    length: the room they leave keeps more layers' gate/up instead of recomputing them."""
+    limit = (p.budget_gib or 0) * KEEP_HEADROOM
+    longest = cfg.batch_size * cfg.max_length
+    p.keep_upto_tokens = []
+    for keep in range(p.keep_mlp + 1, arch.layers - p.checkpointed(cfg, arch) + 1):
+        # the estimate is affine in the batch's tokens: weights and state, plus activations a token
+        fixed = p.peak(cfg, arch, keep_mlp=keep, tokens=0)
+        per_token = (p.peak(cfg, arch, keep_mlp=keep, tokens=longest) - fixed) / longest
+        tokens = min(longest - 1, int((limit - fixed) / per_token))
+        if tokens < 1:
+            break
+        p.keep_upto_tokens.append(tokens)
 
 
 # --- applying it -----------------------------------------------------------------------------------------
@@ -376,7 +405,7 @@ def after_trainer(trainer, p: Plan) -> None:
         from . import fused
 
         try:  # layers that checkpoint keep their own forward (fused.py)
-            layers = fused.install(trainer.model, p.fused_options(), p.keep_mlp, p.keep_bits)
+            layers = fused.install(trainer.model, p.fused_options(), p.keep_mlp, p.keep_bits, p.keep_upto_tokens)
             p.notes.append(f"{layers} decoder layers fused")
         except fused.NotFusable as e:
             p.fused = False

@@ -11,10 +11,10 @@ SEED = 1234
 
 
 def loss_and_grads(model_dir, fuse: bool, dropout: float, targets, quantize="nf4", monkeypatch=None,
-                   precision="fp32", options=fused.Options(), keep_mlp=0, keep_bits=16):
-    """One forward/backward of a LoRA model on fixed ids. With dropout, both paths drop the same units: the fused
-    layer draws its masks from a fixed seed, and the stock model's peft dropout modules are given those masks.
-    `options`, `keep_mlp` and `keep_bits` go to fused.install."""
+                   precision="fp32", options=fused.Options(), keep_mlp=0, keep_bits=16, keep_upto_tokens=()):
+    """One forward/backward of a LoRA model on fixed ids (a batch of 2 x 12 tokens). With dropout, both paths drop
+    the same units: the fused layer draws its masks from a fixed seed, and the stock model's peft dropout modules are
+    given those masks. `options`, `keep_mlp`, `keep_bits` and `keep_upto_tokens` go to fused.install."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -31,7 +31,7 @@ def loss_and_grads(model_dir, fuse: bool, dropout: float, targets, quantize="nf4
             torch.nn.init.normal_(param, std=0.05)
     if fuse:
         monkeypatch.setattr(fused, "draw_seed", lambda: SEED)
-        assert fused.install(peft_model, options, keep_mlp, keep_bits) == 2
+        assert fused.install(peft_model, options, keep_mlp, keep_bits, keep_upto_tokens) == 2
     elif dropout:
         for name, module in peft_model.named_modules():
             if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
@@ -126,6 +126,7 @@ LEVERS = {
     "fewer elementwise passes": dict(options=fused.Options(fewer_passes=True)),
     "gate/up kept in 16 bits": dict(keep_mlp=2),
     "kept on the last layer only": dict(keep_mlp=1),
+    "kept on batches this short only": dict(keep_upto_tokens=(24, 24)),
     "bitsandbytes gemm_4bit forward": dict(options=fused.Options(gemm_4bit=True)),
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
@@ -183,6 +184,25 @@ def test_the_levers_hold_on_16_bit_weights_and_grouped_query_attention(case, tin
         assert got.keys() == ref.keys()
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{lever}: {name}")
+
+
+def test_a_layer_keeps_gate_and_up_on_batches_up_to_its_token_limit_and_recomputes_on_longer(tiny_llama_dir,
+                                                                                            monkeypatch):
+    """keep_upto_tokens[j] is the longest batch on which the j-th layer below the always-keeping ones keeps: the
+    test batch has 24 tokens, so a limit of 24 keeps and 23 recomputes, with the same gradients either way."""
+    import torch
+
+    ref_loss, ref = reference(tiny_llama_dir, **RECIPE)
+    kept_calls = []
+    real_kept = fused._kept
+    monkeypatch.setattr(fused, "_kept", lambda t, bits: kept_calls.append(t.shape) or real_kept(t, bits))
+    for upto, layers_keeping in [((24, 23), 1), ((23, 23), 0), ((1000, 24), 2)]:
+        kept_calls.clear()
+        loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, keep_upto_tokens=upto, **RECIPE)
+        assert len(kept_calls) == 2 * layers_keeping, upto  # gate and up of each keeping layer
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=f"{upto}: {name}")
 
 
 def test_gate_and_up_kept_in_8_bits_round_the_gradients_but_not_the_loss(tiny_llama_dir, monkeypatch):
@@ -379,7 +399,7 @@ def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_sy
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
     layers = [m._qlora_parts for m in trainer.model.modules() if hasattr(m, "_qlora_parts")]
-    assert [parts.keep_bits for parts in layers] == [0, 16]  # the last layer keeps
+    assert [parts.keep_tokens for parts in layers] == [0, float("inf")]  # the last layer keeps on every batch
     assert all(parts.options.attention == "efficient" and parts.options.compiled for parts in layers)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     stock_logged = [h for h in stock_trainer.state.log_history if "loss" in h]

@@ -80,7 +80,9 @@ def test_on_a_t4_the_plan_keeps_what_fits_and_its_figure_counts_it(llama_7b_conf
     planned = speed.plan(cfg, arch, "fp16", budget_gib=15.0, cuda=True, capability=(7, 5), tflops=40.0)
     assert pf.plan == planned and pf.ok and pf.estimate_gib == planned.estimated_peak_gib
     assert planned.keep_mlp > 0 and planned.attention == "efficient" and pf.estimate_gib <= 15 * speed.KEEP_HEADROOM
-    assert f"gate/up kept (16-bit) on {planned.keep_mlp} layers, efficient attention kernel" in pf.text()
+    assert planned.keep_mlp + len(planned.keep_upto_tokens) == 32  # every layer keeps on the shortest batches
+    assert (f"gate/up kept (16-bit) on {planned.keep_mlp} layers and on 32 layers for batches of at most "
+            f"{planned.keep_upto_tokens[-1]:,} tokens, efficient attention kernel") in pf.text()
     assert pf.estimate_gib > preflight(cfg, runs_root=tmp_path, on=T4).estimate_gib  # what is kept is counted
 
 

@@ -175,7 +175,8 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     more = speed.estimate_peak_gib(LLAMA, cfg, 0, True, True, True, True, keep_mlp=p.keep_mlp + 1, keep_bits=16)
     assert more > limit  # one layer more would not fit
     assert p.estimated_peak_gib > speed.plan(cfg, LLAMA, "fp16", budget_gib=15.0, cuda=True).estimated_peak_gib
-    assert any(f"gate/up kept (16-bit) on {p.keep_mlp} of 32" in n for n in p.notes)
+    assert any(f"gate/up kept (16-bit) on {p.keep_mlp} of 32 fused layers; on shorter batches more" in n
+               for n in p.notes)
     assert p.compiled and p.fused_options().compiled  # its elementwise passes cost GPU time: compiled
     assert p.triton_dequant and p.fused_options().triton_dequant  # and bitsandbytes' dequantize ran slow there
     assert p.expandable_segments and any("expandable segments" in n for n in p.notes)  # the room keeping uses
@@ -190,6 +191,25 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     assert speed.plan(cfg, LLAMA, "fp16", budget_gib=15.0, cuda=True, capability=(9, 0), tflops=40.0).keep_mlp > 0
     long = speed.plan(TrainConfig(max_length=4096), LLAMA, "fp16", **T4_CARD)
     assert long.checkpoint_layers > 0 and long.keep_mlp == 0
+
+
+def test_shorter_batches_keep_gate_and_up_on_more_layers_each_within_the_same_limit():
+    """group_by_length's batches are mostly far shorter than the longest one the plan fits: on each, more layers keep
+    gate/up, each layer down to the longest batch whose estimate still fits, so no batch plans past the limit."""
+    cfg = TrainConfig()
+    p = speed.plan(cfg, LLAMA, "fp16", **T4_CARD)
+    limit, longest, upto = 15.0 * speed.KEEP_HEADROOM, cfg.batch_size * cfg.max_length, p.keep_upto_tokens
+    assert len(upto) == 32 - p.keep_mlp and upto == sorted(upto, reverse=True) and upto[0] < longest
+    for j, tokens in enumerate(upto):
+        keep = p.keep_mlp + 1 + j
+        assert p.peak(cfg, LLAMA, keep_mlp=keep, tokens=tokens) <= limit < p.peak(cfg, LLAMA, keep_mlp=keep,
+                                                                                   tokens=tokens + 1)
+    # the reference dataset's average step (~1,700 tokens) keeps every layer; a batch of 3,000 about two thirds
+    assert upto[-1] > 1700 and 16 < p.keep_mlp + sum(t >= 3000 for t in upto) < 32
+    assert round(p.peak(cfg, LLAMA, tokens=longest), 2) == p.estimated_peak_gib  # still the longest batch's
+    h100 = speed.plan(cfg, LLAMA, "bf16", budget_gib=80.0, cuda=True, capability=(9, 0), tflops=613.0)
+    assert h100.keep_upto_tokens == []  # a fast card recomputes on every batch
+
 
 
 def test_the_allocator_takes_expandable_segments_for_training_only_and_gives_them_back_on_failure(monkeypatch):
