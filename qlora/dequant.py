@@ -21,6 +21,9 @@ import logging
 import torch  # imported by fused.py only when a layer dequantizes on a card (`import qlora` stays light)
 
 ROWS = 64  # scale blocks a program dequantizes
+# with this many warps: 340 GB/s on the t4c share against 316 with 4 and 272 with 8 (bench/dequant_probe.py, run50;
+# bitsandbytes' kernel 154, a plain copy 645); ROWS of 32 or 128 was no faster
+WARPS = 2
 _failed: list = []  # the reason, once the kernel failed on this process's card: bitsandbytes' kernel from then on
 
 
@@ -38,7 +41,7 @@ def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, sha
     out = torch.empty(shape, dtype=dtype, device=data.device)
     try:
         _kernel()[(-(-blocks // ROWS),)](data.reshape(-1), absmax.reshape(-1), code, out, blocks, HALF=half,
-                                                  ROWS=ROWS, num_warps=4)
+                                                  ROWS=ROWS, num_warps=WARPS)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # no Triton for this card, a compile error: bitsandbytes' kernel, said once

@@ -67,6 +67,12 @@ COMPILE_STEPS = True
 # Triton kernel gives the same bits (fused.Options.triton_dequant). On a fast card its launch costs host time the
 # GPU waits on, so bitsandbytes' kernel stays there.
 TRITON_DEQUANT = True
+# With fp32 LoRA weights (fp16 compute: a T4), AdamW as torch's fused kernel instead of the recipe's bitsandbytes paged
+# AdamW 32-bit: the same update in fp32, one kernel for all LoRA weights where bitsandbytes launches one per weight
+# from Python and synchronizes the device before each step (~35 ms a step of kernels and idle GPU in the t4c profile,
+# bench/README.md). Paging is for optimizer state that may not fit; LoRA's (~0.27 GB at r=64 on q, v) is in the memory
+# estimate. Not with bf16 LoRA weights, where torch's AdamW would keep its moments in bf16 too.
+FUSED_ADAMW = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
 TRL_METRICS = False
@@ -121,6 +127,7 @@ class Plan:
     triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
     expandable_segments: bool = False  # the CUDA allocator's expandable segments while training (`allocator`)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
+    optimizer: str | None = None  # the Trainer's optimizer in place of the config's (None: as configured)
     estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -277,6 +284,10 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         _choose_keep(p, cfg, arch, tflops, (budget_gib or 0) * KEEP_HEADROOM)
     if not p.trl_metrics:
         p.notes.append("trl's per-step entropy and token accuracy off (each waited for the GPU)")
+    if FUSED_ADAMW and lora_fp32 and cfg.optimizer == "paged_adamw_32bit":
+        p.optimizer = "adamw_torch_fused"
+        p.notes.append("AdamW 32-bit as torch's fused kernel, not bitsandbytes' paged one (one launch for all LoRA "
+                       "weights, no device sync)")
     p.estimated_peak_gib = p.estimate(cfg, arch)
     return p
 

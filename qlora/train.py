@@ -159,7 +159,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_rows: "list[Row]", e
     padding_free = cfg.padding_free if plan.padding_free is None else plan.padding_free
     checkpointing = cfg.gradient_checkpointing if plan.checkpoint_layers < 0 else plan.checkpoint_layers > 0
     speed.before_peft(model, plan)
-    optimizer = cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged") else "adamw_torch"  # paged needs CUDA
+    optimizer = plan.optimizer or (cfg.optimizer if on_gpu or not cfg.optimizer.startswith("paged")
+                                   else "adamw_torch")  # paged needs CUDA
     args = SFTConfig(
         output_dir=str(runs.checkpoints_dir(run_dir)),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,

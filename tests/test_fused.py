@@ -387,7 +387,7 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
 
 def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_syncs(tiny_cfg, tmp_path):
     """Through build_trainer: the levers a T4 gets (memory-efficient attention with math as the fallback, gate/up kept
-    on the last layer, the elementwise steps compiled, trl's per-step metrics off) give the
+    on the last layer, the elementwise steps compiled, trl's per-step metrics off, torch's fused AdamW) give the
     stock layers' losses, step after step; the metrics trl computes with a `.item()` each step are gone from the logs,
     and only those."""
     # no dropout: the fused layer draws its own masks (the same ones forward and backward; the tests above give both
@@ -395,9 +395,11 @@ def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_sy
     cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
-                      fewer_passes=True, trl_metrics=False, compiled=True)
+                      fewer_passes=True, trl_metrics=False, compiled=True, optimizer="adamw_torch_fused")
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
+    assert trainer.args.optim == "adamw_torch_fused"  # the plan's, where the config's paged one is adamw_torch here
+    assert cfg.optimizer == "paged_adamw_32bit" and stock_trainer.args.optim == "adamw_torch"
     layers = [m._qlora_parts for m in trainer.model.modules() if hasattr(m, "_qlora_parts")]
     assert [parts.keep_tokens for parts in layers] == [0, float("inf")]  # the last layer keeps on every batch
     assert all(parts.options.attention == "efficient" and parts.options.compiled for parts in layers)

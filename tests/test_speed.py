@@ -211,6 +211,17 @@ def test_shorter_batches_keep_gate_and_up_on_more_layers_each_within_the_same_li
     assert h100.keep_upto_tokens == []  # a fast card recomputes on every batch
 
 
+def test_fp32_lora_weights_take_torchs_fused_adamw_in_place_of_the_paged_one_and_bf16_ones_do_not():
+    """The recipe's paged AdamW 32-bit becomes torch's fused AdamW where the LoRA weights are fp32 (a T4's fp16
+    compute): the same fp32 update in one launch. bf16 LoRA weights keep it (torch's would keep bf16 moments), and so
+    does an optimizer the config names otherwise, and the CPU's plan, which runs the config as it is."""
+    t4 = speed.plan(TrainConfig(), LLAMA, "fp16", **T4_CARD)
+    assert t4.optimizer == "adamw_torch_fused" and any("fused kernel, not bitsandbytes' paged" in n for n in t4.notes)
+    h100 = speed.plan(TrainConfig(), LLAMA, "bf16", budget_gib=80.0, cuda=True, capability=(9, 0), tflops=613.0)
+    assert h100.optimizer is None and not h100.lora_fp32
+    assert speed.plan(TrainConfig(optimizer="paged_adamw_8bit"), LLAMA, "fp16", **T4_CARD).optimizer is None
+    assert speed.plan(TrainConfig(), LLAMA, "fp32", cuda=False).optimizer is None
+
 
 def test_the_allocator_takes_expandable_segments_for_training_only_and_gives_them_back_on_failure(monkeypatch):
     """speed.allocator turns the CUDA allocator's expandable segments on around training where the plan asks, and
