@@ -277,18 +277,22 @@ def _gemm_4bit(x, data, state_or_packed):
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
-_GENERATORS: dict = {}
-
-
-def _keep_mask(x, p: float, seed: int, index: int):
-    """Dropout's kept-and-rescaled mask for one projection; the same tensor each time for the same seed."""
+def _dropped(x, p: float, seed: int, index: int):
+    """dropout(x) for one projection and its kept-units mask (bool), the same each time for the same seed: torch's
+    native_dropout, what peft's nn.Dropout runs on a GPU, drawing, masking and rescaling in one kernel (on a T4-sized
+    share, bernoulli_, the rescale and the multiply were three passes). It draws from the default generator only, so
+    that generator is seeded for the call and put back as it was after it: the Trainer's random stream is untouched.
+    While training, the training thread is the only user of its card's generator (chat on that card waits for the
+    GPU lock; chat on another card draws from that card's)."""
     import torch
 
-    gen = _GENERATORS.get(x.device)
-    if gen is None:
-        gen = _GENERATORS[x.device] = torch.Generator(device=x.device)
+    gen = torch.cuda.default_generators[x.get_device()] if x.is_cuda else torch.default_generator
+    state = gen.get_state()
     gen.manual_seed(seed * len(PROJECTIONS) + index)
-    return torch.empty_like(x).bernoulli_(1 - p, generator=gen).mul_(1 / (1 - p))
+    try:
+        return torch.ops.aten.native_dropout(x, p, True)
+    finally:
+        gen.set_state(state)
 
 
 def _lora(P: Projection, x, seed: int, fp16: bool = True):
@@ -298,7 +302,7 @@ def _lora(P: Projection, x, seed: int, fp16: bool = True):
     import torch.nn.functional as F
 
     dtype = x.dtype if fp16 else P.A.dtype
-    xd = x * _keep_mask(x, P.dropout, seed, P.index) if P.dropout else x
+    xd = _dropped(x, P.dropout, seed, P.index)[0] if P.dropout else x
     t = F.linear(xd.to(dtype), P.A.to(dtype))
     return F.linear(t * P.scaling, P.B.to(dtype)).to(x.dtype), t
 
@@ -306,17 +310,19 @@ def _lora(P: Projection, x, seed: int, fp16: bool = True):
 def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict, need_dx: bool = True):
     """d(input) through the LoRA branch (None without need_dx); the LoRA weights' grads go into `grads`. Computes in
     t's dtype."""
+    import torch
+
     dtype = t.dtype
     dy2, t2 = dy.flatten(0, -2).to(dtype), t.flatten(0, -2)
-    keep = _keep_mask(x, P.dropout, seed, P.index) if P.dropout else None
-    xd = (x * keep if keep is not None else x).flatten(0, -2).to(dtype)
+    xd, keep = _dropped(x, P.dropout, seed, P.index) if P.dropout else (x, None)
+    xd = xd.flatten(0, -2).to(dtype)
     grads[id(P.B)] = (dy2.t() @ (t2 * P.scaling)).to(P.B.dtype)
     dt = (dy2 @ P.B.to(dtype)) * P.scaling
     grads[id(P.A)] = (dt.t() @ xd).to(P.A.dtype)
     if not need_dx:
         return None
     dxd = (dt @ P.A.to(dtype)).to(dy.dtype).view(*dy.shape[:-1], -1)
-    return dxd * keep if keep is not None else dxd
+    return dxd if keep is None else torch.ops.aten.native_dropout_backward(dxd, keep, 1 / (1 - P.dropout))
 
 
 def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, opts: Options, t_saved=None):

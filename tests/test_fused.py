@@ -50,7 +50,7 @@ def SameMask(p, index):
 
     class Mask(torch.nn.Module):
         def forward(self, x):
-            return x * fused._keep_mask(x, p, SEED, index)
+            return fused._dropped(x, p, SEED, index)[0]
 
     return Mask()
 
@@ -323,14 +323,34 @@ def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypa
     _, b = loss_and_grads(tiny_llama_dir, True, 0.5, "all-linear", monkeypatch=monkeypatch)
     for name in a:  # the same seed twice: the same gradients
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
-    monkeypatch.setattr(globals()["fused"], "_keep_mask", _shifted(fused._keep_mask))
+    monkeypatch.setattr(globals()["fused"], "_dropped", _shifted(fused._dropped))
     _, c = loss_and_grads(tiny_llama_dir, True, 0.5, "all-linear", monkeypatch=monkeypatch)
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
-def _shifted(keep_mask):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dropout_draws_one_mask_a_seed_and_leaves_the_default_generators_stream_alone(device):
+    """The fused layer's dropout (native_dropout: peft's on a GPU) seeds the default generator for its draw and puts
+    it back: backward's redraw is forward's mask, and the Trainer's own draws go on as if none had happened."""
+    import torch
+
+    x = torch.randn(64, 256, device=device)
+    torch.manual_seed(5)
+    expected = torch.rand(8, device=device)
+    torch.manual_seed(5)
+    xd, keep = fused._dropped(x, 0.1, 7, 2)
+    assert torch.equal(torch.rand(8, device=device), expected)
+    again, same = fused._dropped(x, 0.1, 7, 2)
+    assert torch.equal(again, xd) and torch.equal(same, keep) and keep.dtype == torch.bool
+    assert not torch.equal(fused._dropped(x, 0.1, 8, 2)[1], keep)  # another seed, another draw
+    assert not torch.equal(fused._dropped(x, 0.1, 7, 3)[1], keep)  # another projection, another draw
+    assert 0.85 < keep.float().mean().item() < 0.95
+    torch.testing.assert_close(xd, torch.where(keep, x / 0.9, 0.0))
+
+
+def _shifted(dropped):
     def other_draw(x, p, seed, index):
-        return keep_mask(x, p, seed + 1, index)
+        return dropped(x, p, seed + 1, index)
     return other_draw
 
 
