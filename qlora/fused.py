@@ -53,6 +53,7 @@ class Options:
     compiled: bool = False  # the elementwise steps (norms and their residual adds, RoPE, SiLU*up and their backward)
     # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
     triton_dequant: bool = False  # nf4 weights dequantized by dequant.py's Triton kernel (bitsandbytes' bits)
+    triton_rope: bool = False  # q, k, v's gradients rotated back by ropegrad.py's Triton kernel (not with fewer_passes)
 
 
 @dataclass
@@ -680,6 +681,7 @@ class _Steps:
     def __init__(self, opts: Options):
         self.compiled = opts.compiled
         self.fewer = opts.fewer_passes and not opts.compiled
+        self.triton_rope = opts.triton_rope and not self.fewer  # its formula is the plain one's (fewer signs sin)
 
     def _step(self, fn):
         return _compiled(fn) if self.compiled else fn
@@ -728,10 +730,16 @@ class _Steps:
 
     def qkv_grads(self, parts: LayerParts, dq, dk, dv, cos, sin):
         """As _qkv_grads: the (b, s, width) gradients of q, k, v before RoPE, and the three side by side (or None)."""
+        d = dq.shape[-1]
+        if self.triton_rope:
+            from . import ropegrad
+
+            cat = ropegrad.qkv_grads(dq, dk, dv, cos, sin)
+            if cat is not None:
+                return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
         if not self.compiled:
             return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
         cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
-        d = dq.shape[-1]
         return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
 
 

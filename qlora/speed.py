@@ -67,6 +67,9 @@ COMPILE_STEPS = True
 # Triton kernel gives the same bits (fused.Options.triton_dequant). On a fast card its launch costs host time the
 # GPU waits on, so bitsandbytes' kernel stays there.
 TRITON_DEQUANT = True
+# The compiled RoPE backward splits every element's flat index by the batch's token count (dynamic: a 64-bit division)
+# and moved ~114 GB/s on the t4c share (run51's profile); ropegrad.py's kernel does that arithmetic once a program.
+TRITON_ROPE = True
 # With fp32 LoRA weights (fp16 compute: a T4), AdamW as torch's fused kernel instead of the recipe's bitsandbytes paged
 # AdamW 32-bit: the same update in fp32, one kernel for all LoRA weights where bitsandbytes launches one per weight
 # from Python and synchronizes the device before each step (~35 ms a step of kernels and idle GPU in the t4c profile,
@@ -125,6 +128,7 @@ class Plan:
     lora_fp16: bool = True  # LoRA matmuls in the compute dtype, cast from the master weights (False: in theirs)
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
     triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
+    triton_rope: bool = False  # the fused layers' RoPE backward by ropegrad.py's kernel
     expandable_segments: bool = False  # the CUDA allocator's expandable segments while training (`allocator`)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
     optimizer: str | None = None  # the Trainer's optimizer in place of the config's (None: as configured)
@@ -164,7 +168,8 @@ class Plan:
         from .fused import Options
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
-                       lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant)
+                       lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant,
+                       triton_rope=self.triton_rope)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -260,12 +265,13 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     # on a compute-poor card the fused layers' elementwise passes cost GPU time: compiled
     p.compiled = p.fused and compute_poor(tflops) and COMPILE_STEPS
     p.triton_dequant = p.fused and compute_poor(tflops) and TRITON_DEQUANT
+    p.triton_rope = p.fused and compute_poor(tflops) and TRITON_ROPE
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
                        + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "
                           "first step" if p.compiled else ", fewer elementwise passes" if p.fewer_passes else "")
                        + (", nf4 weights dequantized by a Triton kernel (bitsandbytes' bits)" if p.triton_dequant
-                          else "") + ")")
+                          else "") + (", RoPE's backward by a Triton kernel" if p.triton_rope else "") + ")")
     limit = (budget_gib or 0) * HEADROOM
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0

@@ -113,6 +113,25 @@ def rms_norm_rope_and_silu_mul_do_transformers_arithmetic():
     assert (ops.silu_mul(gate, up).float() - ref).abs().max() <= 2 * eps * ref.abs().max()
 
 
+def the_triton_rope_backward_does_the_compiled_steps_arithmetic():
+    from qlora import fused, ropegrad
+    for dtype in (torch.float16, torch.float32):
+        g = torch.Generator().manual_seed(3)
+        b, hq, hk, s, d = 2, 4, 2, 37, 16  # grouped k/v heads; 37 positions: the second block of 32 runs part empty
+        dq = torch.randn(b, s, hq, d, generator=g).to(dtype).transpose(1, 2)  # attention's layout: strided heads
+        dk, dv = (torch.randn(b, hk, s, d, generator=g).to(dtype) for _ in range(2))
+        for rows in (b, 1):  # one cos/sin per row, or one for all rows (broadcast)
+            cos, sin = (torch.randn(rows, 1, s, d, generator=g).to(dtype) for _ in range(2))
+            got = ropegrad.qkv_grads(dq, dk, dv, cos, sin)
+            assert got is not None and got.shape == (b, s, (hq + 2 * hk) * d) and got.dtype == dtype
+            # the compiled step's arithmetic: the formula in fp32 from the 16-bit inputs, rounded once
+            want = torch.cat(fused._qkv_plain(dq.float(), dk.float(), dv.float(), cos.float().expand(b, 1, s, d),
+                                              sin.float().expand(b, 1, s, d)), dim=-1)
+            eps = torch.finfo(dtype).eps
+            assert (got.float() - want).abs().max() <= eps * want.abs().max(), (dtype, rows)
+            assert torch.equal(got[..., (hq + hk) * d:], dv.transpose(1, 2).reshape(b, s, -1))  # v as it is
+
+
 def the_triton_dequantize_gives_bitsandbytes_bits():
     import bitsandbytes.functional as bf
 

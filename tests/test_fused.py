@@ -133,8 +133,10 @@ LEVERS = {
     "elementwise steps compiled": dict(options=fused.Options(compiled=True)),
     "nf4 dequantized by the Triton kernel (a GPU's; bitsandbytes on the CPU)": dict(
         options=fused.Options(triton_dequant=True)),
+    "RoPE's backward by the Triton kernel (a GPU's; the compiled step on the CPU)": dict(
+        options=fused.Options(compiled=True, triton_rope=True)),
     "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
-                                              triton_dequant=True), keep_mlp=2),
+                                              triton_dequant=True, triton_rope=True), keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -313,6 +315,43 @@ def test_where_the_triton_dequantize_cannot_run_bitsandbytes_dequantizes_and_the
             assert dequant.dequantize(data, state.absmax, state.code, state.shape, torch.float32, 64) is None
     warned = [r.getMessage() for r in caplog.records if "Triton nf4 dequantize did not run" in r.getMessage()]
     assert len(warned) == 1 and "bitsandbytes' kernel dequantizes instead" in warned[0]
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_triton_rope_backward_gives_the_compiled_steps_values():
+    """The 7B layer's shapes in fp16: ropegrad's kernel against the compiled step it replaces (both fp32 arithmetic
+    rounded once; at most one rounding step apart where the two order a multiply-add differently)."""
+    import torch
+
+    from qlora import ropegrad
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, s, d = 4, 32, 517, 128
+    dq, dk, dv = (torch.randn(b, s, h, d, device="cuda", generator=g, dtype=torch.float16).transpose(1, 2)
+                  for _ in range(3))
+    cos, sin = (torch.randn(b, 1, s, d, device="cuda", generator=g, dtype=torch.float16) for _ in range(2))
+    got = ropegrad.qkv_grads(dq, dk, dv, cos, sin)
+    want = fused._compiled(fused._qkv_cat)(dq, dk, dv, cos, sin)
+    assert got is not None and not ropegrad._failed
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3)
+    print(f"RoPE backward: {(got != want).float().mean().item():.2e} of values differ from the compiled step's")
+
+
+def test_where_the_triton_rope_backward_cannot_run_the_compiled_step_does_and_the_log_says_so(monkeypatch, caplog):
+    """No Triton for the card (here: CPU tensors, no interpreter): None, one log line, and no second try."""
+    import torch
+
+    from qlora import ropegrad
+
+    monkeypatch.setattr(ropegrad, "_failed", [])
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dq, dk, dv = (torch.randn(1, 2, 5, 8).to(torch.float16) for _ in range(3))
+    cos, sin = torch.ones(1, 1, 5, 8, dtype=torch.float16), torch.zeros(1, 1, 5, 8, dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="qlora"):
+        for _ in range(2):
+            assert ropegrad.qkv_grads(dq, dk, dv, cos, sin) is None
+    warned = [r.getMessage() for r in caplog.records if "Triton RoPE backward did not run" in r.getMessage()]
+    assert len(warned) == 1 and "the compiled step rotates" in warned[0]
 
 
 def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):
