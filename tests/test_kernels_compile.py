@@ -1,5 +1,5 @@
-"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize) compile for every card
-generation they may meet, on a machine without a GPU.
+"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize and RoPE backward) compile for
+every card generation they may meet, on a machine without a GPU.
 
 Triton compiles ahead of time for a named target (`triton.compile(..., target=GPUTarget("cuda", cc, 32))`: its own
 LLVM and the ptxas it ships), so CI catches a kernel that no longer builds before a GPU ever sees it: Turing (a
@@ -20,7 +20,7 @@ CARDS = [(75, "fp16"), (80, "fp16"), (80, "bf16"), (90, "bf16")]  # (compute cap
 
 def kernels(t: str) -> dict:
     """name -> (kernel, argument types, constexprs, launch options), as the engine launches them (7B shapes)."""
-    from qlora import decodeops, dequant, nf4mm
+    from qlora import decodeops, dequant, nf4mm, ropegrad
 
     nf4 = nf4mm._build()
     ops = decodeops._build()
@@ -46,7 +46,11 @@ def kernels(t: str) -> dict:
                      dict(num_warps=4)),
         "nf4_dequantize": (dequant._kernel(), dict(data_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
                                                    out_ptr=f"*{t}", blocks="i32"),
-                           dict(HALF=32, ROWS=dequant.ROWS), dict(num_warps=4)),
+                           dict(HALF=32, ROWS=dequant.ROWS), dict(num_warps=dequant.WARPS)),
+        "rope_backward": (ropegrad._kernel(), dict(g_ptr=f"*{t}", cos_ptr=f"*{t}", sin_ptr=f"*{t}", out_ptr=f"*{t}",
+                                                   **dict.fromkeys(["s", "heads", "column", "g_b", "g_h", "g_s", "c_b",
+                                                                    "c_s", "n_b", "n_s", "o_b", "o_s"], "i32")),
+                          dict(D=128, ROTATE=True, BLOCK_S=ropegrad.BLOCK_S), dict(num_warps=4)),
     }
 
 

@@ -1,8 +1,9 @@
-"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize and RoPE backward) run on the CPU in Triton's interpreter (`TRITON_INTERPRET=1`: each program in
-NumPy, one after another): their results against plain torch, and the properties the engine relies on (a row's bits
-never depend on its neighbours, its length bucket or what lies past its position; the split-K sum in nf4mm's last
-arriving program, and its counters left at zero). The GPU tests (`tests/test_*_gpu.py`) hold the compiled kernels to
-the libraries on the card; these catch a wrong index or mask in CI, without one.
+"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize and RoPE backward) run on the
+CPU in Triton's interpreter (`TRITON_INTERPRET=1`: each program in NumPy, one after another): their results against
+plain torch, and the properties the engine relies on (a row's bits never depend on its neighbours, its length bucket
+or what lies past its position; the split-K sum in nf4mm's last arriving program, and its counters left at zero). The
+GPU tests (`tests/test_*_gpu.py`) hold the compiled kernels to the libraries on the card; these catch a wrong index
+or mask in CI, without one.
 
 Each check (`tests/interpreted_checks.py`) runs in a process of its own started with TRITON_INTERPRET=1. The
 interpreter's bf16 is no bit-level bf16, so nf4mm's bitcast of its code table is checked in fp16 here (bf16 on the
