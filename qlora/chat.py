@@ -29,6 +29,7 @@ from .batching import Row, Scheduler
 from .config import GenerationSettings, hub_token
 from .device import CHAT, CHAT_CARD, Cards, free_memory, pick_precision, triton_kernels_unavailable, use_gpu
 from .device import cards as host_cards
+from .errors import brief
 from .model import load_base, load_tokenizer, resolve
 from .prompts import PromptFormat, chat_prompt, choose, stop_ids
 
@@ -338,7 +339,7 @@ class ChatEngine:
                 self.backend_kind = kind
                 return slots.SlotBackend(decoder)
             except Exception as e:
-                why = f"capturing the decode step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+                why = f"capturing the decode step failed ({brief(e)})"
                 log.debug("decode capture failed", exc_info=True)
         from .rowexact import GenerateBackend
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import first_line
+
 EMBEDDED_MODEL = "smollm2-135m"
 SAMPLE_DATASET = "sample"
 DEFAULT_MODEL = "NousResearch/Llama-2-7b-chat-hf"
@@ -195,7 +197,7 @@ def read_yaml_fields(text_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{where}: not valid YAML ({first_line(e) or type(e).__name__})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

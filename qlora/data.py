@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from . import prompts
 from .config import hub_token, is_hub_id
+from .errors import brief, first_line
 from .prompts import PromptFormat
 
 SAMPLE_PATH = Path(__file__).with_name("sample_data.jsonl")
@@ -472,7 +473,7 @@ def _parquet_rows(f: BinaryIO, name: str, max_rows: int = 0) -> Rows:
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, MemoryError):
             raise
-        raise DataError(f"{name}: not a readable parquet file ({str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{name}: not a readable parquet file ({first_line(e) or type(e).__name__})") from None
     rows.places = [f"row {i}" for i in range(1, len(rows) + 1)]
     return rows
 
@@ -504,7 +505,7 @@ def _load_hub(dataset_id: str, token: str | None, max_rows: int) -> Rows:
     except (ConnectionError, OSError) as e:
         raise DataError(f"{dataset_id}: cannot reach the Hub ({type(e).__name__}); use a local file or the sample") from None
     except Exception as e:  # datasets raises plain Exceptions for scripts, bad configs, ...
-        raise DataError(f"{dataset_id}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise DataError(f"{dataset_id}: cannot load ({brief(e)})") from None
     # The rows sit memory-mapped on disk: check the limits before they become Python objects.
     if ds.num_rows > MAX_ROWS:
         raise DataError(f"{dataset_id}: {ds.num_rows:,} rows, over the {MAX_ROWS:,}-row limit; set max_rows")

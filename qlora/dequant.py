@@ -20,6 +20,8 @@ import logging
 
 import torch  # imported by fused.py only when a layer dequantizes on a card (`import qlora` stays light)
 
+from .errors import brief
+
 ROWS = 64  # scale blocks a program dequantizes
 # with this many warps: 340 GB/s on the t4c share against 316 with 4 and 272 with 8 (bench/dequant_probe.py, run50;
 # bitsandbytes' kernel 154, a plain copy 645); ROWS of 32 or 128 was no faster
@@ -46,9 +48,8 @@ def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, sha
         raise
     except Exception as e:  # no Triton for this card, a compile error: bitsandbytes' kernel, said once
         _failed.append(e)
-        logging.getLogger("qlora").warning("speed: the Triton nf4 dequantize did not run (%s: %s); bitsandbytes' "
-                                           "kernel dequantizes instead", type(e).__name__,
-                                           str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+        logging.getLogger("qlora").warning("speed: the Triton nf4 dequantize did not run (%s); bitsandbytes' kernel "
+                                           "dequantizes instead", brief(e))
         return None
     return out
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from . import runs
 from .config import TrainConfig
 from .data import IGNORE
+from .errors import first_line
 from .prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def end_of_run(run_dir: Path, model, tokenizer, fmt: PromptFormat, convs: list[C
     except Exception as e:  # out of memory, a stop, a full disk: say so, keep the run
         if not isinstance(e, (EvalStopped, ValueError)):
             logging.getLogger("qlora").exception("the evaluation card failed")
-        log(f"no evaluation card ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+        log(f"no evaluation card ({first_line(e) or type(e).__name__}); "
             f"make it later: python -m qlora eval --adapter {run_dir}")
 
 

@@ -31,6 +31,8 @@ import math
 import types
 from dataclasses import dataclass, field
 
+from .errors import brief
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")  # the groups that read one input
 
@@ -771,8 +773,7 @@ def _compiled(fn):
                 raise
             except Exception as e:
                 logging.getLogger("qlora").warning(
-                    "speed: the fused layer's %s step did not compile (%s: %s); it runs op by op", fn.__name__,
-                    type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                    "speed: the fused layer's %s step did not compile (%s); it runs op by op", fn.__name__, brief(e))
                 _COMPILED[fn] = fn
                 return fn(*args)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .config import EMBEDDED_MODEL, TrainConfig, hub_token, is_hub_id
 from .device import current_gpu, torch_dtype
+from .errors import brief
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The server owner's folder of local models: the only local folders the app loads a base model from.
@@ -231,5 +232,4 @@ def _explain(path: str, e: Exception) -> ModelError:
         return ModelError(f"{path}: cannot reach the Hub to download it ({name})")
     if "out of memory" in msg.lower():
         return ModelError(f"{path}: out of GPU memory while loading; use quantize=nf4 or a smaller model")
-    first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
-    return ModelError(f"{path}: cannot load ({name}: {first})")
+    return ModelError(f"{path}: cannot load ({brief(e)})")

@@ -20,6 +20,8 @@ import logging
 
 import torch  # imported by fused.py only where a layer's backward runs this step (`import qlora` stays light)
 
+from .errors import brief
+
 BLOCK_S = 32  # positions a program rotates
 _failed: list = []  # the reason, once the kernel failed on this process's card: the compiled step from then on
 
@@ -46,9 +48,8 @@ def qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.T
         raise
     except Exception as e:  # no Triton for this card, a compile error: the compiled step, said once
         _failed.append(e)
-        logging.getLogger("qlora").warning("speed: the Triton RoPE backward did not run (%s: %s); the compiled step "
-                                           "rotates q and k's gradients instead", type(e).__name__,
-                                           str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+        logging.getLogger("qlora").warning("speed: the Triton RoPE backward did not run (%s); the compiled step "
+                                           "rotates q and k's gradients instead", brief(e))
         return None
     return out
 

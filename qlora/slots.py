@@ -45,6 +45,7 @@ import torch  # this module is imported only when the slot engine starts (`impor
 
 from .columns import (COLUMN_GRAIN, AdapterColumns, LoraWeights, column_bytes, find_room, read_adapter,
                       round_up)
+from .errors import brief
 from .rowexact import deterministic_attention
 
 log = logging.getLogger("qlora.chat")
@@ -335,8 +336,7 @@ class SlotDecoder:
             self._capture_prompts(pool, progress)
         except Exception as e:  # a prompt still prefills without a graph, only slower to its first token
             self._prefills.clear()
-            log.warning("chat: prompt graphs not captured (%s: %s); prompts are prefilled eagerly", type(e).__name__,
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            log.warning("chat: prompt graphs not captured (%s); prompts are prefilled eagerly", brief(e))
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         return self.capture_s

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from . import prompts, runs, speed
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
+from .errors import brief, first_line
 from .data import DataError, keep_answered, prepare, tokenize
 from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
 from .events import Event, Failed, Finished, Log, Stopped
@@ -238,8 +239,8 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
         return ("disk full while saving; the previous adapter is untouched", "free disk space and train again")
     if isinstance(e, (DataError, ModelError, ValueError)):
-        return (str(e).splitlines()[0] if str(e) else type(e).__name__, "")
-    return (f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}", "see the server log")
+        return (first_line(e, 500) or type(e).__name__, "")
+    return (brief(e, 300), "see the server log")
 
 
 def library_versions() -> dict[str, str]:
