@@ -130,6 +130,22 @@ class StepMeter:
             torch.cuda.synchronize()
 
 
+def cuda_seconds(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Seconds one call of fn takes on the GPU: CUDA events around `reps` calls, after `warmup` untimed ones."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
+
+
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")

@@ -43,26 +43,11 @@ def _flat_kernel():
     return nf4_dequantize_flat
 
 
-def _time(fn, reps: int = 50) -> float:
-    """Microseconds a call takes (CUDA events over `reps` calls, after a warmup)."""
-    import torch
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / reps
-
-
 def measure(dtype_name: str) -> dict:
     import bitsandbytes.functional as F
     import torch
 
+    from bench.common import cuda_seconds
     from qlora import dequant
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
@@ -112,12 +97,12 @@ def measure(dtype_name: str) -> dict:
         layer()
         torch.cuda.synchronize()
         equal = all(torch.equal(outs[name], truth[name]) for name in SHAPES)
-        us = _time(layer)
+        us = cuda_seconds(layer, reps=50) * 1e6
         rows.append(dict(candidate=label, us_per_layer=round(us, 1), gbs=round(moved / us / 1e3, 1), equal=equal))
         print(f"{label:32s} {us:9.1f} us a layer {moved / us / 1e3:7.1f} GB/s  same bits: {equal}", flush=True)
     src = torch.empty(numel, device="cuda", dtype=dtype)
     dst = torch.empty_like(src)
-    copy_us = _time(lambda: dst.copy_(src))
+    copy_us = cuda_seconds(lambda: dst.copy_(src), reps=50) * 1e6
     copy = round(2 * src.numel() * 2 / copy_us / 1e3, 1)
     print(f"copy of the layer's 16-bit weights: {copy_us:.1f} us, {copy} GB/s", flush=True)
     return dict(dtype=dtype_name, shapes=SHAPES, moved_bytes=moved, copy_gbs=copy, candidates=rows)
@@ -133,7 +118,7 @@ def main(argv=None) -> int:
     if args.child:
         print("RESULT " + json.dumps(measure(args.dtype)))
         return 0
-    from bench.common import card, versions, write_json
+    from bench.common import ROOT, card, versions, write_json
 
     mps = None
     cmd = [sys.executable, "-m", "bench.dequant_probe", "--child", "--dtype", args.dtype]
@@ -144,9 +129,9 @@ def main(argv=None) -> int:
             if not t4.available:
                 raise SystemExit(f"t4c: {t4.why}")
             mps = t4.to_dict()
-            done = subprocess.run(cmd, env=t4.env(os.environ), capture_output=True, text=True)
+            done = subprocess.run(cmd, env=t4.env(os.environ), cwd=ROOT, capture_output=True, text=True)
     else:
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(done.stdout, done.stderr[-3000:], sep="\n")
     found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not found:

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import ROOT
 from qlora.device import T4_MATMUL_TFLOPS
 
 # A T4's fp16 tensor-core peak is 65 TFLOP/s; a large cuBLAS fp16 matmul reaches about 40 at its 70 W power cap
@@ -28,18 +29,8 @@ TARGET_TFLOPS = round(T4_MATMUL_TFLOPS)
 CONTROL = "nvidia-cuda-mps-control"
 
 _PROBE = r"""
-import json, sys, torch
-def timed(fn, reps=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / reps
+import json, torch
+from bench.common import cuda_seconds as timed
 n = 8192
 a = torch.randn(n, n, device="cuda", dtype=torch.float16)
 b = torch.randn(n, n, device="cuda", dtype=torch.float16)
@@ -123,7 +114,7 @@ class T4Compute:
         return self.concurrent["tflops"]
 
     def _probes(self, env: dict, clients: int) -> list[dict]:
-        procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=env, stdout=subprocess.PIPE,
+        procs = [subprocess.Popen([sys.executable, "-c", _PROBE], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(clients)]
         results = []
         for proc in procs:
