@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Callable
 from . import prompts, runs, speed
 from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
-from .errors import brief, first_line
 from .data import DataError, keep_answered, prepare, tokenize
 from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
+from .errors import brief, first_line
 from .events import Event, Failed, Finished, Log, Stopped
 from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 
