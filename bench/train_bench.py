@@ -399,7 +399,8 @@ def _finish_arm(a, job: dict, epoch_tokens: int) -> dict:
 
 
 def speedups(results: list[dict]) -> dict:
-    """tokens/s of each arm over the seed's in the same mode, and how close its loss curve is to the seed's."""
+    """tokens/s of each arm over the seed's in the same mode, the same by step (the batches' lengths differ, and so
+    does the share of attention and of fixed per-step work in them), and how close its loss curve is to the seed's."""
     out = {}
     seeds = {r["mode"]: r for r in results if r["arm"] == "seed" and "error" not in r}
     for r in results:
@@ -411,7 +412,10 @@ def speedups(results: list[dict]) -> dict:
         out[f"{r['mode']}:{r['arm']}"] = dict(
             x=round(r["tokens_per_s"] / s["tokens_per_s"], 2),
             loss_max_abs_diff=round(max(diffs), 4) if diffs else None,
-            loss_mean_abs_diff=round(sum(diffs) / n, 4) if n else None)
+            loss_mean_abs_diff=round(sum(diffs) / n, 4) if n else None,
+            by_step=[[tokens, round(seed_s / arm_s, 2)] for tokens, seed_s, arm_s in zip(s["step_tokens"], s["step_s"],
+                                                                                        r["step_s"])]
+            if s["step_tokens"] == r["step_tokens"] else None)
     return out
 
 
@@ -443,6 +447,11 @@ def markdown(report: dict) -> str:
                      f"{r['s_per_step']:.3f} | {r['epoch_s_est']} | {r['peak_allocated_gib']} | "
                      f"{r['peak_reserved_gib']} | {(r.get('plan') or {}).get('estimated_peak_gib', '')} | "
                      f"{r['final_loss']:.4f} | {s.get('loss_max_abs_diff', '')} |")
+    steps = {k: v["by_step"] for k, v in report["speedup"].items() if v.get("by_step")}
+    if steps:
+        lines += ["", f"x seed by step (the step's tokens: the seed's time over the arm's; the first {report['warmup']} "
+                      "are warm-up):"]
+        lines += [f"- {k}: " + ", ".join(f"{t}: {x}" for t, x in v) for k, v in steps.items()]
     plans = {f"{r['mode']}:{r['arm']}": "; ".join(r["plan"]["notes"]) for r in report["arms"] if r.get("plan")}
     lines += ["", "Plans:"] + [f"- {k}: {v}" for k, v in plans.items()]
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())]
