@@ -10,8 +10,8 @@ weights in one store.
 The arithmetic is bitsandbytes' CUDA kernel's (`functional.dequantize_4bit` for nf4): byte j of the flat data holds
 weights 2j (high nibble) and 2j + 1 (low nibble); weight i is `code[nibble] * absmax[i // blocksize]` in fp32,
 rounded once to the output dtype. The GPU test holds the result to that kernel bit for bit; the interpreted CPU test
-holds it to the formula and, at block size 64, to bitsandbytes' CPU backend (whose 0.50 values differ at 128). Plain (not nested) absmax only, which is what the
-fused layer's packed weights are; anything else stays with bitsandbytes.
+holds it to the formula and, at block size 64, to bitsandbytes' CPU backend (whose 0.50 values differ at 128). Plain
+(not nested) absmax only, which is what the fused layer's packed weights are; anything else stays with bitsandbytes.
 """
 from __future__ import annotations
 

@@ -19,10 +19,11 @@ projections over 4-bit or 16-bit frozen weights. Anything else runs the layer's 
 Kernels: torch and bitsandbytes operators, which run on any CUDA card torch supports, sm_75 (a T4) included;
 attention is sdpa restricted to the kernel the card has (memory-efficient on Turing, math as the fallback,
 `Options.attention`), and `gemm_4bit` is bitsandbytes' own op, which ships an sm_75 path and falls back to dequantize
-+ matmul where its kernel does not pay. On a compute-poor card two options add Triton kernels, each with a fallback
++ matmul where its kernel does not pay. On a compute-poor card three options add Triton kernels, each with a fallback
 that logs once: `Options.compiled`, torch.compile's kernels for the elementwise steps (`_Steps`, written for the card
-at hand, sm_75 included; else op by op), and `Options.triton_dequant`, the project's one training kernel
-(qlora/dequant.py: bitsandbytes' nf4 dequantize, bit for bit; else bitsandbytes' own).
+at hand, sm_75 included; else op by op), and the project's two training kernels, `Options.triton_dequant`
+(qlora/dequant.py: bitsandbytes' nf4 dequantize, bit for bit; else bitsandbytes' own) and `Options.triton_rope`
+(qlora/ropegrad.py: RoPE's backward for q, k, v; else the compiled step). Both compile for sm_75 (CI).
 """
 from __future__ import annotations
 
