@@ -84,7 +84,8 @@ def cap_memory(gib: float) -> None:
 
 
 class StepMeter:
-    """Per-step wall time (synchronized) and non-padding tokens, counted at the model's input."""
+    """Per-step wall time (synchronized), non-padding tokens counted at the model's input, and what held the host up
+    in the step: Python's garbage collector (seconds) and the CUDA allocator's trips to the driver."""
 
     def __init__(self, model):
         import torch
@@ -92,8 +93,12 @@ class StepMeter:
         self.cuda = torch.cuda.is_available()
         self.tokens: list[int] = []
         self.times: list[float] = []
-        self._pending = 0
+        self.gc_s: list[float] = []
+        self.device_allocs: list[int] = []
+        self._pending = []  # the step's token counts, device tensors until the step's end (no sync a forward)
         self._last = None
+        self._gc_now, self._gc_started = 0.0, None
+        self._allocs = 0
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
@@ -102,9 +107,18 @@ class StepMeter:
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
         # padded batches carry a mask of real tokens; padding-free ones hold real tokens only
-        self._pending += int(mask.sum()) if mask is not None else int(ids.numel())
+        self._pending.append(mask.sum() if mask is not None else ids.numel())
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self._gc_now += time.perf_counter() - self._gc_started
+            self._gc_started = None
 
     def callback(self):
+        import gc
+
         from transformers import TrainerCallback
 
         meter = self
@@ -112,16 +126,30 @@ class StepMeter:
         class _Cb(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
                 meter._sync()
+                gc.callbacks.append(meter._gc)
+                meter._allocs = meter._device_allocs()
                 meter._last = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
                 meter._sync()
                 now = time.perf_counter()
                 meter.times.append(now - meter._last)
-                meter.tokens.append(meter._pending)
-                meter._pending, meter._last = 0, now
+                meter.tokens.append(sum(int(n) for n in meter._pending))
+                meter.gc_s.append(round(meter._gc_now, 4))
+                allocs = meter._device_allocs()
+                meter.device_allocs.append(allocs - meter._allocs)
+                meter._pending, meter._last, meter._gc_now, meter._allocs = [], now, 0.0, allocs
+
+            def on_train_end(self, args, state, control, **kw):
+                if meter._gc in gc.callbacks:
+                    gc.callbacks.remove(meter._gc)
 
         return _Cb()
+
+    def _device_allocs(self) -> int:
+        import torch
+
+        return torch.cuda.memory_stats().get("num_device_alloc", 0) if self.cuda else 0
 
     def _sync(self):
         if self.cuda:

@@ -20,6 +20,11 @@ calibrates the thread percentage on a large fp16 matmul, and stops it; it says s
 missing) and to a T4's kernels: no FlashAttention or cuDNN attention for any arm, and the project plans for compute
 capability 7.5 at the calibrated TFLOP/s. `--parallel N` runs the t4c arms N at a time (each under its own MPS share
 of the multiprocessors), so one call can measure many levers side by side with the seed.
+
+Each arm's JSON also gives, per step, the seconds Python's garbage collector took and the CUDA allocator's trips to
+the driver. `BENCH_PROFILE_ARM=arm,... BENCH_PROFILE_STEP=k`: those arms' steps k to k+2 under torch.profiler (kernel
+time by kind, the GPU's idle gaps by where the host was); `BENCH_SYNC_ARM=arm,...` (same steps): where the host waited
+for the GPU in them (torch's sync debug mode), by call site.
 """
 from __future__ import annotations
 
@@ -155,16 +160,26 @@ def run_arm(arm: str, model_dir: str, steps: int, mode: str, out: Path) -> dict:
     profile = Profile(int(os.environ.get("BENCH_PROFILE_STEP", "0")) if arm in profiled else 0)
     if profile.at and cuda:
         trainer.add_callback(profile.callback())
+    syncs = SyncSites(int(os.environ.get("BENCH_PROFILE_STEP", "0"))
+                      if arm in os.environ.get("BENCH_SYNC_ARM", "").split(",") else 0)
+    if syncs.at and cuda:
+        trainer.add_callback(syncs.callback())
     setup_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with speed.allocator(plan) if plan is not None else contextlib.nullcontext():
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the caching allocator's trips to the driver and its retries at the cap: each a host stall the GPU may wait on
+    stats = torch.cuda.memory_stats() if cuda else {}
+    allocator = {k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                           "num_sync_all_streams")}
     return dict(arm=arm, mode=mode, precision=precision, plan=plan.to_dict() if plan else None, setup_s=setup_s,
-                step_s=meter.times, step_tokens=meter.tokens, loss=losses,
+                step_s=meter.times, step_tokens=meter.tokens, step_gc_s=meter.gc_s,
+                step_device_allocs=meter.device_allocs, syncs=syncs.sites, loss=losses,
                 peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None, profile=profile.table)
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None, allocator=allocator,
+                profile=profile.table)
 
 
 class Profile:
@@ -203,6 +218,51 @@ class Profile:
                                    ka.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70) +
                                    ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
                     outer.prof = None
+
+        return _Cb()
+
+
+class SyncSites:
+    """Where the host waits for the GPU, over 3 steps from step `at`: torch's sync debug mode warns at each
+    synchronizing call (`.item()`, a blocking copy, ...); counted by the innermost frames outside torch."""
+
+    def __init__(self, at: int):
+        self.at, self.sites, self._saved = at, None, None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "/warnings.py" not in f.filename and "train_bench.py" not in f.filename]
+        where = " < ".join(f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}"
+                           for f in frames[-3:][::-1])
+        self.sites[where] = self.sites.get(where, 0) + 1
+
+    def callback(self):
+        import warnings
+
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Cb(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == outer.at:
+                    import torch
+
+                    outer.sites, outer._saved = {}, (warnings.showwarning, warnings.filters[:])
+                    warnings.simplefilter("always")
+                    warnings.showwarning = outer._record
+                    torch.cuda.set_sync_debug_mode("warn")
+
+            def on_step_end(self, args, state, control, **kw):
+                if outer._saved is not None and state.global_step == outer.at + 3:
+                    import torch
+
+                    torch.cuda.set_sync_debug_mode("default")
+                    warnings.showwarning, warnings.filters[:] = outer._saved
+                    outer._saved = None
+                    outer.sites = dict(sorted(outer.sites.items(), key=lambda kv: -kv[1]))
 
         return _Cb()
 
