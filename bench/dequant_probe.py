@@ -4,9 +4,10 @@
 For each candidate: microseconds for one layer's four packed weights (q/k/v, o, gate/up, down: one pass of what a
 training step dequantizes twice, forward and backward, on 32 layers), the bytes it moves per second (nf4 bytes and
 absmax read, 16-bit weights written) next to a plain copy's, and whether its bits equal the production kernel's.
-Candidates: bitsandbytes' `dequantize_4bit`; the production kernel at its shape (ROWS scale blocks a program, 4
-warps) and at others; and a "flat" form that computes each output element from its own index (byte i // 2, high
-nibble for even i), whose stores are contiguous runs instead of the join of two nibble planes.
+Candidates: bitsandbytes' `dequantize_4bit`; the production kernel at its shape (ROWS scale blocks a program, WARPS
+warps) and at others; and a "pairs" form that stores each byte's two 16-bit weights as one 32-bit word instead of
+joining two nibble planes, with the codes gathered per nibble or, "table", one 64-bit gather a byte. (Run50 also timed
+a "flat" form, each element from its own index: slower than the production kernel at every shape, bench/README.md.)
 
     python -m bench.dequant_probe [--t4c] [--dtype fp16|bf16] [--out DIR]
 
@@ -25,22 +26,33 @@ from pathlib import Path
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 
 
-def _flat_kernel():
+def _pairs_kernel():
+    """The production kernel's loads, but each byte's two weights stored as one 32-bit word (high nibble's weight in
+    the low half: the lower address), so no join of the two nibble planes; TABLE: one 64-bit gather a byte from a
+    256-entry table of its two fp32 codes instead of two 32-bit gathers from the 16 codes."""
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["n"])
-    def nf4_dequantize_flat(data_ptr, absmax_ptr, code_ptr, out_ptr, n, BLOCK: tl.constexpr,
-                            BLOCKSIZE: tl.constexpr):
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < n
-        byte = tl.load(data_ptr + i // 2, mask=ok, other=0).to(tl.int32)
-        nibble = tl.where(i % 2 == 0, byte >> 4, byte & 15)
-        scale = tl.load(absmax_ptr + i // BLOCKSIZE, mask=ok, other=0.0)
-        w = (tl.load(code_ptr + nibble) * scale).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + i, w, mask=ok)
+    @triton.jit(do_not_specialize=["blocks"])
+    def nf4_dequantize_pairs(data_ptr, absmax_ptr, code_ptr, table_ptr, out_ptr, blocks, HALF: tl.constexpr,
+                             ROWS: tl.constexpr, TABLE: tl.constexpr, DTYPE: tl.constexpr):
+        r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = r < blocks
+        at = r[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        packed = tl.load(data_ptr + at, mask=ok[:, None], other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + r, mask=ok, other=0.0)[:, None]
+        if TABLE:
+            both = tl.load(table_ptr + packed)
+            hi = (both & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            lo = (both >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        else:
+            hi = tl.load(code_ptr + (packed >> 4))
+            lo = tl.load(code_ptr + (packed & 15))
+        hi = (hi * scale).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        lo = (lo * scale).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
+        tl.store(out_ptr + at, hi | (lo << 16), mask=ok[:, None])
 
-    return nf4_dequantize_flat
+    return nf4_dequantize_pairs
 
 
 def measure(dtype_name: str) -> dict:
@@ -57,7 +69,13 @@ def measure(dtype_name: str) -> dict:
         data, state = F.quantize_4bit(torch.randn(shape, device="cuda", dtype=dtype) * 0.02, blocksize=64,
                                       quant_type="nf4")
         weights[name] = (data, state)
-    flat = _flat_kernel()
+    pairs = _pairs_kernel()
+    import triton.language as tl
+
+    code = weights["o"][1].code
+    b = torch.arange(256, device="cuda")
+    table = torch.stack([code[b >> 4], code[b & 15]], 1).contiguous().view(torch.int64).reshape(256)
+    tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
     def production(rows: int, warps: int):
         kernel = dequant._kernel()
@@ -68,23 +86,26 @@ def measure(dtype_name: str) -> dict:
                                           ROWS=rows, num_warps=warps)
         return run
 
-    def flat_shape(block: int, warps: int):
+    def pairs_shape(rows: int, warps: int, use_table: bool):
         def run(data, state, out):
-            n = out.numel()
-            flat[(-(-n // block),)](data.reshape(-1), state.absmax, state.code, out, n, BLOCK=block, BLOCKSIZE=64,
-                                    num_warps=warps)
+            blocks = state.absmax.numel()
+            pairs[(-(-blocks // rows),)](data.reshape(-1), state.absmax, state.code, table, out.view(torch.int32),
+                                         blocks, HALF=32, ROWS=rows, TABLE=use_table, DTYPE=tl_dtype,
+                                         num_warps=warps)
         return run
 
     def bnb(data, state, out):
         F.dequantize_4bit(data, state, out=out)
 
     candidates = {"bitsandbytes": bnb}
-    for rows in (32, 64, 128, 256):
-        for warps in (2, 4, 8):
+    for rows in (64, 128):
+        for warps in (2, 4):
             candidates[f"qlora ROWS={rows} warps={warps}"] = production(rows, warps)
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8):
-            candidates[f"flat BLOCK={block} warps={warps}"] = flat_shape(block, warps)
+    for use_table in (False, True):
+        for rows in (32, 64, 128, 256):
+            for warps in (1, 2, 4, 8):
+                candidates[f"pairs{' table' if use_table else ''} ROWS={rows} warps={warps}"] = pairs_shape(
+                    rows, warps, use_table)
     outs = {name: torch.empty(shape, device="cuda", dtype=dtype) for name, shape in SHAPES.items()}
     truth = {name: dequant.dequantize(d, s.absmax, s.code, SHAPES[name], dtype, 64) for name, (d, s) in weights.items()}
     numel = sum(a * b for a, b in SHAPES.values())
