@@ -67,7 +67,7 @@ def visitor_prompts(engine, n: int, max_tokens: int = 10**9, mix: str = "documen
         else:  # a long pasted document, cut to a length that grows with i
             doc = " ".join(texts[-(i + 1) * 3:])[: 700 * (i % 4) * (1 + i // 4)]
             while len(engine.prompt_ids([], f"Summarize this in one sentence:\n{doc}")) > max_tokens:
-                doc = doc[: len(doc) * 4 // 5]  # a smaller card's slots are shorter (the T4 mode's 1,280 tokens)
+                doc = doc[: len(doc) * 4 // 5]  # (a slot shorter than the document)
             out.append(f"Summarize this in one sentence:\n{doc}")
     return out
 
@@ -213,6 +213,7 @@ def teacher_forced(slot_engine, eager_engine, adapter_slot: str, adapter_eager: 
         if name_slot is not None and name_slot not in decoder.columns.placed:
             decoder.columns.place(name_slot, backend._read(slot_engine.adapters[name_slot].folder),
                                   backend._make_room(decoder.columns.placed, 64))
+        decoder.pages.reserve(0, len(ids) + n)
         first = decoder.prefill(0, ids, decoder.columns.row_mask(name_slot))
         mine = [first]
         for k, t in enumerate(forced[:-1]):
@@ -245,6 +246,9 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
 
     decoder = slot_engine._scheduler.backend.decoder
     rows = decoder.rows
+    for i in range(rows):  # each row its own pages, as live visitors' rows (where the pool holds them)
+        if len(decoder.pages.free) >= decoder.pages.needed(pos + 1):
+            decoder.pages.reserve(i, pos + 1)
     decoder.host_ints[0] = torch.arange(rows) + 500
     decoder.host_ints[1] = pos
     decoder.host_floats[1:3] = 1.0
@@ -295,6 +299,7 @@ def profile_prefill(slot_engine, reps: int = 10, kernels_at: int = 512) -> dict:
     decoder = slot_engine._scheduler.backend.decoder
     columns = decoder.columns.row_mask(None)
     out = dict(graph_ms={})
+    decoder.pages.reserve(0, max(decoder.prompt_buckets + [kernels_at]))
     for length in decoder.prompt_buckets:
         prompt = [500 + i % 1000 for i in range(length)]
         decoder.prefill(0, prompt, columns)
@@ -339,6 +344,8 @@ def rows_sweep(engine, kind: str, rows_list: list[int], length: int = 1024) -> d
         cap = time.perf_counter() - t
         d.host_ints[0] = torch.arange(rows) + 500
         d.host_floats[1:4] = 1.0
+        for i in range(rows):
+            d.pages.reserve(i, length)
         res = dict(capture_s=round(cap, 1))
         for pos in (200, length - 100):
             d.host_ints[1] = pos
@@ -389,12 +396,11 @@ def main(argv=None) -> int:
     import torch
 
     from bench.common import TINY
+    from qlora import nf4mm, slots
     from qlora.chat import ChatEngine
     from qlora.config import GenerationSettings
 
     if a.no_buckets:
-        from qlora import slots
-
         slots.buckets = lambda length: [length]
     shape = TINY if a.tiny else None
     model_dir = build_random_model(Path(a.model), shape)  # (before the cap: it builds the 16-bit model on the card)
@@ -430,8 +436,6 @@ def main(argv=None) -> int:
             eager.unload()
             eager = None
     variants = {}
-    from qlora import nf4mm
-
     for variant in a.capture.split(","):
         kind, _, opts = variant.partition(":")
         opts = set(opts.split("+")) - {""}
@@ -456,6 +460,7 @@ def main(argv=None) -> int:
                  load_s=round(load_s, 1),
                  capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
                  rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),
+                 kv_pool_tokens=(decoder.pages.count - 1) * slots.PAGE if decoder else None,
                  adapter_columns=decoder.columns.columns if decoder else None,
                  buckets=getattr(decoder, "buckets", None), exactness=engine.exactness,
                  adapter_column_linears=len(decoder.columns.linears) if decoder else None, peak_gib_after_load=peak())

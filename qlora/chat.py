@@ -307,21 +307,23 @@ class ChatEngine:
                 context = min(getattr(model.config, "max_position_embeddings", 4096) or 4096, MAX_PROMPT_TOKENS + 4096)
                 with self._lock:  # adapter columns on the Linears the registered adapters target
                     targets = set().union(*(a.modules for a in self.adapters.values()))
-                rows, length, columns = slots.plan(model, context, self.max_rows, targets)
                 no_nf4 = self._no_nf4(model, kind)
                 no_fused = self._no_fused(model)
+                rows, length, columns, pages = slots.plan(model, context, self.max_rows, targets,
+                                                          gather=no_fused is not None)
                 t0 = time.perf_counter()
                 mode = None if kind == "eager" else kind
                 try:
                     decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress,
-                                                 nf4=no_nf4 is None, fused=no_fused is None)
+                                                 nf4=no_nf4 is None, fused=no_fused is None, pages=pages)
                 except Exception as e:
                     if no_nf4 is not None and no_fused is not None:
                         raise
                     failed = f"the Triton kernels failed: {type(e).__name__}: {str(e).strip()[:200]}"
                     no_nf4, no_fused = no_nf4 or failed, no_fused or failed  # (each keeps its own reason if it had one)
                     log.debug("Triton decode kernels failed", exc_info=True)
-                    decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress)
+                    rows, length, columns, pages = slots.plan(model, context, self.max_rows, targets)
+                    decoder = slots.open_decoder(model, rows, length, columns, mode, targets, progress, pages=pages)
                 self.matmul = decoder.matmul
                 why_not = f" ({no_nf4})" if no_nf4 and decoder.matmul == "bitsandbytes" else ""
                 log.info("chat: 4-bit decode matmuls: %s%s", decoder.matmul, why_not)
@@ -332,9 +334,10 @@ class ChatEngine:
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
-                    log.info("chat: %d rows of %d tokens, adapter columns on %d Linears, decode graphs (%s) for %d "
-                             "lengths and prompt graphs up to %s tokens captured and checked in %.1f s: %s", rows,
-                             length, len(decoder.columns.linears), kind, len(decoder.buckets),
+                    log.info("chat: %d rows of up to %d tokens sharing %d KV tokens, adapter columns on %d Linears, "
+                             "decode graphs (%s) for %d lengths and prompt graphs up to %s tokens captured and checked "
+                             "in %.1f s: %s", rows, length, (pages - 1) * slots.PAGE, len(decoder.columns.linears),
+                             kind, len(decoder.buckets),
                              max(decoder.prompt_buckets, default=0), self.capture_s, decoder.exactness)
                 self.backend_kind = kind
                 return slots.SlotBackend(decoder)

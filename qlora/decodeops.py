@@ -1,6 +1,7 @@
 """The slot engine's decode-step kernels besides the 4-bit matmul (Triton, CUDA cards of compute capability 8+, as
-nf4mm): attention that reads each row's own length of its slot, the rotary embedding with the new key/value's write
-into the slot, RMSNorm, and the MLP's silu(gate) * up, one kernel each.
+nf4mm): attention that reads each row's own length of its KV pages, the rotary embedding with the new key/value's
+write into the row's page, RMSNorm, and the MLP's silu(gate) * up, one kernel each. The KV pool is slots.Pages':
+[pages, page, kv heads, head width], a row's position t in page table[row, t // page] at t % page.
 
 Why by hand: SDPA's masked decode attends every slot over the whole length bucket, free slots too (2.2 of run30's
 15.9 ms step: one visitor's two rows paid for sixteen), and has no per-row length argument; flash-attn's
@@ -8,12 +9,12 @@ Why by hand: SDPA's masked decode attends every slot over the whole length bucke
 transformers' RMSNorm is eight kernels a norm (65 a 7B step), its rotary ten a layer and the cache write two more:
 at 16 rows each is a launch-bound ~2-3 us, ~1,000 of them a step (run33: 3.5 ms of elementwise work down to 0.5).
 
-Exactness, as in nf4mm: a row's result depends on its own inputs only. Attention splits a row's keys into fixed
-CHUNK-position chunks (whatever the length bucket), each chunk's partial softmax computed alone and merged in chunk
-order; chunks at or past the row's length are never read, so a row gets the same bits alone or batched and in any
-length bucket. The elementwise kernels use transformers' arithmetic per row (RMSNorm: fp32, cast back, then times the
-weight; silu*up: each rounded to the dtype as torch rounds it; rotary in fp32, rounded once where transformers rounds
-each product), the GPU tests hold them within a rounding step of transformers'.
+Exactness, as in nf4mm: a row's result depends on its own inputs only. Attention splits a row's keys into fixed CHUNK-
+position chunks (whatever the length bucket), each chunk's partial softmax computed alone and merged in chunk order (a
+loop turn reads one page); chunks at or past the row's length are never read, so a row gets the same bits alone or
+batched, in any length bucket and wherever its pages lie. The elementwise kernels use transformers' arithmetic per row
+(RMSNorm: fp32, cast back, then times the weight; silu*up: each rounded to the dtype as torch rounds it; rotary in fp32,
+rounded once where transformers rounds each product), the GPU tests hold them within a rounding step of transformers'.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from types import SimpleNamespace
 import torch  # imported only where the slot engine starts (`import qlora` stays light)
 
 CHUNK = 256  # key positions a program reduces; fixed so a row's rounding never depends on the bucket
-BLOCK_KEYS = 64  # keys a loop turn reads
 
 _built = None
 
@@ -40,11 +40,12 @@ def _build():
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["CHUNKS"])
-    def attend_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, scale, H, GROUP, CHUNKS,
-                      sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
-                      D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    def attend_kernel(q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr, part_ptr, scale, H, GROUP, CHUNKS,
+                      sq_b, sq_h, st_b, sk_p, sk_l, sk_h, sv_p, sv_l, sv_h,
+                      D: tl.constexpr, CHUNK: tl.constexpr, PAGE: tl.constexpr):
         # program (row b, head h, chunk c): the softmax partial of q . keys[c * CHUNK, min((c + 1) * CHUNK, length))
-        # as (acc [D], max, sum) in fp32, where length = pos[b] + 1 (the row's token was just written at pos[b])
+        # as (acc [D], max, sum) in fp32, where length = pos[b] + 1 (the row's token was just written at pos[b]); the
+        # row's position t lies in pool page table[b, t // PAGE] at t % PAGE, a loop turn reads one page
         bh, c = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         kvh = h // GROUP
@@ -57,16 +58,17 @@ def _build():
             s = tl.zeros((1,), tl.float32)
             acc = tl.zeros((D,), tl.float32)
             end = tl.minimum(start + CHUNK, length)
-            for first in range(start, end, BLOCK):
-                t = first + tl.arange(0, BLOCK)
-                ok = t < end
-                k = tl.load(k_ptr + b * sk_b + kvh * sk_h + t[:, None] * sk_l + d[None, :], mask=ok[:, None],
+            i = tl.arange(0, PAGE)
+            for first in range(start, end, PAGE):
+                page = tl.load(table_ptr + b * st_b + first // PAGE).to(tl.int64)
+                ok = first + i < end
+                k = tl.load(k_ptr + page * sk_p + kvh * sk_h + i[:, None] * sk_l + d[None, :], mask=ok[:, None],
                             other=0.0).to(tl.float32)
                 score = tl.where(ok, tl.sum(k * q[None, :], 1), float("-inf"))
                 m_new = tl.maximum(m, tl.max(score, 0))
                 p = tl.exp(score - m_new)
                 alpha = tl.exp(m - m_new)
-                v = tl.load(v_ptr + b * sv_b + kvh * sv_h + t[:, None] * sv_l + d[None, :], mask=ok[:, None],
+                v = tl.load(v_ptr + page * sv_p + kvh * sv_h + i[:, None] * sv_l + d[None, :], mask=ok[:, None],
                             other=0.0).to(tl.float32)
                 acc = acc * alpha + tl.sum(p[:, None] * v, 0)
                 s = s * alpha + tl.sum(p, 0)
@@ -112,11 +114,12 @@ def _build():
                  mask=ok)
 
     @triton.jit
-    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, H, KVH,
-                          s_cos, skc_b, skc_h, skc_l, svc_b, svc_h, svc_l, D: tl.constexpr):
+    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, table_ptr, qo_ptr, kc_ptr, vc_ptr, H, KVH,
+                          s_cos, st_b, skc_p, skc_l, skc_h, svc_p, svc_l, svc_h, D: tl.constexpr, PAGE: tl.constexpr):
         # program (row b, head h): q rotated into qo [rows, H, D]; for h < KVH also the row's new key (rotated) and
-        # value written into the slot cache at pos[b]. transformers' rotary: x * cos + rotate_half(x) * sin, where
-        # rotate_half(x) = (-x[D/2:], x[:D/2]); here in fp32, rounded once.
+        # value written into the pool at pos[b] (page table[b, pos // PAGE], offset pos % PAGE). transformers'
+        # rotary: x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x[D/2:], x[:D/2]); here in fp32, rounded
+        # once.
         b, h = tl.program_id(0), tl.program_id(1)
         HALF: tl.constexpr = D // 2
         i = tl.arange(0, D)
@@ -129,10 +132,12 @@ def _build():
         tl.store(qo_ptr + (b * H + h) * D + i, q.to(qo_ptr.dtype.element_ty))
         if h < KVH:
             p = tl.load(pos_ptr + b)
+            page = tl.load(table_ptr + b * st_b + p // PAGE).to(tl.int64)
+            at = p % PAGE
             k_row = k_ptr + (b * KVH + h) * D
             k = tl.load(k_row + i).to(tl.float32) * cos + sign * tl.load(k_row + partner).to(tl.float32) * sin
-            tl.store(kc_ptr + b * skc_b + h * skc_h + p * skc_l + i, k.to(kc_ptr.dtype.element_ty))
-            tl.store(vc_ptr + b * svc_b + h * svc_h + p * svc_l + i, tl.load(v_ptr + (b * KVH + h) * D + i))
+            tl.store(kc_ptr + page * skc_p + at * skc_l + h * skc_h + i, k.to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + page * svc_p + at * svc_l + h * svc_h + i, tl.load(v_ptr + (b * KVH + h) * D + i))
 
     @triton.jit
     def silu_mul_kernel(g_ptr, u_ptr, out_ptr, N, BLOCK: tl.constexpr):
@@ -148,38 +153,43 @@ def _build():
                            rope_store=rope_store_kernel, silu_mul=silu_mul_kernel)
 
 
-def attend(query, key, value, pos, length: int, scale: float):
-    """One decode token a row: query [rows, heads, 1, D]; key/value the slot cache [rows, kv heads, slot, D]; pos
-    [rows] each row's position (it attends to 0..pos); length the bucket (>= every pos + 1). [rows, 1, heads, D]."""
+def attend(query, key, value, table, pos, length: int, scale: float):
+    """One decode token a row: query [rows, heads, 1, D]; key/value the KV pool [pages, PAGE, kv heads, D]; table
+    [rows, pages a row] each row's pages in position order; pos [rows] each row's position (it attends to 0..pos);
+    length the bucket (>= every pos + 1). [rows, 1, heads, D]."""
     kernels = _kernels()
     rows, heads, _, d = query.shape
-    group = heads // key.shape[1]
+    page = key.shape[1]
+    assert CHUNK % page == 0, (CHUNK, page)
+    group = heads // key.shape[2]
     chunks = math.ceil(length / CHUNK)
     if query.stride(-1) != 1:
         query = query.contiguous()
     part = torch.empty(rows * heads, chunks, d + 2, dtype=torch.float32, device=query.device)
     out = torch.empty(rows, 1, heads, d, dtype=query.dtype, device=query.device)
     kernels.attend[(rows * heads, chunks)](
-        query, key, value, pos, part, scale, heads, group, chunks,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2), D=d, CHUNK=CHUNK, BLOCK=BLOCK_KEYS, num_warps=4)
+        query, key, value, table, pos, part, scale, heads, group, chunks,
+        query.stride(0), query.stride(1), table.stride(0), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), D=d, CHUNK=CHUNK, PAGE=page, num_warps=4)
     kernels.merge[(rows * heads,)](part, pos, out, heads, chunks, out.stride(0), out.stride(2), D=d, CHUNK=CHUNK,
                                    num_warps=1)
     return out
 
 
-def rope_and_store(q, k, v, cos, sin, pos, keys, values):
+def rope_and_store(q, k, v, cos, sin, pos, table, keys, values):
     """One decode token a row: q [rows, 1, heads * D], k and v [rows, 1, kv heads * D] as the projections give them,
-    cos/sin [rows, 1, D] (the model's rotary embedding); the rotated key and the value go into the slot cache
-    (keys/values [rows, kv heads, slot, D]) at each row's pos. The rotated query, [rows, heads, 1, D]."""
+    cos/sin [rows, 1, D] (the model's rotary embedding); the rotated key and the value go into the KV pool
+    (keys/values [pages, PAGE, kv heads, D]) at each row's pos, through its page table [rows, pages a row]. The
+    rotated query, [rows, heads, 1, D]."""
     rows, d = q.shape[0], keys.shape[-1]
-    heads, kv_heads = q.shape[-1] // d, keys.shape[1]
+    heads, kv_heads = q.shape[-1] // d, keys.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(rows, heads, 1, d, dtype=q.dtype, device=q.device)
-    _kernels().rope_store[(rows, heads)](q, k, v, cos, sin, pos, out, keys, values, heads, kv_heads, cos.stride(0),
-                                         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
-                                         values.stride(1), values.stride(2), D=d, num_warps=1)
+    _kernels().rope_store[(rows, heads)](q, k, v, cos, sin, pos, table, out, keys, values, heads, kv_heads,
+                                         cos.stride(0), table.stride(0), keys.stride(0), keys.stride(1),
+                                         keys.stride(2), values.stride(0), values.stride(1), values.stride(2), D=d,
+                                         PAGE=keys.shape[1], num_warps=1)
     return out
 
 

@@ -1,5 +1,5 @@
-"""Static-slot decoding: fixed row slots, each with its own KV cache, position and adapter, stepped one token at a time
-in captured CUDA graphs.
+"""Static-slot decoding: fixed row slots, each with its own position and adapter and its KV cache in pages of a shared
+pool, stepped one token at a time in captured CUDA graphs.
 
 Why this and not transformers' continuous batching (`generation/continuous_batching`, `init_continuous_batching`):
 that engine packs every request's tokens into one sequence over a paged cache and pads the batch to a power of two of
@@ -8,16 +8,23 @@ with them); it has one sampling setting for the whole batch and no per-request s
 Here the decode step always runs at the same shapes (`rows` slots, padded), so a row's arithmetic never depends on the
 other rows: each slot's answer in a full batch is the answer it gets alone. The pieces are the library's: the model's
 own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at its own position), a 4D attention
-mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step. Prompts are prefilled
-one visitor at a time, its two panes in one forward of two rows where their prompts take the same length (one pass
-over the 4-bit weights, one dequantize of each, where two forwards dequantized everything twice; a lone row runs
-twice, so a row's shapes, and so its bits, never depend on its partner), each layer writing the prompts' keys/values
-straight into their slots (`prefill_cache`); prompts up to PREFILL_BUCKETS[-1] tokens run in a graph captured for
-the bucket that holds them (each prompt padded at its end, which causal attention keeps out of the prompt's own
-positions; the pads' keys/values land past the prompt, where the row's decode steps overwrite them before reading
-them). A prompt's prefill is launch-bound without a graph
-(~50 ms for 15 or 711 tokens on an H200, run29): the graphs are what keeps eight visitors' first tokens within a
-second.
+mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step.
+
+The KV cache is a pool of PAGE-position pages (`Pages`): each row's page table maps its positions to pages, taken when
+it joins (its prompt and its longest answer) and given back when it leaves. A card's memory then holds what the rows
+use, not rows x the whole context: on a T4 fixed slots held 8 rows of 2,304 tokens (visitors 5-8 waited, run60), the
+pool holds 16 rows of the whole 4,096 context, as long as their conversations fit together. decodeops' attention reads a
+row's pages in place; the model's own attention (no decodeops: a T4) gets each row's keys gathered from its pages over
+the step's bucket. A row's arithmetic is the same as over a contiguous slot, so its bits are too.
+
+Prompts are prefilled one visitor at a time, its two panes in one forward of two rows where their prompts take the same
+length (one pass over the 4-bit weights, one dequantize of each, where two forwards dequantized everything twice; a lone
+row runs twice, so a row's shapes, and so its bits, never depend on its partner), each layer writing the prompts'
+keys/values straight into their rows' pages (`prefill_cache`); prompts up to PREFILL_BUCKETS[-1] tokens run in a graph
+captured for the bucket that holds them (each prompt padded at its end, which causal attention keeps out of the prompt's
+own positions; the pads' keys/values land past the prompt, in the row's pages, where its decode steps overwrite them
+before reading them, or in the trash page). A prompt's prefill is launch-bound without a graph (~50 ms for 15 or 711
+tokens on an H200, run29): the graphs are what keeps eight visitors' first tokens within a second.
 
 Per-row adapters inside the graph: `columns.AdapterColumns` (each adapter in use holds a run of static LoRA columns on
 the Linears adapters target, each row a mask of its own; a base row's update is an exact zero).
@@ -36,6 +43,7 @@ Right after capture `check_exact` measures what this relies on, on the card at h
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +60,7 @@ log = logging.getLogger("qlora.chat")
 
 ATTENTION = "qlora_slots"  # our attention implementation: SDPA over the first mask-width positions of the cache
 MIN_BUCKET = 256  # the shortest attention length captured; buckets double up to the slot length
+PAGE = 64  # positions a page of the KV pool holds (decodeops' attention reads a page a loop turn)
 # prompt lengths whose prefill is captured (longer prompts run eagerly): steps of at most 1.5x, so padding wastes at
 # most a third of a prompt's compute (powers of two wasted up to half: run33's eight visitors padded 7,608 tokens to
 # 10,008); 2,048 where the slot is longer
@@ -63,32 +72,86 @@ SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as 
 # the eager path
 
 
-# --- the KV cache --------------------------------------------------------------------------------------------
-def slot_cache(config, rows: int, length: int, pos, dtype, device):
-    """A transformers Cache of StaticLayers whose update writes each row's new key/value at that row's own position."""
+# --- the KV cache: a pool of pages ------------------------------------------------------------------------
+class Pages:
+    """Which pages of the KV pool each row holds: `table` [rows, pages a slot] on the device (row r's position t lies
+    in page table[r, t // PAGE] at t % PAGE) and the free pages on the host. A row takes pages for its prompt and its
+    longest answer when it joins and gives them back when it leaves, so the pool holds what the rows in it use: many
+    short conversations or a few long ones, each up to the slot length. Page 0 is the trash page: free rows and
+    positions past a row's pages (a prefill's padding, the step in flight after a row's last token) write there, and
+    no live row reads it."""
+
+    def __init__(self, rows: int, length: int, pages: int, device):
+        self.width = math.ceil(length / PAGE)  # pages a slot
+        self.count = pages
+        assert pages >= 2, pages
+        self.table = torch.zeros(rows, self.width, dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(self.table)
+        self.free = list(range(pages - 1, 0, -1))  # page 1 first
+        self.held: dict[int, list[int]] = {}
+        self.write = self.read = self.prompt = None  # a step's / a prefill's pool indices (`index`)
+
+    @staticmethod
+    def needed(tokens: int) -> int:
+        return math.ceil(tokens / PAGE)
+
+    def reserve(self, slot: int, tokens: int) -> None:
+        """Pages for a row's first `tokens` positions (it keeps those it holds). Written into the table after every
+        step launched so far, which still see the row's old pages."""
+        held = self.held.setdefault(slot, [])
+        more = self.needed(min(tokens, self.width * PAGE)) - len(held)
+        if more > len(self.free):
+            raise MemoryError(f"{more} KV pages wanted, {len(self.free)} free")
+        if more > 0:
+            held.extend(self.free.pop() for _ in range(more))
+            self.table[slot, :len(held)].copy_(torch.tensor(held))
+
+    def release(self, slot: int) -> None:
+        """A leaving row's pages back to the pool (its table row to the trash page); a step still in flight may write
+        into them, before any later prefill overwrites them on the same stream."""
+        self.free.extend(reversed(self.held.pop(slot, [])))
+        self.table[slot].zero_()
+
+    def index(self, positions, slots=None):
+        """Pool indices ([pages * PAGE] flattened) of `positions` ([n], or [rows, n]: each row's own) of the rows in
+        `slots` (a device tensor; None: every row)."""
+        pages = self.table if slots is None else self.table[slots]
+        if positions.dim() == 1:
+            positions = positions.expand(pages.shape[0], -1)
+        return pages.gather(1, positions // PAGE) * PAGE + positions % PAGE
+
+
+def slot_cache(config, pages: Pages, dtype, device):
+    """A transformers Cache whose layers hold the KV pool ([pages, PAGE, kv heads, head width] each) and, on the
+    model's own attention path (SDPA), write each row's new key/value at its position (`pages.write`) and hand
+    attention each row's keys over the bucket (`pages.read`), gathered from its pages."""
     from transformers.cache_utils import Cache, StaticLayer
 
-    class SlotLayer(StaticLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            k_index = pos.view(-1, 1, 1, 1).expand(-1, key_states.shape[1], 1, key_states.shape[3])
-            v_index = pos.view(-1, 1, 1, 1).expand(-1, value_states.shape[1], 1, value_states.shape[3])
-            self.keys.scatter_(2, k_index, key_states)
-            self.values.scatter_(2, v_index, value_states)
-            return self.keys, self.values
-
     n_layers, heads, head_dim = _kv_shape(config)
-    layers = []
-    for _ in range(n_layers):
-        layer = SlotLayer(max_cache_len=length)
-        dummy = torch.empty(rows, heads, 1, head_dim, dtype=dtype, device=device)
-        layer.lazy_initialization(dummy, dummy)  # allocates [rows, heads, length, head_dim], marked static
-        layers.append(layer)
-    return Cache(layers=layers)
+
+    class PagedLayer(StaticLayer):
+        def __init__(self):
+            super().__init__(max_cache_len=pages.width * PAGE)
+            self.device, self.batch_size, self.num_heads = device, pages.table.shape[0], heads
+            self.k_head_dim = self.v_head_dim = head_dim
+            self.keys = torch.zeros(pages.count, PAGE, heads, head_dim, dtype=dtype, device=device)
+            self.values = torch.zeros_like(self.keys)
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = self.keys.view(-1, heads, head_dim), self.values.view(-1, heads, head_dim)
+            keys.index_copy_(0, pages.write, key_states[:, :, 0])
+            values.index_copy_(0, pages.write, value_states[:, :, 0])
+            return keys[pages.read].transpose(1, 2), values[pages.read].transpose(1, 2)
+
+    return Cache(layers=[PagedLayer() for _ in range(n_layers)])
 
 
-def prefill_cache(slot_cache_, slot):
-    """A Cache for a prefill's forward whose layers write each prompt's keys/values into its row of the slot cache
-    (`slot`: a device tensor, a row index per prompt), and hand the prompts' own keys/values to attention."""
+def prefill_cache(slot_cache_, pages: Pages):
+    """A Cache for a prefill's forward whose layers write each prompt's keys/values into its row's pages
+    (`pages.prompt`: pool indices [prompts, length]), and hand the prompts' own keys/values to attention."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     class PrefillLayer(DynamicLayer):
@@ -97,9 +160,10 @@ def prefill_cache(slot_cache_, slot):
             self.target = target
 
         def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[2]
-            self.target.keys.narrow(2, 0, n).index_copy_(0, slot, key_states)
-            self.target.values.narrow(2, 0, n).index_copy_(0, slot, value_states)
+            where = pages.prompt[:, :key_states.shape[2]].reshape(-1)
+            for pool, states in ((self.target.keys, key_states), (self.target.values, value_states)):
+                flat = pool.view(-1, *pool.shape[2:])  # [pages * PAGE, kv heads, head width]
+                flat.index_copy_(0, where, states.transpose(1, 2).reshape(-1, *flat.shape[1:]))
             return key_states, value_states
 
     return Cache(layers=[PrefillLayer(layer) for layer in slot_cache_.layers])
@@ -181,7 +245,7 @@ class SlotDecoder:
     """
 
     def __init__(self, model, rows: int, length: int, columns: int, capture: str | None = "graphs", targets=None,
-                 strict: bool = False, nf4: bool = False, fused: bool = False):
+                 strict: bool = False, nf4: bool = False, fused: bool = False, pages: int | None = None):
         self.model, self.rows, self.length = model, rows, length
         self.capture_mode, self.targets, self.strict = capture, targets, strict
         self.device = model.device
@@ -208,11 +272,14 @@ class SlotDecoder:
         self.matmul = ("16-bit (no 4-bit weights)" if not self.columns.four_bit
                        else "dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
                        else "bitsandbytes")
-        self.cache = slot_cache(model.config, rows, length, self.ints[1], self.dtype, self.device)
+        # the KV pool: `pages` pages (None: every row a whole slot), each row's taken as it joins (`reserve`)
+        self.pages = Pages(rows, length, pages or rows * math.ceil(length / PAGE) + 1, self.device)
+        self.cache = slot_cache(model.config, self.pages, self.dtype, self.device)
         self._configs = []
         self._norms: list[tuple] = []  # (parent, name, the model's own RMSNorm) replaced by decodeops.RMSNorm
         self._forwards: list = []  # attention and MLP modules whose decode steps run decodeops' kernels
         self.fused = fused and self.dtype in (torch.bfloat16, torch.float16)
+        self.fused_attention = False  # decodeops' attention in the step (else the model's, through PagedLayer)
         if self.fused:
             self._fuse()
         register_attention()
@@ -249,6 +316,7 @@ class SlotDecoder:
             if attention and kind == "LlamaAttention":
                 module.forward = self._attention_forward(module)
                 self._forwards.append(module)
+                self.fused_attention = True
             elif kind == "LlamaMLP" and type(getattr(module, "act_fn", None)).__name__ in SILU:
                 module.forward = self._mlp_forward(module)
                 self._forwards.append(module)
@@ -262,10 +330,10 @@ class SlotDecoder:
             if self.columns.prefilling or attention_mask is None or cache is None:
                 return own(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
                            cache=cache, **kwargs)
-            layer, pos = cache.layers[module.layer_idx], self.ints[1]
+            layer, pos, table = cache.layers[module.layer_idx], self.ints[1], self.pages.table
             q = rope_and_store(module.q_proj(hidden_states), module.k_proj(hidden_states),
-                               module.v_proj(hidden_states), *position_embeddings, pos, layer.keys, layer.values)
-            out = attend(q, layer.keys, layer.values, pos, attention_mask.shape[-1], module.scaling)
+                               module.v_proj(hidden_states), *position_embeddings, pos, table, layer.keys, layer.values)
+            out = attend(q, layer.keys, layer.values, table, pos, attention_mask.shape[-1], module.scaling)
             return module.o_proj(out.view(*hidden_states.shape[:-1], -1)), None
 
         return forward
@@ -295,6 +363,8 @@ class SlotDecoder:
         """Every slot's next-token logits, attending over cache `positions` (a prefix of kv_index: the bucket)."""
         tokens, pos = self.ints[0], self.ints[1]
         mask = (positions[None, :] <= pos[:, None])[:, None, None, :]
+        if not self.fused_attention:  # where the model's attention writes each row's key and reads its bucket
+            self.pages.write, self.pages.read = self.pages.index(pos[:, None])[:, 0], self.pages.index(positions)
         out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None], attention_mask=mask, cache=self.cache,
                          use_cache=True)
         return out.logits[:, -1].float()
@@ -411,6 +481,8 @@ class SlotDecoder:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(3, 1000, (rows,), generator=g)
         pos = torch.randint(1, MIN_BUCKET - 1, (rows,), generator=g)
+        for i in range(rows):  # (plan leaves the pool room for this)
+            self.pages.reserve(i, MIN_BUCKET)
 
         def run(tok, p, length=None):
             self.host_ints[0], self.host_ints[1] = tok, p
@@ -451,6 +523,7 @@ class SlotDecoder:
         assert 1 <= len(rows) <= PREFILL_ROWS, len(rows)
         length = self.prefill_length(len(rows[0][1]))
         assert all(self.prefill_length(len(prompt)) == length for _, prompt, _ in rows), "prompts of two lengths"
+        assert all(self.pages.held.get(slot) for slot, _, _ in rows), "a row without KV pages (Pages.reserve)"
         full = list(rows) + [rows[0]] * (PREFILL_ROWS - len(rows))
         self.prefill_slot.copy_(torch.tensor([slot for slot, _, _ in full]))
         self.prefill_last.copy_(torch.tensor([len(prompt) - 1 for _, prompt, _ in full]))
@@ -470,7 +543,8 @@ class SlotDecoder:
 
     def _prompt_logits(self, ids, last):
         """The logits at positions `last` of the prompts' forward whose keys/values go to slots `prefill_slot`."""
-        cache = prefill_cache(self.cache, self.prefill_slot)
+        self.pages.prompt = self.pages.index(self.kv_index[:ids.shape[1]], self.prefill_slot)
+        cache = prefill_cache(self.cache, self.pages)
         return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=last).logits
 
     @contextmanager
@@ -490,9 +564,17 @@ class SlotDecoder:
         return int(sample(logits[None], f(u), f(temperature), f(top_p), f(greedy) > 0.5)[0])
 
     def clear(self, slot: int) -> None:
-        """A freed slot: no adapter columns, position 0, not live (it keeps decoding garbage no one reads)."""
+        """A freed slot: no adapter columns, no pages, position 0, not live (it keeps decoding garbage into the trash
+        page, which no one reads)."""
         self.columns.decode_mask[slot] = False
+        self.pages.release(slot)
         self.set_row(slot, 0, 0, live=False)
+
+    def row_kv(self, slot: int, n: int) -> list[tuple]:
+        """A row's cached keys and values at positions 0..n-1, [kv heads, n, head width] each, layer by layer."""
+        at = self.pages.index(self.kv_index[:n], torch.tensor([slot], device=self.device))[0]
+        return [tuple(pool.view(-1, *pool.shape[2:])[at].transpose(0, 1) for pool in (layer.keys, layer.values))
+                for layer in self.cache.layers]
 
     def close(self) -> None:
         """Give the model back as it was (its Linears, its attention) and drop the graphs and the cache."""
@@ -530,8 +612,8 @@ def captured(fn, pool=None):
 
 
 def open_decoder(model, rows: int, length: int, columns: int, capture: str | None, targets,
-                 progress: Callable[[str], None] = lambda s: None, nf4: bool = False, fused: bool = False
-                 ) -> SlotDecoder:
+                 progress: Callable[[str], None] = lambda s: None, nf4: bool = False, fused: bool = False,
+                 pages: int | None = None) -> SlotDecoder:
     """A captured SlotDecoder whose rows were measured exact on this card, tightened where they were not.
 
     `check_exact` runs right after capture. Run-to-run drift or a row that changes with its neighbours: capture
@@ -539,7 +621,7 @@ def open_decoder(model, rows: int, length: int, columns: int, capture: str | Non
     one bucket, the whole slot, every step (exact, slower on long slots). What still differs is logged. `nf4`: the
     4-bit Linears' decode matmuls run the nf4mm kernel (the strict path replaces it too); `fused`: decodeops'
     attention and RMSNorm kernels."""
-    decoder = SlotDecoder(model, rows, length, columns, capture, targets, nf4=nf4, fused=fused)
+    decoder = SlotDecoder(model, rows, length, columns, capture, targets, nf4=nf4, fused=fused, pages=pages)
     if capture is None:
         return decoder
     try:
@@ -549,7 +631,8 @@ def open_decoder(model, rows: int, length: int, columns: int, capture: str | Non
             progress("rows drifted: capturing again with the strict 4-bit path")
             log.warning("chat: decode rows not exact (%s); capturing again with dequantize + cuBLAS", report)
             decoder.close()
-            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True, fused=fused)
+            decoder = SlotDecoder(model, rows, length, columns, capture, targets, strict=True, fused=fused,
+                                  pages=pages)
             decoder.capture(progress)
             report = decoder.check_exact()
         if report["bucket"]:
@@ -567,19 +650,24 @@ def open_decoder(model, rows: int, length: int, columns: int, capture: str | Non
     return decoder
 
 
-def plan(model, context: int, max_rows: int, targets=None, min_rows: int = 8, reserve_gib: float = 1.5
-         ) -> tuple[int, int, int]:
-    """(rows, slot length, adapter columns) that fit the KV-cache memory left on the card after the base.
+def plan(model, context: int, max_rows: int, targets=None, gather: bool = True, reserve_gib: float = 1.5
+         ) -> tuple[int, int, int, int]:
+    """(rows, slot length, adapter columns, KV pages) that fit the memory left on the card after the base.
 
-    Every slot holds a whole conversation (`context` tokens) where memory allows `max_rows` of them; where it does not
-    (a T4), the slots get shorter so that at least `min_rows` (4 visitors) still fit; requests longer than a slot are
-    told so. On the CPU there is no card to plan for: `max_rows` slots of `context`.
+    `max_rows` rows, each up to `context` tokens, share a pool of KV pages: as many as the card holds, at most enough
+    for every row to fill its slot. With `gather` (the model's own attention, where decodeops' kernel does not run:
+    each step gathers every row's keys and values out of the pool), room beside the pool for that: one layer's keys
+    and values of every row over the whole slot, twice (run63, T4 mode: with it once, the prompt graphs no longer
+    fit beside the decode graphs' share of the capture pool).
+    The pool holds at least one visitor's two panes at the full slot (else the slot gets shorter) and every row's
+    exactness check (`check_exact`); fewer rows where even that does not fit. On the CPU there is no card to plan
+    for: `max_rows` whole slots of `context`.
     """
-
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
+    width = math.ceil(context / PAGE)
     if model.device.type != "cuda":
-        return max_rows, context, 256
+        return max_rows, context, 256, max_rows * width + 1
     dev = model.device
     free, total = torch.cuda.mem_get_info(dev)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)
@@ -587,15 +675,23 @@ def plan(model, context: int, max_rows: int, targets=None, min_rows: int = 8, re
     budget = min(free, cap) - reserve_gib * 2**30
     columns = 256 if budget > 20 * 2**30 else 128
     budget -= column_bytes(model, columns, torch.finfo(dtype).bits // 8, targets)
-    rows = min(max_rows, int(budget // (context * per_token)))
-    length = context
-    if rows < min_rows:
-        length = int(budget // (min_rows * per_token)) // MIN_BUCKET * MIN_BUCKET
-        rows = min(max_rows, int(budget // max(1, length * per_token)))
-    rows -= rows % 2
-    if rows < 2 or length < MIN_BUCKET:
+    rows, length = max_rows - max_rows % 2, context
+    layers = _kv_shape(model.config)[0]
+
+    def pool_pages(length: int) -> int:
+        beside = 2 * rows * length * per_token / layers if gather else 0
+        return int((budget - beside) // (PAGE * per_token))
+
+    pages = pool_pages(length)
+    while length > MIN_BUCKET and pages < 2 * math.ceil(length / PAGE) + 1:  # not one visitor's two whole panes
+        length -= MIN_BUCKET
+        pages = pool_pages(length)
+    width = math.ceil(length / PAGE)
+    while rows > 2 and pages < rows * (MIN_BUCKET // PAGE) + 1:
+        rows -= 2
+    if pages < max(rows * (MIN_BUCKET // PAGE), 2 * width) + 1:
         raise MemoryError(f"{budget / 2**30:.1f} GiB left for the KV cache: too little for two chat rows")
-    return rows, min(length, context), columns
+    return rows, length, columns, min(pages, rows * width + 1)
 
 
 RELOAD = "reload"  # batching.RELOAD: an adapter needs columns on Linears this capture has none on
@@ -638,6 +734,13 @@ class SlotBackend:
                 return RELOAD
         if len(self.free) < len(rows):
             return f"all {self.rows} rows are answering"
+        pages = self.decoder.pages
+        need = sum(pages.needed(self._tokens(row)) for row in rows)
+        if need > pages.count - 1:
+            raise ValueError(f"the conversation needs {need * PAGE} tokens of KV memory for its panes; this server's "
+                             f"chat holds {(pages.count - 1) * PAGE}: clear it and start again")
+        if need > len(pages.free):
+            return "the answers in progress hold the chat's memory"
         placed = dict(self.decoder.columns.placed)
         for name, rank in {r.adapter.name: r.adapter.rank for r in rows if r.adapter is not None}.items():
             if name not in placed and self._make_room(placed, round_up(rank, COLUMN_GRAIN)) is None:
@@ -658,6 +761,7 @@ class SlotBackend:
                 row.slot = self.free.pop()
                 joined.append(row)
                 self.active[row.slot] = row
+                self.decoder.pages.reserve(row.slot, self._tokens(row))
                 if name is not None:
                     self.users[name] = self.users.get(name, 0) + 1
                 row.rng = torch.Generator().manual_seed(row.settings.seed)
@@ -738,6 +842,10 @@ class SlotBackend:
                 groups.append(group)
             group.append(row)
         return groups
+
+    def _tokens(self, row) -> int:
+        """The positions a row may write: its prompt and its longest answer, within the slot."""
+        return min(len(row.prompt) + max(row.max_new, 1), self.decoder.length)
 
     def _u(self, row) -> float:
         return 0.0 if row.settings.greedy else float(torch.rand((), generator=row.rng))

@@ -14,7 +14,7 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run these through tests/test_kernels_interpreted.py"
 
-from kernel_refs import softmax_attention  # noqa: E402
+from kernel_refs import from_pages, softmax_attention, to_pages  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 _patch_tensor = interpreter._patch_lang_tensor
@@ -30,6 +30,7 @@ interpreter._patch_lang_tensor = _patched
 
 def attention_reads_each_rows_own_length_alone_batched_and_in_any_bucket(dtype_name: str):
     from qlora import decodeops as ops
+    from qlora.slots import PAGE
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
@@ -38,7 +39,8 @@ def attention_reads_each_rows_own_length_alone_batched_and_in_any_bucket(dtype_n
     k = torch.randn(rows, kv_heads, slot, d, generator=g).to(dtype)
     v = torch.randn(rows, kv_heads, slot, d, generator=g).to(dtype)
     pos = torch.tensor([0, ops.CHUNK - 1, ops.CHUNK, 599])  # one position, a chunk's end, the next chunk, the slot
-    out = ops.attend(q, k, v, pos, slot, d ** -0.5)
+    kp, vp, table = to_pages(k, v, PAGE)  # each row's pages scattered through the pool, the rest NaN
+    out = ops.attend(q, kp, vp, table, pos, slot, d ** -0.5)
     ref = softmax_attention(q, k, v, pos, d ** -0.5)
     assert out.shape == (rows, 1, heads, d) and out.dtype == dtype
     for r in range(rows):  # each row at its own scale (a one-key row's output is a value, the others' averages)
@@ -47,10 +49,10 @@ def attention_reads_each_rows_own_length_alone_batched_and_in_any_bucket(dtype_n
     for r in range(rows):  # past a row's position: never read
         garbage_k[r, :, int(pos[r]) + 1:] = float("nan")
         garbage_v[r, :, int(pos[r]) + 1:] = float("nan")
-    assert torch.equal(ops.attend(q, garbage_k, garbage_v, pos, slot, d ** -0.5), out)
-    assert torch.equal(ops.attend(q, k, v, pos, 1024, d ** -0.5), out)  # a longer bucket
+    assert torch.equal(ops.attend(q, *to_pages(garbage_k, garbage_v, PAGE, seed=1), pos, slot, d ** -0.5), out)
+    assert torch.equal(ops.attend(q, kp, vp, table, pos, 1024, d ** -0.5), out)  # a longer bucket
     for r in range(rows):
-        alone = ops.attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r:r + 1], int(pos[r]) + 1, d ** -0.5)
+        alone = ops.attend(q[r:r + 1], kp, vp, table[r:r + 1], pos[r:r + 1], int(pos[r]) + 1, d ** -0.5)
         assert torch.equal(alone[0], out[r]), r
 
 
@@ -78,6 +80,7 @@ def rms_norm_rope_and_silu_mul_do_transformers_arithmetic():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
     from qlora import decodeops as ops
+    from qlora.slots import PAGE
     g = torch.Generator().manual_seed(0)
     dtype, eps = torch.float16, torch.finfo(torch.float16).eps
     norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
@@ -97,8 +100,11 @@ def rms_norm_rope_and_silu_mul_do_transformers_arithmetic():
     pos = torch.tensor([0, 9, 49])
     angle = pos[:, None, None].float() * torch.rand(d // 2, generator=g).repeat(2)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-    keys, values = torch.zeros(rows, kv_heads, slot, d, dtype=dtype), torch.zeros(rows, kv_heads, slot, d, dtype=dtype)
-    rotated = ops.rope_and_store(q, k, v, cos, sin, pos, keys, values)
+    zeros = torch.zeros(rows, kv_heads, slot, d, dtype=dtype)
+    key_pool, value_pool, table = to_pages(zeros, zeros, PAGE)
+    rotated = ops.rope_and_store(q, k, v, cos, sin, pos, table, key_pool, value_pool)
+    keys, values = from_pages(key_pool, table, slot), from_pages(value_pool, table, slot)
+    assert key_pool[0].isnan().all()  # the trash page: not written
     ref_q, ref_k = apply_rotary_pos_emb(q.view(rows, 1, heads, d).transpose(1, 2).float(),
                                         k.view(rows, 1, kv_heads, d).transpose(1, 2).float(), cos.float(), sin.float())
     assert (rotated.float() - ref_q).abs().max() <= eps * ref_q.abs().max()

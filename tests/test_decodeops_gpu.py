@@ -1,12 +1,13 @@
-"""On a GPU only (CI skips these): decodeops' attention against fp32 softmax attention, each row over its own length,
-the same bits alone, batched and in any length bucket; its RMSNorm against transformers'.
+"""On a GPU only (CI skips these): decodeops' attention against fp32 softmax attention, each row over its own length
+read through its page table, the same bits alone, batched and in any length bucket; its RMSNorm against
+transformers'.
 
     python -m pytest -m gpu tests/test_decodeops_gpu.py -s
 """
 from __future__ import annotations
 
 import pytest
-from kernel_refs import softmax_attention
+from kernel_refs import from_pages, softmax_attention, to_pages
 
 
 @pytest.mark.gpu
@@ -16,6 +17,7 @@ def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independ
     import torch
 
     from qlora.decodeops import CHUNK, attend
+    from qlora.slots import PAGE
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -25,7 +27,8 @@ def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independ
     v = torch.randn(rows, kv_heads, slot, d, dtype=dtype, device="cuda", generator=g)
     pos = torch.tensor([0, 5, CHUNK - 1, CHUNK, 700, 1023, 1299], device="cuda")
     scale = d ** -0.5
-    out = attend(q, k, v, pos, 1300, scale)
+    kp, vp, table = to_pages(k, v, PAGE)  # each row's pages scattered through the pool, the rest NaN
+    out = attend(q, kp, vp, table, pos, 1300, scale)
     ref = softmax_attention(q, k, v, pos, scale)
     for r in range(rows):  # each row at its own scale (a one-key row's output is a value, the others' averages)
         err = (out[r].float() - ref[r]).abs().max().item()
@@ -35,13 +38,13 @@ def test_attend_reads_each_rows_own_length_within_rounding_and_rows_are_independ
     for r in range(rows):
         k2[r, :, int(pos[r]) + 1:] = float("nan")
         v2[r, :, int(pos[r]) + 1:] = float("nan")
-    assert torch.equal(attend(q, k2, v2, pos, 1300, scale), out)
-    assert torch.equal(attend(q, k, v, pos, 2048, scale), out)  # a longer bucket: the same bits
+    assert torch.equal(attend(q, *to_pages(k2, v2, PAGE, seed=1), pos, 1300, scale), out)
+    assert torch.equal(attend(q, kp, vp, table, pos, 2048, scale), out)  # a longer bucket: the same bits
     for r in range(rows):  # each row alone = that row in the batch, bit for bit
-        alone = attend(q[r:r + 1], k[r:r + 1], v[r:r + 1], pos[r:r + 1], int(pos[r]) + 1, scale)
+        alone = attend(q[r:r + 1], kp, vp, table[r:r + 1], pos[r:r + 1], int(pos[r]) + 1, scale)
         assert torch.equal(alone[0], out[r]), r
     short = pos.clamp(max=200)  # rows shorter than a chunk: the bucket's length only bounds the grid
-    assert torch.equal(attend(q, k, v, short, 256, scale), attend(q, k, v, short, 1300, scale))
+    assert torch.equal(attend(q, kp, vp, table, short, 256, scale), attend(q, kp, vp, table, short, 1300, scale))
 
 
 @pytest.mark.gpu
@@ -74,6 +77,7 @@ def test_rope_and_store_equals_transformers_rotary_and_cache_write_within_roundi
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     from qlora.decodeops import rope_and_store
+    from qlora.slots import PAGE
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows, heads, kv_heads, d, slot = 5, 9, 3, 64, 300
@@ -84,9 +88,11 @@ def test_rope_and_store_equals_transformers_rotary_and_cache_write_within_roundi
     pos = torch.tensor([0, 7, 100, 255, 299], device="cuda")
     angle = pos[:, None, None].float() * torch.rand(d // 2, device="cuda", generator=g).repeat(2)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)  # [rows, 1, d], as LlamaRotaryEmbedding gives them
-    keys = torch.zeros(rows, kv_heads, slot, d, dtype=dtype, device="cuda")
-    values = torch.zeros_like(keys)
-    out = rope_and_store(q, k, v, cos, sin, pos, keys, values)
+    zeros = torch.zeros(rows, kv_heads, slot, d, dtype=dtype, device="cuda")
+    key_pool, value_pool, table = to_pages(zeros, zeros, PAGE)
+    out = rope_and_store(q, k, v, cos, sin, pos, table, key_pool, value_pool)
+    keys, values = from_pages(key_pool, table, slot), from_pages(value_pool, table, slot)
+    assert key_pool[0].isnan().all() and value_pool[0].isnan().all()  # the trash page: not written
     q4, k4 = q.view(rows, 1, heads, d).transpose(1, 2), k.view(rows, 1, kv_heads, d).transpose(1, 2)
     ref_q, ref_k = apply_rotary_pos_emb(q4.float(), k4.float(), cos.float(), sin.float())  # fp32: rounded once
     eps = torch.finfo(dtype).eps

@@ -20,7 +20,7 @@ CARDS = [(75, "fp16"), (80, "fp16"), (80, "bf16"), (90, "bf16")]  # (compute cap
 
 def kernels(t: str) -> dict:
     """name -> (kernel, argument types, constexprs, launch options), as the engine launches them (7B shapes)."""
-    from qlora import decodeops, dequant, nf4mm, ropegrad
+    from qlora import decodeops, dequant, nf4mm, ropegrad, slots
 
     nf4 = nf4mm._build()
     ops = decodeops._build()
@@ -30,18 +30,21 @@ def kernels(t: str) -> dict:
                             M="i32", N="i32", K="i32", SPAN="i32", SPLITS="i32"),
                   dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BLOCK_M=nf4mm.BLOCK_M,
                        BLOCK_N=nf4mm.TILE.block_n), dict(num_warps=nf4mm.TILE.warps, num_stages=nf4mm.TILE.stages)),
-        "attend": (ops.attend, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", pos_ptr="*i64", part_ptr="*fp32",
-                                scale="fp32", H="i32", GROUP="i32", CHUNKS="i32", sq_b="i32", sq_h="i32", sk_b="i32",
-                                sk_h="i32", sk_l="i32", sv_b="i32", sv_h="i32", sv_l="i32"),
-                   dict(D=128, CHUNK=decodeops.CHUNK, BLOCK=decodeops.BLOCK_KEYS), dict(num_warps=4)),
+        "attend": (ops.attend, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", table_ptr="*i64", pos_ptr="*i64",
+                                part_ptr="*fp32", scale="fp32", H="i32", GROUP="i32", CHUNKS="i32", sq_b="i32",
+                                sq_h="i32", st_b="i32", sk_p="i32", sk_l="i32", sk_h="i32", sv_p="i32", sv_l="i32",
+                                sv_h="i32"),
+                   dict(D=128, CHUNK=decodeops.CHUNK, PAGE=slots.PAGE), dict(num_warps=4)),
         "merge": (ops.merge, dict(part_ptr="*fp32", pos_ptr="*i64", o_ptr=f"*{t}", H="i32", CHUNKS="i32", so_b="i32",
                               so_h="i32"), dict(D=128, CHUNK=decodeops.CHUNK), dict(num_warps=1)),
         "rms_norm": (ops.rms_norm, dict(x_ptr=f"*{t}", w_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", eps="fp32"),
                      dict(BLOCK=4096), dict(num_warps=8)),
-        "rope_store": (ops.rope_store, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", cos_ptr=f"*{t}", sin_ptr=f"*{t}",
-                                  pos_ptr="*i64", qo_ptr=f"*{t}", kc_ptr=f"*{t}", vc_ptr=f"*{t}", H="i32", KVH="i32",
-                                  s_cos="i32", skc_b="i32", skc_h="i32", skc_l="i32", svc_b="i32", svc_h="i32",
-                                  svc_l="i32"), dict(D=128), dict(num_warps=1)),
+        "rope_store": (ops.rope_store, dict(q_ptr=f"*{t}", k_ptr=f"*{t}", v_ptr=f"*{t}", cos_ptr=f"*{t}",
+                                            sin_ptr=f"*{t}", pos_ptr="*i64", table_ptr="*i64", qo_ptr=f"*{t}",
+                                            kc_ptr=f"*{t}", vc_ptr=f"*{t}", H="i32", KVH="i32", s_cos="i32",
+                                            st_b="i32", skc_p="i32", skc_l="i32", skc_h="i32", svc_p="i32",
+                                            svc_l="i32", svc_h="i32"),
+                       dict(D=128, PAGE=slots.PAGE), dict(num_warps=1)),
         "silu_mul": (ops.silu_mul, dict(g_ptr=f"*{t}", u_ptr=f"*{t}", out_ptr=f"*{t}", N="i32"), dict(BLOCK=1024),
                      dict(num_warps=4)),
         "nf4_dequantize": (dequant._kernel(), dict(data_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",

@@ -34,12 +34,16 @@ def runs_root(tmp_path_factory, tiny_llama_dir):
 @pytest.fixture(scope="module", params=[1, 2], ids=["each-step-read-at-once", "one-step-launched-ahead"])
 def engine(request, tiny_llama_dir, runs_root):
     """The slot engine without graphs. Its second form launches each step before the host reads the step before (as
-    on a GPU), which the CPU would not do by itself: answers, stops and freed slots must be the same."""
+    on a GPU), which the CPU would not do by itself: answers, stops and freed slots must be the same. The KV pool's
+    free pages are shuffled, so every row's pages lie apart and out of order, as after a busy hour."""
+    import random
+
     e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=4)
     e.load_adapter(runs_root / "qv")
     e.load_adapter(runs_root / "qv2")
     e.load()
     e._scheduler.backend.depth = request.param
+    random.Random(0).shuffle(e._scheduler.backend.decoder.pages.free)
     yield e
     e.unload()
 
@@ -79,6 +83,7 @@ def test_slot_engine_greedy_answers_equal_generate_for_base_and_adapter_rows(eng
     assert engine.backend_kind == "eager"
     # teacher-forced: the slot step's logits are eager peft's within fp32 rounding
     decoder = engine._scheduler.backend.decoder
+    decoder.pages.reserve(0, len(ids) + len(tuned))
     logits = [decoder.prefill(0, ids, decoder.columns.row_mask(name))]
     for k, t in enumerate(tuned[:-1]):
         decoder.host_ints[0, 0], decoder.host_ints[1, 0] = t, len(ids) + k
@@ -233,13 +238,46 @@ def test_an_adapter_on_other_layers_reloads_the_engine_and_is_served(tiny_llama_
 def test_a_conversation_longer_than_a_slot_is_refused_with_the_limit(tiny_llama_dir, runs_root, monkeypatch):
     from qlora import slots
 
-    monkeypatch.setattr(slots, "plan", lambda model, context, max_rows, targets=None: (2, 256, 64))
+    monkeypatch.setattr(slots, "plan", lambda *a, **k: (2, 256, 64, 2 * 4 + 1))  # 2 rows of 256 tokens, whole
     e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager")
     name = e.load_adapter(runs_root / "qv")
     with pytest.raises(ValueError, match="a chat row on this server holds 256 tokens"):
         list(e.stream_pair([], [], "word " * 300, greedy(), name))
     assert list(e.stream_pair([], [], "hi", greedy(4), name))[-1][1]  # and the engine goes on
     e.unload()
+
+
+def test_rows_share_a_pool_of_kv_pages_and_a_visitor_waits_for_memory_with_rows_free(tiny_llama_dir, runs_root,
+                                                                                       monkeypatch):
+    """Where the card holds fewer KV tokens than rows x slot (a T4), the rows share a pool of pages (slots.Pages): a
+    row takes pages for its prompt and its longest answer as it joins and gives them back as it leaves. A visitor who
+    finds rows free but not the memory waits, told why, and is answered once it frees; panes that could never fit the
+    pool are refused with the limit; the pages all come back."""
+    from qlora import slots
+
+    # 4 rows of up to 256 tokens sharing 6 pages (384 tokens): one visitor at 3 pages a pane fills the pool
+    monkeypatch.setattr(slots, "plan", lambda *a, **k: (4, 256, 64, 6 + 1))
+    e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager")
+    try:
+        name = e.load_adapter(runs_root / "qv")
+        question = QUESTIONS[1]
+        n = len(e.prompt_ids([], question))
+        with pytest.raises(ValueError, match="needs 512 tokens of KV memory for its panes; this server's chat holds "
+                                             "384"):
+            list(e.stream([], [], question, greedy(256), name))  # two whole slots: 4 pages a pane
+        first = e.stream([], [], question, greedy(3 * slots.PAGE - n), name)  # 3 pages a pane
+        while next(first).waiting is not None:
+            pass
+        pages = e._scheduler.backend.decoder.pages
+        assert len(pages.free) == 0 and e._scheduler.backend.free_rows() == 2
+        second = e.stream([], [], QUESTIONS[2], greedy(4), name)
+        assert next(second).waiting == ("waiting for a free chat slot (the answers in progress hold the chat's "
+                                        "memory; you are next)")
+        first.close()  # the first visitor leaves: its pages serve the second
+        assert [u for u in second if u.waiting is None][-1].tuned
+        assert len(pages.free) == pages.count - 1 and not pages.table.any()
+    finally:
+        e.unload()
 
 
 def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_free(tiny_llama_dir):
@@ -255,6 +293,7 @@ def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_fre
         report = decoder.check_exact()
         assert report == dict(strict=False, buckets=3, repeat=0.0, neighbours=0.0, bucket=0.0)
         assert decoder.host_ints.abs().sum() == 0 and not decoder.columns.decode_mask.any()
+        assert len(decoder.pages.free) == decoder.pages.count - 1 and not decoder.pages.table.any()  # pages back
     finally:
         decoder.close()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # the model is given back as it was
@@ -318,8 +357,11 @@ def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(
     n = len(prompt)
     decoder = slots.SlotDecoder(model, rows=3, length=64, columns=16, capture=None)
     try:
+        decoder.pages.reserve(1, n)
         logits = decoder.prefill(1, prompt, decoder.columns.row_mask(None))
-        slot_keys = [(layer.keys.clone(), layer.values.clone()) for layer in decoder.cache.layers]
+        slot_keys = [(k.clone(), v.clone()) for k, v in decoder.row_kv(1, slots.PAGE)]
+        (page,) = decoder.pages.held[1]
+        others = [torch.cat([layer.keys[:page], layer.keys[page + 1:]]) for layer in decoder.cache.layers]
     finally:
         decoder.close()  # the model's own Linears again, for the reference
     cache = DynamicCache(config=model.config)
@@ -327,9 +369,9 @@ def test_a_prompt_fills_its_slot_with_the_keys_and_values_a_dynamic_cache_holds(
         ref = model(input_ids=torch.tensor([prompt] * slots.PREFILL_ROWS), cache=cache, use_cache=True,
                     logits_to_keep=torch.tensor([n - 1] * slots.PREFILL_ROWS))  # (each row's last position)
     assert torch.equal(logits, ref.logits[0, 0].float())
-    for (keys, values), theirs in zip(slot_keys, cache.layers, strict=True):
-        assert torch.equal(keys[1, :, :n], theirs.keys[0]) and torch.equal(values[1, :, :n], theirs.values[0])
-        assert not keys[[0, 2]].any() and not keys[1, :, n:].any()  # nothing else written
+    for (keys, values), theirs, rest in zip(slot_keys, cache.layers, others, strict=True):
+        assert torch.equal(keys[:, :n], theirs.keys[0]) and torch.equal(values[:, :n], theirs.values[0])
+        assert not rest.any() and not keys[:, n:].any()  # nothing else written, in the row's page or another
 
 
 def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_alone(tiny_llama_dir):
@@ -346,6 +388,8 @@ def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_a
     try:
         prompt = [1, 450, 4996, 17354, 1701, 29916, 432, 975, 278, 17366]
         n, bucket = len(prompt), slots.PREFILL_BUCKETS[0]
+        decoder.pages.reserve(0, n)
+        decoder.pages.reserve(1, bucket)
         mask = decoder.columns.row_mask(None)
         alone = decoder.prefill(0, prompt, mask)  # no graphs on the CPU: the eager prefill
         decoder.prefill_slot.fill_(1)
@@ -355,10 +399,10 @@ def test_a_prompt_padded_to_its_bucket_gives_the_logits_and_keys_of_the_prompt_a
             ids = torch.tensor([prompt + [0] * (bucket - n)] * slots.PREFILL_ROWS)
             padded = decoder._prompt_logits(ids, decoder.prefill_last)[0, 0]
         torch.testing.assert_close(padded.float(), alone, rtol=1e-4, atol=1e-4)
-        for layer in decoder.cache.layers:
-            torch.testing.assert_close(layer.keys[1, :, :n], layer.keys[0, :, :n], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(layer.values[1, :, :n], layer.values[0, :, :n], rtol=1e-4, atol=1e-4)
-        assert layer.keys[1, :, n:bucket].abs().sum() > 0  # the pads' keys land past the prompt (decode overwrites)
+        for (keys, values), (keys0, values0) in zip(decoder.row_kv(1, bucket), decoder.row_kv(0, n)):
+            torch.testing.assert_close(keys[:, :n], keys0, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(values[:, :n], values0, rtol=1e-4, atol=1e-4)
+        assert keys[:, n:bucket].abs().sum() > 0  # the pads' keys land past the prompt (decode overwrites)
     finally:
         decoder.close()
 
@@ -388,10 +432,12 @@ def test_a_visitors_two_panes_prefill_in_one_forward_and_each_gets_its_bits_alon
         first = [1, 450, 4996, 17354, 1701, 29916, 432]
         other = [1, 450, 4996, 17354, 1701, 29916, 975]  # the other pane's history, the same length
         longer = first + [278, 17366, 975]
+        for slot in (0, 1, 3):
+            decoder.pages.reserve(slot, len(longer))
 
         def alone(prompt, mask):
             logits = decoder.prefill(3, prompt, mask)
-            return logits, [layer.keys[3, :, :len(prompt)].clone() for layer in decoder.cache.layers]
+            return logits, [k.clone() for k, _ in decoder.row_kv(3, len(prompt))]
 
         for pair in ([(first, base_mask), (first, tuned_mask)], [(first, base_mask), (other, tuned_mask)]):
             forwards.clear()
@@ -400,8 +446,7 @@ def test_a_visitors_two_panes_prefill_in_one_forward_and_each_gets_its_bits_alon
             for slot, ((prompt, mask), got) in enumerate(zip(pair, logits)):
                 want, keys = alone(prompt, mask)
                 assert torch.equal(got, want)
-                assert all(torch.equal(layer.keys[slot, :, :len(prompt)], k)
-                           for layer, k in zip(decoder.cache.layers, keys))
+                assert all(torch.equal(mine, k) for (mine, _), k in zip(decoder.row_kv(slot, len(prompt)), keys))
         with pytest.raises(AssertionError, match="two lengths"):
             decoder.prefill_rows([(0, first, base_mask), (1, longer, tuned_mask)])
         for slot in range(4):
@@ -480,3 +525,40 @@ def test_a_decoder_still_held_after_unload_keeps_neither_base_nor_cache(tiny_lla
     e.unload()
     gc.collect()
     assert decoder is not None and base() is None and keys() is None
+
+
+def test_the_plan_shares_a_t4s_kv_memory_as_pages_among_sixteen_rows_of_the_whole_context(monkeypatch):
+    """slots.plan on a T4 after a 7B base (card and base faked: this machine has no GPU). Sixteen rows of the whole
+    4,096-token context share the pages the card holds (fixed slots held eight rows of 2,304); the model's own
+    attention (a T4 has no decodeops kernels) leaves room for its per-step gather; less memory shortens the slots,
+    too little is refused."""
+    import types
+
+    import torch
+    from transformers import LlamaConfig
+
+    from qlora import slots
+
+    gib = 2**30
+    model = types.SimpleNamespace(config=LlamaConfig(), device=torch.device("cuda"),  # Llama-2-7B's shape
+                                  parameters=lambda: iter([torch.zeros(1, dtype=torch.float16)]))
+    per_page = slots.PAGE * slots.kv_bytes_per_token(model.config, 2)  # 32 MiB: 64 positions of 32 layers
+
+    def card(free_gib):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (free_gib * gib, 15 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: (15 - free_gib) * gib)
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0, raising=False)
+    monkeypatch.setattr(slots, "column_bytes", lambda *a: gib // 16)
+    card(11.0)  # 15 GiB less a 4-bit 7B base
+    rows, length, columns, pages = slots.plan(model, 4096, 16, gather=False)
+    assert (rows, length, columns) == (16, 4096, 128)
+    assert pages == int((11.0 - 1.5 - 1 / 16) * gib // per_page) == 302  # less the trash page: 19,264 tokens
+    gathered = slots.plan(model, 4096, 16)[3]
+    assert pages - gathered == 2 * gib // per_page  # one layer's keys and values of 16 rows x 4,096, twice
+    card(4.0)
+    rows, length, _, pages = slots.plan(model, 4096, 16, gather=False)
+    assert rows == 16 and length < 4096 and pages > 2 * length // slots.PAGE  # one visitor's two whole panes
+    card(1.6)
+    with pytest.raises(MemoryError, match="too little for two chat rows"):
+        slots.plan(model, 4096, 16)
