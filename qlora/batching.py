@@ -4,7 +4,7 @@ One thread owns all device work (loading the base, capturing graphs, prefills, s
 of `device.Cards`: the one GPU on a one-GPU host, its own card on a host with several) while it has anything to do;
 visitors' threads only submit tickets and read their own event queue. A visitor is a ticket of rows (base pane,
 tuned pane); a row that ends frees its slot at once; a ticket that does not fit waits in a FIFO and is told its
-place. One visitor's stop, error or disconnect ends that visitor's rows only. stdlib only: the device
+place, one that can never fit is told so at once. One visitor's stop, error or disconnect ends that visitor's rows only. stdlib only: the device
 work is the backend's (`slots.SlotBackend`, or `rowexact.GenerateBackend` for the eager fallback).
 
 A backend has `rows` (its capacity), `free_rows()`, `wait_reason(rows)` (None when the rows can join now),
@@ -329,6 +329,7 @@ class Scheduler:
                 row.joined = True
             self._active.append(ticket)
             self._emit(ticket)
+        self._refuse_behind()
         with self._cond:  # the rest wait: tell each its place
             for i, t in enumerate(self._waiting):
                 ahead = f"{i} visitor{'s' if i != 1 else ''} ahead of you" if i else "you are next"
@@ -345,6 +346,18 @@ class Scheduler:
             except Exception:
                 log.exception("closing the chat backend failed")
             self.backend = None
+
+    def _refuse_behind(self) -> None:
+        """Tickets behind the first that can never be served (longer than a row holds, more KV memory than the card
+        has) hear so now, not after waiting their turn."""
+        with self._cond:
+            behind = self._waiting[1:]
+        for ticket in behind:
+            try:
+                self.backend.wait_reason(ticket.rows)
+            except Exception as e:
+                self._pop_waiting(ticket)
+                ticket.close("error", e)
 
     def _pop_waiting(self, ticket: Ticket) -> None:
         with self._cond:

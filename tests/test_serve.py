@@ -273,6 +273,8 @@ def test_rows_share_a_pool_of_kv_pages_and_a_visitor_waits_for_memory_with_rows_
         second = e.stream([], [], QUESTIONS[2], greedy(4), name)
         assert next(second).waiting == ("waiting for a free chat slot (the answers in progress hold the chat's "
                                         "memory; you are next)")
+        with pytest.raises(ValueError, match="holds 384"):  # queued behind the second: refused at once all the same
+            list(e.stream([], [], question, greedy(256), name))
         first.close()  # the first visitor leaves: its pages serve the second
         assert [u for u in second if u.waiting is None][-1].tuned
         assert len(pages.free) == pages.count - 1 and not pages.table.any()
