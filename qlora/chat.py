@@ -37,8 +37,9 @@ log = logging.getLogger("qlora.chat")
 
 MAX_PROMPT_TOKENS = 3072
 DECODE_MODES = ("auto", "graphs", "compile", "eager", "generate")
-# Rows per decode step where memory allows: 8 visitors at once. Every step runs at this shape, however many rows are
-# busy (that is what keeps a row's answer independent of the others), so more rows cost every visitor speed.
+# Rows per decode step: 8 visitors at once, as long as their conversations fit the card's KV pages together. Every
+# step runs at this shape, however many rows are busy (that is what keeps a row's answer independent of the others),
+# so more rows cost every visitor speed.
 MAX_ROWS = 16
 
 

@@ -25,8 +25,9 @@ from .context import AppContext
 log = logging.getLogger("qlora.app")
 
 MAX_MESSAGE = 4000  # characters; the core also caps the prompt in tokens
-# Visitors answered at once: the engine batches them (8 visitors fill its 16 rows on a big card) and tells the rest
-# their place in its queue; Gradio's own queue (max_size in app.py) holds whoever comes after.
+# Visitors answered at once: the engine batches them (8 visitors fill its 16 rows, on a T4 too while their conversations
+# fit its KV memory) and tells the rest their place in its queue; Gradio's own queue (max_size in app.py) holds whoever
+# comes after.
 CHAT_CONCURRENCY = 16
 
 
