@@ -101,7 +101,10 @@ def concurrent(engine, requests: list[list], barrier_timeout: float = 600) -> tu
 
     def go(i):
         start.wait(barrier_timeout)
-        out[i] = run_request(engine, requests[i], t0[0])
+        try:
+            out[i] = run_request(engine, requests[i], t0[0])
+        except Exception as e:  # noqa: BLE001 (the visitor's error, reported in its place)
+            out[i] = dict(error=f"{type(e).__name__}: {e}"[:300])
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(requests))]
     for t in threads:
@@ -160,13 +163,7 @@ def one_visitor(engine, adapter: str, settings, rounds: int, prompts=PROMPTS) ->
 
 def visitors(engine, adapters: list[str], settings, counts: list[int], mix: str = "documents") -> dict:
     """N visitors at once (two rows each, own prompt, adapters alternating): TTFT, tok/s, and each equal to alone."""
-    n_max = max(counts)
-    decoder = getattr(engine._scheduler.backend, "decoder", None)
-    prompts = visitor_prompts(engine, n_max, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9, mix)
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids = engine.prompt_ids([], prompt, "", adapters[i % len(adapters)])
-        requests.append([(ids, None, settings), (ids, adapters[i % len(adapters)], settings)])
+    requests = visitor_requests(engine, adapters, settings, max(counts), mix)
     alone = [run_request(engine, r) for r in requests]  # each visitor alone: the reference
     out = {}
     for n in counts:
@@ -183,6 +180,45 @@ def visitors(engine, adapters: list[str], settings, counts: list[int], mix: str 
         print(f"  {n} visitor(s): aggregate {out[str(n)]['aggregate_tokens_per_s']} tok/s, per pane "
               f"{out[str(n)]['tokens_per_s_per_pane']}, TTFT {out[str(n)]['ttft_s']}, identical to alone "
               f"{all(identical)}", flush=True)
+    return out
+
+
+def visitor_requests(engine, adapters: list[str], settings, n: int, mix: str = "documents") -> list[list]:
+    """n visitors' requests (both panes, own prompt: `visitor_prompts`), adapters alternating."""
+    decoder = getattr(engine._scheduler.backend, "decoder", None)
+    prompts = visitor_prompts(engine, n, decoder.length - settings.max_new_tokens - 1 if decoder else 10**9, mix)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = engine.prompt_ids([], prompt, "", adapters[i % len(adapters)])
+        requests.append([(ids, None, settings), (ids, adapters[i % len(adapters)], settings)])
+    return requests
+
+
+def longest_prompt(engine, adapters: list[str], settings, others: int = 7) -> dict:
+    """A visitor at the longest prompt the app takes (chat.MAX_PROMPT_TOKENS: prefilled without a graph past the
+    last prompt bucket, its KV pages a large share of a T4's), alone and arriving with `others` document visitors:
+    whether it is answered, its first token, and its answer in the crowd equal to alone."""
+    import torch
+
+    from qlora.chat import MAX_PROMPT_TOKENS
+
+    ids = [1] + [500 + i % 1000 for i in range(MAX_PROMPT_TOKENS - 1)]
+    request = [(ids, None, settings), (ids, adapters[0], settings)]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    (alone,), wall = concurrent(engine, [request])
+    out = dict(prompt_tokens=len(ids), others=others, alone_error=alone.get("error"))
+    if "error" not in alone:
+        out["alone"] = dict(ttft_s=round(min(alone["first"]), 3), wall_s=round(wall, 3),
+                            tokens=[len(x) for x in alone["ids"]])
+        crowd, wall = concurrent(engine, [request] + visitor_requests(engine, adapters, settings, others))
+        out["errors_with_others"] = [r["error"] for r in crowd if "error" in r]
+        if "error" not in crowd[0]:
+            out["with_others"] = dict(ttft_s=round(min(crowd[0]["first"]), 3), wall_s=round(wall, 3),
+                                      identical_to_alone=crowd[0]["ids"] == alone["ids"],
+                                      others_ttft_max_s=round(max(min(r.get("first", [0])) for r in crowd[1:]), 3))
+    out["peak_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None
+    print("  longest prompt:", json.dumps(out), flush=True)
     return out
 
 
@@ -379,6 +415,8 @@ def main(argv=None) -> int:
                     "'plain' SDPA and transformers' RMSNorm and rotary (no decodeops kernels), 'sync' "
                     "no step launched before the last one's tokens are read, e.g. graphs:bnb+plain+sync,graphs")
     ap.add_argument("--visitors", default="1,2,4,8")
+    ap.add_argument("--longest", action="store_true",
+                    help="also a visitor at the longest prompt the app takes, alone and next to 7 others")
     ap.add_argument("--questions-too", action="store_true",
                     help="also run the visitors with the one-visitor questions (no pasted documents to prefill)")
     ap.add_argument("--eager-prompts", type=int, default=1, help="prompts through today's eager path (0: skip it)")
@@ -469,6 +507,8 @@ def main(argv=None) -> int:
         v["one_visitor"] = one_visitor(engine, names[0], settings, a.rounds)
         counts = [int(c) for c in a.visitors.split(",") if c]
         v["visitors"] = visitors(engine, names, settings, counts)
+        if a.longest:
+            v["longest_prompt"] = longest_prompt(engine, names, settings)
         if a.questions_too:
             print("  the same, every visitor asking a one-visitor question:", flush=True)
             v["visitors_questions"] = visitors(engine, names, settings, counts, "questions")
@@ -533,6 +573,11 @@ def markdown(rep: dict) -> str:
                              f"{r['ttft_s']['max']} / {r['ttft_s']['mean']} | {r['all_identical_to_alone']} |")
         lines.append(f"\nSampling (seed 5, T=0.8, top-p 0.9) alone = next to 3 visitors: "
                      f"{v['sampled_alone_equals_batched']}")
+        if "longest_prompt" in v:
+            lp = v["longest_prompt"]
+            lines.append(f"Longest prompt ({lp['prompt_tokens']} tokens): alone {lp.get('alone') or lp['alone_error']}; "
+                         f"next to {lp['others']} visitors {lp.get('with_others')}, errors "
+                         f"{lp.get('errors_with_others')}; peak {lp['peak_gib']} GiB")
         if "teacher_forced_logits" in v:
             lines.append("Teacher-forced logits vs eager transformers + peft: "
                          f"{json.dumps(v['teacher_forced_logits'])}")
