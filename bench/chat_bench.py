@@ -499,6 +499,7 @@ def main(argv=None) -> int:
                  capture_s=round(engine.capture_s, 1) if engine.capture_s else None,
                  rows=getattr(decoder, "rows", None), slot_tokens=getattr(decoder, "length", None),
                  kv_pool_tokens=(decoder.pages.count - 1) * slots.PAGE if decoder else None,
+                 kv_paged=not decoder.pages.static if decoder else None,
                  adapter_columns=decoder.columns.columns if decoder else None,
                  buckets=getattr(decoder, "buckets", None), exactness=engine.exactness,
                  adapter_column_linears=len(decoder.columns.linears) if decoder else None, peak_gib_after_load=peak())

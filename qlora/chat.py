@@ -311,7 +311,7 @@ class ChatEngine:
                 no_nf4 = self._no_nf4(model, kind)
                 no_fused = self._no_fused(model)
                 rows, length, columns, pages = slots.plan(model, context, self.max_rows, targets,
-                                                          gather=no_fused is not None)
+                                                          paged=no_fused is None)
                 t0 = time.perf_counter()
                 mode = None if kind == "eager" else kind
                 try:
@@ -335,10 +335,10 @@ class ChatEngine:
                 if kind != "eager":
                     self.capture_s = time.perf_counter() - t0
                     self.exactness = decoder.exactness
-                    log.info("chat: %d rows of up to %d tokens sharing %d KV tokens, adapter columns on %d Linears, "
-                             "decode graphs (%s) for %d lengths and prompt graphs up to %s tokens captured and checked "
-                             "in %.1f s: %s", rows, length, (pages - 1) * slots.PAGE, len(decoder.columns.linears),
-                             kind, len(decoder.buckets),
+                    kv = f"sharing {(pages - 1) * slots.PAGE} KV tokens" if pages else "fixed slots"
+                    log.info("chat: %d rows of up to %d tokens (%s), adapter columns on %d Linears, decode graphs (%s) "
+                             "for %d lengths and prompt graphs up to %s tokens captured and checked in %.1f s: %s",
+                             rows, length, kv, len(decoder.columns.linears), kind, len(decoder.buckets),
                              max(decoder.prompt_buckets, default=0), self.capture_s, decoder.exactness)
                 self.backend_kind = kind
                 return slots.SlotBackend(decoder)

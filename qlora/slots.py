@@ -75,19 +75,28 @@ SUPPORTED = ("llama",)  # decoders checked to read the cache and the 4D mask as 
 # --- the KV cache: a pool of pages ------------------------------------------------------------------------
 class Pages:
     """Which pages of the KV pool each row holds: `table` [rows, pages a slot] on the device (row r's position t lies
-    in page table[r, t // PAGE] at t % PAGE) and the free pages on the host. A row takes pages for its prompt and its
+    in page table[r, t // PAGE] at t % PAGE).
+
+    A pool of `pages` (where decodeops' attention reads the pages in place): a row takes pages for its prompt and its
     longest answer when it joins and gives them back when it leaves, so the pool holds what the rows in it use: many
     short conversations or a few long ones, each up to the slot length. Page 0 is the trash page: free rows and
     positions past a row's pages (a prefill's padding, the step in flight after a row's last token) write there, and
-    no live row reads it."""
+    no live row reads it. `pages` None: fixed slots, each row owning its whole slot's pages in order for good
+    (`static`), so the model's own attention reads a row's slot as one strided view (`contiguous`). Gathering each
+    row's pages for it instead would write and read every row's whole bucket again each step: 42 against 10 ms a step
+    at 4,096 tokens on the H200 (run66), several times that at a T4's bandwidth."""
 
-    def __init__(self, rows: int, length: int, pages: int, device):
+    def __init__(self, rows: int, length: int, pages: int | None, device):
         self.width = math.ceil(length / PAGE)  # pages a slot
-        self.count = pages
-        assert pages >= 2, pages
-        self.table = torch.zeros(rows, self.width, dtype=torch.long, device=device)
+        self.static = pages is None
+        self.count = rows * self.width + 1 if pages is None else pages
+        assert self.count >= 2, self.count
+        if self.static:
+            self.table = 1 + torch.arange(rows * self.width, device=device).view(rows, self.width)
+        else:
+            self.table = torch.zeros(rows, self.width, dtype=torch.long, device=device)
         torch._dynamo.mark_static_address(self.table)
-        self.free = list(range(pages - 1, 0, -1))  # page 1 first
+        self.free = [] if self.static else list(range(self.count - 1, 0, -1))  # page 1 first
         self.held: dict[int, list[int]] = {}
         self.write = self.read = self.prompt = None  # a step's / a prefill's pool indices (`index`)
 
@@ -95,11 +104,18 @@ class Pages:
     def needed(tokens: int) -> int:
         return math.ceil(tokens / PAGE)
 
+    def can_take(self, pages: int) -> bool:
+        return self.static or pages <= len(self.free)
+
     def reserve(self, slot: int, tokens: int) -> None:
         """Pages for a row's first `tokens` positions (it keeps those it holds). Written into the table after every
         step launched so far, which still see the row's old pages."""
         held = self.held.setdefault(slot, [])
-        more = self.needed(min(tokens, self.width * PAGE)) - len(held)
+        want = self.needed(min(tokens, self.width * PAGE))
+        if self.static:
+            held[:] = range(1 + slot * self.width, 1 + slot * self.width + max(want, len(held)))
+            return
+        more = want - len(held)
         if more > len(self.free):
             raise MemoryError(f"{more} KV pages wanted, {len(self.free)} free")
         if more > 0:
@@ -109,8 +125,15 @@ class Pages:
     def release(self, slot: int) -> None:
         """A leaving row's pages back to the pool (its table row to the trash page); a step still in flight may write
         into them, before any later prefill overwrites them on the same stream."""
-        self.free.extend(reversed(self.held.pop(slot, [])))
-        self.table[slot].zero_()
+        held = self.held.pop(slot, [])
+        if not self.static:
+            self.free.extend(reversed(held))
+            self.table[slot].zero_()
+
+    def contiguous(self, pool):
+        """Fixed slots only: the pool [pages, PAGE, kv heads, D] as every row's slot, [rows, kv heads, slot, D]."""
+        rows = self.table.shape[0]
+        return pool[1:].view(rows, self.width * PAGE, *pool.shape[2:]).transpose(1, 2)
 
     def index(self, positions, slots=None):
         """Pool indices ([pages * PAGE] flattened) of `positions` ([n], or [rows, n]: each row's own) of the rows in
@@ -124,7 +147,7 @@ class Pages:
 def slot_cache(config, pages: Pages, dtype, device):
     """A transformers Cache whose layers hold the KV pool ([pages, PAGE, kv heads, head width] each) and, on the
     model's own attention path (SDPA), write each row's new key/value at its position (`pages.write`) and hand
-    attention each row's keys over the bucket (`pages.read`), gathered from its pages."""
+    attention each row's keys: its fixed slot, or (a pool) gathered from its pages over the bucket (`pages.read`)."""
     from transformers.cache_utils import Cache, StaticLayer
 
     n_layers, heads, head_dim = _kv_shape(config)
@@ -144,6 +167,8 @@ def slot_cache(config, pages: Pages, dtype, device):
             keys, values = self.keys.view(-1, heads, head_dim), self.values.view(-1, heads, head_dim)
             keys.index_copy_(0, pages.write, key_states[:, :, 0])
             values.index_copy_(0, pages.write, value_states[:, :, 0])
+            if pages.static:  # (attention reads the step's bucket of it)
+                return pages.contiguous(self.keys), pages.contiguous(self.values)
             return keys[pages.read].transpose(1, 2), values[pages.read].transpose(1, 2)
 
     return Cache(layers=[PagedLayer() for _ in range(n_layers)])
@@ -180,6 +205,12 @@ def _kv_shape(config) -> tuple[int, int, int]:
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return text.num_hidden_layers, heads, head_dim
+
+
+def attention_fits(config) -> bool:
+    """decodeops' attention serves this model's heads: a head width its tiles take (a power of two, 16 or more)."""
+    head_dim = _kv_shape(config)[2]
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def buckets(length: int) -> list[int]:
@@ -272,8 +303,8 @@ class SlotDecoder:
         self.matmul = ("16-bit (no 4-bit weights)" if not self.columns.four_bit
                        else "dequantize + cuBLAS (strict)" if strict else "nf4mm" if self.columns.nf4_linears
                        else "bitsandbytes")
-        # the KV pool: `pages` pages (None: every row a whole slot), each row's taken as it joins (`reserve`)
-        self.pages = Pages(rows, length, pages or rows * math.ceil(length / PAGE) + 1, self.device)
+        # the KV pool: `pages` pages, each row's taken as it joins (`reserve`); None: fixed slots
+        self.pages = Pages(rows, length, pages, self.device)
         self.cache = slot_cache(model.config, self.pages, self.dtype, self.device)
         self._configs = []
         self._norms: list[tuple] = []  # (parent, name, the model's own RMSNorm) replaced by decodeops.RMSNorm
@@ -305,8 +336,7 @@ class SlotDecoder:
         classes, and any other model of the process (a training run), are untouched."""
         from .decodeops import RMSNorm, is_rms_norm
 
-        head_dim = _kv_shape(self.model.config)[2]
-        attention = head_dim >= 16 and head_dim & (head_dim - 1) == 0  # the kernels' tiles: a power of two
+        attention = attention_fits(self.model.config)
         for module in list(self.model.modules()):
             for child_name, child in list(module.named_children()):
                 if is_rms_norm(child):
@@ -364,7 +394,8 @@ class SlotDecoder:
         tokens, pos = self.ints[0], self.ints[1]
         mask = (positions[None, :] <= pos[:, None])[:, None, None, :]
         if not self.fused_attention:  # where the model's attention writes each row's key and reads its bucket
-            self.pages.write, self.pages.read = self.pages.index(pos[:, None])[:, 0], self.pages.index(positions)
+            self.pages.write = self.pages.index(pos[:, None])[:, 0]
+            self.pages.read = None if self.pages.static else self.pages.index(positions)
         out = self.model(input_ids=tokens[:, None], position_ids=pos[:, None], attention_mask=mask, cache=self.cache,
                          use_cache=True)
         return out.logits[:, -1].float()
@@ -650,24 +681,23 @@ def open_decoder(model, rows: int, length: int, columns: int, capture: str | Non
     return decoder
 
 
-def plan(model, context: int, max_rows: int, targets=None, gather: bool = True, reserve_gib: float = 1.5
-         ) -> tuple[int, int, int, int]:
-    """(rows, slot length, adapter columns, KV pages) that fit the memory left on the card after the base.
+def plan(model, context: int, max_rows: int, targets=None, paged: bool = False, min_rows: int = 8,
+         reserve_gib: float = 1.5) -> tuple[int, int, int, int | None]:
+    """(rows, slot length, adapter columns, KV pages or None for fixed slots) that fit the memory left on the card
+    after the base.
 
-    `max_rows` rows, each up to `context` tokens, share a pool of KV pages: as many as the card holds, at most enough
-    for every row to fill its slot. With `gather` (the model's own attention, where decodeops' kernel does not run:
-    each step gathers every row's keys and values out of the pool), room beside the pool for that: one layer's keys
-    and values of every row over the whole slot, twice (run63, T4 mode: with it once, the prompt graphs no longer
-    fit beside the decode graphs' share of the capture pool).
-    The pool holds at least one visitor's two panes at the full slot (else the slot gets shorter) and every row's
-    exactness check (`check_exact`); fewer rows where even that does not fit. On the CPU there is no card to plan
-    for: `max_rows` whole slots of `context`.
+    `paged` (decodeops' attention runs: it reads each row's pages in place): `max_rows` rows, each up to `context`
+    tokens, share a pool of KV pages, as many as the card holds and at most every row's whole slot; the pool holds at
+    least one visitor's two panes at the full slot (else the slot gets shorter) and every row's exactness check
+    (`check_exact`), with fewer rows where even that does not fit. Otherwise fixed slots (`Pages`' docstring says
+    why): every slot holds a whole conversation where memory allows `max_rows` of them; where it does not (a T4), the
+    slots get shorter so that at least `min_rows` (4 visitors) still fit; requests longer than a slot are told so. On
+    the CPU there is no card to plan for: `max_rows` fixed slots of `context`.
     """
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
-    width = math.ceil(context / PAGE)
     if model.device.type != "cuda":
-        return max_rows, context, 256, max_rows * width + 1
+        return max_rows, context, 256, None
     dev = model.device
     free, total = torch.cuda.mem_get_info(dev)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(dev)
@@ -675,22 +705,25 @@ def plan(model, context: int, max_rows: int, targets=None, gather: bool = True, 
     budget = min(free, cap) - reserve_gib * 2**30
     columns = 256 if budget > 20 * 2**30 else 128
     budget -= column_bytes(model, columns, torch.finfo(dtype).bits // 8, targets)
+    too_little = MemoryError(f"{budget / 2**30:.1f} GiB left for the KV cache: too little for two chat rows")
+    if not (paged and attention_fits(model.config)):
+        rows, length = min(max_rows, int(budget // (context * per_token))), context
+        if rows < min_rows:
+            length = int(budget // (min_rows * per_token)) // MIN_BUCKET * MIN_BUCKET
+            rows = min(max_rows, int(budget // max(1, length * per_token)))
+        rows -= rows % 2
+        if rows < 2 or length < MIN_BUCKET:
+            raise too_little
+        return rows, min(length, context), columns, None
     rows, length = max_rows - max_rows % 2, context
-    layers = _kv_shape(model.config)[0]
-
-    def pool_pages(length: int) -> int:
-        beside = 2 * rows * length * per_token / layers if gather else 0
-        return int((budget - beside) // (PAGE * per_token))
-
-    pages = pool_pages(length)
+    pages = int(budget // (PAGE * per_token))
     while length > MIN_BUCKET and pages < 2 * math.ceil(length / PAGE) + 1:  # not one visitor's two whole panes
         length -= MIN_BUCKET
-        pages = pool_pages(length)
     width = math.ceil(length / PAGE)
     while rows > 2 and pages < rows * (MIN_BUCKET // PAGE) + 1:
         rows -= 2
     if pages < max(rows * (MIN_BUCKET // PAGE), 2 * width) + 1:
-        raise MemoryError(f"{budget / 2**30:.1f} GiB left for the KV cache: too little for two chat rows")
+        raise too_little
     return rows, length, columns, min(pages, rows * width + 1)
 
 
@@ -739,7 +772,7 @@ class SlotBackend:
         if need > pages.count - 1:
             raise ValueError(f"the conversation needs {need * PAGE} tokens of KV memory for its panes; this server's "
                              f"chat holds {(pages.count - 1) * PAGE}: clear it and start again")
-        if need > len(pages.free):
+        if not pages.can_take(need):
             return "the answers in progress hold the chat's memory"
         placed = dict(self.decoder.columns.placed)
         for name, rank in {r.adapter.name: r.adapter.rank for r in rows if r.adapter is not None}.items():

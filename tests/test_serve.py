@@ -38,14 +38,30 @@ def engine(request, tiny_llama_dir, runs_root):
     free pages are shuffled, so every row's pages lie apart and out of order, as after a busy hour."""
     import random
 
+    from qlora import slots
+
     e = ChatEngine(str(tiny_llama_dir), "nf4", "fp32", decode="eager", max_rows=4)
     e.load_adapter(runs_root / "qv")
     e.load_adapter(runs_root / "qv2")
-    e.load()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(slots, "plan", pooled(slots.plan))
+        e.load()
     e._scheduler.backend.depth = request.param
     random.Random(0).shuffle(e._scheduler.backend.decoder.pages.free)
     yield e
     e.unload()
+
+
+def pooled(plan):
+    """slots.plan as on a card where decodeops' attention runs: the rows share a pool of KV pages (the CPU's plan gives
+    fixed slots), here as many as every row's whole slot."""
+    def wrapped(*args, **kwargs):
+        from qlora.slots import PAGE
+
+        rows, length, columns, _ = plan(*args, **kwargs)
+        return rows, length, columns, rows * -(-length // PAGE) + 1
+
+    return wrapped
 
 
 def greedy(n=10, **kw):
@@ -295,7 +311,7 @@ def test_the_exactness_check_run_after_capture_is_clean_and_leaves_the_slots_fre
         report = decoder.check_exact()
         assert report == dict(strict=False, buckets=3, repeat=0.0, neighbours=0.0, bucket=0.0)
         assert decoder.host_ints.abs().sum() == 0 and not decoder.columns.decode_mask.any()
-        assert len(decoder.pages.free) == decoder.pages.count - 1 and not decoder.pages.table.any()  # pages back
+        assert not decoder.pages.held  # every row's pages given back
     finally:
         decoder.close()
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # the model is given back as it was
@@ -530,10 +546,10 @@ def test_a_decoder_still_held_after_unload_keeps_neither_base_nor_cache(tiny_lla
 
 
 def test_the_plan_shares_a_t4s_kv_memory_as_pages_among_sixteen_rows_of_the_whole_context(monkeypatch):
-    """slots.plan on a T4 after a 7B base (card and base faked: this machine has no GPU). Sixteen rows of the whole
-    4,096-token context share the pages the card holds (fixed slots held eight rows of 2,304); the model's own
-    attention (a T4 has no decodeops kernels) leaves room for its per-step gather; less memory shortens the slots,
-    too little is refused."""
+    """slots.plan on a T4 after a 7B base (card and base faked: this machine has no GPU). Where decodeops' attention
+    runs, sixteen rows of the whole 4,096-token context share the pages the card holds; without it (a real T4: the
+    model's own attention would gather every row's bucket from the pages each step) fixed slots, eight rows of 2,304.
+    Less memory shortens the slots, too little is refused."""
     import types
 
     import torch
@@ -553,14 +569,14 @@ def test_the_plan_shares_a_t4s_kv_memory_as_pages_among_sixteen_rows_of_the_whol
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d=None: 1.0, raising=False)
     monkeypatch.setattr(slots, "column_bytes", lambda *a: gib // 16)
     card(11.0)  # 15 GiB less a 4-bit 7B base
-    rows, length, columns, pages = slots.plan(model, 4096, 16, gather=False)
+    rows, length, columns, pages = slots.plan(model, 4096, 16, paged=True)
     assert (rows, length, columns) == (16, 4096, 128)
     assert pages == int((11.0 - 1.5 - 1 / 16) * gib // per_page) == 302  # less the trash page: 19,264 tokens
-    gathered = slots.plan(model, 4096, 16)[3]
-    assert pages - gathered == 2 * gib // per_page  # one layer's keys and values of 16 rows x 4,096, twice
+    assert slots.plan(model, 4096, 16) == (8, 2304, 128, None)  # fixed slots: 18,432 tokens, 4 visitors
     card(4.0)
-    rows, length, _, pages = slots.plan(model, 4096, 16, gather=False)
+    rows, length, _, pages = slots.plan(model, 4096, 16, paged=True)
     assert rows == 16 and length < 4096 and pages > 2 * length // slots.PAGE  # one visitor's two whole panes
     card(1.6)
-    with pytest.raises(MemoryError, match="too little for two chat rows"):
-        slots.plan(model, 4096, 16)
+    for paged in (True, False):
+        with pytest.raises(MemoryError, match="too little for two chat rows"):
+            slots.plan(model, 4096, 16, paged=paged)
