@@ -10,12 +10,13 @@ other rows: each slot's answer in a full batch is the answer it gets alone. The 
 own forward with a `Cache` of `StaticLayer`s (whose `update` writes each row at its own position), a 4D attention
 mask, SDPA, and `torch.cuda.CUDAGraph` (optionally over `torch.compile`d code) for the step.
 
-The KV cache is a pool of PAGE-position pages (`Pages`): each row's page table maps its positions to pages, taken when
-it joins (its prompt and its longest answer) and given back when it leaves. A card's memory then holds what the rows
-use, not rows x the whole context: on a T4 fixed slots held 8 rows of 2,304 tokens (visitors 5-8 waited, run60), the
-pool holds 16 rows of the whole 4,096 context, as long as their conversations fit together. decodeops' attention reads a
-row's pages in place; the model's own attention (no decodeops: a T4) gets each row's keys gathered from its pages over
-the step's bucket. A row's arithmetic is the same as over a contiguous slot, so its bits are too.
+The KV cache, where decodeops' attention runs, is a pool of PAGE-position pages (`Pages`): each row's page table maps
+its positions to pages, taken when it joins (its prompt and its longest answer) and given back when it leaves. A card's
+memory then holds what the rows use, not rows x the whole context: in 15 GiB fixed slots held 8 rows of 2,304 tokens
+(visitors 5-8 waited, run60), the pool holds 16 rows of the whole 4,096 context, as long as their conversations fit
+together. decodeops' attention reads a row's pages in place, with the same arithmetic as over a contiguous slot, so the
+same bits. The model's own attention (no decodeops: a T4, the CPU) keeps fixed slots (`plan`), read as one strided view
+of the pool (`Pages.contiguous`).
 
 Prompts are prefilled one visitor at a time, its two panes in one forward of two rows where their prompts take the same
 length (one pass over the 4-bit weights, one dequantize of each, where two forwards dequantized everything twice; a lone
