@@ -1,5 +1,5 @@
-"""Static-slot decoding: fixed row slots, each with its own position and adapter and its KV cache in pages of a shared
-pool, stepped one token at a time in captured CUDA graphs.
+"""Static-slot decoding: fixed row slots, each with its own position, adapter and KV cache (pages of a shared pool, or
+a fixed slot), stepped one token at a time in captured CUDA graphs.
 
 Why this and not transformers' continuous batching (`generation/continuous_batching`, `init_continuous_batching`):
 that engine packs every request's tokens into one sequence over a paged cache and pads the batch to a power of two of
