@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import first_line
+from .errors import message
 
 EMBEDDED_MODEL = "smollm2-135m"
 SAMPLE_DATASET = "sample"
@@ -197,7 +197,7 @@ def read_yaml_fields(text_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML ({first_line(e) or type(e).__name__})") from None
+        raise ValueError(f"{where}: not valid YAML ({message(e)})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from . import prompts
 from .config import hub_token, is_hub_id
-from .errors import brief, first_line
+from .errors import brief, message
 from .prompts import PromptFormat
 
 SAMPLE_PATH = Path(__file__).with_name("sample_data.jsonl")
@@ -473,7 +473,7 @@ def _parquet_rows(f: BinaryIO, name: str, max_rows: int = 0) -> Rows:
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, MemoryError):
             raise
-        raise DataError(f"{name}: not a readable parquet file ({first_line(e) or type(e).__name__})") from None
+        raise DataError(f"{name}: not a readable parquet file ({message(e)})") from None
     rows.places = [f"row {i}" for i in range(1, len(rows) + 1)]
     return rows
 

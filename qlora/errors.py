@@ -11,6 +11,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return ""
 
 
+def message(e: BaseException, limit: int = 200) -> str:
+    """The first line of e's message, or its type's name where the message is empty (a message for the page)."""
+    return first_line(e, limit) or type(e).__name__
+
+
 def brief(e: BaseException, limit: int = 200) -> str:
     """'Type: first line' of an exception, or just its type where the message is empty."""
     line = first_line(e, limit)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from . import runs
 from .config import TrainConfig
 from .data import IGNORE
-from .errors import first_line
+from .errors import message
 from .prompts import PromptFormat
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ def end_of_run(run_dir: Path, model, tokenizer, fmt: PromptFormat, convs: list[C
     except Exception as e:  # out of memory, a stop, a full disk: say so, keep the run
         if not isinstance(e, (EvalStopped, ValueError)):
             logging.getLogger("qlora").exception("the evaluation card failed")
-        log(f"no evaluation card ({first_line(e) or type(e).__name__}); "
+        log(f"no evaluation card ({message(e)}); "
             f"make it later: python -m qlora eval --adapter {run_dir}")
 
 

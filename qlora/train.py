@@ -12,7 +12,7 @@ from .callbacks import EventCallback, SampleCallback
 from .config import TrainConfig
 from .data import DataError, keep_answered, prepare, tokenize
 from .device import cuda_available, free_memory, peak_allocated_gib, pick_precision
-from .errors import brief, first_line
+from .errors import brief, message
 from .events import Event, Failed, Finished, Log, Stopped
 from .model import ModelError, load_base, load_tokenizer, lora_config, resolve
 
@@ -239,7 +239,7 @@ def describe_failure(e: BaseException) -> tuple[str, str]:
     if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
         return ("disk full while saving; the previous adapter is untouched", "free disk space and train again")
     if isinstance(e, (DataError, ModelError, ValueError)):
-        return (first_line(e, 500) or type(e).__name__, "")
+        return (message(e, 500), "")
     return (brief(e, 300), "see the server log")
 
 

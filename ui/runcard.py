@@ -14,7 +14,7 @@ import gradio as gr
 from qlora import runs
 from qlora.data import SUFFIXES, DataError
 from qlora.device import BusyError
-from qlora.errors import first_line
+from qlora.errors import message
 from qlora.evaluate import EvalStopped, evaluate_run, load
 from qlora.export import ExportError, export_run
 from qlora.model import ModelError
@@ -156,7 +156,7 @@ def _failure(what: str, e: BaseException, token: str | None) -> str:
     if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
         return f"❌ disk full during the {what}; nothing half-written was kept. Free disk space and try again."
     if isinstance(e, (DataError, ExportError, ModelError, ValueError, OSError)):
-        return f"❌ {html.escape(hub.redact(first_line(e, 500) or type(e).__name__, token))}"
+        return f"❌ {html.escape(hub.redact(message(e, 500), token))}"
     log.error("%s failed", what, exc_info=e)
     return f"❌ {what} failed ({type(e).__name__}); see the server log"
 
