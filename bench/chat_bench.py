@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.common import build_random_model, cap_memory, card, ms_by_kind, versions, write_json
+from qlora.errors import brief
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.",
@@ -104,7 +105,7 @@ def concurrent(engine, requests: list[list], barrier_timeout: float = 600) -> tu
         try:
             out[i] = run_request(engine, requests[i], t0[0])
         except Exception as e:  # noqa: BLE001 (the visitor's error, reported in its place)
-            out[i] = dict(error=f"{type(e).__name__}: {e}"[:300])
+            out[i] = dict(error=brief(e, 300))
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(len(requests))]
     for t in threads:
@@ -283,7 +284,7 @@ def profile_step(slot_engine, steps: int = 20, pos: int = 300) -> dict:
     decoder = slot_engine._scheduler.backend.decoder
     rows = decoder.rows
     for i in range(rows):  # each row its own pages, as live visitors' rows (where the pool holds them)
-        if len(decoder.pages.free) >= decoder.pages.needed(pos + 1):
+        if decoder.pages.can_take(decoder.pages.needed(pos + 1)):
             decoder.pages.reserve(i, pos + 1)
     decoder.host_ints[0] = torch.arange(rows) + 500
     decoder.host_ints[1] = pos

@@ -4,8 +4,9 @@ One thread owns all device work (loading the base, capturing graphs, prefills, s
 of `device.Cards`: the one GPU on a one-GPU host, its own card on a host with several) while it has anything to do;
 visitors' threads only submit tickets and read their own event queue. A visitor is a ticket of rows (base pane,
 tuned pane); a row that ends frees its slot at once; a ticket that does not fit waits in a FIFO and is told its
-place, one that can never fit is told so at once. One visitor's stop, error or disconnect ends that visitor's rows only. stdlib only: the device
-work is the backend's (`slots.SlotBackend`, or `rowexact.GenerateBackend` for the eager fallback).
+place, one that can never fit is told so at once. One visitor's stop, error or disconnect ends that visitor's rows
+only. stdlib only: the device work is the backend's (`slots.SlotBackend`, or `rowexact.GenerateBackend` for the eager
+fallback).
 
 A backend has `rows` (its capacity), `free_rows()`, `wait_reason(rows)` (None when the rows can join now),
 `join(rows)` (prefill: each row gets its first token), `step()` (every active row gets one more token, or ends),

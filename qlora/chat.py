@@ -320,7 +320,7 @@ class ChatEngine:
                 except Exception as e:
                     if no_nf4 is not None and no_fused is not None:
                         raise
-                    failed = f"the Triton kernels failed: {type(e).__name__}: {str(e).strip()[:200]}"
+                    failed = f"the Triton kernels failed: {brief(e)}"
                     no_nf4, no_fused = no_nf4 or failed, no_fused or failed  # (each keeps its own reason if it had one)
                     log.debug("Triton decode kernels failed", exc_info=True)
                     rows, length, columns, pages = slots.plan(model, context, self.max_rows, targets)

@@ -733,16 +733,16 @@ class _Steps:
 
     def qkv_grads(self, parts: LayerParts, dq, dk, dv, cos, sin):
         """As _qkv_grads: the (b, s, width) gradients of q, k, v before RoPE, and the three side by side (or None)."""
-        d = dq.shape[-1]
+        cat = None
         if self.triton_rope:
             from . import ropegrad
 
             cat = ropegrad.qkv_grads(dq, dk, dv, cos, sin)
-            if cat is not None:
-                return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
-        if not self.compiled:
-            return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
-        cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
+        if cat is None:
+            if not self.compiled:
+                return _qkv_grads(parts, dq, dk, dv, cos, sin, self.fewer)
+            cat = _compiled(_qkv_cat)(dq, dk, dv, cos, sin)
+        d = dq.shape[-1]
         return list(cat.split([parts.heads * d, parts.kv_heads * d, parts.kv_heads * d], dim=-1)), cat
 
 
