@@ -57,6 +57,7 @@ class Options:
     # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
     triton_dequant: bool = False  # nf4 weights dequantized by dequant.py's Triton kernel (bitsandbytes' bits)
     triton_rope: bool = False  # q, k, v's gradients rotated back by ropegrad.py's Triton kernel (not with fewer_passes)
+    lora_dx: bool = False  # with `compiled`: LoRA's input gradients, dropout's backward and their sum in one kernel
 
 
 @dataclass
@@ -312,10 +313,9 @@ def _lora(P: Projection, x, seed: int, fp16: bool = True):
 
 
 def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict, need_dx: bool = True):
-    """d(input) through the LoRA branch (None without need_dx); the LoRA weights' grads go into `grads`. Computes in
-    t's dtype."""
-    import torch
-
+    """d(input) through the LoRA branch, as (the gradient of dropout's output, its kept-units mask or None, its scale)
+    for _Steps.lora_dx to finish (None without need_dx); the LoRA weights' grads go into `grads`. Computes in t's
+    dtype."""
     dtype = t.dtype
     dy2, t2 = dy.flatten(0, -2).to(dtype), t.flatten(0, -2)
     xd, keep = _dropped(x, P.dropout, seed, P.index) if P.dropout else (x, None)
@@ -326,7 +326,7 @@ def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict, need_dx: boo
     if not need_dx:
         return None
     dxd = (dt @ P.A.to(dtype)).to(dy.dtype).view(*dy.shape[:-1], -1)
-    return dxd if keep is None else torch.ops.aten.native_dropout_backward(dxd, keep, 1 / (1 - P.dropout))
+    return dxd, keep, 1 / (1 - P.dropout)
 
 
 def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, opts: Options, t_saved=None):
@@ -363,13 +363,14 @@ def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, o
 
 
 def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, ts: list, seed: int, grads: dict,
-                  w=None, need_dx: bool = True, dy_cat=None, split: bool = False):
+                  steps: _Steps, w=None, need_dx: bool = True, dy_cat=None, split: bool = False):
     """d(x) for projections reading the same x: one matmul against the packed weight, or one per projection.
 
     `x` may be a function that makes it: it is only read where a projection has LoRA (its lora_A's gradient), so
     backward never rebuilds an input nothing reads. need_dx=False (the first layer's input, which needs no gradient)
     skips the frozen weights' matmul. `dy_cat`: the dys already side by side, as packed weights read them; `split`:
-    without them, one matmul per projection against its rows of the packed weight, summed in place (no cat)."""
+    without them, one matmul per projection against its rows of the packed weight, summed in place (no cat). LoRA's
+    d(input) joins dx through `steps.lora_dx`."""
     import torch
 
     if any(p.A is not None for p in projs):
@@ -389,12 +390,8 @@ def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, 
                 dx = torch.matmul(dy_cat, w)
         else:
             dx = sum(torch.matmul(dy, _weight(p.base, dy.dtype)) for p, dy in zip(projs, dys))
-    for p, dy, t in zip(projs, dys, ts):
-        if p.A is not None:
-            d = _lora_backward(p, dy, x, t, seed, grads, need_dx)
-            if d is not None:
-                dx = d if dx is None else dx + d
-    return dx
+    lora = [_lora_backward(p, dy, x, t, seed, grads, need_dx) for p, dy, t in zip(projs, dys, ts) if p.A is not None]
+    return steps.lora_dx(dx, [d for d in lora if d is not None])
 
 
 def _norm(h, norm, r=None, fewer: bool = False):
@@ -593,24 +590,26 @@ def _layer_function():
                 else:  # recomputed: norm, gate and up (with the kept lora_A outputs)
                     y = post_norm()
                     (g, u), _, w_gate_up = _project_all(gate_up, parts.gate_up, y, seed, opts, t_saved=(tg, tu))
-                dm = _backward_all([P["down_proj"]], parts.down, [dout], lambda: S.silu_mul(g, u), [td], seed, grads)
+                dm = _backward_all([P["down_proj"]], parts.down, [dout], lambda: S.silu_mul(g, u), [td], seed, grads,
+                                   S)
                 dys = S.mlp_grads(dm, g, u)
                 del g, u, dm
                 # compiled, the two gradients come from one kernel, and a cat of them would cost a pass of its own
-                dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, w_gate_up, split=S.compiled)
+                dy = _backward_all(gate_up, parts.gate_up, dys, y, [tg, tu], seed, grads, S, w_gate_up,
+                                   split=S.compiled)
                 del dys, w_gate_up
                 dh2 = S.norm_backward(dy, h2, r2, parts.norm_post, dout)
                 del dy
                 # attention
                 da = _backward_all([P["o_proj"]], parts.o, [dh2], lambda: o.detach().transpose(1, 2).reshape(b, s, -1),
-                                   [to], seed, grads)
+                                   [to], seed, grads, S)
                 do = da.view(b, s, parts.heads, parts.head_dim).transpose(1, 2)
                 dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
                 ctx.attention = None
                 dys, dy_cat = S.qkv_grads(parts, dq, dk, dv, cos, sin)
                 need_dx = ctx.needs_input_grad[0]
                 dx = _backward_all(qkv, parts.qkv, dys, lambda: S.norm(h, parts.norm_in, r1)[0],
-                                   [tq, tk, tv], seed, grads, need_dx=need_dx, dy_cat=dy_cat)
+                                   [tq, tk, tv], seed, grads, S, need_dx=need_dx, dy_cat=dy_cat)
                 dh = S.norm_backward(dx, h, r1, parts.norm_in, dh2) if need_dx else None
             return (dh, None, None, None, None, *[grads.get(id(t)) for t in parts.trainable])
 
@@ -670,6 +669,13 @@ def _mlp_grads(dm, g, u):
     return torch.ops.aten.silu_backward(dm * u, g), dm * F.silu(g)
 
 
+def _lora_dx_sum(dx, *terms):
+    """dx + the sum of native_dropout_backward(d, mask, scale) over terms given flat as d, mask (or None), scale."""
+    for d, keep, scale in zip(terms[0::3], terms[1::3], terms[2::3]):
+        dx = dx + (d if keep is None else d * keep * scale)
+    return dx
+
+
 def _qkv_cat(dq, dk, dv, cos, sin):
     import torch
 
@@ -685,6 +691,7 @@ class _Steps:
         self.compiled = opts.compiled
         self.fewer = opts.fewer_passes and not opts.compiled
         self.triton_rope = opts.triton_rope and not self.fewer  # its formula is the plain one's (fewer signs sin)
+        self.compiled_lora_dx = opts.compiled and opts.lora_dx
 
     def _step(self, fn):
         return _compiled(fn) if self.compiled else fn
@@ -730,6 +737,19 @@ class _Steps:
         if self.fewer:
             return _norm_backward(dy, h, r, norm, residual, fewer=True)
         return self._step(_norm_backward_plain)(dy, h, r, norm.weight, residual)
+
+    def lora_dx(self, dx, lora: list):
+        """dx plus each LoRA branch's d(input), given as _lora_backward's (d, mask, scale): dropout's backward and the
+        sums, one kernel compiled (op by op, two passes a branch: 0.34 + 0.18 ms a layer each at a T4's compute,
+        run55's profile)."""
+        import torch
+
+        if self.compiled_lora_dx and lora:
+            return _compiled(_lora_dx_sum)(dx, *[a for term in lora for a in term])
+        for d, keep, scale in lora:
+            d = d if keep is None else torch.ops.aten.native_dropout_backward(d, keep, scale)
+            dx = d if dx is None else dx + d
+        return dx
 
     def qkv_grads(self, parts: LayerParts, dq, dk, dv, cos, sin):
         """As _qkv_grads: the (b, s, width) gradients of q, k, v before RoPE, and the three side by side (or None)."""

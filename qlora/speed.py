@@ -79,6 +79,10 @@ FUSED_ADAMW = True
 # trl's per-step entropy and token accuracy: read by nothing in this project, and each of their `.item()` calls waits
 # for the GPU between forward and backward (SFTTrainer.compute_loss); off on the GPU.
 TRL_METRICS = False
+# With those metrics off, the loss's LM head takes the hidden states' gradient in its forward (qlora/lmhead.py): one
+# 16-bit matmul of the head's three fewer, no [tokens, vocabulary] tile in backward, and no boolean indexing that waits
+# for the GPU; every position is scored (trl's compact form scores the labelled ones only).
+HEAD_IN_FORWARD = True
 
 
 @dataclass
@@ -129,8 +133,10 @@ class Plan:
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
     triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
     triton_rope: bool = False  # the fused layers' RoPE backward by ropegrad.py's kernel
+    compiled_lora_dx: bool = False  # with `compiled`: LoRA's input gradients summed in one compiled kernel too
     expandable_segments: bool = False  # the CUDA allocator's expandable segments while training (`allocator`)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
+    head_in_forward: bool = False  # without them, the LM head's gradient taken in its forward (qlora/lmhead.py)
     optimizer: str | None = None  # the Trainer's optimizer in place of the config's (None: as configured)
     estimated_peak_gib: float | None = None  # with the model's shape known; GPU memory, or RAM on the CPU
     budget_gib: float | None = None
@@ -169,7 +175,7 @@ class Plan:
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
                        lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant,
-                       triton_rope=self.triton_rope)
+                       triton_rope=self.triton_rope, lora_dx=self.compiled_lora_dx)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -252,7 +258,7 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     lora_fp32 = precision != "bf16"
     p = Plan(precision=precision, lean=True, causal_attention=not cfg.padding_free, lora_fp32=lora_fp32,
              padding_free=cfg.padding_free, budget_gib=budget_gib, attention=kernel, fewer_passes=FEWER_PASSES,
-             trl_metrics=TRL_METRICS, keep_bits=KEEP_BITS)
+             trl_metrics=TRL_METRICS, head_in_forward=HEAD_IN_FORWARD, keep_bits=KEEP_BITS)
     # the fused layer reproduces Llama's decoder layer on right-padded batches exactly; other models keep theirs
     p.fused = p.causal_attention and arch.model_type == "llama"
     p.notes.append(f"{precision} compute, LoRA weights in {'fp32' if lora_fp32 else 'bf16'}")
@@ -266,6 +272,7 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     p.compiled = p.fused and compute_poor(tflops) and COMPILE_STEPS
     p.triton_dequant = p.fused and compute_poor(tflops) and TRITON_DEQUANT
     p.triton_rope = p.fused and compute_poor(tflops) and TRITON_ROPE
+    p.compiled_lora_dx = p.compiled
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
                        + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "
@@ -289,7 +296,8 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
         p.expandable_segments = compute_poor(tflops) and EXPANDABLE_SEGMENTS
         _choose_keep(p, cfg, arch, tflops, (budget_gib or 0) * KEEP_HEADROOM)
     if not p.trl_metrics:
-        p.notes.append("trl's per-step entropy and token accuracy off (each waited for the GPU)")
+        p.notes.append("trl's per-step entropy and token accuracy off (each waited for the GPU)"
+                       + ("; the LM head's gradient taken in its forward" if p.head_in_forward else ""))
     if FUSED_ADAMW and lora_fp32 and cfg.optimizer == "paged_adamw_32bit":
         p.optimizer = "adamw_torch_fused"
         p.notes.append("AdamW 32-bit as torch's fused kernel, not bitsandbytes' paged one (one launch for all LoRA "
@@ -431,6 +439,15 @@ def after_trainer(trainer, p: Plan) -> None:
         import types
 
         trainer.compute_loss = types.MethodType(_loss_without_metrics, trainer)
+        if p.head_in_forward:
+            from . import lmhead
+
+            base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+            trainer._qlora_head = lmhead.supports(base)
+            if trainer._qlora_head:
+                lmhead.install(base)
+            else:
+                p.notes.append("the LM head's gradient in backward (trl's head: this one is not a plain one)")
 
 
 def _loss_without_metrics(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -446,9 +463,13 @@ def _loss_without_metrics(self, model, inputs, return_outputs=False, num_items_i
             or self.args.loss_type != "nll" or self.aux_loss_enabled or getattr(parallel, "sp_enabled", False)):
         return type(self).compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
     inputs["use_cache"] = False
-    outputs = model(**inputs, fused_lm_head=True)
-    num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-    loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+    if getattr(self, "_qlora_head", False):  # qlora/lmhead.py: the same loss, its gradient taken in forward
+        log_probs, label_mask = model(**inputs, qlora_head=True)
+    else:
+        outputs = model(**inputs, fused_lm_head=True)
+        log_probs, label_mask = outputs.log_probs, outputs.label_mask
+    num_tokens = label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+    loss = -log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
     if self.args.average_tokens_across_devices and num_items_in_batch is not None:  # as trl: DDP averages ranks
         loss = loss * (self.accelerator.num_processes // self.get_tp_size())
     return loss

@@ -130,13 +130,13 @@ LEVERS = {
     "bitsandbytes gemm_4bit forward": dict(options=fused.Options(gemm_4bit=True)),
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
-    "elementwise steps compiled": dict(options=fused.Options(compiled=True)),
+    "elementwise steps compiled": dict(options=fused.Options(compiled=True, lora_dx=True)),
     "nf4 dequantized by the Triton kernel (a GPU's; bitsandbytes on the CPU)": dict(
         options=fused.Options(triton_dequant=True)),
     "RoPE's backward by the Triton kernel (a GPU's; the compiled step on the CPU)": dict(
-        options=fused.Options(compiled=True, triton_rope=True)),
+        options=fused.Options(compiled=True, triton_rope=True, lora_dx=True)),
     "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
-                                              triton_dequant=True, triton_rope=True), keep_mlp=2),
+                                              triton_dequant=True, triton_rope=True, lora_dx=True), keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -161,7 +161,7 @@ def test_every_lever_gives_the_loss_and_lora_gradients_of_transformers_and_peft(
     loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **case, **LEVERS[lever])
     options = LEVERS[lever].get("options")
     if options is not None and options.compiled:  # the steps ran compiled, none fell back to op by op
-        assert len(fused._COMPILED) == 7 and all(run is not fn for fn, run in fused._COMPILED.items())
+        assert len(fused._COMPILED) == 8 and all(run is not fn for fn, run in fused._COMPILED.items())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
@@ -270,13 +270,13 @@ def test_a_step_that_does_not_compile_runs_op_by_op_and_says_so(tiny_llama_dir, 
     ref_loss, ref = reference(tiny_llama_dir, **RECIPE)
     with caplog.at_level("WARNING", logger="qlora"):
         loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **RECIPE,
-                                   options=fused.Options(compiled=True))
+                                   options=fused.Options(compiled=True, lora_dx=True))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert all(run is fn for fn, run in fused._COMPILED.items()) and len(fused._COMPILED) == 7
+    assert all(run is fn for fn, run in fused._COMPILED.items()) and len(fused._COMPILED) == 8
     warned = [r.getMessage() for r in caplog.records if "did not compile" in r.getMessage()]
-    assert len(warned) == 7 and "_norm_plain step did not compile (RuntimeError: no compiler here)" in warned[0]
+    assert len(warned) == 8 and "_norm_plain step did not compile (RuntimeError: no compiler here)" in warned[0]
 
 
 @pytest.mark.gpu
@@ -446,16 +446,18 @@ def test_training_with_fused_layers_logs_the_losses_of_the_stock_layers(tiny_cfg
 
 def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_syncs(tiny_cfg, tmp_path):
     """Through build_trainer: the levers a T4 gets (memory-efficient attention with math as the fallback, gate/up kept
-    on the last layer, the elementwise steps compiled, trl's per-step metrics off, torch's fused AdamW) give the
-    stock layers' losses, step after step; the metrics trl computes with a `.item()` each step are gone from the logs,
-    and only those."""
+    on the last layer, the elementwise steps and LoRA's input gradients compiled, trl's per-step metrics off and the LM
+    head's gradient taken in its forward, torch's fused AdamW) give the stock layers' losses, step after step; the
+    metrics trl computes with a `.item()` each step are gone from the logs, and only those."""
     # no dropout: the fused layer draws its own masks (the same ones forward and backward; the tests above give both
     # paths the same masks), so with dropout the runs would train on different draws
     cfg = tiny_cfg(max_steps=4, learning_rate=1e-3, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
-                      fewer_passes=True, trl_metrics=False, compiled=True, optimizer="adamw_torch_fused")
+                      fewer_passes=True, trl_metrics=False, head_in_forward=True, compiled=True,
+                      compiled_lora_dx=True, optimizer="adamw_torch_fused")
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
+    assert trainer._qlora_head  # the LM head's gradient taken in forward (qlora/lmhead.py)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
     assert trainer.args.optim == "adamw_torch_fused"  # the plan's, where the config's paged one is adamw_torch here
     assert cfg.optimizer == "paged_adamw_32bit" and stock_trainer.args.optim == "adamw_torch"
