@@ -57,7 +57,9 @@ class Options:
     # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
     triton_dequant: bool = False  # nf4 weights dequantized by dequant.py's Triton kernel (bitsandbytes' bits)
     triton_rope: bool = False  # q, k, v's gradients rotated back by ropegrad.py's Triton kernel (not with fewer_passes)
-    lora_dx: bool = False  # with `compiled`: LoRA's input gradients, dropout's backward and their sum in one kernel
+    # with `compiled`: LoRA's sums in the compiled steps (q/k/v's LoRA outputs added in the RoPE step; backward,
+    # dropout's backward and the input gradients' sum in one kernel)
+    lora_compiled: bool = False
 
 
 @dataclass
@@ -329,10 +331,12 @@ def _lora_backward(P: Projection, dy, x, t, seed: int, grads: dict, need_dx: boo
     return dxd, keep, 1 / (1 - P.dropout)
 
 
-def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, opts: Options, t_saved=None):
+def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, opts: Options, t_saved=None,
+                 apart: bool = False):
     """The outputs of projections reading the same x, and their lora_A outputs. With `t_saved` (backward's
     recompute), LoRA reuses the kept lora_A outputs instead of redrawing dropout. Also returns the frozen weight
-    when it was dequantized as one packed matrix, so backward can reuse it."""
+    when it was dequantized as one packed matrix, so backward can reuse it. With `apart`, the LoRA outputs come back
+    as a fourth list (None where a projection has no LoRA) for a compiled step to add, instead of added here."""
     import torch.nn.functional as F
 
     w = None
@@ -347,19 +351,19 @@ def _project_all(projs: list[Projection], packed: Packed | None, x, seed: int, o
         ys = [_gemm_4bit(x, p.base.weight.data, p.base.weight.quant_state)
               if opts.gemm_4bit and not getattr(getattr(p.base.weight, "quant_state", None), "nested", True)
               else F.linear(x, _weight(p.base, x.dtype)) for p in projs]
-    ts = []
+    ts, deltas = [], []
     for i, p in enumerate(projs):
-        if p.A is None:
-            ts.append(None)
-        elif t_saved is not None:
+        delta = t = None
+        if p.A is not None and t_saved is not None:
             t = t_saved[i]
-            ts.append(t)
-            ys[i] = ys[i] + F.linear(t * p.scaling, p.B.to(t.dtype)).to(x.dtype)
-        else:
+            delta = F.linear(t * p.scaling, p.B.to(t.dtype)).to(x.dtype)
+        elif p.A is not None:
             delta, t = _lora(p, x, seed, opts.lora_fp16)
+        ts.append(t)
+        deltas.append(delta)
+        if delta is not None and not apart:
             ys[i] = ys[i] + delta
-            ts.append(t)
-    return ys, ts, w
+    return (ys, ts, w, deltas) if apart else (ys, ts, w)
 
 
 def _backward_all(projs: list[Projection], packed: Packed | None, dys: list, x, ts: list, seed: int, grads: dict,
@@ -546,10 +550,10 @@ def _layer_function():
                 sin = _signed_sin(sin)
             with _autocast_off(h.device):
                 x, r1 = S.norm(h, parts.norm_in)
-                (q, k, v), (tq, tk, tv), _ = _project_all(qkv, parts.qkv, x, seed, opts)
-                q, k = S.rope(q.view(b, s, parts.heads, parts.head_dim).transpose(1, 2),
-                              k.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2), cos, sin)
-                v = v.view(b, s, parts.kv_heads, parts.head_dim).transpose(1, 2)
+                (q, k, v), (tq, tk, tv), _, deltas = _project_all(qkv, parts.qkv, x, seed, opts, apart=True)
+                heads = (parts.heads, parts.kv_heads, parts.kv_heads)
+                q, k, v = S.rope_qkv(*[t if t is None else t.view(b, s, n, parts.head_dim).transpose(1, 2)
+                                       for t, n in zip((q, k, v, *deltas), heads + heads)], cos, sin)
                 q, k, v, o = _attention(parts, q, k, v)
                 attn = o.detach().transpose(1, 2).reshape(b, s, -1)
                 (a,), (to,), _ = _project_all([P["o_proj"]], parts.o, attn, seed, opts)
@@ -669,6 +673,11 @@ def _mlp_grads(dm, g, u):
     return torch.ops.aten.silu_backward(dm * u, g), dm * F.silu(g)
 
 
+def _rope_qkv(q, k, v, dq, dk, dv, cos, sin):
+    q, k, v = (t if d is None else t + d for t, d in zip((q, k, v), (dq, dk, dv)))
+    return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+
 def _lora_dx_sum(dx, *terms):
     """dx + the sum of native_dropout_backward(d, mask, scale) over terms given flat as d, mask (or None), scale."""
     for d, keep, scale in zip(terms[0::3], terms[1::3], terms[2::3]):
@@ -691,7 +700,7 @@ class _Steps:
         self.compiled = opts.compiled
         self.fewer = opts.fewer_passes and not opts.compiled
         self.triton_rope = opts.triton_rope and not self.fewer  # its formula is the plain one's (fewer signs sin)
-        self.compiled_lora_dx = opts.compiled and opts.lora_dx
+        self.compiled_lora = opts.compiled and opts.lora_compiled
 
     def _step(self, fn):
         return _compiled(fn) if self.compiled else fn
@@ -709,11 +718,16 @@ class _Steps:
             return (h2, *_norm(h2, norm, fewer=True))
         return self._step(_add_norm_plain)(h, a, norm.weight, norm.variance_epsilon)
 
-    def rope(self, q, k, cos, sin):
-        """q and k rotated (with fewer, `sin` is _signed_sin's)."""
+    def rope_qkv(self, q, k, v, dq, dk, dv, cos, sin):
+        """q and k rotated and v, each with its LoRA output (or None) added first (with fewer, `sin` is
+        _signed_sin's). With compiled LoRA, one kernel: each eager add read a strided column block of the packed
+        output and ran at under half the copy rate of a T4's compute share (run55's profile)."""
+        if self.compiled_lora:
+            return _compiled(_rope_qkv)(q, k, v, dq, dk, dv, cos, sin)
+        q, k, v = (t if d is None else t + d for t, d in zip((q, k, v), (dq, dk, dv)))
         if self.fewer:
-            return _rope(q, cos, sin, fewer=True), _rope(k, cos, sin, fewer=True)
-        return self._step(_rope_pair)(q, k, cos, sin)
+            return _rope(q, cos, sin, fewer=True), _rope(k, cos, sin, fewer=True), v
+        return (*self._step(_rope_pair)(q, k, cos, sin), v)
 
     def silu_mul(self, g, u):
         import torch.nn.functional as F
@@ -744,7 +758,7 @@ class _Steps:
         run55's profile)."""
         import torch
 
-        if self.compiled_lora_dx and lora:
+        if self.compiled_lora and lora:
             return _compiled(_lora_dx_sum)(dx, *[a for term in lora for a in term])
         for d, keep, scale in lora:
             d = d if keep is None else torch.ops.aten.native_dropout_backward(d, keep, scale)

@@ -84,7 +84,8 @@ def _log_probs_function():
                 torch.mm(hidden[rows].to(dtype), w.t(), out=tile)
                 running_max = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
                 sum_exp, target_logit, unused = (torch.zeros(n, device=device, dtype=torch.float32) for _ in range(3))
-                plain = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False, BLOCK_SIZE=trl_head._BLOCK_SIZE)
+                plain = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False,
+                             BLOCK_SIZE=trl_head._BLOCK_SIZE)
                 fold = trl_head._forward_kernel[(n,)] if triton else trl_head._forward_tile
                 fold(tile, tile.stride(0), targets[rows], running_max, sum_exp, unused, unused, unused, unused,
                      target_logit, 0, vocab, HAS_ENTROPY=False, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
@@ -93,7 +94,7 @@ def _log_probs_function():
                 torch.sub(target_logit, log_z, out=log_probs[rows])
                 # the tile becomes TILE_SCALE * d(log-probability)/d(logits), in place
                 scale = torch.full((n,), TILE_SCALE, device=device, dtype=torch.float32)
-                to_grad = (trl_head._backward_kernel[(n, triton_cdiv(vocab, trl_head._BLOCK_SIZE))] if triton
+                to_grad = (trl_head._backward_kernel[(n, _cdiv(vocab, trl_head._BLOCK_SIZE))] if triton
                            else trl_head._backward_tile)
                 to_grad(tile, tile.stride(0), targets[rows], log_z, log_z, scale, log_z, 0, vocab,
                         HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=False, **plain)
@@ -112,7 +113,7 @@ def _log_probs_function():
     return LogProbs
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 

@@ -133,7 +133,7 @@ class Plan:
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
     triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
     triton_rope: bool = False  # the fused layers' RoPE backward by ropegrad.py's kernel
-    compiled_lora_dx: bool = False  # with `compiled`: LoRA's input gradients summed in one compiled kernel too
+    compiled_lora: bool = False  # with `compiled`: LoRA's sums (forward and backward) in the compiled steps too
     expandable_segments: bool = False  # the CUDA allocator's expandable segments while training (`allocator`)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
     head_in_forward: bool = False  # without them, the LM head's gradient taken in its forward (qlora/lmhead.py)
@@ -175,7 +175,7 @@ class Plan:
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
                        lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant,
-                       triton_rope=self.triton_rope, lora_dx=self.compiled_lora_dx)
+                       triton_rope=self.triton_rope, lora_compiled=self.compiled_lora)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     p.compiled = p.fused and compute_poor(tflops) and COMPILE_STEPS
     p.triton_dequant = p.fused and compute_poor(tflops) and TRITON_DEQUANT
     p.triton_rope = p.fused and compute_poor(tflops) and TRITON_ROPE
-    p.compiled_lora_dx = p.compiled
+    p.compiled_lora = p.compiled
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
                        + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "

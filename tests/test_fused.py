@@ -130,13 +130,14 @@ LEVERS = {
     "bitsandbytes gemm_4bit forward": dict(options=fused.Options(gemm_4bit=True)),
     "LoRA matmuls in the weights' fp32": dict(options=fused.Options(lora_fp16=False)),
     "memory-efficient attention (a T4's), math fallback": dict(options=fused.Options(attention="efficient")),
-    "elementwise steps compiled": dict(options=fused.Options(compiled=True, lora_dx=True)),
+    "elementwise steps compiled": dict(options=fused.Options(compiled=True, lora_compiled=True)),
     "nf4 dequantized by the Triton kernel (a GPU's; bitsandbytes on the CPU)": dict(
         options=fused.Options(triton_dequant=True)),
     "RoPE's backward by the Triton kernel (a GPU's; the compiled step on the CPU)": dict(
-        options=fused.Options(compiled=True, triton_rope=True, lora_dx=True)),
+        options=fused.Options(compiled=True, triton_rope=True, lora_compiled=True)),
     "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
-                                              triton_dequant=True, triton_rope=True, lora_dx=True), keep_mlp=2),
+                                              triton_dequant=True, triton_rope=True, lora_compiled=True),
+                        keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -270,7 +271,7 @@ def test_a_step_that_does_not_compile_runs_op_by_op_and_says_so(tiny_llama_dir, 
     ref_loss, ref = reference(tiny_llama_dir, **RECIPE)
     with caplog.at_level("WARNING", logger="qlora"):
         loss, got = loss_and_grads(tiny_llama_dir, True, monkeypatch=monkeypatch, **RECIPE,
-                                   options=fused.Options(compiled=True, lora_dx=True))
+                                   options=fused.Options(compiled=True, lora_compiled=True))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -455,7 +456,7 @@ def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_sy
     stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
                       fewer_passes=True, trl_metrics=False, head_in_forward=True, compiled=True,
-                      compiled_lora_dx=True, optimizer="adamw_torch_fused")
+                      compiled_lora=True, optimizer="adamw_torch_fused")
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
     assert trainer._qlora_head  # the LM head's gradient taken in forward (qlora/lmhead.py)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)
