@@ -16,11 +16,10 @@ holds it to the formula and, at block size 64, to bitsandbytes' CPU backend (who
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch  # imported by fused.py only when a layer dequantizes on a card (`import qlora` stays light)
 
-from .errors import brief
+from .tritonrun import launch
 
 ROWS = 64  # scale blocks a program dequantizes
 # with this many warps: 340 GB/s on the t4c share against 316 with 4 and 272 with 8 (bench/dequant_probe.py, run50;
@@ -41,17 +40,13 @@ def dequantize(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, sha
     if blocks * half != data.numel() or absmax.numel() != blocks or absmax.dtype != torch.float32:
         return None
     out = torch.empty(shape, dtype=dtype, device=data.device)
-    try:
+
+    def run():
         _kernel()[(-(-blocks // ROWS),)](data.reshape(-1), absmax.reshape(-1), code, out, blocks, HALF=half,
-                                                  ROWS=ROWS, num_warps=WARPS)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # no Triton for this card, a compile error: bitsandbytes' kernel, said once
-        _failed.append(e)
-        logging.getLogger("qlora").warning("speed: the Triton nf4 dequantize did not run (%s); bitsandbytes' kernel "
-                                           "dequantizes instead", brief(e))
-        return None
-    return out
+                                         ROWS=ROWS, num_warps=WARPS)
+        return out
+
+    return launch(_failed, "Triton nf4 dequantize", "bitsandbytes' kernel dequantizes instead", run)
 
 
 @functools.cache

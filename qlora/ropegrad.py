@@ -16,11 +16,10 @@ a power of two, inputs not contiguous in head_dim) `qkv_grads` returns None and 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch  # imported by fused.py only where a layer's backward runs this step (`import qlora` stays light)
 
-from .errors import brief
+from .tritonrun import launch
 
 BLOCK_S = 32  # positions a program rotates
 _failed: list = []  # the reason, once the kernel failed on this process's card: the compiled step from then on
@@ -34,7 +33,8 @@ def qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.T
     if _failed or d & (d - 1) or any(t.stride(-1) != 1 for t in (dq, dk, dv, cos, sin)):
         return None
     out = torch.empty(b, s, (hq + 2 * hk) * d, dtype=dq.dtype, device=dq.device)
-    try:
+
+    def run():
         kernel = _kernel()
         column = 0
         for grad, rotate in ((dq, True), (dk, True), (dv, False)):
@@ -44,14 +44,9 @@ def qkv_grads(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.T
                 _batch_stride(sin), sin.stride(2), out.stride(0), out.stride(1), D=d, ROTATE=rotate, BLOCK_S=BLOCK_S,
                 num_warps=4)
             column += heads * d
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # no Triton for this card, a compile error: the compiled step, said once
-        _failed.append(e)
-        logging.getLogger("qlora").warning("speed: the Triton RoPE backward did not run (%s); the compiled step "
-                                           "rotates q and k's gradients instead", brief(e))
-        return None
-    return out
+        return out
+
+    return launch(_failed, "Triton RoPE backward", "the compiled step rotates q and k's gradients instead", run)
 
 
 def _batch_stride(t: torch.Tensor) -> int:
