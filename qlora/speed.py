@@ -70,9 +70,10 @@ TRITON_DEQUANT = True
 # The compiled RoPE backward splits every element's flat index by the batch's token count (dynamic: a 64-bit division)
 # and moved ~114 GB/s on the t4c share (run51's profile); ropegrad.py's kernel does that arithmetic once a program.
 TRITON_ROPE = True
-# Gate and up are column blocks of the packed gate/up output, so the compiled SiLU*up and its gradients also split each
-# element's flat index (204 and 286 GB/s on the share, run69's profile); siluops.py's kernels walk rows.
-TRITON_MLP = True
+# Gate and up are column blocks of the packed gate/up output, and the compiled SiLU*up and its gradients moved 204 and
+# 286 GB/s on the share (run69's profile); siluops.py's kernels walk rows instead, but ran no faster (run70: 1,324
+# tok/s against 1,346 without them), so they stay a lever (bench key tmlp), off.
+TRITON_MLP = False
 # With fp32 LoRA weights (fp16 compute: a T4), AdamW as torch's fused kernel instead of the recipe's bitsandbytes paged
 # AdamW 32-bit: the same update in fp32, one kernel for all LoRA weights where bitsandbytes launches one per weight
 # from Python and synchronizes the device before each step (~35 ms a step of kernels and idle GPU in the t4c profile,

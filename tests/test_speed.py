@@ -181,7 +181,7 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     assert p.triton_dequant and p.fused_options().triton_dequant  # and bitsandbytes' dequantize ran slow there
     assert p.triton_rope and p.fused_options().triton_rope  # and the compiled RoPE backward's index arithmetic
     assert p.compiled_lora and p.fused_options().lora_compiled  # and LoRA's sums, in those kernels
-    assert p.triton_mlp and p.fused_options().triton_mlp  # and the compiled SiLU*up's index arithmetic
+    assert not p.triton_mlp  # siluops.py's kernels ran no faster than the compiled steps (bench/README.md)
     assert not p.trl_metrics and p.head_in_forward  # trl's syncs gone; the LM head's gradient taken in its forward
     assert p.expandable_segments and any("expandable segments" in n for n in p.notes)  # the room keeping uses
     assert any("compiled into fused kernels" in n and "dequantized by a Triton kernel" in n for n in p.notes)
