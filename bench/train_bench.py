@@ -10,10 +10,10 @@ commas, overrides by '+'; OVERRIDES below lists the keys): lean, causal, pf, ckp
 compute-poor card: keep_mlp (layers keeping gate/up on every batch), shorter (more layers keeping on shorter
 batches; 0: none), keep_bits (16 or 8), fewer (fewer elementwise passes), compiled (the elementwise steps compiled),
 tdq (nf4 dequantized by qlora/dequant.py's Triton kernel), trope (RoPE's backward by qlora/ropegrad.py's), clora
-(LoRA's sums in the compiled steps), tmlp (SiLU*up and its gradients by qlora/siluops.py's kernels), expandable
-(the allocator's expandable segments), mm4bit (bitsandbytes' gemm_4bit forward), lora16 (LoRA matmuls in fp16; 0:
-fp32), metrics (trl's per-step metrics), head (the LM head's gradient taken in its forward), optim (adamw_torch_fused
-or paged_adamw_32bit, the Trainer's optimizer), attn (flash, efficient or math).
+(LoRA's sums in the compiled steps), expandable (the allocator's expandable segments), mm4bit (bitsandbytes' gemm_4bit
+forward), lora16 (LoRA matmuls in fp16; 0: fp32), metrics (trl's per-step metrics), head (the LM head's gradient taken
+in its forward), optim (adamw_torch_fused or paged_adamw_32bit, the Trainer's optimizer), attn (flash, efficient or
+math).
 Modes: `h100` uses the card as it is, except that the project arm plans for a T4's 15 GiB (target: fits a T4);
 `card` lets the project plan for the whole card; `t4` caps every arm at 15 GiB and forces fp16 (no bf16); `t4c` is
 `t4` with every arm's process also held to a T4's compute by NVIDIA MPS (bench/mps.py: the bench starts the daemon,
@@ -82,7 +82,7 @@ OVERRIDES = {"causal": ("causal_attention", _flag), "pf": ("padding_free", _flag
              "fewer": ("fewer_passes", _flag), "mm4bit": ("gemm_4bit", _flag), "lora16": ("lora_fp16", _flag),
              "metrics": ("trl_metrics", _flag), "head": ("head_in_forward", _flag), "compiled": ("compiled", _flag),
              "tdq": ("triton_dequant", _flag),
-             "trope": ("triton_rope", _flag), "clora": ("compiled_lora", _flag), "tmlp": ("triton_mlp", _flag),
+             "trope": ("triton_rope", _flag), "clora": ("compiled_lora", _flag),
              "expandable": ("expandable_segments", _flag),
              "optim": ("optimizer", _one_of("adamw_torch_fused", "paged_adamw_32bit")),
              "attn": ("attention", _one_of("flash", "efficient", "math"))}

@@ -23,8 +23,7 @@ attention is sdpa restricted to the kernel the card has (memory-efficient on Tur
 that logs once: `Options.compiled`, torch.compile's kernels for the elementwise steps (`_Steps`, written for the card
 at hand, sm_75 included; else op by op), and the project's two training kernels, `Options.triton_dequant`
 (qlora/dequant.py: bitsandbytes' nf4 dequantize, bit for bit; else bitsandbytes' own) and `Options.triton_rope`
-(qlora/ropegrad.py: RoPE's backward for q, k, v; else the compiled step) and `Options.triton_mlp` (qlora/siluops.py:
-SiLU*up and its gradients; else the compiled steps). All compile for sm_75 (CI).
+(qlora/ropegrad.py: RoPE's backward for q, k, v; else the compiled step). Both compile for sm_75 (CI).
 """
 from __future__ import annotations
 
@@ -58,7 +57,6 @@ class Options:
     # each compiled by torch.compile into a few fused kernels (transformers' formulas; `fewer_passes` then unused)
     triton_dequant: bool = False  # nf4 weights dequantized by dequant.py's Triton kernel (bitsandbytes' bits)
     triton_rope: bool = False  # q, k, v's gradients rotated back by ropegrad.py's Triton kernel (not with fewer_passes)
-    triton_mlp: bool = False  # SiLU*up and its gradients by siluops.py's Triton kernels (not with fewer_passes)
     # with `compiled`: LoRA's sums in the compiled steps (q/k/v's LoRA outputs added in the RoPE step; backward,
     # dropout's backward and the input gradients' sum in one kernel)
     lora_compiled: bool = False
@@ -703,7 +701,6 @@ class _Steps:
         self.fewer = opts.fewer_passes and not opts.compiled
         self.triton_rope = opts.triton_rope and not self.fewer  # its formula is the plain one's (fewer signs sin)
         self.compiled_lora = opts.compiled and opts.lora_compiled
-        self.triton_mlp = opts.triton_mlp and not self.fewer
 
     def _step(self, fn):
         return _compiled(fn) if self.compiled else fn
@@ -735,12 +732,6 @@ class _Steps:
     def silu_mul(self, g, u):
         import torch.nn.functional as F
 
-        if self.triton_mlp:
-            from . import siluops
-
-            m = siluops.silu_mul(g, u)
-            if m is not None:
-                return m
         if self.fewer:
             return F.silu(g).mul_(u)
         return self._step(_silu_mul)(g, u)
@@ -750,12 +741,6 @@ class _Steps:
         import torch
         import torch.nn.functional as F
 
-        if self.triton_mlp:
-            from . import siluops
-
-            grads = siluops.silu_mul_grads(dm, g, u)
-            if grads is not None:
-                return list(grads)
         if self.fewer:
             sg = F.silu(g)
             return [torch.ops.aten.silu_backward(dm * u, g), sg.mul_(dm)]

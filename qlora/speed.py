@@ -70,10 +70,6 @@ TRITON_DEQUANT = True
 # The compiled RoPE backward splits every element's flat index by the batch's token count (dynamic: a 64-bit division)
 # and moved ~114 GB/s on the t4c share (run51's profile); ropegrad.py's kernel does that arithmetic once a program.
 TRITON_ROPE = True
-# Gate and up are column blocks of the packed gate/up output, and the compiled SiLU*up and its gradients moved 204 and
-# 286 GB/s on the share (run69's profile); siluops.py's kernels walk rows instead, but ran no faster (run70: 1,324
-# tok/s against 1,346 without them), so they stay a lever (bench key tmlp), off.
-TRITON_MLP = False
 # With fp32 LoRA weights (fp16 compute: a T4), AdamW as torch's fused kernel instead of the recipe's bitsandbytes paged
 # AdamW 32-bit: the same update in fp32, one kernel for all LoRA weights where bitsandbytes launches one per weight
 # from Python and synchronizes the device before each step (~35 ms a step of kernels and idle GPU in the t4c profile,
@@ -137,7 +133,6 @@ class Plan:
     compiled: bool = False  # the fused layers' elementwise steps compiled into fused kernels (torch.compile)
     triton_dequant: bool = False  # the fused layers' nf4 weights dequantized by dequant.py's kernel
     triton_rope: bool = False  # the fused layers' RoPE backward by ropegrad.py's kernel
-    triton_mlp: bool = False  # the fused layers' SiLU*up and its gradients by siluops.py's kernels
     compiled_lora: bool = False  # with `compiled`: LoRA's sums (forward and backward) in the compiled steps too
     expandable_segments: bool = False  # the CUDA allocator's expandable segments while training (`allocator`)
     trl_metrics: bool = True  # trl's per-step entropy and token accuracy (each `.item()` waits for the GPU)
@@ -180,7 +175,7 @@ class Plan:
 
         return Options(attention=self.attention, fewer_passes=self.fewer_passes, gemm_4bit=self.gemm_4bit,
                        lora_fp16=self.lora_fp16, compiled=self.compiled, triton_dequant=self.triton_dequant,
-                       triton_rope=self.triton_rope, lora_compiled=self.compiled_lora, triton_mlp=self.triton_mlp)
+                       triton_rope=self.triton_rope, lora_compiled=self.compiled_lora)
 
 
 # --- memory model ----------------------------------------------------------------------------------------
@@ -278,14 +273,12 @@ def plan(cfg, arch: Arch | None, precision: str, budget_gib: float | None = None
     p.triton_dequant = p.fused and compute_poor(tflops) and TRITON_DEQUANT
     p.triton_rope = p.fused and compute_poor(tflops) and TRITON_ROPE
     p.compiled_lora = p.compiled
-    p.triton_mlp = p.fused and compute_poor(tflops) and TRITON_MLP
     if p.fused:
         p.notes.append("fused Llama decoder layers (one autograd node each, hand-written backward"
                        + (", norms, RoPE and SiLU*up compiled into fused kernels by torch.compile once, at the "
                           "first step" if p.compiled else ", fewer elementwise passes" if p.fewer_passes else "")
                        + (", nf4 weights dequantized by a Triton kernel (bitsandbytes' bits)" if p.triton_dequant
-                          else "") + (", RoPE's backward by a Triton kernel" if p.triton_rope else "")
-                       + (", SiLU*up and its gradients by Triton kernels" if p.triton_mlp else "") + ")")
+                          else "") + (", RoPE's backward by a Triton kernel" if p.triton_rope else "") + ")")
     limit = (budget_gib or 0) * HEADROOM
     if not cfg.gradient_checkpointing:
         p.checkpoint_layers = 0

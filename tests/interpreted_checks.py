@@ -138,25 +138,6 @@ def the_triton_rope_backward_does_the_compiled_steps_arithmetic():
             assert torch.equal(got[..., (hq + hk) * d:], dv.transpose(1, 2).reshape(b, s, -1))  # v as it is
 
 
-def the_triton_silu_kernels_do_the_compiled_steps_arithmetic():
-    from qlora import siluops
-    for dtype in (torch.float16, torch.float32):
-        g = torch.Generator().manual_seed(5)
-        b, s, n = 2, 7, 1100  # 1,100 columns: the second block of 1,024 runs part empty
-        packed = (torch.randn(b, s, 2 * n, generator=g) * 4).to(dtype)  # gate/up: column blocks of one output
-        gate, up = packed.split(n, dim=-1)
-        dm = torch.randn(b, s, n, generator=g).to(dtype)
-        m = siluops.silu_mul(gate, up)
-        dg, du = siluops.silu_mul_grads(dm, gate, up)
-        # the compiled steps' arithmetic: torch's decompositions in fp32 from the 16-bit inputs, each rounded once
-        g32, u32, d32 = gate.float(), up.float(), dm.float()
-        sig = 1 / (1 + torch.exp(-g32))
-        eps = torch.finfo(dtype).eps
-        for got, want in ((m, g32 * sig * u32), (dg, d32 * u32 * sig * (1 + g32 * (1 - sig))), (du, d32 * g32 * sig)):
-            assert got.dtype == dtype and got.shape == (b, s, n) and got.is_contiguous()
-            assert (got.float() - want).abs().max() <= 2 * eps * want.abs().max(), dtype
-
-
 def the_triton_dequantize_gives_bitsandbytes_bits():
     import bitsandbytes.functional as bf
 

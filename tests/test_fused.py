@@ -135,11 +135,9 @@ LEVERS = {
         options=fused.Options(triton_dequant=True)),
     "RoPE's backward by the Triton kernel (a GPU's; the compiled step on the CPU)": dict(
         options=fused.Options(compiled=True, triton_rope=True, lora_compiled=True)),
-    "SiLU*up and its gradients by the Triton kernels (a GPU's; the compiled steps on the CPU)": dict(
-        options=fused.Options(compiled=True, triton_mlp=True, lora_compiled=True)),
     "a T4's plan": dict(options=fused.Options(attention="efficient", fewer_passes=True, compiled=True,
-                                              triton_dequant=True, triton_rope=True, lora_compiled=True,
-                                              triton_mlp=True), keep_mlp=2),
+                                              triton_dequant=True, triton_rope=True, lora_compiled=True),
+                        keep_mlp=2),
     "all at once": dict(options=fused.Options(attention="efficient", fewer_passes=True, gemm_4bit=True,
                                               lora_fp16=False), keep_mlp=1),
 }
@@ -357,43 +355,6 @@ def test_where_the_triton_rope_backward_cannot_run_the_compiled_step_does_and_th
     assert len(warned) == 1 and "the compiled step rotates" in warned[0]
 
 
-@pytest.mark.gpu
-def test_on_the_gpu_the_triton_silu_kernels_give_the_compiled_steps_values():
-    """The 7B MLP's shapes in fp16, gate and up as column blocks of the packed output: siluops' kernels against the
-    compiled steps they replace (both fp32 arithmetic rounded once; apart by at most a rounding step where the two
-    exp() differ in their last bits)."""
-    import torch
-
-    from qlora import siluops
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, s, n = 4, 517, 11008
-    packed = torch.randn(b, s, 2 * n, device="cuda", generator=g, dtype=torch.float16) * 3
-    gate, up = packed.split(n, dim=-1)
-    dm = torch.randn(b, s, n, device="cuda", generator=g, dtype=torch.float16)
-    got = [siluops.silu_mul(gate, up), *siluops.silu_mul_grads(dm, gate, up)]
-    want = [fused._compiled(fused._silu_mul)(gate, up), *fused._compiled(fused._mlp_grads)(dm, gate, up)]
-    assert not siluops._failed
-    for name, mine, theirs in zip(("silu*up", "d gate", "d up"), got, want):
-        torch.testing.assert_close(mine, theirs, rtol=2e-3, atol=1e-3)
-        print(f"{name}: {(mine != theirs).float().mean().item():.2e} of values differ from the compiled step's")
-
-
-def test_where_the_triton_silu_kernels_cannot_run_the_compiled_steps_do_and_the_log_says_so(monkeypatch, caplog):
-    """No Triton for the card (here: CPU tensors, no interpreter): None, one log line, and no second try."""
-    import torch
-
-    from qlora import siluops
-
-    monkeypatch.setattr(siluops, "_failed", [])
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    gate, up, dm = (torch.randn(1, 5, 8).to(torch.float16) for _ in range(3))
-    with caplog.at_level("WARNING", logger="qlora"):
-        assert siluops.silu_mul(gate, up) is None and siluops.silu_mul_grads(dm, gate, up) is None
-    warned = [r.getMessage() for r in caplog.records if "Triton SiLU*up did not run" in r.getMessage()]
-    assert len(warned) == 1 and "the compiled steps compute it" in warned[0]
-
-
 def test_a_different_dropout_draw_changes_the_gradients(tiny_llama_dir, monkeypatch):
     """The masks really drop units, and backward uses the masks forward used (not fresh ones)."""
     import torch
@@ -495,7 +456,7 @@ def test_a_t4s_plan_trains_the_losses_of_the_stock_layers_without_trls_metric_sy
     stock, stock_trainer = first_losses(cfg, speed.Plan(precision="fp32", causal_attention=True), tmp_path, steps=4)
     plan = speed.Plan(precision="fp32", causal_attention=True, fused=True, attention="efficient", keep_mlp=1,
                       fewer_passes=True, trl_metrics=False, head_in_forward=True, compiled=True,
-                      compiled_lora=True, triton_mlp=True, optimizer="adamw_torch_fused")
+                      compiled_lora=True, optimizer="adamw_torch_fused")
     mine, trainer = first_losses(cfg, plan, tmp_path, steps=4)
     assert trainer._qlora_head  # the LM head's gradient taken in forward (qlora/lmhead.py)
     assert len(mine) == 4 and mine == pytest.approx(stock, rel=1e-4)

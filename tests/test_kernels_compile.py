@@ -1,5 +1,5 @@
-"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize, RoPE backward and SiLU*up)
-compile for every card generation they may meet, on a machine without a GPU.
+"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize and RoPE backward) compile for
+every card generation they may meet, on a machine without a GPU.
 
 Triton compiles ahead of time for a named target (`triton.compile(..., target=GPUTarget("cuda", cc, 32))`: its own
 LLVM and the ptxas it ships), so CI catches a kernel that no longer builds before a GPU ever sees it: Turing (a
@@ -20,7 +20,7 @@ CARDS = [(75, "fp16"), (80, "fp16"), (80, "bf16"), (90, "bf16")]  # (compute cap
 
 def kernels(t: str) -> dict:
     """name -> (kernel, argument types, constexprs, launch options), as the engine launches them (7B shapes)."""
-    from qlora import decodeops, dequant, nf4mm, ropegrad, siluops, slots
+    from qlora import decodeops, dequant, nf4mm, ropegrad, slots
 
     nf4 = nf4mm._build()
     ops = decodeops._build()
@@ -54,14 +54,6 @@ def kernels(t: str) -> dict:
                                                    **dict.fromkeys(["s", "heads", "column", "g_b", "g_h", "g_s", "c_b",
                                                                     "c_s", "n_b", "n_s", "o_b", "o_s"], "i32")),
                           dict(D=128, ROTATE=True, BLOCK_S=ropegrad.BLOCK_S), dict(num_warps=4)),
-        "silu_mul_train": (siluops._kernels().forward, dict(
-            g_ptr=f"*{t}", u_ptr=f"*{t}", m_ptr=f"*{t}",
-            **dict.fromkeys(["n", "s", "g_b", "g_s", "u_b", "u_s", "m_b", "m_s"], "i32")),
-            dict(BLOCK=siluops.BLOCK), dict(num_warps=4)),
-        "silu_mul_grads": (siluops._kernels().backward, dict(
-            dm_ptr=f"*{t}", g_ptr=f"*{t}", u_ptr=f"*{t}", dg_ptr=f"*{t}", du_ptr=f"*{t}", **dict.fromkeys(
-                ["n", "s", "dm_b", "dm_s", "g_b", "g_s", "u_b", "u_s", "dg_b", "dg_s", "du_b", "du_s"], "i32")),
-            dict(BLOCK=siluops.BLOCK), dict(num_warps=4)),
     }
 
 

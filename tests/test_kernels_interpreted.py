@@ -1,6 +1,6 @@
-"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize, RoPE backward and SiLU*up) run
-on the CPU in Triton's interpreter (`TRITON_INTERPRET=1`: each program in NumPy, one after another): their results
-against plain torch, and the properties the engine relies on (a row's bits never depend on its neighbours, its length bucket
+"""The project's Triton kernels (the chat engine's, and the training's nf4 dequantize and RoPE backward) run on the
+CPU in Triton's interpreter (`TRITON_INTERPRET=1`: each program in NumPy, one after another): their results against
+plain torch, and the properties the engine relies on (a row's bits never depend on its neighbours, its length bucket
 or what lies past its position; the split-K sum in nf4mm's last arriving program, and its counters left at zero). The
 GPU tests (`tests/test_*_gpu.py`) hold the compiled kernels to the libraries on the card; these catch a wrong index
 or mask in CI, without one.
@@ -24,8 +24,7 @@ CHECKS = ["attention_reads_each_rows_own_length_alone_batched_and_in_any_bucket(
           "nf4mm_sums_its_split_k_partials_in_the_kernel_and_rows_stay_independent()",
           "rms_norm_rope_and_silu_mul_do_transformers_arithmetic()",
           "the_triton_dequantize_gives_bitsandbytes_bits()",
-          "the_triton_rope_backward_does_the_compiled_steps_arithmetic()",
-          "the_triton_silu_kernels_do_the_compiled_steps_arithmetic()"]
+          "the_triton_rope_backward_does_the_compiled_steps_arithmetic()"]
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=[c.replace("('", "-").replace("()", "").rstrip("')") for c in CHECKS])

@@ -181,7 +181,6 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     assert p.triton_dequant and p.fused_options().triton_dequant  # and bitsandbytes' dequantize ran slow there
     assert p.triton_rope and p.fused_options().triton_rope  # and the compiled RoPE backward's index arithmetic
     assert p.compiled_lora and p.fused_options().lora_compiled  # and LoRA's sums, in those kernels
-    assert not p.triton_mlp  # siluops.py's kernels ran no faster than the compiled steps (bench/README.md)
     assert not p.trl_metrics and p.head_in_forward  # trl's syncs gone; the LM head's gradient taken in its forward
     assert p.expandable_segments and any("expandable segments" in n for n in p.notes)  # the room keeping uses
     assert any("compiled into fused kernels" in n and "dequantized by a Triton kernel" in n for n in p.notes)
@@ -190,7 +189,7 @@ def test_a_compute_poor_card_keeps_gate_and_up_on_as_many_layers_as_the_budget_a
     h100 = speed.plan(cfg, LLAMA, "bf16", budget_gib=80.0, cuda=True, capability=(9, 0), tflops=613.0)
     assert h100.keep_mlp == 0 and h100.attention == "flash" and h100.checkpoint_layers == 0
     assert not h100.compiled and not h100.triton_dequant and not h100.triton_rope and not h100.expandable_segments
-    assert not h100.compiled_lora and not h100.triton_mlp and h100.head_in_forward  # the head's matmul fewer and its syncs pay there too
+    assert not h100.compiled_lora and h100.head_in_forward  # the head's matmul fewer and its syncs pay there too
     assert any("fewer elementwise passes)" in n for n in h100.notes)
     # the same big card held to a T4's rate (the bench's t4c mode) keeps; where checkpointing is needed, nothing fits
     assert speed.plan(cfg, LLAMA, "fp16", budget_gib=15.0, cuda=True, capability=(9, 0), tflops=40.0).keep_mlp > 0
