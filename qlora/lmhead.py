@@ -26,7 +26,8 @@ TILE_SCALE = 1024.0
 
 
 def supports(model) -> bool:
-    """Whether this model's head is one `log_probs` computes exactly as trl's (model: the transformers model)."""
+    """Whether this module computes this model's head exactly as trl's does (model: the transformers model): no bias,
+    no soft-capping or logit scale, a frozen weight, the vocabulary in one of trl's tiles."""
     from trl.kernels import chunked_logprob as trl_head
     from trl.trainer import utils as trl_utils
 
