@@ -56,13 +56,15 @@ def install(model) -> None:
         mask = labels != -100
         head = self.get_output_embeddings()
         flat = hidden.reshape(-1, hidden.shape[-1])
-        per_token = _LogProbs.apply(flat, head.weight, labels.clamp(min=0).reshape(-1))
+        per_token = _log_probs().apply(flat, head.weight, labels.clamp(min=0).reshape(-1))
         return per_token.view(mask.shape).masked_fill(~mask, 0), mask
 
     model.forward = types.MethodType(with_head, model)
 
 
-def _log_probs_function():
+@functools.cache
+def _log_probs():
+    """The autograd function, built on first use: importing this module imports neither torch nor trl."""
     import torch
     from trl.kernels import chunked_logprob as trl_head
 
@@ -78,6 +80,7 @@ def _log_probs_function():
             grad = torch.zeros(hidden.shape, device=device, dtype=torch.float32)
             chunk = trl_head.TOKEN_CHUNK_SIZE
             buf = torch.empty((min(n_all, chunk), vocab), device=device, dtype=dtype)
+            plain = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False, BLOCK_SIZE=trl_head._BLOCK_SIZE)
             for start in range(0, n_all, chunk):
                 end = min(start + chunk, n_all)
                 n, rows = end - start, slice(start, end)
@@ -85,8 +88,6 @@ def _log_probs_function():
                 torch.mm(hidden[rows].to(dtype), w.t(), out=tile)
                 running_max = torch.full((n,), float("-inf"), device=device, dtype=torch.float32)
                 sum_exp, target_logit, unused = (torch.zeros(n, device=device, dtype=torch.float32) for _ in range(3))
-                plain = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False,
-                             BLOCK_SIZE=trl_head._BLOCK_SIZE)
                 fold = trl_head._forward_kernel[(n,)] if triton else trl_head._forward_tile
                 fold(tile, tile.stride(0), targets[rows], running_max, sum_exp, unused, unused, unused, unused,
                      target_logit, 0, vocab, HAS_ENTROPY=False, HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False,
@@ -95,7 +96,7 @@ def _log_probs_function():
                 torch.sub(target_logit, log_z, out=log_probs[rows])
                 # the tile becomes TILE_SCALE * d(log-probability)/d(logits), in place
                 scale = torch.full((n,), TILE_SCALE, device=device, dtype=torch.float32)
-                to_grad = (trl_head._backward_kernel[(n, _cdiv(vocab, trl_head._BLOCK_SIZE))] if triton
+                to_grad = (trl_head._backward_kernel[(n, -(-vocab // trl_head._BLOCK_SIZE))] if triton
                            else trl_head._backward_tile)
                 to_grad(tile, tile.stride(0), targets[rows], log_z, log_z, scale, log_z, 0, vocab,
                         HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=False, **plain)
@@ -112,22 +113,3 @@ def _log_probs_function():
                 None, None
 
     return LogProbs
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class _Lazy:
-    """The autograd function, built on first use: importing this module imports neither torch nor trl."""
-
-    def __init__(self):
-        self.fn = None
-
-    def apply(self, *args):
-        if self.fn is None:
-            self.fn = _log_probs_function()
-        return self.fn.apply(*args)
-
-
-_LogProbs = _Lazy()

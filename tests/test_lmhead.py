@@ -29,7 +29,7 @@ def test_the_log_probs_and_their_gradient_are_trls(dtype, token_chunk, monkeypat
     upstream = torch.randn(29, generator=gen) * 1e-3  # a loss's per-token weights, one of them zero (a -100 label)
     upstream[3] = 0
     results = []
-    for fn in (trl_log_probs, lmhead._LogProbs.apply):
+    for fn in (trl_log_probs, lmhead._log_probs().apply):
         h = hidden.clone().requires_grad_()
         log_probs = fn(h, weight, targets)
         (log_probs * upstream).sum().backward()
@@ -94,7 +94,7 @@ def test_on_the_gpu_the_head_gives_trls_log_probs_and_gradient():
     targets = torch.randint(0, 32000, (4092,), device="cuda", generator=gen)
     upstream = torch.full((4092,), -65536 / 4092, device="cuda")  # fp16's loss scale over the batch's tokens
     results = []
-    for fn in (trl_log_probs, lmhead._LogProbs.apply):
+    for fn in (trl_log_probs, lmhead._log_probs().apply):
         h = hidden.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.float16):
             log_probs = fn(h, weight, targets)
